@@ -1,0 +1,49 @@
+"""One error hierarchy for udnc-fx.
+
+Every failure a user can cause (bad config, a model we cannot handle, a corrupt file) raises a subclass of
+:class:`UdncError`, so callers can catch one type; the subclasses say what went wrong.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "UdncError",
+    "ConfigError",
+    "UnsupportedModelError",
+    "PassError",
+    "ExportError",
+    "FormatError",
+]
+
+
+class UdncError(Exception):
+    """Base class of every error udnc-fx raises on purpose."""
+
+
+class ConfigError(UdncError, ValueError):
+    """A configuration value is invalid (raised before anything is changed)."""
+
+
+class UnsupportedModelError(UdncError):
+    """The model cannot be handled as asked (for example torch.fx cannot trace it)."""
+
+
+class PassError(UdncError):
+    """A pass could not do what it was asked (in strict mode, a layer that would have been skipped)."""
+
+
+class ExportError(UdncError):
+    """Lowering to ONNX or running the lowered model failed."""
+
+
+class FormatError(UdncError):
+    """A container or sidecar is malformed. ``kind`` names the failure for programs.
+
+    Kinds: ``bad_magic``, ``unsupported_version``, ``truncated``, ``bad_header``, ``bad_offsets``,
+    ``checksum_mismatch``, ``model_mismatch``, ``bad_value``, ``unknown_codec``.
+    """
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(f"[{kind}] {message}")
+        self.kind = kind
+        self.message = message
