@@ -1,0 +1,311 @@
+"""The quantize pass: serve each selected weight from a ``DitheredLatticeParam``.
+
+Before::
+
+    x → conv1(weight: f32[16,1,3,3]) → ...            (call_module conv1)
+
+After::
+
+    conv1_weight_q = self.conv1.weight_q()            (call_module: DitheredLatticeParam(indices:u8, C:f32[K×n], key))
+    x → torch.conv2d(x, conv1_weight_q, self.conv1.bias, stride, padding, dilation, groups) → ...
+
+The original op is kept (as its functional form) and fed the decoded weight; ``get_attr`` uses of a selected
+weight (``F.linear(x, self.fc.weight)``) become ``call_module`` uses of its ``DitheredLatticeParam``. Weights the
+graph cannot see (inside leaf modules, or every weight under the module-swap fallback) are served through a
+``torch.nn.utils.parametrize`` parametrization of their module. The float weight is removed either way.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.nn.utils import parametrize
+
+from ..config import CompressConfig
+from ..dither import tensor_key
+from ..errors import ConfigError, PassError
+from ..lattice import get_lattice
+from ..param import DitheredLatticeParam
+from ..quantizer import entropy_bits_per_weight, quantize_array, raw_dither, vectors_of
+from .select import Candidate, Change, select_weights
+
+__all__ = ["PassResult", "quantize", "install", "padded_conv", "ServeWeight", "solve_relative_step"]
+
+_META_KEY = "udnc"
+
+
+@dataclass
+class PassResult:
+    """What a pass returns: the rewritten module and every decision it made."""
+
+    graph_module: nn.Module
+    changes: list[Change] = field(default_factory=list)
+
+
+class ServeWeight(nn.Module):
+    """Parametrization that ignores the (emptied) original tensor and returns the decoded weight."""
+
+    def __init__(self, dlp: DitheredLatticeParam):
+        super().__init__()
+        self.dlp = dlp
+
+    def forward(self, original: torch.Tensor) -> torch.Tensor:
+        return self.dlp()
+
+    def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
+        # Keep no float copy of the weight: the original becomes an empty tensor.
+        return weight.new_empty(0)
+
+
+def padded_conv(x, weight, bias, pad, mode, stride, dilation, groups, dim: int):
+    """A convolution with a non-zero ``padding_mode`` (what ``nn.ConvNd._conv_forward`` does)."""
+    conv = (F.conv1d, F.conv2d, F.conv3d)[dim - 1]
+    return conv(F.pad(x, pad, mode=mode), weight, bias, stride, 0, dilation, groups)
+
+
+def _functional_call(module: nn.Module, node: fx.Node):
+    """``(target, extra_args)`` for the functional form of a module call, or None if it cannot be rewritten."""
+    if node.kwargs or len(node.args) != 1:
+        return None
+    if isinstance(module, nn.Linear):
+        return F.linear, ()
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        if module.padding_mode == "zeros":
+            fn = (F.conv1d, F.conv2d, F.conv3d)[len(module.kernel_size) - 1]
+            return fn, (module.stride, module.padding, module.dilation, module.groups)
+        return padded_conv, (
+            module._reversed_padding_repeated_twice,
+            module.padding_mode,
+            module.stride,
+            module.dilation,
+            module.groups,
+            len(module.kernel_size),
+        )
+    if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+        if module.padding_mode != "zeros":
+            return None
+        fn = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[len(module.kernel_size) - 1]
+        return fn, (module.stride, module.padding, module.output_padding, module.groups, module.dilation)
+    if isinstance(module, nn.Embedding):
+        if module.max_norm is not None:
+            return None  # max_norm renormalises the weight in place: keep the module (parametrized)
+        return F.embedding, (module.padding_idx, None, module.norm_type, module.scale_grad_by_freq, module.sparse)
+    return None
+
+
+def _register(owner: nn.Module, attr: str, dlp: DitheredLatticeParam) -> str:
+    name = f"{attr}_q"
+    while name in owner._modules and owner._modules[name] is not dlp:
+        name += "_"
+    owner.add_module(name, dlp)
+    return name
+
+
+def install(model: nn.Module, candidates: list[Candidate], dlps: list[DitheredLatticeParam]) -> list[Change]:
+    """Rewrite ``model`` (a GraphModule, or any module for the module-swap path) so each candidate's weight is
+    served by its ``DitheredLatticeParam``. Returns one ``Change`` per parameter fqn served."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+    gm = model if isinstance(model, fx.GraphModule) else None
+    dlp_path: dict[str, str] = {}  # "owner.attr" -> path of the registered DitheredLatticeParam
+    for cand, dlp in zip(candidates, dlps):
+        first_owner, first_attr = cand.owners[0]
+        name = _register(modules[first_owner], first_attr, dlp)
+        path = f"{first_owner}.{name}" if first_owner else name
+        for o, a in cand.owners:
+            dlp_path[f"{o}.{a}" if o else a] = path
+
+    remaining_calls: set[str] = set()
+    if gm is not None:
+        graph = gm.graph
+        for node in list(graph.nodes):
+            if node.op == "get_attr" and node.target in dlp_path:
+                with graph.inserting_before(node):
+                    new = graph.call_module(dlp_path[node.target])
+                node.replace_all_uses_with(new)
+                graph.erase_node(node)
+            elif node.op == "call_module" and f"{node.target}.weight" in dlp_path:
+                module = modules[node.target]
+                spec = _functional_call(module, node)
+                if spec is None:
+                    continue
+                fn, extra = spec
+                with graph.inserting_before(node):
+                    weight = graph.call_module(dlp_path[f"{node.target}.weight"])
+                    bias = None
+                    if getattr(module, "bias", None) is not None:
+                        bias = graph.get_attr(f"{node.target}.bias")
+                    if fn is F.embedding:
+                        args = (node.args[0], weight) + extra
+                    else:
+                        args = (node.args[0], weight, bias) + extra
+                    new = graph.call_function(fn, args)
+                new.meta = dict(node.meta)
+                node.replace_all_uses_with(new)
+                graph.erase_node(node)
+        graph.lint()
+        gm.recompile()
+        remaining_calls = {n.target for n in graph.nodes if n.op == "call_module"}
+    changes: list[Change] = []
+    for cand, dlp in zip(candidates, dlps):
+        how = []
+        for o, a in cand.owners:
+            owner = modules[o]
+            hidden = gm is None or any(
+                o == leaf or o.startswith(leaf + ".") for leaf in remaining_calls if leaf not in dlp_path.values()
+            )
+            if hidden:
+                # The graph cannot reach this weight (leaf module / no graph): serve it by parametrization.
+                parametrize.register_parametrization(owner, a, ServeWeight(dlp), unsafe=True)
+                how.append("module swap" if gm is None else f"parametrized inside leaf of '{o}'")
+            else:
+                owner._parameters[a] = None
+                how.append("graph")
+        fq = cand.fqn
+        changes.append(
+            Change(
+                fq,
+                "quantized",
+                f"{dlp.lattice}{dlp.n if dlp.lattice == 'Z' else ''} step={dlp.step:.4g} K={dlp.num_codewords} "
+                f"{dlp.entropy_bits():.3f} bits/weight via {', '.join(sorted(set(how)))}",
+            )
+        )
+        for o, a in cand.owners[1:]:
+            changes.append(Change(f"{o}.{a}" if o else a, "shared", f"tied to {fq}: served by the same parameter"))
+    return changes
+
+
+def _layer_stats(cand: Candidate) -> tuple[np.ndarray, float]:
+    w = cand.param.detach().to("cpu", torch.float64).numpy()
+    if w.size == 0:
+        raise ConfigError(f"layer {cand.fqn} has zero elements: exclude it (override None) or remove it")
+    if not np.isfinite(w).all():
+        bad = int((~np.isfinite(w)).sum())
+        raise ConfigError(f"layer {cand.fqn} has {bad} NaN/Inf weights: fix the model before compressing")
+    return w, float(w.std())
+
+
+def solve_relative_step(
+    layers: list[tuple[np.ndarray, float, Any, np.ndarray]], fixed_bits: float, fixed_numel: int, target: float
+) -> float:
+    """Find one relative step ``s`` (Δ_l = s·std_l) so the weighted mean entropy over all layers is ``target``.
+
+    ``layers``: ``(vectors, std, lattice, u_raw)`` for each layer solved for; ``fixed_*``: the total bits and weights
+    of layers with explicit steps. Bisection on ``log s`` (entropy falls as the step grows).
+
+    Raises:
+        ConfigError: the target is outside what these layers can reach.
+    """
+    total = fixed_numel + sum(v.size for v, *_ in layers)
+
+    def mean_bits(s: float) -> float:
+        bits = fixed_bits + sum(
+            entropy_bits_per_weight(v, lat, s * std, u) * v.size for v, std, lat, u in layers
+        )
+        return bits / total
+
+    lo, hi = math.log(1e-4), math.log(1e3)
+    top, bottom = mean_bits(math.exp(lo)), mean_bits(math.exp(hi))
+    if target > top:
+        raise ConfigError(
+            f"target_bits={target} cannot be met: at the finest step tried these layers reach {top:.3f} bits/weight "
+            "(small layers saturate: each vector already has its own codeword)"
+        )
+    if target < bottom:
+        raise ConfigError(f"target_bits={target} cannot be met: the coarsest step still costs {bottom:.3f} bits/weight")
+    for _ in range(50):
+        mid = 0.5 * (lo + hi)
+        bits = mean_bits(math.exp(mid))
+        if abs(bits - target) <= 1e-3 * target:
+            return math.exp(mid)
+        if bits > target:
+            lo = mid
+        else:
+            hi = mid
+    return math.exp(0.5 * (lo + hi))
+
+
+def make_params(candidates: list[Candidate], config: CompressConfig) -> list[DitheredLatticeParam]:
+    """Resolve every candidate's step and quantize it (validating all layers before anything is changed)."""
+    stats = [_layer_stats(c) for c in candidates]
+    prepared = []
+    for cand, (w, std) in zip(candidates, stats):
+        lat = get_lattice(cand.lattice, cand.n)
+        v = vectors_of(w, lat.dim)
+        if v.shape[0] * lat.dim > 2**32:
+            raise ConfigError(f"layer {cand.fqn} is too large for the 32-bit dither counter")
+        key = tensor_key(config.seed, cand.fqn) if config.dithered else None
+        if cand.step_kind == "step":
+            cand.step = float(cand.step_value)
+        elif std == 0.0:
+            raise ConfigError(
+                f"layer {cand.fqn} has all weights equal (std 0): a relative step is undefined; give it an absolute "
+                f"step with overrides={{'{cand.owners[0][0]}': LayerConfig(step=...)}} or leave it float (None)"
+            )
+        elif cand.step_kind == "relative_step":
+            cand.step = float(cand.step_value) * std
+        prepared.append((cand, w, std, lat, v, key))
+    to_solve = [p for p in prepared if p[0].step_kind == "target_bits"]
+    if to_solve:
+        target = config.effective_target_bits
+        us = {id(p[0]): raw_dither(p[5], p[4].shape[0], p[3]) for p in to_solve}
+        fixed_bits = fixed_numel = 0
+        for cand, w, std, lat, v, key in prepared:
+            if cand.step_kind != "target_bits":
+                fixed_bits += entropy_bits_per_weight(v, lat, cand.step, raw_dither(key, v.shape[0], lat)) * v.size
+                fixed_numel += v.size
+        s = solve_relative_step(
+            [(p[4], p[2], p[3], us[id(p[0])]) for p in to_solve], fixed_bits, fixed_numel, target
+        )
+        for p in to_solve:
+            p[0].step = s * p[2]
+            p[0].extra["relative_step"] = s
+    dlps = []
+    for cand, w, std, lat, v, key in prepared:
+        q = quantize_array(w, lattice=lat.name, n=lat.dim, step=cand.step, key=key)
+        decoded = q.decode(w.size).astype(np.float64)
+        err = float(((decoded - w.reshape(-1)) ** 2).sum())
+        sig = float((w**2).sum())
+        dlp = DitheredLatticeParam(
+            torch.from_numpy(q.indices),
+            torch.from_numpy(q.codebook),
+            shape=tuple(w.shape),
+            lattice=lat.name,
+            n=lat.dim,
+            step=cand.step,
+            key=key,
+        ).to(cand.param.device)
+        dlp.fqn = cand.fqn
+        dlp.aliases = tuple(f"{o}.{a}" if o else a for o, a in cand.owners[1:])
+        dlp.sqnr_db = 10 * math.log10(sig / err) if err > 0 else math.inf
+        dlp.relative_step = cand.step / std if std > 0 else None
+        dlps.append(dlp)
+    return dlps
+
+
+def quantize(model: nn.Module, config: CompressConfig) -> PassResult:
+    """Quantize the selected weights of ``model`` (a traced ``GraphModule``, or a plain module for the
+    module-swap fallback) in place, and record every decision.
+
+    Raises:
+        ConfigError: bad weights (NaN/Inf, empty, constant with a relative step) or an unreachable target rate;
+            raised before anything is changed.
+        PassError: ``config.strict`` and a layer would have been skipped.
+    """
+    gm = model if isinstance(model, fx.GraphModule) else None
+    candidates, changes = select_weights(model, config, gm)
+    if config.strict and changes:
+        raise PassError("strict mode: " + "; ".join(f"{c.fqn}: {c.reason}" for c in changes))
+    dlps = make_params(candidates, config)
+    changes = install(model, candidates, dlps) + changes
+    record = {"config": config, "changes": changes}
+    if gm is not None:
+        gm.meta[_META_KEY] = record
+    else:
+        model._udnc_record = record
+    return PassResult(model, changes)

@@ -1,0 +1,189 @@
+"""Selection: which weights to compress, with every decision (selected or skipped, and why) recorded."""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from ..config import CompressConfig, LayerConfig
+
+__all__ = ["Change", "Candidate", "select_weights", "FUNCTIONAL_WEIGHT_OPS"]
+
+_TYPE_BY_NAME = {
+    "Conv1d": nn.Conv1d,
+    "Conv2d": nn.Conv2d,
+    "Conv3d": nn.Conv3d,
+    "ConvTranspose1d": nn.ConvTranspose1d,
+    "ConvTranspose2d": nn.ConvTranspose2d,
+    "ConvTranspose3d": nn.ConvTranspose3d,
+    "Linear": nn.Linear,
+    "Embedding": nn.Embedding,
+}
+
+# Functional ops whose argument 1 is a weight: a get_attr parameter there is a weight even when its owner is a
+# custom module (e.g. ``F.linear(x, self.weight)``).
+FUNCTIONAL_WEIGHT_OPS = {
+    F.linear,
+    F.conv1d,
+    F.conv2d,
+    F.conv3d,
+    F.conv_transpose1d,
+    F.conv_transpose2d,
+    F.conv_transpose3d,
+    F.embedding,
+    torch.conv1d,
+    torch.conv2d,
+    torch.conv3d,
+    torch.conv_transpose1d,
+    torch.conv_transpose2d,
+    torch.conv_transpose3d,
+    torch.matmul,
+    operator.matmul,
+}
+
+
+@dataclass(frozen=True)
+class Change:
+    """One recorded decision: ``action`` is ``quantized``, ``shared`` (a tied alias) or ``skipped``."""
+
+    fqn: str
+    action: str
+    reason: str
+
+    def to_dict(self) -> dict:
+        return {"fqn": self.fqn, "action": self.action, "reason": self.reason}
+
+
+@dataclass
+class Candidate:
+    """A weight parameter chosen for compression, with its resolved settings."""
+
+    fqn: str  # the parameter's fqn (its first owner's), e.g. "conv1.weight"
+    owners: list[tuple[str, str]]  # every (module fqn, attribute) holding this parameter (tied weights: several)
+    param: nn.Parameter
+    lattice: str
+    n: int
+    step_kind: str  # "step", "relative_step" or "target_bits"
+    step_value: float | None
+    found_by: str  # "type" or "functional"
+    override_key: str | None = None
+    step: float | None = None  # resolved Δ, filled in by the quantize pass
+    extra: dict = field(default_factory=dict)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _param_owners(model: nn.Module) -> dict[int, list[tuple[str, str]]]:
+    owners: dict[int, list[tuple[str, str]]] = {}
+    for mod_fqn, module in model.named_modules(remove_duplicate=False):
+        for attr, p in module._parameters.items():
+            if p is not None and (mod_fqn, attr) not in owners.setdefault(id(p), []):
+                owners[id(p)].append((mod_fqn, attr))
+    return owners
+
+
+def _functional_weights(gm: fx.GraphModule | None) -> set[str]:
+    if gm is None:
+        return set()
+    found = set()
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in FUNCTIONAL_WEIGHT_OPS and len(node.args) > 1:
+            weight = node.args[1]
+            if isinstance(weight, fx.Node) and weight.op == "get_attr":
+                found.add(weight.target)
+    return found
+
+
+def select_weights(
+    model: nn.Module, config: CompressConfig, gm: fx.GraphModule | None = None
+) -> tuple[list[Candidate], list[Change]]:
+    """Choose the weights to compress.
+
+    A weight is a candidate when its module's type is in ``config.layer_types`` (``Embedding`` with
+    ``include_embeddings``), or when the graph passes it as the weight of a functional op (``F.linear``,
+    ``F.conv*``...). Candidates are then filtered by overrides (``None`` = leave float), ``filter_fn`` and
+    ``min_numel``. Other multi-dimensional parameters are recorded as skipped ("not a selected layer type").
+
+    Returns:
+        ``(candidates, changes)``: candidates in module order; ``changes`` holds the skips (the quantize pass adds
+        the rest).
+    """
+    wanted = tuple(_TYPE_BY_NAME[t] for t in config.layer_types)
+    if config.include_embeddings:
+        wanted += (nn.Embedding,)
+    owners = _param_owners(model)
+    functional = _functional_weights(gm)
+    modules = dict(model.named_modules(remove_duplicate=False))
+    candidates: list[Candidate] = []
+    changes: list[Change] = []
+    seen: set[int] = set()
+    for mod_fqn, module in model.named_modules(remove_duplicate=False):
+        for attr, p in module._parameters.items():
+            if p is None or id(p) in seen:
+                continue
+            seen.add(id(p))
+            fqn = _join(mod_fqn, attr)
+            all_owners = owners[id(p)]
+            by_type = attr == "weight" and isinstance(module, wanted)
+            by_type = by_type or any(
+                a == "weight" and isinstance(modules[o], wanted) for o, a in all_owners
+            )
+            by_functional = any(_join(o, a) in functional for o, a in all_owners)
+            if not (by_type or by_functional):
+                if p.ndim >= 2:
+                    changes.append(
+                        Change(fqn, "skipped", f"not a selected layer type ({type(module).__name__}.{attr})")
+                    )
+                continue
+            found, override, key = config.layer_override(mod_fqn, module)
+            if found and override is None:
+                changes.append(Change(fqn, "skipped", f"override {key!r} leaves it float"))
+                continue
+            if config.filter_fn is not None and not config.filter_fn(module, mod_fqn):
+                changes.append(Change(fqn, "skipped", "filter_fn returned False"))
+                continue
+            if not p.dtype.is_floating_point:
+                changes.append(Change(fqn, "skipped", f"dtype {p.dtype} is not floating point"))
+                continue
+            if p.numel() and p.numel() < config.min_numel:
+                changes.append(Change(fqn, "skipped", f"{p.numel()} elements < min_numel={config.min_numel}"))
+                continue
+            candidates.append(_resolve(fqn, all_owners, p, config, override, key, "type" if by_type else "functional"))
+    return candidates, changes
+
+
+def _resolve(fqn, owners, p, config: CompressConfig, override: LayerConfig | None, key, found_by) -> Candidate:
+    lattice = config.lattice
+    n = config.n
+    step_kind, step_value = config.step_mode, None
+    if step_kind != "target_bits":
+        step_value = getattr(config, step_kind)
+    if override is not None:
+        if override.lattice is not None:
+            lattice, n = override.lattice, override.n
+        elif override.n is not None:
+            n = override.n
+        if override.step is not None:
+            step_kind, step_value = "step", override.step
+        elif override.relative_step is not None:
+            step_kind, step_value = "relative_step", override.relative_step
+    from ..lattice import get_lattice
+
+    lat = get_lattice(lattice, n)
+    return Candidate(
+        fqn=fqn,
+        owners=list(owners),
+        param=p,
+        lattice=lat.name,
+        n=lat.dim,
+        step_kind=step_kind,
+        step_value=step_value,
+        found_by=found_by,
+        override_key=key,
+    )

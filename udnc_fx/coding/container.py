@@ -1,0 +1,992 @@
+"""The ``.udnc`` container: compressed tensors, raw tensors and the config in one checksummed file.
+
+NumPy only (no torch), so a deployment can decode a model without PyTorch. The byte-level specification is
+``docs/FORMAT.md``; this module is its reference implementation. In short::
+
+    magic(8) | major u16 | minor u16 | header length u64 | SHA-256(bytes 0..20 + header) (32) | JSON header | payload
+
+Reading never unpickles and never trusts a number from the file before checking it: every failure raises
+:class:`~udnc_fx.errors.FormatError` with a ``kind`` (``bad_magic``, ``unsupported_version``, ``truncated``,
+``bad_header``, ``bad_offsets``, ``checksum_mismatch``, ``bad_value``, ``unknown_codec``), and nothing else.
+
+Example:
+    >>> c = Container(quantized=[QuantizedTensor(...)], raw=[RawTensor("fc.bias", bias)], config={}, metadata={})
+    >>> write_container("model.udnc", c)          # atomic, deterministic
+    >>> read_container("model.udnc").quantized[0].indices
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import secrets
+import struct
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from udnc_fx.errors import FormatError
+
+__all__ = [
+    "MAGIC",
+    "FORMAT_VERSION",
+    "PREAMBLE_SIZE",
+    "MAX_HEADER_LENGTH",
+    "DEFAULT_MAX_ELEMENTS",
+    "LATTICE_DIMENSIONS",
+    "DEFAULT_CODER",
+    "QuantizedTensor",
+    "RawTensor",
+    "Container",
+    "encode_container",
+    "write_container",
+    "decode_container",
+    "read_container",
+    "read_header",
+    "section_sizes",
+]
+
+MAGIC = b"\x89UDNC\r\n\x1a"
+FORMAT_VERSION = (1, 0)  # (major, minor) written by this module
+_PREAMBLE = struct.Struct("<8sHHQ32s")
+PREAMBLE_SIZE = _PREAMBLE.size  # 52
+_DIGESTED_PREAMBLE = 20  # magic, versions and header length are covered by the header digest
+MAX_HEADER_LENGTH = 64 << 20
+#: Default cap on the elements a container may decode to (all tensors together). An entropy-coded stream can be
+#: far smaller than what it decodes to, so the file's length alone cannot bound the allocation.
+DEFAULT_MAX_ELEMENTS = 1 << 32
+_MAX_NDIM = 32
+
+#: Lattice name -> the dimensions it exists in.
+LATTICE_DIMENSIONS: dict[str, tuple[int, ...]] = {"Z": tuple(range(1, 9)), "A2": (2,), "D4": (4,), "E8": (8,)}
+
+_RAW_DTYPES: dict[str, np.dtype] = {
+    name: np.dtype(code)
+    for name, code in [
+        ("float16", "<f2"), ("float32", "<f4"), ("float64", "<f8"),
+        ("int8", "i1"), ("int16", "<i2"), ("int32", "<i4"), ("int64", "<i8"),
+        ("uint8", "u1"), ("uint16", "<u2"), ("uint32", "<u4"), ("uint64", "<u8"),
+        ("bool", "?"),
+    ]
+}
+_CODEBOOK_FLOAT_ENCODINGS = {"f32": np.dtype("<f4"), "f16": np.dtype("<f2")}
+_INT_WIDTHS = {1: np.dtype("u1"), 2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype("<u8")}
+_HEX = frozenset("0123456789abcdef")
+
+try:  # the coder registry is written alongside; fall back to its announced default until it lands
+    from udnc_fx.coding.coders import DEFAULT_CODER  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - only while coders.py does not exist
+    DEFAULT_CODER = "range-adaptive-v1"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data model
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)  # eq=False: a generated __eq__ would compare arrays element-wise and raise
+class QuantizedTensor:
+    """One compressed weight: lattice-quantizer parameters, codeword indices and codebook.
+
+    Attributes:
+        fqn: the parameter's qualified name, e.g. ``"conv1.weight"``.
+        shape: the weight's shape.
+        lattice: ``"Z"``, ``"A2"``, ``"D4"`` or ``"E8"``.
+        n: the lattice dimension (the vector length).
+        step: the quantizer step Δ (float64, stored bit-exact).
+        key: the per-tensor dither key, an unsigned 64-bit integer.
+        dither: the dither generator's id, e.g. ``"udnc-hash32-v1"``.
+        indices: ``ceil(numel / n)`` integers in ``[0, K)``. Read back as the narrowest unsigned dtype holding K.
+        codebook: float32 ``(K, n)``; ``None`` when read from a ``lattice-int`` codebook.
+        codebook_int: optional int64 ``(K, n)`` integer lattice coordinates. When given, the writer stores these
+            (compactly) instead of ``codebook`` and the reader returns them with ``codebook=None``; the caller
+            rebuilds the floats. The writer cannot check that ``codebook`` still equals them (it does not know the
+            lattice's generator), so pass them only for codebooks that were not fine-tuned.
+        coder: the index coder's registered name.
+        zero_index: the index that decodes to exactly 0 whatever the dither (pruned weights), or ``None``.
+        meta: JSON-able per-tensor facts (e.g. ``sqnr_db``), stored in the header.
+    """
+
+    fqn: str
+    shape: tuple[int, ...]
+    lattice: str
+    n: int
+    step: float
+    key: int
+    dither: str
+    indices: np.ndarray
+    codebook: np.ndarray | None
+    codebook_int: np.ndarray | None = None
+    coder: str = DEFAULT_CODER
+    zero_index: int | None = None
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class RawTensor:
+    """A tensor stored uncompressed (biases, normalisation parameters, buffers)."""
+
+    name: str
+    array: np.ndarray
+
+
+@dataclass(eq=False)
+class Container:
+    """Everything a ``.udnc`` file holds. ``config`` and ``metadata`` are JSON objects (tuples come back as lists)."""
+
+    quantized: list[QuantizedTensor] = field(default_factory=list)
+    raw: list[RawTensor] = field(default_factory=list)
+    config: dict = field(default_factory=dict)
+    metadata: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _get_coder(name: str):
+    """Looks a coder up in the registry; any failure (unknown name, registry missing) is ``unknown_codec``."""
+    try:
+        from udnc_fx.coding.coders import get_coder
+    except ImportError as exc:
+        raise FormatError("unknown_codec", f"coder {name!r}: the coder registry is unavailable ({exc})") from exc
+    try:
+        coder = get_coder(name)
+    except Exception as exc:  # the registry's own error type is its business: to us the codec is unknown
+        raise FormatError("unknown_codec", f"unknown index coder {name!r}") from exc
+    if coder is None:
+        raise FormatError("unknown_codec", f"unknown index coder {name!r}")
+    return coder
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.integer, np.floating, np.bool_)):
+        return obj.item()
+    raise TypeError(f"{type(obj).__name__} is not JSON-serialisable")
+
+
+def _canonical_json(obj: Any) -> bytes:
+    return json.dumps(
+        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=_json_default
+    ).encode("utf-8")
+
+
+def _check_json_object(value: Any, what: str) -> None:
+    """Writer-side: ``value`` must be a JSON object with string keys everywhere, and serialisable."""
+    if not isinstance(value, dict):
+        raise FormatError("bad_value", f"{what} must be a dict, got {type(value).__name__}")
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            for k, v in item.items():
+                if not isinstance(k, str):
+                    raise FormatError("bad_value", f"{what}: JSON object keys must be strings, got {k!r}")
+                stack.append(v)
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    try:
+        _canonical_json(value)
+    except Exception as exc:  # TypeError, ValueError (NaN, circular), RecursionError
+        raise FormatError("bad_value", f"{what} is not JSON-serialisable: {exc}") from exc
+
+
+def _prod(dims: list[int] | tuple[int, ...], limit: int) -> int:
+    """Product of ``dims``, stopping (returning ``limit + 1``) as soon as it exceeds ``limit``."""
+    total = 1
+    for d in dims:
+        total *= d
+        if total > limit:
+            return limit + 1 if all(x != 0 for x in dims) else 0
+    return total
+
+
+def _narrow_index_dtype(alphabet_size: int) -> np.dtype:
+    for dt in (np.uint8, np.uint16, np.uint32):
+        if alphabet_size - 1 <= np.iinfo(dt).max:
+            return np.dtype(dt)
+    return np.dtype(np.uint64)
+
+
+def _zigzag_encode(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.int64, copy=False)
+    return ((x << 1) ^ (x >> 63)).view(np.uint64)
+
+
+def _zigzag_decode(z: np.ndarray) -> np.ndarray:
+    z = z.astype(np.uint64, copy=False)
+    return ((z >> np.uint64(1)).view(np.int64)) ^ -((z & np.uint64(1)).view(np.int64))
+
+
+def _section(offset: int, data: bytes, **extra: Any) -> dict:
+    return {"offset": offset, "length": len(data), "crc32": zlib.crc32(data) & 0xFFFFFFFF, **extra}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _as_int(value: Any, what: str) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise FormatError("bad_value", f"{what} must be an integer, got {value!r}")
+    return int(value)
+
+
+def _encode_quantized(q: QuantizedTensor, codebook_float_dtype: str, max_elements: int) -> tuple[dict, bytes, bytes]:
+    where = f"quantized tensor {getattr(q, 'fqn', '?')!r}"
+    if not isinstance(q, QuantizedTensor):
+        raise FormatError("bad_value", f"expected QuantizedTensor, got {type(q).__name__}")
+    if not isinstance(q.fqn, str) or not q.fqn:
+        raise FormatError("bad_value", f"{where}: fqn must be a non-empty string")
+    shape = [_as_int(d, f"{where}: shape entry") for d in q.shape]
+    if any(d < 0 for d in shape) or len(shape) > _MAX_NDIM:
+        raise FormatError("bad_value", f"{where}: bad shape {tuple(q.shape)}")
+    if q.lattice not in LATTICE_DIMENSIONS:
+        raise FormatError("bad_value", f"{where}: unknown lattice {q.lattice!r}")
+    n = _as_int(q.n, f"{where}: n")
+    if n not in LATTICE_DIMENSIONS[q.lattice]:
+        raise FormatError("bad_value", f"{where}: lattice {q.lattice} has no dimension {n}")
+    try:
+        step = float(q.step)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise FormatError("bad_value", f"{where}: step must be a float, got {q.step!r}") from exc
+    if not (math.isfinite(step) and step > 0):
+        raise FormatError("bad_value", f"{where}: step must be finite and > 0, got {step!r}")
+    key = _as_int(q.key, f"{where}: key")
+    if not 0 <= key < 1 << 64:
+        raise FormatError("bad_value", f"{where}: key must fit in 64 unsigned bits, got {key}")
+    if not isinstance(q.dither, str) or not q.dither:
+        raise FormatError("bad_value", f"{where}: dither must be a non-empty string")
+    if not isinstance(q.coder, str) or not q.coder:
+        raise FormatError("unknown_codec", f"{where}: coder must be a non-empty string")
+
+    numel = _prod(shape, max_elements)
+    if numel > max_elements:
+        raise FormatError("bad_value", f"{where}: {tuple(shape)} has more than {max_elements} elements")
+    count = -(-numel // n)
+
+    # Codebook.
+    if q.codebook_int is not None:
+        cb_int = np.asarray(q.codebook_int)
+        if cb_int.dtype.kind not in "iu" or cb_int.ndim != 2 or cb_int.shape[1] != n:
+            raise FormatError("bad_value", f"{where}: codebook_int must be an integer (K, {n}) array")
+        if cb_int.dtype.kind == "u" and cb_int.size and int(cb_int.max()) > np.iinfo(np.int64).max:
+            raise FormatError("bad_value", f"{where}: codebook_int values must fit in int64")
+        alphabet_size = cb_int.shape[0]
+        z = _zigzag_encode(cb_int.astype(np.int64))
+        zmax = int(z.max()) if z.size else 0
+        width = next(w for w in (1, 2, 4, 8) if zmax < 1 << (8 * w))
+        codebook_bytes = z.astype(_INT_WIDTHS[width]).tobytes()
+        codebook_extra: dict[str, Any] = {"encoding": "lattice-int", "width": width}
+    else:
+        if q.codebook is None:
+            raise FormatError("bad_value", f"{where}: needs a codebook or codebook_int")
+        cb = np.asarray(q.codebook)
+        if cb.dtype.kind != "f" or cb.ndim != 2 or cb.shape[1] != n:
+            raise FormatError("bad_value", f"{where}: codebook must be a float (K, {n}) array, got {cb.dtype} {cb.shape}")
+        cb32 = cb.astype(np.float32)
+        if cb.dtype != np.float32 and not np.array_equal(cb32.astype(cb.dtype), cb, equal_nan=True):
+            raise FormatError("bad_value", f"{where}: {cb.dtype} codebook is not exactly representable in float32")
+        alphabet_size = cb.shape[0]
+        encoding = "f16" if codebook_float_dtype == "float16" else "f32"
+        stored = cb32.astype(_CODEBOOK_FLOAT_ENCODINGS[encoding])
+        if encoding == "f16" and not np.array_equal(np.isfinite(stored), np.isfinite(cb32)):
+            raise FormatError("bad_value", f"{where}: codebook overflows float16")
+        codebook_bytes = stored.tobytes()
+        codebook_extra = {"encoding": encoding}
+    if alphabet_size < 1:
+        raise FormatError("bad_value", f"{where}: the codebook is empty (K = 0)")
+
+    # Indices.
+    indices = np.asarray(q.indices)
+    if indices.dtype.kind not in "iu" or indices.ndim != 1:
+        raise FormatError("bad_value", f"{where}: indices must be a 1-D integer array, got {indices.dtype} {indices.shape}")
+    if indices.shape[0] != count:
+        raise FormatError(
+            "bad_value", f"{where}: {indices.shape[0]} indices for shape {tuple(shape)} and n={n} (need {count})"
+        )
+    if count and (int(indices.min()) < 0 or int(indices.max()) >= alphabet_size):
+        raise FormatError("bad_value", f"{where}: indices outside [0, {alphabet_size})")
+    zero_index = None
+    if q.zero_index is not None:
+        zero_index = _as_int(q.zero_index, f"{where}: zero_index")
+        if not 0 <= zero_index < alphabet_size:
+            raise FormatError("bad_value", f"{where}: zero_index {zero_index} outside [0, {alphabet_size})")
+    _check_json_object(q.meta, f"{where}: meta")
+
+    coder = _get_coder(q.coder)
+    try:
+        indices_bytes = bytes(coder.encode(np.ascontiguousarray(indices, dtype=np.int64), alphabet_size))
+    except FormatError:
+        raise
+    except Exception as exc:
+        raise FormatError("bad_value", f"{where}: coder {q.coder!r} failed to encode: {exc}") from exc
+
+    entry: dict[str, Any] = {
+        "fqn": q.fqn,
+        "shape": shape,
+        "lattice": q.lattice,
+        "n": n,
+        "step": step,
+        "key": f"{key:016x}",
+        "dither": q.dither,
+        "indices": {"coder": q.coder, "count": count, "alphabet_size": alphabet_size},
+        "codebook": codebook_extra,
+    }
+    if zero_index is not None:
+        entry["zero_index"] = zero_index
+    if q.meta:
+        entry["meta"] = q.meta
+    return entry, indices_bytes, codebook_bytes
+
+
+def _encode_raw(r: RawTensor, raw_float_dtype: str) -> tuple[dict, bytes]:
+    if not isinstance(r, RawTensor):
+        raise FormatError("bad_value", f"expected RawTensor, got {type(r).__name__}")
+    where = f"raw tensor {r.name!r}"
+    if not isinstance(r.name, str) or not r.name:
+        raise FormatError("bad_value", f"{where}: name must be a non-empty string")
+    array = np.asarray(r.array)
+    if array.ndim > _MAX_NDIM:
+        raise FormatError("bad_value", f"{where}: more than {_MAX_NDIM} dimensions")
+    name = array.dtype.name if array.dtype.name in _RAW_DTYPES else None
+    if name is None or array.dtype.kind not in "fiub":
+        raise FormatError("unknown_codec", f"{where}: dtype {array.dtype} cannot be stored")
+    entry: dict[str, Any] = {"name": r.name, "shape": list(array.shape)}
+    if name == "float32" and raw_float_dtype == "float16":
+        stored = array.astype(_RAW_DTYPES["float16"])
+        if not np.array_equal(np.isfinite(stored), np.isfinite(array)):
+            raise FormatError("bad_value", f"{where}: values overflow float16 (store it as float32)")
+        entry["dtype"] = "float16"
+        entry["source_dtype"] = "float32"
+    else:
+        stored = array.astype(_RAW_DTYPES[name])
+        entry["dtype"] = name
+    return entry, np.ascontiguousarray(stored).tobytes()
+
+
+def encode_container(
+    container: Container,
+    *,
+    raw_float_dtype: str = "float32",
+    codebook_float_dtype: str = "float32",
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+) -> bytes:
+    """Serialises ``container`` to the ``.udnc`` bytes (see ``docs/FORMAT.md``). Identical inputs give identical bytes.
+
+    Args:
+        container: what to store.
+        raw_float_dtype: ``"float32"`` keeps every raw tensor's dtype; ``"float16"`` stores float32 raw tensors as
+            float16 (recorded; the reader returns them as float32 holding the float16 values). Other dtypes are
+            always stored as they are.
+        codebook_float_dtype: ``"float32"`` or ``"float16"`` for float codebooks (``codebook_int`` overrides it).
+        max_elements: refuse to write what a default reader would refuse to read.
+
+    Returns:
+        The file's bytes.
+
+    Raises:
+        FormatError: ``bad_value`` for an inconsistent or out-of-range field, ``unknown_codec`` for an unknown
+            coder or a dtype the format cannot hold.
+    """
+    if raw_float_dtype not in ("float32", "float16"):
+        raise FormatError("bad_value", f"raw_float_dtype must be 'float32' or 'float16', got {raw_float_dtype!r}")
+    if codebook_float_dtype not in ("float32", "float16"):
+        raise FormatError("bad_value", f"codebook_float_dtype must be 'float32' or 'float16', got {codebook_float_dtype!r}")
+    if not isinstance(container, Container):
+        raise FormatError("bad_value", f"expected a Container, got {type(container).__name__}")
+    _check_json_object(container.config, "config")
+    _check_json_object(container.metadata, "metadata")
+
+    names: set[str] = set()
+    parts: list[bytes] = []
+    offset = 0
+    total_elements = 0
+    quantized_entries = []
+    for q in container.quantized:
+        entry, indices_bytes, codebook_bytes = _encode_quantized(q, codebook_float_dtype, max_elements)
+        total_elements += _prod(entry["shape"], max_elements)
+        if entry["fqn"] in names:
+            raise FormatError("bad_value", f"duplicate tensor name {entry['fqn']!r}")
+        names.add(entry["fqn"])
+        entry["indices"].update(_section(offset, indices_bytes))
+        offset += len(indices_bytes)
+        entry["codebook"].update(_section(offset, codebook_bytes))
+        offset += len(codebook_bytes)
+        parts += [indices_bytes, codebook_bytes]
+        quantized_entries.append(entry)
+    raw_entries = []
+    for r in container.raw:
+        entry, data = _encode_raw(r, raw_float_dtype)
+        total_elements += _prod(entry["shape"], max_elements)
+        if entry["name"] in names:
+            raise FormatError("bad_value", f"duplicate tensor name {entry['name']!r}")
+        names.add(entry["name"])
+        entry["data"] = _section(offset, data)
+        offset += len(data)
+        parts.append(data)
+        raw_entries.append(entry)
+    if total_elements > max_elements:
+        raise FormatError("bad_value", f"the container holds more than {max_elements} elements")
+
+    payload = b"".join(parts)
+    header = {
+        "payload_length": len(payload),
+        "payload_sha256": hashlib.sha256(payload).hexdigest(),
+        "quantized": quantized_entries,
+        "raw": raw_entries,
+        "config": container.config,
+        "metadata": container.metadata,
+    }
+    header_bytes = _canonical_json(header)
+    if len(header_bytes) > MAX_HEADER_LENGTH:
+        raise FormatError("bad_header", f"the header would be {len(header_bytes)} bytes (limit {MAX_HEADER_LENGTH})")
+    head = struct.pack("<8sHHQ", MAGIC, FORMAT_VERSION[0], FORMAT_VERSION[1], len(header_bytes))
+    digest = hashlib.sha256(head + header_bytes).digest()
+    return head + digest + header_bytes + payload
+
+
+def write_container(path_or_file: Any, container: Container, **options: Any) -> int:
+    """Writes ``container`` to a path (atomically) or to a binary file object.
+
+    A path is written through a temporary file in the same directory, flushed to disk and then renamed over the
+    target (``os.replace``), so readers see the old file or the new one, never a partial one; on failure the
+    temporary file is removed. Options are those of :func:`encode_container`.
+
+    Returns:
+        The number of bytes written.
+    """
+    data = encode_container(container, **options)
+    if hasattr(path_or_file, "write") and not isinstance(path_or_file, (str, bytes, os.PathLike)):
+        path_or_file.write(data)
+        return len(data)
+    path = os.fspath(path_or_file)
+    directory, base = os.path.split(os.path.abspath(path))
+    while True:
+        tmp = os.path.join(directory, f".{base}.{secrets.token_hex(6)}.tmp")
+        try:
+            # os.open with mode 0o666 lets the umask decide the permissions, as a plain open() would.
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+            break
+        except FileExistsError:  # pragma: no cover - 48 random bits
+            continue
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    try:  # make the rename itself durable; not every platform lets us open a directory
+        dir_fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover
+        pass
+    else:
+        try:
+            os.fsync(dir_fd)
+        except OSError:  # pragma: no cover
+            pass
+        finally:
+            os.close(dir_fd)
+    return len(data)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading: header validation
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Section:
+    offset: int
+    length: int
+    crc32: int
+    where: str
+
+
+@dataclass
+class _QEntry:
+    raw: dict
+    fqn: str
+    shape: tuple[int, ...]
+    lattice: str
+    n: int
+    step: float
+    key: int
+    dither: str
+    zero_index: int | None
+    meta: dict
+    coder: str
+    count: int
+    alphabet_size: int
+    encoding: str
+    width: int | None
+    indices: _Section
+    codebook: _Section
+
+
+@dataclass
+class _REntry:
+    raw: dict
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    source_dtype: str | None
+    data: _Section
+
+
+@dataclass
+class _Header:
+    raw: dict
+    payload_length: int
+    payload_sha256: str
+    quantized: list[_QEntry]
+    raws: list[_REntry]
+    config: dict
+    metadata: dict
+
+    def sections(self) -> list[_Section]:
+        out = []
+        for q in self.quantized:
+            out += [q.indices, q.codebook]
+        out += [r.data for r in self.raws]
+        return out
+
+
+def _bad(message: str) -> FormatError:
+    return FormatError("bad_header", message)
+
+
+def _get(obj: dict, key: str, types: type | tuple[type, ...], where: str, default: Any = ..., nullable: bool = False):
+    if key not in obj:
+        if default is ...:
+            raise _bad(f"{where}: missing key {key!r}")
+        return default
+    value = obj[key]
+    if value is None and nullable:
+        return None
+    # JSON true/false are Python bools, which are ints too: never accept them as numbers.
+    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        raise _bad(f"{where}: {key!r} must be {_type_names(types)}, got {value!r}")
+    if not isinstance(value, types):
+        raise _bad(f"{where}: {key!r} must be {_type_names(types)}, got {type(value).__name__}")
+    return value
+
+
+def _type_names(types: type | tuple[type, ...]) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", list: "an array", dict: "an object"}
+    types = types if isinstance(types, tuple) else (types,)
+    return " or ".join(names.get(t, t.__name__) for t in types)
+
+
+def _parse_section(obj: Any, where: str) -> _Section:
+    if not isinstance(obj, dict):
+        raise _bad(f"{where} must be an object")
+    offset = _get(obj, "offset", int, where)
+    length = _get(obj, "length", int, where)
+    crc = _get(obj, "crc32", int, where)
+    if offset < 0 or length < 0:
+        raise FormatError("bad_offsets", f"{where}: negative offset or length ({offset}, {length})")
+    if not 0 <= crc < 1 << 32:
+        raise _bad(f"{where}: crc32 {crc} is not a 32-bit value")
+    return _Section(offset, length, crc, where)
+
+
+def _parse_shape(obj: dict, where: str) -> tuple[int, ...]:
+    shape = _get(obj, "shape", list, where)
+    for d in shape:
+        if isinstance(d, bool) or not isinstance(d, int):
+            raise _bad(f"{where}: shape entries must be integers, got {d!r}")
+    if len(shape) > _MAX_NDIM:
+        raise FormatError("bad_value", f"{where}: {len(shape)} dimensions (at most {_MAX_NDIM})")
+    if any(d < 0 for d in shape):
+        raise FormatError("bad_value", f"{where}: negative dimension in shape {shape}")
+    return tuple(shape)
+
+
+def _parse_quantized(obj: Any, i: int) -> _QEntry:
+    where = f"quantized[{i}]"
+    if not isinstance(obj, dict):
+        raise _bad(f"{where} must be an object")
+    fqn = _get(obj, "fqn", str, where)
+    where = f"quantized tensor {fqn!r}"
+    shape = _parse_shape(obj, where)
+    lattice = _get(obj, "lattice", str, where)
+    n = _get(obj, "n", int, where)
+    step_value = _get(obj, "step", (int, float), where)
+    try:
+        step = float(step_value)
+    except OverflowError as exc:
+        raise FormatError("bad_value", f"{where}: step out of range") from exc
+    key_text = _get(obj, "key", str, where)
+    if len(key_text) != 16 or not set(key_text) <= _HEX:
+        raise _bad(f"{where}: key must be 16 lowercase hex digits, got {key_text[:40]!r}")
+    dither = _get(obj, "dither", str, where)
+    zero_index = _get(obj, "zero_index", int, where, default=None, nullable=True)
+    meta = _get(obj, "meta", dict, where, default={})
+    ind = _get(obj, "indices", dict, where)
+    cb = _get(obj, "codebook", dict, where)
+    coder = _get(ind, "coder", str, f"{where} indices")
+    count = _get(ind, "count", int, f"{where} indices")
+    alphabet_size = _get(ind, "alphabet_size", int, f"{where} indices")
+    encoding = _get(cb, "encoding", str, f"{where} codebook")
+    width = _get(cb, "width", int, f"{where} codebook") if encoding == "lattice-int" else None
+    return _QEntry(
+        raw=obj, fqn=fqn, shape=shape, lattice=lattice, n=n, step=step, key=int(key_text, 16), dither=dither,
+        zero_index=zero_index, meta=meta, coder=coder, count=count, alphabet_size=alphabet_size,
+        encoding=encoding, width=width,
+        indices=_parse_section(ind, f"{where} indices"), codebook=_parse_section(cb, f"{where} codebook"),
+    )
+
+
+def _parse_raw(obj: Any, i: int) -> _REntry:
+    where = f"raw[{i}]"
+    if not isinstance(obj, dict):
+        raise _bad(f"{where} must be an object")
+    name = _get(obj, "name", str, where)
+    where = f"raw tensor {name!r}"
+    return _REntry(
+        raw=obj, name=name, dtype=_get(obj, "dtype", str, where), shape=_parse_shape(obj, where),
+        source_dtype=_get(obj, "source_dtype", str, where, default=None, nullable=True),
+        data=_parse_section(_get(obj, "data", dict, where), f"{where} data"),
+    )
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError("duplicate key in a JSON object")
+    return out
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _parse_header_json(header_bytes: bytes) -> dict:
+    try:
+        text = header_bytes.decode("utf-8")
+        obj = json.loads(text, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
+    except Exception as exc:  # UnicodeDecodeError, JSONDecodeError, ValueError, RecursionError
+        raise _bad(f"the header is not valid JSON: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise _bad(f"the header must be a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _validate_header(obj: dict, max_elements: int) -> _Header:
+    """Checks types (``bad_header``), layout (``bad_offsets``) and values (``bad_value``/``unknown_codec``)."""
+    payload_length = _get(obj, "payload_length", int, "header")
+    if payload_length < 0:
+        raise FormatError("bad_offsets", f"negative payload_length {payload_length}")
+    payload_sha256 = _get(obj, "payload_sha256", str, "header")
+    if len(payload_sha256) != 64 or not set(payload_sha256) <= _HEX:
+        raise _bad("payload_sha256 must be 64 lowercase hex digits")
+    quantized = [_parse_quantized(q, i) for i, q in enumerate(_get(obj, "quantized", list, "header"))]
+    raws = [_parse_raw(r, i) for i, r in enumerate(_get(obj, "raw", list, "header"))]
+    header = _Header(
+        raw=obj, payload_length=payload_length, payload_sha256=payload_sha256, quantized=quantized, raws=raws,
+        config=_get(obj, "config", dict, "header"), metadata=_get(obj, "metadata", dict, "header"),
+    )
+
+    # Layout: the sections tile [0, payload_length) exactly.
+    position = 0
+    for s in sorted(header.sections(), key=lambda s: (s.offset, s.length)):
+        if s.offset != position:
+            gap = "overlaps the previous section" if s.offset < position else f"leaves a hole at {position}"
+            raise FormatError("bad_offsets", f"{s.where} at {s.offset} {gap}")
+        position += s.length
+        if position > payload_length:
+            raise FormatError("bad_offsets", f"{s.where} ends at {position}, past the payload ({payload_length})")
+    if position != payload_length:
+        raise FormatError("bad_offsets", f"the sections end at {position}, the payload at {payload_length}")
+
+    # Values.
+    names: set[str] = set()
+    total = 0
+    for q in quantized:
+        where = f"quantized tensor {q.fqn!r}"
+        if not q.fqn or q.fqn in names:
+            raise FormatError("bad_value", f"{where}: empty or duplicate name")
+        names.add(q.fqn)
+        if q.lattice not in LATTICE_DIMENSIONS:
+            raise FormatError("bad_value", f"{where}: unknown lattice {q.lattice[:40]!r}")
+        if q.n not in LATTICE_DIMENSIONS[q.lattice]:
+            raise FormatError("bad_value", f"{where}: lattice {q.lattice} has no dimension n={q.n}")
+        if not (math.isfinite(q.step) and q.step > 0):
+            raise FormatError("bad_value", f"{where}: step {q.step!r} is not finite and > 0")
+        numel = _prod(q.shape, max_elements)
+        total += numel
+        if total > max_elements:
+            raise FormatError("bad_value", f"the tensors decode to more than {max_elements} elements")
+        if q.count != -(-numel // q.n):
+            raise FormatError("bad_value", f"{where}: count {q.count} does not match shape {q.shape} with n={q.n}")
+        if q.alphabet_size < 1:
+            raise FormatError("bad_value", f"{where}: alphabet_size {q.alphabet_size} (K must be >= 1)")
+        if q.zero_index is not None and not 0 <= q.zero_index < q.alphabet_size:
+            raise FormatError("bad_value", f"{where}: zero_index {q.zero_index} outside [0, {q.alphabet_size})")
+        if q.encoding in _CODEBOOK_FLOAT_ENCODINGS:
+            itemsize = _CODEBOOK_FLOAT_ENCODINGS[q.encoding].itemsize
+        elif q.encoding == "lattice-int":
+            if q.width not in _INT_WIDTHS:
+                raise FormatError("bad_value", f"{where}: codebook width {q.width} not in (1, 2, 4, 8)")
+            itemsize = q.width
+        else:
+            raise FormatError("unknown_codec", f"{where}: unknown codebook encoding {q.encoding[:40]!r}")
+        if q.codebook.length != q.alphabet_size * q.n * itemsize:
+            raise FormatError(
+                "bad_value", f"{where}: codebook is {q.codebook.length} bytes, K={q.alphabet_size} n={q.n} "
+                f"{q.encoding} needs {q.alphabet_size * q.n * itemsize}"
+            )
+        _get_coder(q.coder)
+    for r in raws:
+        where = f"raw tensor {r.name!r}"
+        if not r.name or r.name in names:
+            raise FormatError("bad_value", f"{where}: empty or duplicate name")
+        names.add(r.name)
+        if r.dtype not in _RAW_DTYPES:
+            raise FormatError("unknown_codec", f"{where}: unknown dtype {r.dtype[:40]!r}")
+        if r.source_dtype is not None and (r.source_dtype, r.dtype) != ("float32", "float16"):
+            raise FormatError("unknown_codec", f"{where}: cannot widen {r.dtype} to {r.source_dtype[:40]!r}")
+        numel = _prod(r.shape, max_elements)
+        total += numel
+        if total > max_elements:
+            raise FormatError("bad_value", f"the tensors decode to more than {max_elements} elements")
+        if r.data.length != numel * _RAW_DTYPES[r.dtype].itemsize:
+            raise FormatError("bad_value", f"{where}: {r.data.length} bytes for {r.dtype} {r.shape}")
+    return header
+
+
+def _parse_preamble(prefix: bytes, file_size: int) -> int:
+    """Checks the preamble; returns the header length."""
+    if prefix[: len(MAGIC)] != MAGIC[: len(prefix)]:
+        raise FormatError("bad_magic", "not a .udnc file (bad magic bytes)")
+    if len(prefix) < PREAMBLE_SIZE:
+        raise FormatError("truncated", f"the file is {file_size} bytes, shorter than the {PREAMBLE_SIZE}-byte preamble")
+    _, major, minor, header_length, _ = _PREAMBLE.unpack(prefix[:PREAMBLE_SIZE])
+    if major != FORMAT_VERSION[0]:
+        raise FormatError(
+            "unsupported_version", f"format version {major}.{minor}; this reader reads major version {FORMAT_VERSION[0]}"
+        )
+    if not 1 <= header_length <= MAX_HEADER_LENGTH:
+        raise _bad(f"header length {header_length} outside [1, {MAX_HEADER_LENGTH}]")
+    if PREAMBLE_SIZE + header_length > file_size:
+        raise FormatError(
+            "truncated", f"the file is {file_size} bytes; its header needs {PREAMBLE_SIZE + header_length}"
+        )
+    return header_length
+
+
+def _read_header_from(prefix: bytes, header_bytes: bytes, file_size: int, max_elements: int) -> _Header:
+    if hashlib.sha256(prefix[:_DIGESTED_PREAMBLE] + header_bytes).digest() != prefix[_DIGESTED_PREAMBLE:PREAMBLE_SIZE]:
+        raise FormatError("checksum_mismatch", "the header digest does not match (header or preamble damaged)")
+    header = _validate_header(_parse_header_json(header_bytes), max_elements)
+    end = PREAMBLE_SIZE + len(header_bytes) + header.payload_length
+    if file_size < end:
+        raise FormatError("truncated", f"the file is {file_size} bytes; its payload ends at {end}")
+    if file_size > end:
+        raise FormatError("bad_offsets", f"{file_size - end} trailing bytes after the payload")
+    return header
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading: payload
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _decode_indices(q: _QEntry, data: bytes) -> np.ndarray:
+    where = f"quantized tensor {q.fqn!r}"
+    coder = _get_coder(q.coder)
+    try:
+        out = coder.decode(data, q.count, q.alphabet_size)
+    except FormatError as exc:
+        raise FormatError("bad_value", f"{where}: index stream does not decode: {exc.message}") from exc
+    except Exception as exc:  # a coder meeting bytes it did not write may fail in any way
+        raise FormatError("bad_value", f"{where}: index stream does not decode: {type(exc).__name__}: {exc}") from exc
+    try:
+        out = np.asarray(out)
+        ok = out.dtype.kind in "iu" and out.shape == (q.count,)
+    except Exception:
+        ok = False
+    if not ok:
+        raise FormatError("bad_value", f"{where}: the coder returned the wrong number or type of indices")
+    if q.count and (int(out.min()) < 0 or int(out.max()) >= q.alphabet_size):
+        raise FormatError("bad_value", f"{where}: decoded indices outside [0, {q.alphabet_size})")
+    return out.astype(_narrow_index_dtype(q.alphabet_size))
+
+
+def _decode(buffer: bytes | bytearray | memoryview, max_elements: int) -> Container:
+    view = memoryview(buffer).cast("B")
+    size = len(view)
+    prefix = bytes(view[:PREAMBLE_SIZE])
+    header_length = _parse_preamble(prefix, size)
+    header = _read_header_from(prefix, bytes(view[PREAMBLE_SIZE : PREAMBLE_SIZE + header_length]), size, max_elements)
+    payload = view[PREAMBLE_SIZE + header_length :]
+
+    if hashlib.sha256(payload).hexdigest() != header.payload_sha256:
+        damaged = [s.where for s in header.sections() if zlib.crc32(payload[s.offset : s.offset + s.length]) != s.crc32]
+        raise FormatError("checksum_mismatch", f"payload damaged ({', '.join(damaged) or 'checksums disagree'})")
+    for s in header.sections():
+        if zlib.crc32(payload[s.offset : s.offset + s.length]) != s.crc32:
+            raise FormatError("checksum_mismatch", f"{s.where}: CRC-32 mismatch")
+
+    def section_bytes(s: _Section) -> bytes:
+        return bytes(payload[s.offset : s.offset + s.length])
+
+    quantized = []
+    for q in header.quantized:
+        indices = _decode_indices(q, section_bytes(q.indices))
+        cb_bytes = section_bytes(q.codebook)
+        codebook = codebook_int = None
+        if q.encoding == "lattice-int":
+            z = np.frombuffer(cb_bytes, dtype=_INT_WIDTHS[q.width])
+            codebook_int = _zigzag_decode(z).reshape(q.alphabet_size, q.n)
+        else:
+            codebook = (
+                np.frombuffer(cb_bytes, dtype=_CODEBOOK_FLOAT_ENCODINGS[q.encoding])
+                .astype(np.float32)
+                .reshape(q.alphabet_size, q.n)
+            )
+        quantized.append(
+            QuantizedTensor(
+                fqn=q.fqn, shape=q.shape, lattice=q.lattice, n=q.n, step=q.step, key=q.key, dither=q.dither,
+                indices=indices, codebook=codebook, codebook_int=codebook_int, coder=q.coder,
+                zero_index=q.zero_index, meta=q.meta,
+            )
+        )
+    raws = []
+    for r in header.raws:
+        stored = np.frombuffer(section_bytes(r.data), dtype=_RAW_DTYPES[r.dtype])
+        if r.dtype == "bool" and stored.size and int(stored.view(np.uint8).max()) > 1:
+            raise FormatError("bad_value", f"raw tensor {r.name!r}: bool bytes other than 0 and 1")
+        target = np.dtype(r.source_dtype or r.dtype).newbyteorder("=")
+        raws.append(RawTensor(name=r.name, array=stored.astype(target).reshape(r.shape)))
+    return Container(quantized=quantized, raw=raws, config=header.config, metadata=header.metadata)
+
+
+def _guarded(fn, *args):
+    """Runs a parsing step; any exception that is not a FormatError is a bug, reported as one."""
+    try:
+        return fn(*args)
+    except FormatError:
+        raise
+    except Exception as exc:
+        raise FormatError("bad_value", f"unexpected {type(exc).__name__} while reading: {exc}") from exc
+
+
+def decode_container(data: bytes | bytearray | memoryview, *, max_elements: int = DEFAULT_MAX_ELEMENTS) -> Container:
+    """Decodes ``.udnc`` bytes, with every check of ``docs/FORMAT.md``.
+
+    Raises:
+        FormatError: and no other exception, whatever the bytes.
+    """
+    return _guarded(_decode, data, max_elements)
+
+
+def read_container(path_or_bytes: Any, *, max_elements: int = DEFAULT_MAX_ELEMENTS) -> Container:
+    """Reads a ``.udnc`` file (a path, bytes, or a binary file object) and decodes everything.
+
+    Quantized tensors come back with ``indices`` in the narrowest unsigned dtype that holds K; float codebooks as
+    float32 (``f16`` widened exactly); ``lattice-int`` codebooks as ``codebook_int`` (int64) with
+    ``codebook=None``. Raw tensors come back in their stored dtype, except float32 tensors stored as float16,
+    which come back as float32. Arrays are writable copies.
+
+    Args:
+        path_or_bytes: a path (str or ``os.PathLike``), ``bytes``/``bytearray``/``memoryview``, or a binary file.
+        max_elements: refuse a file whose tensors decode to more elements than this, in all (``bad_value``).
+
+    Raises:
+        FormatError: for any defect of the content (never another exception type for bad bytes). ``OSError``
+            for a file that cannot be opened.
+    """
+    if isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
+        data = path_or_bytes
+    elif isinstance(path_or_bytes, (str, os.PathLike)):
+        with open(path_or_bytes, "rb") as f:
+            data = f.read()
+    elif hasattr(path_or_bytes, "read"):
+        data = path_or_bytes.read()
+    else:
+        raise TypeError(f"read_container needs a path, bytes or a binary file, got {type(path_or_bytes).__name__}")
+    return decode_container(data, max_elements=max_elements)
+
+
+def read_header(path_or_bytes: Any, *, max_elements: int = DEFAULT_MAX_ELEMENTS) -> dict:
+    """Reads and checks the preamble and the header only; the payload is neither read nor decoded.
+
+    Every header-level check of ``docs/FORMAT.md`` is made (digest, types, layout, values, that the file is as
+    long as the header says); payload checksums and index decoding are not.
+
+    Returns:
+        The header as parsed JSON (unknown keys kept).
+    """
+    if isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
+        view = memoryview(path_or_bytes).cast("B")
+        return _guarded(_header_from_buffer, view, max_elements)
+    with open(path_or_bytes, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        prefix = f.read(PREAMBLE_SIZE)
+        header_length = _guarded(_parse_preamble, prefix, size)
+        header_bytes = f.read(header_length)
+    return _guarded(_read_header_from, prefix, header_bytes, size, max_elements).raw
+
+
+def _header_from_buffer(view: memoryview, max_elements: int) -> dict:
+    prefix = bytes(view[:PREAMBLE_SIZE])
+    header_length = _parse_preamble(prefix, len(view))
+    header_bytes = bytes(view[PREAMBLE_SIZE : PREAMBLE_SIZE + header_length])
+    return _read_header_from(prefix, header_bytes, len(view), max_elements).raw
+
+
+def section_sizes(header: dict) -> dict:
+    """Attributes every byte of a file to a tensor or to the shared overhead, for honest compression ratios.
+
+    Each tensor's header share is the canonical JSON of its entry plus the comma that separates it. The shared
+    overhead is the preamble plus the rest of the header (config, metadata, top-level keys). For a file written
+    by this module (canonical header), ``shared.total + sum(t.total)`` equals the file size exactly.
+
+    Args:
+        header: a header as returned by :func:`read_header`.
+
+    Returns:
+        ``{"tensors": {name: {"kind": "quantized", "indices": b, "codebook": b, "header": b, "total": b} or
+        {"kind": "raw", "data": b, "header": b, "total": b}}, "shared": {"preamble": 52, "header": b, "total": b},
+        "file": b}``.
+    """
+    if not isinstance(header, dict):
+        raise _bad("section_sizes needs a header dict")
+    parsed = _guarded(_validate_header, header, DEFAULT_MAX_ELEMENTS)
+    header_length = _guarded(lambda: len(_canonical_json(header)))
+    tensors: dict[str, dict[str, Any]] = {}
+    attributed = 0
+    for entries in (parsed.quantized, parsed.raws):
+        for i, e in enumerate(entries):
+            share = len(_canonical_json(e.raw)) + (1 if i else 0)
+            attributed += share
+            if isinstance(e, _QEntry):
+                sizes = {"kind": "quantized", "indices": e.indices.length, "codebook": e.codebook.length}
+                name = e.fqn
+            else:
+                sizes = {"kind": "raw", "data": e.data.length}
+                name = e.name
+            sizes["header"] = share
+            sizes["total"] = sum(v for k, v in sizes.items() if k != "kind")
+            tensors[name] = sizes
+    shared_header = header_length - attributed
+    return {
+        "tensors": tensors,
+        "shared": {"preamble": PREAMBLE_SIZE, "header": shared_header, "total": PREAMBLE_SIZE + shared_header},
+        "file": PREAMBLE_SIZE + header_length + parsed.payload_length,
+    }

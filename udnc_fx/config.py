@@ -1,0 +1,232 @@
+"""Typed, validated, JSON-round-trippable configuration for :func:`udnc_fx.compress`."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = ["CompressConfig", "LayerConfig", "DEFAULT_LAYER_TYPES", "CONFIG_VERSION"]
+
+CONFIG_VERSION = 1
+DEFAULT_LAYER_TYPES = (
+    "Conv1d",
+    "Conv2d",
+    "Conv3d",
+    "ConvTranspose1d",
+    "ConvTranspose2d",
+    "ConvTranspose3d",
+    "Linear",
+)
+_SELECTABLE_TYPES = DEFAULT_LAYER_TYPES + ("Embedding",)
+_STEP_FIELDS = ("step", "relative_step", "target_bits")
+
+
+def _check_positive(name: str, value: float | None) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def _check_lattice(lattice: str | None, n: int | None) -> None:
+    if lattice is None:
+        return
+    from .lattice import get_lattice  # validates name and dimension, raising ConfigError
+
+    get_lattice(lattice, n)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayerConfig:
+    """Per-layer override: any field left ``None`` inherits from :class:`CompressConfig`.
+
+    Give at most one of ``step`` (absolute Δ) and ``relative_step`` (Δ = relative_step · std(W)). A layer with an
+    explicit step keeps it when a global ``target_bits`` is solved for.
+    """
+
+    lattice: str | None = None
+    n: int | None = None
+    step: float | None = None
+    relative_step: float | None = None
+
+    def __post_init__(self):
+        _check_positive("step", self.step)
+        _check_positive("relative_step", self.relative_step)
+        if self.step is not None and self.relative_step is not None:
+            raise ConfigError("give at most one of step and relative_step in a LayerConfig")
+        if self.n is not None and (isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1):
+            raise ConfigError(f"n must be a positive integer, got {self.n!r}")
+        if self.lattice is not None:
+            _check_lattice(self.lattice, self.n)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def _override_key(key: Any) -> str:
+    """Normalise an override key: a module class -> ``"type:Name"``; strings are kept."""
+    if isinstance(key, type):
+        return f"type:{key.__name__}"
+    if not isinstance(key, str) or not key:
+        raise ConfigError(f"override keys are module types, 'type:Name', 're:pattern' or exact fqns; got {key!r}")
+    if key.startswith("re:"):
+        try:
+            re.compile(key[3:])
+        except re.error as exc:
+            raise ConfigError(f"override pattern {key!r} is not a valid regular expression: {exc}") from None
+    return key
+
+
+@dataclass(frozen=True, kw_only=True)
+class CompressConfig:
+    """How :func:`udnc_fx.compress` quantizes a model.
+
+    Attributes:
+        lattice: ``"Z"`` (the paper's hypercube lattice, scalar when ``n == 1``), ``"A2"``, ``"D4"`` or ``"E8"``.
+        n: lattice dimension; defaults to the lattice's own (1 for ``"Z"``).
+        seed: user seed (uint64); each tensor's dither key is derived from it and the tensor's fqn.
+        step: absolute quantizer step Δ for every layer.
+        relative_step: Δ = relative_step · std(W) per layer.
+        target_bits: average entropy in bits per weight over the selected weights; the pass solves for one
+            relative step shared by all layers. The default when no step field is given (3.0).
+        dithered: subtractive dither on (the paper's randomized quantizer); off gives deterministic rounding.
+        layer_types: module class names whose ``weight`` is selected.
+        include_embeddings: also select ``nn.Embedding`` weights.
+        min_numel: skip (with a recorded reason) weights with fewer elements.
+        overrides: ``{key: LayerConfig | None}`` with keys a module type (or ``"type:Name"``), ``"re:pattern"``
+            (``re.fullmatch`` on the module fqn) or an exact module fqn. Precedence: exact fqn > pattern > type;
+            among patterns the first listed wins. ``None`` leaves the layer float.
+        filter_fn: ``filter_fn(module, fqn) -> bool``; layers for which it returns False are skipped. Not
+            serialisable: ``to_dict`` records only that one was used.
+        leaf_modules: module types (or class names) the tracer keeps as leaves.
+        fallback: ``"error"`` (an untraceable model raises ``UnsupportedModelError``) or ``"module_swap"``
+            (quantize the same layers without a graph).
+        strict: turn every skip into a ``PassError``.
+    """
+
+    version: int = CONFIG_VERSION
+    lattice: str = "Z"
+    n: int | None = None
+    seed: int = 0
+    step: float | None = None
+    relative_step: float | None = None
+    target_bits: float | None = None
+    dithered: bool = True
+    layer_types: tuple[str, ...] = DEFAULT_LAYER_TYPES
+    include_embeddings: bool = False
+    min_numel: int = 1
+    overrides: Mapping[Any, LayerConfig | None] = field(default_factory=dict)
+    filter_fn: Callable[[Any, str], bool] | None = None
+    leaf_modules: tuple[Any, ...] = ()
+    fallback: str = "error"
+    strict: bool = False
+
+    DEFAULT_TARGET_BITS = 3.0
+
+    def __post_init__(self):
+        if self.version != CONFIG_VERSION:
+            raise ConfigError(f"config version {self.version!r} is not supported (this is {CONFIG_VERSION})")
+        if not isinstance(self.lattice, str):
+            raise ConfigError(f"lattice must be a name such as 'Z' or 'E8', got {self.lattice!r}")
+        _check_lattice(self.lattice, self.n)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**64:
+            raise ConfigError(f"seed must be an integer in [0, 2**64), got {self.seed!r}")
+        given = [name for name in _STEP_FIELDS if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise ConfigError(f"give at most one of step, relative_step, target_bits; got {', '.join(given)}")
+        for name in _STEP_FIELDS:
+            _check_positive(name, getattr(self, name))
+        if self.target_bits is not None and self.target_bits > 32:
+            raise ConfigError(f"target_bits={self.target_bits} cannot be met: a float32 weight costs 32 bits")
+        bad_types = [t for t in self.layer_types if t not in _SELECTABLE_TYPES]
+        if isinstance(self.layer_types, str) or bad_types:
+            raise ConfigError(
+                f"layer_types must be a tuple of {', '.join(_SELECTABLE_TYPES)}; unknown: {bad_types or self.layer_types}"
+            )
+        if isinstance(self.min_numel, bool) or not isinstance(self.min_numel, int) or self.min_numel < 1:
+            raise ConfigError(f"min_numel must be an integer >= 1, got {self.min_numel!r}")
+        if self.fallback not in ("error", "module_swap"):
+            raise ConfigError(f"fallback must be 'error' or 'module_swap', got {self.fallback!r}")
+        if self.filter_fn is not None and not callable(self.filter_fn):
+            raise ConfigError("filter_fn must be callable as filter_fn(module, fqn) -> bool")
+        normalised = {}
+        for key, value in dict(self.overrides).items():
+            if value is not None and not isinstance(value, LayerConfig):
+                raise ConfigError(f"override for {key!r} must be a LayerConfig or None, got {type(value).__name__}")
+            normalised[_override_key(key)] = value
+        object.__setattr__(self, "overrides", normalised)
+        object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        object.__setattr__(self, "leaf_modules", tuple(self.leaf_modules))
+
+    @property
+    def step_mode(self) -> str:
+        """``"step"``, ``"relative_step"`` or ``"target_bits"`` (the default)."""
+        for name in _STEP_FIELDS:
+            if getattr(self, name) is not None:
+                return name
+        return "target_bits"
+
+    @property
+    def effective_target_bits(self) -> float | None:
+        if self.step_mode != "target_bits":
+            return None
+        return self.target_bits if self.target_bits is not None else self.DEFAULT_TARGET_BITS
+
+    def replace(self, **changes) -> CompressConfig:
+        return dataclasses.replace(self, **changes)
+
+    def layer_override(self, fqn: str, module: Any) -> tuple[bool, LayerConfig | None, str | None]:
+        """Find the override for a module: ``(found, value, key)`` with precedence exact > pattern > type."""
+        if fqn in self.overrides:
+            return True, self.overrides[fqn], fqn
+        for key, value in self.overrides.items():
+            if key.startswith("re:") and re.fullmatch(key[3:], fqn):
+                return True, value, key
+        for klass in type(module).__mro__:
+            key = f"type:{klass.__name__}"
+            if key in self.overrides:
+                return True, self.overrides[key], key
+        return False, None, None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict; ``filter_fn`` and leaf module classes are recorded by name only."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "overrides":
+                value = {k: (None if v is None else v.to_dict()) for k, v in value.items()}
+            elif f.name == "filter_fn":
+                value = None if value is None else getattr(value, "__qualname__", "<callable>")
+            elif f.name == "leaf_modules":
+                value = [v if isinstance(v, str) else v.__name__ for v in value]
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CompressConfig:
+        """Inverse of :meth:`to_dict` (a recorded ``filter_fn`` cannot be restored and is dropped)."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"a config must be a mapping, got {type(data).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ConfigError(f"unknown config keys: {sorted(unknown)}")
+        kwargs = dict(data)
+        kwargs.pop("filter_fn", None)
+        if "overrides" in kwargs:
+            raw = kwargs["overrides"]
+            if not isinstance(raw, Mapping):
+                raise ConfigError("overrides must be a mapping")
+            kwargs["overrides"] = {k: (None if v is None else LayerConfig(**v)) for k, v in raw.items()}
+        for name in ("layer_types", "leaf_modules"):
+            if name in kwargs:
+                kwargs[name] = tuple(kwargs[name])
+        return cls(**kwargs)

@@ -1,0 +1,143 @@
+"""The dither generator: a stateless, counter-based integer hash (a format-level contract).
+
+Encoder and decoder share the dither through a key, so a compressed model stores a key, never the dither. The
+stream must be reproduced bit for bit by NumPy, PyTorch and an ONNX graph run by onnxruntime, on any machine, so it
+uses only 32-bit unsigned Add/Mul (wrapping), BitShift and BitwiseXor: operations all three have. Element ``i`` of
+the stream with key ``k`` depends on ``(k, i)`` alone, so any slice can be regenerated independently.
+
+Definition (generator id ``udnc-hash32-v1``; all arithmetic modulo 2**32)::
+
+    fmix32(h):  h ^= h >> 16;  h *= 0x85EBCA6B;  h ^= h >> 13;  h *= 0xC2B2AE35;  h ^= h >> 16
+    k0, k1 = key & 0xFFFFFFFF, key >> 32                  # key is a uint64
+    a = fmix32(k0 ^ 0x9E3779B9)                           # whitened key words: neighbouring keys
+    b = fmix32(k1 ^ 0x7F4A7C15 ^ a)                       #   give unrelated streams
+    h_i = fmix32(fmix32(i ^ a) ^ b)                       # i = 0, 1, ... (uint32 counter)
+    r_i = (h_i >> 8) * 2**-24                             # in [0, 1), exact in float32 and float64
+
+``fmix32`` is MurmurHash3's finaliser (full avalanche); applying it twice with two key words removes the
+structure a single keyed permutation leaves between neighbouring counters and keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from .errors import ConfigError
+
+__all__ = [
+    "DITHER_ID",
+    "MAX_COUNT",
+    "tensor_key",
+    "key_words",
+    "hash_stream_np",
+    "uniform_np",
+    "uniform_torch",
+]
+
+DITHER_ID = "udnc-hash32-v1"
+MAX_COUNT = 2**32  # the counter is 32 bits: a tensor's dither may have at most 2**32 elements
+_M32 = 0xFFFFFFFF
+_C1, _C2 = 0x85EBCA6B, 0xC2B2AE35
+_KA, _KB = 0x9E3779B9, 0x7F4A7C15
+
+
+def tensor_key(seed: int, fqn: str) -> int:
+    """Derive the per-tensor uint64 key from the user's seed and the tensor's fully qualified name.
+
+    ``blake2b(b"udnc-key-v1\\0" + seed as 8 little-endian bytes + fqn as UTF-8, digest_size=8)`` read as a
+    little-endian uint64. Two tensors (different fqns) never share a stream, and nearby seeds give unrelated keys.
+
+    Raises:
+        ConfigError: if ``seed`` is not an integer in ``[0, 2**64)``.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2**64:
+        raise ConfigError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+    digest = hashlib.blake2b(
+        b"udnc-key-v1\0" + int(seed).to_bytes(8, "little") + fqn.encode("utf-8"), digest_size=8
+    ).digest()
+    return int.from_bytes(digest, "little")
+
+
+def _fmix32_int(h: int) -> int:
+    h ^= h >> 16
+    h = (h * _C1) & _M32
+    h ^= h >> 13
+    h = (h * _C2) & _M32
+    h ^= h >> 16
+    return h
+
+
+def key_words(key: int) -> tuple[int, int]:
+    """The whitened key words ``(a, b)`` of the definition (Python ints < 2**32)."""
+    if not 0 <= int(key) < 2**64:
+        raise ConfigError(f"dither key must be a uint64, got {key!r}")
+    key = int(key)
+    a = _fmix32_int((key & _M32) ^ _KA)
+    b = _fmix32_int((key >> 32) ^ _KB ^ a)
+    return a, b
+
+
+def _check_range(start: int, count: int) -> None:
+    if count < 0 or start < 0 or start + count > MAX_COUNT:
+        raise ConfigError(f"dither range [{start}, {start + count}) is outside the 32-bit counter space")
+
+
+def _fmix32_np(h: np.ndarray) -> np.ndarray:
+    # uint32 array arithmetic wraps modulo 2**32 (what the definition asks); in-place to spare memory.
+    h ^= h >> np.uint32(16)
+    h *= np.uint32(_C1)
+    h ^= h >> np.uint32(13)
+    h *= np.uint32(_C2)
+    h ^= h >> np.uint32(16)
+    return h
+
+
+def hash_stream_np(key: int, count: int, start: int = 0) -> np.ndarray:
+    """Hash values ``h_i`` for ``i`` in ``[start, start + count)`` as a uint32 array."""
+    _check_range(start, count)
+    a, b = key_words(key)
+    h = np.arange(start, start + count, dtype=np.uint64).astype(np.uint32)
+    h ^= np.uint32(a)
+    h = _fmix32_np(h)
+    h ^= np.uint32(b)
+    return _fmix32_np(h)
+
+
+def uniform_np(key: int, count: int, start: int = 0, dtype=np.float64) -> np.ndarray:
+    """Uniform floats ``r_i`` in ``[0, 1)`` (top 24 bits of the hash, exact in float32 and float64)."""
+    h = hash_stream_np(key, count, start)
+    return (h >> np.uint32(8)).astype(dtype) * dtype(2.0**-24)
+
+
+def _mul32_torch(x, c: int):
+    # x holds uint32 values in int64. x * c can exceed int64, so multiply by c's 16-bit halves: each partial
+    # product stays below 2**48, and the high half only matters modulo 2**16 once shifted.
+    lo, hi = c & 0xFFFF, c >> 16
+    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _M32
+
+
+def _fmix32_torch(h):
+    h = h ^ (h >> 16)
+    h = _mul32_torch(h, _C1)
+    h = h ^ (h >> 13)
+    h = _mul32_torch(h, _C2)
+    return h ^ (h >> 16)
+
+
+def uniform_torch(key: int, count: int, start: int = 0, *, device=None, dtype=None):
+    """PyTorch twin of :func:`uniform_np`, bit-exact with it, computed on ``device``.
+
+    ``torch.uint32`` lacks shift kernels, so the hash runs on int64 holding 32-bit values, masked after each
+    multiplication.
+    """
+    import torch
+
+    _check_range(start, count)
+    a, b = key_words(key)
+    dtype = dtype or torch.float64
+    h = torch.arange(start, start + count, dtype=torch.int64, device=device)
+    h = _fmix32_torch(h ^ a)
+    h = _fmix32_torch(h ^ b)
+    return (h >> 8).to(dtype) * (2.0**-24)

@@ -1,0 +1,143 @@
+"""``DitheredLatticeParam``: a weight served from lattice codeword indices, a codebook and a dither key."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import dither as _dither
+from .errors import ConfigError
+from .lattice import get_lattice
+
+__all__ = ["DitheredLatticeParam", "compute_dither", "index_dtype_for"]
+
+
+def index_dtype_for(num_codewords: int) -> torch.dtype:
+    """The smallest signed-safe integer dtype torch can gather with that holds ``num_codewords - 1``."""
+    if num_codewords <= 256:
+        return torch.uint8
+    if num_codewords <= 2**15:
+        return torch.int16
+    if num_codewords <= 2**31:
+        return torch.int32
+    raise ConfigError(f"{num_codewords} codewords do not fit an int32 index")
+
+
+def compute_dither(key: int, num_vectors: int, lattice: str, n: int, step: float) -> np.ndarray:
+    """The dither ``Δ·u`` (float32, ``num_vectors × n``) exactly as every decoder computes it.
+
+    ``r`` from the hash stream, ``u_raw = lattice.dither_raw(r)`` in float64 (exact), scaled by the float64
+    product ``lattice.scale * step`` and rounded once to float32. ``step == 0`` is never stored.
+    """
+    lat = get_lattice(lattice, n)
+    r = _dither.uniform_np(key, num_vectors * n).reshape(num_vectors, n)
+    factor = float(lat.scale) * float(step)
+    return (lat.dither_raw(r) * factor).astype(np.float32)
+
+
+class DitheredLatticeParam(nn.Module):
+    """A weight tensor decoded as ``(C[k] − Δ·U).flatten()[:numel].view(shape)``.
+
+    Holds the codeword ``indices`` (persistent buffer, the smallest integer dtype that fits), the ``codebook``
+    (an ``nn.Parameter`` of shape K × n, trainable) and the dither ``key``; the dither ``Δ·U`` is regenerated from
+    the key on first use and cached in a non-persistent buffer (it never enters the ``state_dict``).
+
+    If ``zero_index`` is set, vectors coded with that index decode to exactly 0 (no dither): pruned weights.
+
+    Args:
+        indices: integer tensor ``(ceil(numel / n),)`` with values in ``[0, K)``.
+        codebook: float32 ``(K, n)``.
+        shape: the decoded weight's shape.
+        lattice, n, step: the quantizer (``step`` is Δ; codewords start as Δ·lattice points).
+        key: the uint64 dither key (see :func:`udnc_fx.dither.tensor_key`); ``None`` means no dither.
+        zero_index: optional index that decodes to exact zeros.
+    """
+
+    def __init__(
+        self,
+        indices: torch.Tensor,
+        codebook: torch.Tensor,
+        *,
+        shape: tuple[int, ...],
+        lattice: str,
+        n: int,
+        step: float,
+        key: int | None,
+        zero_index: int | None = None,
+    ):
+        super().__init__()
+        get_lattice(lattice, n)
+        numel = math.prod(shape)
+        if codebook.ndim != 2 or codebook.shape[1] != n:
+            raise ConfigError(f"codebook must be K x {n}, got {tuple(codebook.shape)}")
+        if indices.ndim != 1 or indices.numel() != -(-numel // n):
+            raise ConfigError(f"indices must be a vector of ceil({numel}/{n}) entries, got {tuple(indices.shape)}")
+        if zero_index is not None and not 0 <= zero_index < codebook.shape[0]:
+            raise ConfigError(f"zero_index {zero_index} outside the codebook of {codebook.shape[0]} codewords")
+        self.shape = tuple(int(s) for s in shape)
+        self.lattice = lattice
+        self.n = int(n)
+        self.step = float(step)
+        self.key = None if key is None else int(key)
+        self.zero_index = None if zero_index is None else int(zero_index)
+        self.register_buffer("indices", indices.to(index_dtype_for(codebook.shape[0])))
+        self.codebook = nn.Parameter(codebook.detach().to(torch.float32).clone())
+        self.register_buffer("_dither_cache", None, persistent=False)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def num_codewords(self) -> int:
+        return int(self.codebook.shape[0])
+
+    @property
+    def dithered(self) -> bool:
+        return self.key is not None
+
+    def dither(self) -> torch.Tensor:
+        """``Δ·U`` as float32 ``(num_vectors × n)`` on the codebook's device, computed once and cached."""
+        cache = self._dither_cache
+        device = self.codebook.device
+        if cache is None or cache.device != device:
+            if self.key is None:
+                cache = torch.zeros(self.indices.numel(), self.n, dtype=torch.float32, device=device)
+            else:
+                arr = compute_dither(self.key, self.indices.numel(), self.lattice, self.n, self.step)
+                cache = torch.from_numpy(arr).to(device)
+            self._dither_cache = cache
+        return cache
+
+    def forward(self) -> torch.Tensor:
+        idx = self.indices.long()
+        vectors = self.codebook[idx] - self.dither()
+        if self.zero_index is not None:
+            vectors = torch.where((idx == self.zero_index).unsqueeze(1), torch.zeros_like(vectors), vectors)
+        return vectors.reshape(-1)[: self.numel].view(self.shape)
+
+    @torch.no_grad()
+    def materialize(self) -> torch.Tensor:
+        """The decoded weight as a plain float tensor (detached), equal to ``forward()`` bit for bit."""
+        return self.forward().detach().clone()
+
+    def codeword_counts(self) -> torch.Tensor:
+        """How many vectors use each codeword (int64, length K)."""
+        return torch.bincount(self.indices.long(), minlength=self.num_codewords)
+
+    def entropy_bits(self) -> float:
+        """Empirical order-0 entropy of the index stream in bits per weight (per scalar, not per vector)."""
+        counts = self.codeword_counts().double()
+        p = counts[counts > 0] / counts.sum()
+        return float(-(p * p.log2()).sum()) / self.n if p.numel() else 0.0
+
+    def extra_repr(self) -> str:
+        key = "none" if self.key is None else f"0x{self.key:016x}"
+        return (
+            f"shape={self.shape}, lattice={self.lattice}{'' if self.lattice != 'Z' else self.n}, n={self.n}, "
+            f"step={self.step:.4g}, K={self.num_codewords}, indices={str(self.indices.dtype).replace('torch.', '')}, "
+            f"key={key}" + ("" if self.zero_index is None else f", zero_index={self.zero_index}")
+        )

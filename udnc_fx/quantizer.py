@@ -1,0 +1,152 @@
+"""The randomized lattice quantizer on NumPy arrays (the encoder core; no torch).
+
+``v`` (a flattened weight, zero-padded to a multiple of ``n``) is cut into vectors, the dither ``u`` is added,
+``y = Q(v + u)`` is found on the lattice scaled by Δ, and the distinct lattice points used become the codebook
+(most frequent first). Decoding is ``codebook[k] − u``; with ``dithered=False`` the dither is zero (plain rounding).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import dither as _dither
+from .errors import ConfigError
+from .lattice import Lattice, get_lattice
+
+__all__ = ["QuantizedArray", "quantize_array", "raw_dither", "entropy_bits_per_weight", "vectors_of"]
+
+
+@dataclass
+class QuantizedArray:
+    """The result of quantizing one tensor."""
+
+    indices: np.ndarray  # int64 (num_vectors,), values in [0, K)
+    codebook: np.ndarray  # float32 (K, n): Δ·scale·(raw lattice point), rounded once
+    codebook_int: np.ndarray  # int64 (K, n): the lattice points' integer coordinates
+    counts: np.ndarray  # int64 (K,)
+    dither: np.ndarray  # float32 (num_vectors, n): Δ·u, exactly what decoders subtract
+    step: float
+    zero_index: int | None  # index of the lattice point 0, if used and exact zeros were asked for
+
+    def decode(self, numel: int) -> np.ndarray:
+        """Decoded flat weight (float32) as every decoder computes it."""
+        vectors = self.codebook[self.indices] - self.dither
+        if self.zero_index is not None:
+            vectors[self.indices == self.zero_index] = 0.0
+        return vectors.reshape(-1)[:numel]
+
+    def entropy_bits(self) -> float:
+        """Empirical order-0 entropy of the indices in bits per weight (per scalar)."""
+        return _entropy_from_counts(self.counts) / self.codebook.shape[1]
+
+
+def vectors_of(values: np.ndarray, n: int) -> np.ndarray:
+    """Flatten to float64, zero-pad to a multiple of ``n`` and view as ``(num_vectors, n)``."""
+    flat = np.asarray(values, dtype=np.float64).reshape(-1)
+    pad = (-flat.size) % n
+    if pad:
+        flat = np.concatenate([flat, np.zeros(pad)])
+    return flat.reshape(-1, n)
+
+
+def raw_dither(key: int | None, num_vectors: int, lat: Lattice) -> np.ndarray:
+    """The Voronoi dither in raw lattice coordinates (float64, exact); zeros when ``key`` is None."""
+    if key is None:
+        return np.zeros((num_vectors, lat.dim))
+    r = _dither.uniform_np(key, num_vectors * lat.dim).reshape(num_vectors, lat.dim)
+    return lat.dither_raw(r)
+
+
+def _entropy_from_counts(counts: np.ndarray) -> float:
+    counts = np.asarray(counts, dtype=np.float64)
+    counts = counts[counts > 0]
+    if counts.size == 0:
+        return 0.0
+    p = counts / counts.sum()
+    return float(-(p * np.log2(p)).sum())
+
+
+def _row_keys(points: np.ndarray) -> np.ndarray:
+    """One sortable 1-D key per integer row (a void view of the little-endian bytes)."""
+    points = np.ascontiguousarray(points.astype("<i8"))
+    return points.view(np.dtype((np.void, 8 * points.shape[1]))).reshape(-1)
+
+
+def _lattice_points(v: np.ndarray, dither32: np.ndarray, lat: Lattice, factor: float) -> np.ndarray:
+    # Nearest point of the scaled lattice (factor = scale·Δ) to v + u, in raw coordinates.
+    return lat.nearest_raw((v + dither32.astype(np.float64)) / factor)
+
+
+def entropy_bits_per_weight(
+    v: np.ndarray, lat: Lattice, step: float, u_raw: np.ndarray
+) -> float:
+    """Order-0 entropy (bits per weight) of the indices ``v`` would get at ``step`` (``v``: num_vectors × n)."""
+    factor = float(lat.scale) * float(step)
+    dither32 = (u_raw * factor).astype(np.float32)
+    points = lat.to_int(_lattice_points(v, dither32, lat, factor))
+    _, counts = np.unique(_row_keys(points), return_counts=True)
+    return _entropy_from_counts(counts) / lat.dim
+
+
+def quantize_array(
+    values: np.ndarray,
+    *,
+    lattice: str,
+    n: int,
+    step: float,
+    key: int | None,
+    exact_zero: bool = False,
+    u_raw: np.ndarray | None = None,
+) -> QuantizedArray:
+    """Quantize ``values`` with the randomized lattice quantizer.
+
+    Args:
+        values: any-shaped float array (finite).
+        lattice, n: the lattice (see :func:`udnc_fx.lattice.get_lattice`).
+        step: Δ > 0.
+        key: the dither key (``None``: no dither, deterministic rounding).
+        exact_zero: make the lattice point 0 decode to exactly 0 (pruned weights stay 0).
+        u_raw: precomputed :func:`raw_dither` (speeds up repeated calls).
+
+    Raises:
+        ConfigError: non-finite values or step, or an unknown lattice.
+    """
+    lat = get_lattice(lattice, n)
+    if not (isinstance(step, (int, float, np.floating)) and math.isfinite(step) and step > 0):
+        raise ConfigError(f"step must be a finite number > 0, got {step!r}")
+    v = vectors_of(values, lat.dim)
+    if not np.isfinite(v).all():
+        raise ConfigError("cannot quantize NaN or Inf values")
+    if u_raw is None:
+        u_raw = raw_dither(key, v.shape[0], lat)
+    factor = float(lat.scale) * float(step)
+    dither32 = (u_raw * factor).astype(np.float32)
+    raw = _lattice_points(v, dither32, lat, factor)
+    points = lat.to_int(raw)
+    keys = _row_keys(points)
+    uniq, first, inverse, counts = np.unique(keys, return_index=True, return_inverse=True, return_counts=True)
+    uniq_points = points[first]
+    # Most frequent codeword first (helps byte-oriented coders); ties broken by the integer coordinates.
+    order = np.lexsort(tuple(uniq_points[:, j] for j in range(lat.dim - 1, -1, -1)) + (-counts,))
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)
+    indices = rank[inverse.reshape(-1)].astype(np.int64)
+    codebook_int = uniq_points[order]
+    codebook = (lat.from_int(codebook_int) * factor).astype(np.float32)
+    zero_index = None
+    if exact_zero:
+        hits = np.flatnonzero(~codebook_int.any(axis=1))
+        if hits.size:
+            zero_index = int(hits[0])
+    return QuantizedArray(
+        indices=indices,
+        codebook=codebook,
+        codebook_int=codebook_int,
+        counts=counts[order].astype(np.int64),
+        dither=dither32,
+        step=float(step),
+        zero_index=zero_index,
+    )
