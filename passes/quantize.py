@@ -267,7 +267,7 @@ def make_params(candidates: list[Candidate], config: CompressConfig) -> list[Dit
             p[0].extra["relative_step"] = s
     dlps = []
     for cand, w, std, lat, v, key in prepared:
-        q = quantize_array(w, lattice=lat.name, n=lat.dim, step=cand.step, key=key)
+        q = quantize_array(w, lattice=lat.name, n=lat.dim, step=cand.step, key=key, exact_zero=config.exact_zero)
         decoded = q.decode(w.size).astype(np.float64)
         err = float(((decoded - w.reshape(-1)) ** 2).sum())
         sig = float((w**2).sum())
@@ -279,6 +279,7 @@ def make_params(candidates: list[Candidate], config: CompressConfig) -> list[Dit
             n=lat.dim,
             step=cand.step,
             key=key,
+            zero_index=q.zero_index,
         ).to(cand.param.device)
         dlp.fqn = cand.fqn
         # Integer lattice coordinates of the initial codewords: the container stores these instead of floats while

@@ -96,6 +96,8 @@ class CompressConfig:
         target_bits: average entropy in bits per weight over the selected weights; the pass solves for one
             relative step shared by all layers. The default when no step field is given (3.0).
         dithered: subtractive dither on (the paper's randomized quantizer); off gives deterministic rounding.
+        exact_zero: vectors quantized to the lattice point 0 decode to exactly 0 (no dither): pruned weights stay
+            0 and cost one symbol. Turn on after pruning.
         layer_types: module class names whose ``weight`` is selected.
         include_embeddings: also select ``nn.Embedding`` weights.
         min_numel: skip (with a recorded reason) weights with fewer elements.
@@ -118,6 +120,7 @@ class CompressConfig:
     relative_step: float | None = None
     target_bits: float | None = None
     dithered: bool = True
+    exact_zero: bool = False
     layer_types: tuple[str, ...] = DEFAULT_LAYER_TYPES
     include_embeddings: bool = False
     min_numel: int = 1
