@@ -14,6 +14,7 @@ from .errors import (
     UdncError,
     UnsupportedModelError,
 )
+from .io import load, read_header, save, size_report
 from .param import DitheredLatticeParam
 from .passes.materialize import materialize
 
@@ -23,6 +24,10 @@ __all__ = [
     "compress",
     "inspect",
     "materialize",
+    "save",
+    "load",
+    "read_header",
+    "size_report",
     "CompressConfig",
     "LayerConfig",
     "DitheredLatticeParam",

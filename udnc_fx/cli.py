@@ -1,11 +1,14 @@
-"""The ``udnc`` command line."""
+"""The ``udnc`` command line: ``demo``, ``compress``, ``inspect``."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import json
 import sys
+from pathlib import Path
 
-from .errors import UdncError
+from .errors import ConfigError, UdncError
 
 __all__ = ["main"]
 
@@ -25,6 +28,105 @@ def _demo(args) -> int:
     return 0
 
 
+def _load_factory(spec: str):
+    """``package.module:factory`` -> the float model the factory returns."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ConfigError(f"MODEL must look like 'package.module:factory', got {spec!r}")
+    sys.path.insert(0, str(Path.cwd()))
+    try:
+        module = importlib.import_module(module_name)
+        factory = getattr(module, attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"cannot import {spec!r}: {exc}") from None
+    finally:
+        sys.path.pop(0)
+    model = factory()
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError(f"{spec} returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def _load_weights(model, path: str) -> None:
+    """Weights from a ``.safetensors`` file or a state_dict saved by ``torch.save`` (loaded with weights_only)."""
+    import torch
+
+    if path.endswith(".safetensors"):
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise ConfigError("reading .safetensors needs the 'safetensors' package (pip install safetensors)") from None
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict):
+            raise ConfigError(f"{path} does not hold a state_dict")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ConfigError(f"the weights in {path} do not fit the model: {exc}") from None
+
+
+def _compress(args) -> int:
+    from . import CompressConfig, compress, inspect, save, size_report
+
+    model = _load_factory(args.model)
+    if args.weights:
+        _load_weights(model, args.weights)
+    model.eval()
+    if args.config:
+        config = CompressConfig.from_dict(json.loads(Path(args.config).read_text()))
+    else:
+        step_args = {k: v for k, v in (("step", args.step), ("relative_step", args.relative_step), ("target_bits", args.bits)) if v is not None}
+        config = CompressConfig(lattice=args.lattice, n=args.n, seed=args.seed, fallback=args.fallback, **step_args)
+    gm = compress(model, config)
+    print(inspect(gm))
+    size = save(gm, args.out, coder=args.coder, raw_float_dtype=args.raw_dtype)
+    report = size_report(args.out)
+    print(f"\nwrote {args.out}: {size} bytes; whole-file ratio {report['file_ratio']:.2f}x, "
+          f"compressed weights only {report['weights_ratio']:.2f}x")
+    return 0
+
+
+def _inspect(args) -> int:
+    from . import read_header, size_report
+
+    path = args.file
+    if path.endswith(".onnx"):
+        from .export import describe_onnx  # provided by the ONNX export module
+
+        print(describe_onnx(path))
+        return 0
+    header = read_header(path)
+    report = size_report(path)
+    if args.json:
+        print(json.dumps({"header": header, "sizes": report}, indent=2))
+        return 0
+    head = ["tensor", "shape", "lattice", "K", "coder", "bytes", "bits/w", "ratio"]
+    rows = []
+    for r in report["rows"]:
+        if r["kind"] == "quantized":
+            lat = f"{r['lattice']}{r['n']}" if r["lattice"] == "Z" else r["lattice"]
+            rows.append([r["name"], "x".join(map(str, r["shape"])), lat, str(r["codewords"]), str(r["coder"]),
+                         str(r["bytes"]), f"{r['bits_per_weight']:.3f}", f"{r['ratio']:.2f}x"])
+    raw = [r for r in report["rows"] if r["kind"] == "raw"]
+    rows.append(["(raw tensors)", f"{len(raw)} tensors", "", "", "", str(sum(r["bytes"] for r in raw)), "", ""])
+    rows.append(["(preamble + shared header)", "", "", "", "", str(report["shared_bytes"]), "", ""])
+    widths = [max(len(x) for x in col) for col in zip(head, *rows)]
+    print("  ".join(h.ljust(w) for h, w in zip(head, widths)))
+    print("  ".join("-" * w for w in widths))
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+    print(f"\nfile: {report['file_bytes']} bytes")
+    print(f"compressed weights only: {report['weights_float_bytes']} float32 bytes -> {report['weights_bytes']} bytes "
+          f"(indices + codebooks + their header entries) = {report['weights_ratio']:.2f}x")
+    print(f"whole file: {report['all_float_bytes']} float32 bytes of every stored tensor -> {report['file_bytes']} "
+          f"bytes = {report['file_ratio']:.2f}x")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="udnc", description="Universal DNN compression as a torch.fx pass")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -37,6 +139,29 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=int, default=30)
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)
+
+    comp = sub.add_parser("compress", help="compress a model given as package.module:factory")
+    comp.add_argument("model", help="package.module:factory (a function returning the float nn.Module)")
+    comp.add_argument("--out", required=True, help="the .udnc file to write")
+    comp.add_argument("--weights", help="a .safetensors file or a torch.save'd state_dict (loaded weights_only)")
+    comp.add_argument("--config", help="a JSON file with a CompressConfig (overrides the flags below)")
+    comp.add_argument("--lattice", default="Z")
+    comp.add_argument("--n", type=int, default=None)
+    comp.add_argument("--seed", type=int, default=0)
+    steps = comp.add_mutually_exclusive_group()
+    steps.add_argument("--bits", type=float, default=None, help="target entropy in bits/weight (default 3)")
+    steps.add_argument("--step", type=float, default=None, help="absolute step for every layer")
+    steps.add_argument("--relative-step", type=float, default=None, help="step = value x std(W) per layer")
+    comp.add_argument("--fallback", choices=["error", "module_swap"], default="error")
+    comp.add_argument("--coder", default="range-adaptive-v1", help="index coder (see udnc_fx.coding.available_coders)")
+    comp.add_argument("--raw-dtype", choices=["float32", "float16"], default="float32",
+                      help="storage of uncompressed tensors (biases, norms)")
+    comp.set_defaults(func=_compress)
+
+    ins = sub.add_parser("inspect", help="per-tensor sizes of a .udnc file (or the dequantize subgraphs of a .onnx)")
+    ins.add_argument("file")
+    ins.add_argument("--json", action="store_true")
+    ins.set_defaults(func=_inspect)
     return parser
 
 

@@ -1,0 +1,281 @@
+"""Save a compressed model to a ``.udnc`` container and load it back onto a float model of the same architecture."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from .coding.coders import DEFAULT_CODER, get_coder
+from .coding.container import (
+    Container,
+    QuantizedTensor,
+    RawTensor,
+    read_container,
+    read_header,
+    section_sizes,
+    write_container,
+)
+from .config import CompressConfig
+from .dither import DITHER_ID
+from .errors import ConfigError, FormatError, UnsupportedModelError
+from .lattice import get_lattice
+from .param import DitheredLatticeParam
+from .passes.materialize import served_params
+from .passes.quantize import install
+from .passes.select import Candidate, Change, _param_owners
+from .passes.trace import trace_model
+
+__all__ = ["save", "load", "read_header", "size_report"]
+
+_NO_DITHER = "none"
+
+
+def _record(model: nn.Module) -> dict | None:
+    if isinstance(model, fx.GraphModule):
+        return model.meta.get("udnc")
+    return getattr(model, "_udnc_record", None)
+
+
+def _codebook_is_untouched(dlp: DitheredLatticeParam) -> bool:
+    ints = getattr(dlp, "codebook_int", None)
+    if ints is None or ints.shape != tuple(dlp.codebook.shape):
+        return False
+    lat = get_lattice(dlp.lattice, dlp.n)
+    expected = (lat.from_int(ints) * (float(lat.scale) * float(dlp.step))).astype(np.float32)
+    return np.array_equal(expected, dlp.codebook.detach().cpu().numpy())
+
+
+def _dlp_state_names(model: nn.Module) -> set[str]:
+    """State-dict names that belong to the compressed parameters (stored in their own sections)."""
+    names = set()
+    for path, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, DitheredLatticeParam):
+            names.update(f"{path}.{k}" for k in module.state_dict())
+    return names
+
+
+def _raw_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor a decoder needs besides the compressed weights, by state_dict name (tied ones once)."""
+    skip = _dlp_state_names(model)
+    out, seen = {}, set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if name in skip or ".parametrizations." in name:
+            continue  # parametrization originals are emptied placeholders of compressed weights
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        out[name] = tensor.detach()
+    return out
+
+
+def save(model: nn.Module, path: str | Path, *, coder: str = DEFAULT_CODER, raw_float_dtype: str = "float32") -> int:
+    """Write a compressed model (from :func:`udnc_fx.compress`, possibly fine-tuned) to a ``.udnc`` container.
+
+    Index streams are entropy-coded with ``coder``; codebooks untouched by fine-tuning are stored as integer
+    lattice coordinates, fine-tuned ones as float32; every other tensor (biases, normalisation parameters and
+    buffers) raw, as float32 or float16 (``raw_float_dtype``). The write is atomic and deterministic.
+
+    Returns:
+        The file size in bytes.
+    """
+    record = _record(model)
+    dlps = served_params(model)
+    if record is None or not dlps:
+        raise ConfigError("save() needs a model compressed by udnc_fx.compress (no DitheredLatticeParam found)")
+    get_coder(coder)
+    quantized = []
+    for dlp in dlps:
+        untouched = _codebook_is_untouched(dlp)
+        meta = {"aliases": list(dlp.aliases)}
+        sqnr = getattr(dlp, "sqnr_db", None)
+        if sqnr is not None and math.isfinite(sqnr):
+            meta["sqnr_db"] = round(float(sqnr), 4)
+        quantized.append(
+            QuantizedTensor(
+                fqn=dlp.fqn,
+                shape=dlp.shape,
+                lattice=dlp.lattice,
+                n=dlp.n,
+                step=dlp.step,
+                key=0 if dlp.key is None else dlp.key,
+                dither=_NO_DITHER if dlp.key is None else DITHER_ID,
+                indices=dlp.indices.detach().cpu().numpy().astype(np.int64),
+                codebook=dlp.codebook.detach().cpu().numpy().astype(np.float32),
+                codebook_int=dlp.codebook_int if untouched else None,
+                coder=coder,
+                zero_index=dlp.zero_index,
+                meta=meta,
+            )
+        )
+    raw = [RawTensor(name, t.cpu().numpy()) for name, t in _raw_state(model).items()]
+    config = record["config"]
+    container = Container(
+        quantized=quantized,
+        raw=raw,
+        config=config.to_dict(),
+        metadata={"producer": "udnc-fx", "trace": record.get("trace")},
+    )
+    return write_container(Path(path), container, raw_float_dtype=raw_float_dtype)
+
+
+def _mismatch(message: str) -> FormatError:
+    return FormatError("model_mismatch", message)
+
+
+def _params_from(container: Container) -> list[DitheredLatticeParam]:
+    dlps = []
+    for q in container.quantized:
+        try:
+            lat = get_lattice(q.lattice, q.n)
+        except ConfigError as exc:
+            raise FormatError("bad_value", f"{q.fqn}: {exc}") from None
+        if q.dither not in (DITHER_ID, _NO_DITHER):
+            raise FormatError("unknown_codec", f"{q.fqn}: unknown dither generator {q.dither!r}")
+        if q.codebook is None:
+            codebook = (lat.from_int(q.codebook_int) * (float(lat.scale) * float(q.step))).astype(np.float32)
+        else:
+            codebook = np.asarray(q.codebook, dtype=np.float32)
+        dlp = DitheredLatticeParam(
+            torch.from_numpy(np.asarray(q.indices, dtype=np.int64)),
+            torch.from_numpy(codebook.copy()),
+            shape=tuple(q.shape),
+            lattice=lat.name,
+            n=lat.dim,
+            step=q.step,
+            key=None if q.dither == _NO_DITHER else q.key,
+            zero_index=q.zero_index,
+        )
+        dlp.fqn = q.fqn
+        dlp.aliases = tuple(q.meta.get("aliases", ()))
+        if q.codebook_int is not None:
+            dlp.codebook_int = np.asarray(q.codebook_int, dtype=np.int64)
+        sqnr = q.meta.get("sqnr_db")
+        dlp.sqnr_db = float(sqnr) if isinstance(sqnr, (int, float)) else None
+        dlps.append(dlp)
+    return dlps
+
+
+def load(path: str | Path, model: nn.Module) -> nn.Module:
+    """Rebuild the compressed model saved at ``path`` on ``model`` (an uncompressed model of the same
+    architecture; it is deep-copied, never changed). Decoded weights equal the saved ones bit for bit.
+
+    Raises:
+        FormatError: the file is malformed (any ``kind``), or ``model_mismatch`` when the model's layers, shapes
+            or other tensors do not match the file.
+    """
+    container = read_container(Path(path))
+    try:
+        config = CompressConfig.from_dict(container.config)
+    except (ConfigError, TypeError) as exc:
+        raise FormatError("bad_header", f"the stored config is invalid: {exc}") from None
+    work = copy.deepcopy(model)
+    trace_note = "torch.fx symbolic trace"
+    try:
+        target: nn.Module = trace_model(work, leaf_modules=config.leaf_modules)
+    except UnsupportedModelError as exc:
+        if config.fallback != "module_swap":
+            raise
+        target, trace_note = work, f"module-swap fallback (no graph): {exc}"
+    dlps = _params_from(container)
+    owners = _param_owners(target)
+    params = {}
+    for name, p in target.named_parameters(remove_duplicate=False):
+        params.setdefault(name, p)
+    candidates = []
+    for dlp in dlps:
+        p = params.get(dlp.fqn)
+        if p is None:
+            raise _mismatch(f"the model has no parameter {dlp.fqn!r} (the file compresses it)")
+        if tuple(p.shape) != dlp.shape:
+            raise _mismatch(f"{dlp.fqn}: the model's shape {tuple(p.shape)} differs from the file's {dlp.shape}")
+        tied = owners[id(p)]
+        names = [f"{o}.{a}" if o else a for o, a in tied]
+        if sorted(names[1:] if names[0] == dlp.fqn else names) != sorted(dlp.aliases) or dlp.fqn not in names:
+            raise _mismatch(f"{dlp.fqn}: the model ties it to {names}, the file to {[dlp.fqn, *dlp.aliases]}")
+        first = names.index(dlp.fqn)
+        tied = [tied[first]] + [t for i, t in enumerate(tied) if i != first]
+        candidates.append(
+            Candidate(
+                fqn=dlp.fqn, owners=tied, param=p, lattice=dlp.lattice, n=dlp.n,
+                step_kind="step", step_value=dlp.step, found_by="file", step=dlp.step,
+            )
+        )
+    device = next((t.device for t in target.parameters()), torch.device("cpu"))
+    dlps = [d.to(device) for d in dlps]
+    changes = install(target, candidates, dlps)
+    expected = _raw_state(target)
+    stored = {r.name: r.array for r in container.raw}
+    missing = sorted(set(expected) - set(stored))
+    extra = sorted(set(stored) - set(expected))
+    if missing or extra:
+        raise _mismatch(f"tensors differ: missing from the file {missing[:5]}, not in the model {extra[:5]}")
+    with torch.no_grad():
+        for name, tensor in expected.items():
+            array = stored[name]
+            if tuple(array.shape) != tuple(tensor.shape):
+                raise _mismatch(f"{name}: the model's shape {tuple(tensor.shape)} differs from the file's {array.shape}")
+            tensor.copy_(torch.from_numpy(np.array(array)).to(tensor.dtype))
+    record = {"config": config, "changes": changes + [Change(c, "loaded", f"from {Path(path).name}") for c in ()],
+              "trace": trace_note}
+    if isinstance(target, fx.GraphModule):
+        target.meta["udnc"] = record
+    else:
+        target._udnc_record = record
+    target.train(model.training)
+    return target
+
+
+def size_report(path: str | Path, float_model: nn.Module | None = None) -> dict[str, Any]:
+    """Honest sizes of a ``.udnc`` file: per tensor bytes and bits per weight, and compression ratios.
+
+    ``weights_ratio`` covers only the compressed weights: their float32 bytes over their sections (indices,
+    codebook, header entry). ``file_ratio`` covers every tensor in the file: the float32 bytes of all of them
+    (compressed weights at float32 plus the raw tensors at 4 bytes per element) over the whole file size.
+    """
+    header = read_header(Path(path))
+    sizes = section_sizes(header)
+    rows = []
+    weights_float = weights_bytes = raw_float = 0
+    for entry in header["quantized"]:
+        s = sizes["tensors"][entry["fqn"]]
+        numel = math.prod(entry["shape"])
+        weights_float += 4 * numel
+        weights_bytes += s["total"]
+        rows.append(
+            {
+                "name": entry["fqn"],
+                "kind": "quantized",
+                "shape": entry["shape"],
+                "lattice": entry["lattice"],
+                "n": entry["n"],
+                "codewords": entry["indices"]["alphabet_size"],
+                "coder": entry["indices"]["coder"],
+                "bytes": s["total"],
+                "index_bytes": s["indices"],
+                "codebook_bytes": s["codebook"],
+                "bits_per_weight": 8 * s["total"] / numel,
+                "ratio": 4 * numel / s["total"],
+            }
+        )
+    for entry in header["raw"]:
+        s = sizes["tensors"][entry["name"]]
+        numel = math.prod(entry["shape"])
+        raw_float += 4 * numel
+        rows.append({"name": entry["name"], "kind": "raw", "shape": entry["shape"], "bytes": s["total"]})
+    file_bytes = sizes["file"]
+    return {
+        "rows": rows,
+        "file_bytes": file_bytes,
+        "shared_bytes": sizes["shared"]["total"],
+        "weights_float_bytes": weights_float,
+        "weights_bytes": weights_bytes,
+        "weights_ratio": weights_float / weights_bytes if weights_bytes else None,
+        "all_float_bytes": weights_float + raw_float,
+        "file_ratio": (weights_float + raw_float) / file_bytes,
+    }
