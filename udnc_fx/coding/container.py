@@ -18,7 +18,6 @@ Example:
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import os
@@ -158,6 +157,10 @@ def _get_coder(name: str):
         raise FormatError("unknown_codec", f"coder {name!r}: the coder registry is unavailable ({exc})") from exc
     try:
         coder = get_coder(name)
+    except FormatError as exc:
+        if exc.kind == "unknown_codec":
+            raise
+        raise FormatError("unknown_codec", f"unknown index coder {name!r}") from exc
     except Exception as exc:  # the registry's own error type is its business: to us the codec is unknown
         raise FormatError("unknown_codec", f"unknown index coder {name!r}") from exc
     if coder is None:
@@ -181,6 +184,11 @@ def _check_json_object(value: Any, what: str) -> None:
     """Writer-side: ``value`` must be a JSON object with string keys everywhere, and serialisable."""
     if not isinstance(value, dict):
         raise FormatError("bad_value", f"{what} must be a dict, got {type(value).__name__}")
+    try:  # first, so that a circular structure is refused before the walk below
+        _canonical_json(value)
+    except Exception as exc:  # TypeError, ValueError (NaN, circular), RecursionError
+        raise FormatError("bad_value", f"{what} is not JSON-serialisable: {exc}") from exc
+    # json.dumps turns int keys into strings, which would not round-trip: refuse them.
     stack = [value]
     while stack:
         item = stack.pop()
@@ -191,10 +199,6 @@ def _check_json_object(value: Any, what: str) -> None:
                 stack.append(v)
         elif isinstance(item, (list, tuple)):
             stack.extend(item)
-    try:
-        _canonical_json(value)
-    except Exception as exc:  # TypeError, ValueError (NaN, circular), RecursionError
-        raise FormatError("bad_value", f"{what} is not JSON-serialisable: {exc}") from exc
 
 
 def _prod(dims: list[int] | tuple[int, ...], limit: int) -> int:
@@ -290,13 +294,16 @@ def _encode_quantized(q: QuantizedTensor, codebook_float_dtype: str, max_element
             raise FormatError("bad_value", f"{where}: needs a codebook or codebook_int")
         cb = np.asarray(q.codebook)
         if cb.dtype.kind != "f" or cb.ndim != 2 or cb.shape[1] != n:
-            raise FormatError("bad_value", f"{where}: codebook must be a float (K, {n}) array, got {cb.dtype} {cb.shape}")
+            raise FormatError(
+                "bad_value", f"{where}: codebook must be a float (K, {n}) array, got {cb.dtype} {cb.shape}"
+            )
         cb32 = cb.astype(np.float32)
         if cb.dtype != np.float32 and not np.array_equal(cb32.astype(cb.dtype), cb, equal_nan=True):
             raise FormatError("bad_value", f"{where}: {cb.dtype} codebook is not exactly representable in float32")
         alphabet_size = cb.shape[0]
         encoding = "f16" if codebook_float_dtype == "float16" else "f32"
-        stored = cb32.astype(_CODEBOOK_FLOAT_ENCODINGS[encoding])
+        with np.errstate(over="ignore"):  # overflow is detected just below, with a better message
+            stored = cb32.astype(_CODEBOOK_FLOAT_ENCODINGS[encoding])
         if encoding == "f16" and not np.array_equal(np.isfinite(stored), np.isfinite(cb32)):
             raise FormatError("bad_value", f"{where}: codebook overflows float16")
         codebook_bytes = stored.tobytes()
@@ -307,7 +314,9 @@ def _encode_quantized(q: QuantizedTensor, codebook_float_dtype: str, max_element
     # Indices.
     indices = np.asarray(q.indices)
     if indices.dtype.kind not in "iu" or indices.ndim != 1:
-        raise FormatError("bad_value", f"{where}: indices must be a 1-D integer array, got {indices.dtype} {indices.shape}")
+        raise FormatError(
+            "bad_value", f"{where}: indices must be a 1-D integer array, got {indices.dtype} {indices.shape}"
+        )
     if indices.shape[0] != count:
         raise FormatError(
             "bad_value", f"{where}: {indices.shape[0]} indices for shape {tuple(shape)} and n={n} (need {count})"
@@ -361,7 +370,8 @@ def _encode_raw(r: RawTensor, raw_float_dtype: str) -> tuple[dict, bytes]:
         raise FormatError("unknown_codec", f"{where}: dtype {array.dtype} cannot be stored")
     entry: dict[str, Any] = {"name": r.name, "shape": list(array.shape)}
     if name == "float32" and raw_float_dtype == "float16":
-        stored = array.astype(_RAW_DTYPES["float16"])
+        with np.errstate(over="ignore"):
+            stored = array.astype(_RAW_DTYPES["float16"])
         if not np.array_equal(np.isfinite(stored), np.isfinite(array)):
             raise FormatError("bad_value", f"{where}: values overflow float16 (store it as float32)")
         entry["dtype"] = "float16"
@@ -399,7 +409,9 @@ def encode_container(
     if raw_float_dtype not in ("float32", "float16"):
         raise FormatError("bad_value", f"raw_float_dtype must be 'float32' or 'float16', got {raw_float_dtype!r}")
     if codebook_float_dtype not in ("float32", "float16"):
-        raise FormatError("bad_value", f"codebook_float_dtype must be 'float32' or 'float16', got {codebook_float_dtype!r}")
+        raise FormatError(
+            "bad_value", f"codebook_float_dtype must be 'float32' or 'float16', got {codebook_float_dtype!r}"
+        )
     if not isinstance(container, Container):
         raise FormatError("bad_value", f"expected a Container, got {type(container).__name__}")
     _check_json_object(container.config, "config")
@@ -453,17 +465,29 @@ def encode_container(
     return head + digest + header_bytes + payload
 
 
-def write_container(path_or_file: Any, container: Container, **options: Any) -> int:
+def write_container(
+    path_or_file: Any,
+    container: Container,
+    *,
+    raw_float_dtype: str = "float32",
+    codebook_float_dtype: str = "float32",
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+) -> int:
     """Writes ``container`` to a path (atomically) or to a binary file object.
 
     A path is written through a temporary file in the same directory, flushed to disk and then renamed over the
     target (``os.replace``), so readers see the old file or the new one, never a partial one; on failure the
-    temporary file is removed. Options are those of :func:`encode_container`.
+    temporary file is removed. A file object is written as is. Options are those of :func:`encode_container`.
 
     Returns:
         The number of bytes written.
     """
-    data = encode_container(container, **options)
+    data = encode_container(
+        container,
+        raw_float_dtype=raw_float_dtype,
+        codebook_float_dtype=codebook_float_dtype,
+        max_elements=max_elements,
+    )
     if hasattr(path_or_file, "write") and not isinstance(path_or_file, (str, bytes, os.PathLike)):
         path_or_file.write(data)
         return len(data)
@@ -686,8 +710,11 @@ def _parse_header_json(header_bytes: bytes) -> dict:
     return obj
 
 
-def _validate_header(obj: dict, max_elements: int) -> _Header:
-    """Checks types (``bad_header``), layout (``bad_offsets``) and values (``bad_value``/``unknown_codec``)."""
+def _validate_header(obj: dict, max_elements: int, payload_available: int | None = None) -> _Header:
+    """Checks types (``bad_header``), layout (``bad_offsets``, ``truncated``), values (``bad_value``/``unknown_codec``).
+
+    ``payload_available`` is the number of bytes the file holds after the header (``None``: not checked).
+    """
     payload_length = _get(obj, "payload_length", int, "header")
     if payload_length < 0:
         raise FormatError("bad_offsets", f"negative payload_length {payload_length}")
@@ -712,6 +739,10 @@ def _validate_header(obj: dict, max_elements: int) -> _Header:
             raise FormatError("bad_offsets", f"{s.where} ends at {position}, past the payload ({payload_length})")
     if position != payload_length:
         raise FormatError("bad_offsets", f"the sections end at {position}, the payload at {payload_length}")
+    if payload_available is not None and payload_available < payload_length:
+        raise FormatError("truncated", f"the payload is {payload_length} bytes, the file holds {payload_available}")
+    if payload_available is not None and payload_available > payload_length:
+        raise FormatError("bad_offsets", f"{payload_available - payload_length} trailing bytes after the payload")
 
     # Values.
     names: set[str] = set()
@@ -778,7 +809,8 @@ def _parse_preamble(prefix: bytes, file_size: int) -> int:
     _, major, minor, header_length, _ = _PREAMBLE.unpack(prefix[:PREAMBLE_SIZE])
     if major != FORMAT_VERSION[0]:
         raise FormatError(
-            "unsupported_version", f"format version {major}.{minor}; this reader reads major version {FORMAT_VERSION[0]}"
+            "unsupported_version",
+            f"format version {major}.{minor}; this reader reads major version {FORMAT_VERSION[0]}",
         )
     if not 1 <= header_length <= MAX_HEADER_LENGTH:
         raise _bad(f"header length {header_length} outside [1, {MAX_HEADER_LENGTH}]")
@@ -792,13 +824,9 @@ def _parse_preamble(prefix: bytes, file_size: int) -> int:
 def _read_header_from(prefix: bytes, header_bytes: bytes, file_size: int, max_elements: int) -> _Header:
     if hashlib.sha256(prefix[:_DIGESTED_PREAMBLE] + header_bytes).digest() != prefix[_DIGESTED_PREAMBLE:PREAMBLE_SIZE]:
         raise FormatError("checksum_mismatch", "the header digest does not match (header or preamble damaged)")
-    header = _validate_header(_parse_header_json(header_bytes), max_elements)
-    end = PREAMBLE_SIZE + len(header_bytes) + header.payload_length
-    if file_size < end:
-        raise FormatError("truncated", f"the file is {file_size} bytes; its payload ends at {end}")
-    if file_size > end:
-        raise FormatError("bad_offsets", f"{file_size - end} trailing bytes after the payload")
-    return header
+    return _validate_header(
+        _parse_header_json(header_bytes), max_elements, payload_available=file_size - PREAMBLE_SIZE - len(header_bytes)
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,264 @@
+"""Damaged and hostile .udnc files: only FormatError escapes, and nothing damaged ever decodes silently.
+
+Two kinds of damage. Blind damage (flipped bytes, truncation) must always be detected: every byte of a file is
+covered by the header digest, the payload digest or both. Crafted damage (header or payload altered and every
+checksum recomputed, as an attacker would) reaches the parser, the validator and the index coders: it may decode
+to something else, but must never raise anything but FormatError.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from udnc_fx.coding import container as C
+from udnc_fx.coding.container import (
+    PREAMBLE_SIZE,
+    Container,
+    QuantizedTensor,
+    RawTensor,
+    encode_container,
+    read_container,
+    read_header,
+)
+from udnc_fx.errors import FormatError
+
+KINDS = {
+    "bad_magic", "unsupported_version", "truncated", "bad_header", "bad_offsets", "checksum_mismatch", "bad_value",
+    "unknown_codec",
+}
+FUZZ = settings(
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+
+def fuzz(examples: int) -> settings:
+    return settings(FUZZ, max_examples=examples)
+
+
+try:
+    from udnc_fx.coding.coders import available_coders
+except ImportError:  # pragma: no cover - the coder registry is written alongside the container
+    pytest.skip("udnc_fx.coding.coders is not there yet", allow_module_level=True)
+CODERS = available_coders()
+
+
+def _build(coders: list[str], *, lattice_int: bool, seed: int, **options) -> bytes:
+    rng = np.random.default_rng(seed)
+    pick = lambda i: coders[i % len(coders)]  # noqa: E731
+    laplace = np.clip(np.round(rng.laplace(0, 1.5, 96)), -6, 6).astype(np.int64) + 6
+    quantized = [
+        QuantizedTensor(
+            "conv1.weight", (6, 2, 2, 4), "Z", 1, 0.03125, 99, "udnc-hash32-v1", laplace,
+            (np.arange(-6, 7, dtype=np.float32) * np.float32(0.03125))[:, None],
+            codebook_int=np.arange(-6, 7)[:, None] if lattice_int else None, coder=pick(0), zero_index=6,
+            meta={"sqnr_db": 21.25},
+        ),
+        QuantizedTensor(
+            "fc.weight", (4, 10), "E8", 8, 0.1, 2**63 + 5, "udnc-hash32-v1", rng.integers(0, 4, 5),
+            rng.standard_normal((4, 8)).astype(np.float32),
+            codebook_int=rng.integers(-50, 50, (4, 8)) * 2 if lattice_int else None, coder=pick(1),
+        ),
+        QuantizedTensor(
+            "head.weight", (3, 3), "A2", 2, 0.5, 3, "udnc-hash32-v1", np.array([0, 1, 1, 0, 2]),
+            rng.standard_normal((3, 2)).astype(np.float32),
+            codebook_int=rng.integers(-3, 3, (3, 2)) if lattice_int else None, coder=pick(2),
+        ),
+    ]
+    raw = [
+        RawTensor("conv1.bias", rng.standard_normal(6).astype(np.float32)),
+        RawTensor("bn.num_batches_tracked", np.array(5, np.int64)),
+        RawTensor("mask", rng.random(7) > 0.5),
+    ]
+    container = Container(quantized, raw, {"version": 1, "lattice": "Z"}, {"model": "fuzz", "seed": seed})
+    return encode_container(container, **options)
+
+
+FILES = [
+    _build(["range-adaptive-v1"], lattice_int=False, seed=0),
+    _build(CODERS, lattice_int=True, seed=1, raw_float_dtype="float16"),
+    _build(list(reversed(CODERS)), lattice_int=False, seed=2, codebook_float_dtype="float16"),
+]
+
+
+def fingerprint(c: Container) -> list:
+    """Everything a container holds, in a form == can compare (arrays by dtype, shape and bytes)."""
+
+    def arr(a):
+        return None if a is None else (a.dtype.str, a.shape, a.tobytes())
+
+    out = [json.dumps([c.config, c.metadata], sort_keys=True)]
+    for q in c.quantized:
+        out.append((q.fqn, q.shape, q.lattice, q.n, struct.pack("<d", q.step), q.key, q.dither, q.coder, q.zero_index,
+                    json.dumps(q.meta, sort_keys=True), arr(q.indices), arr(q.codebook), arr(q.codebook_int)))
+    out += [(r.name, arr(r.array)) for r in c.raw]
+    return out
+
+
+REFERENCE = [fingerprint(read_container(f)) for f in FILES]
+
+
+def outcome(data: bytes):
+    """Reads ``data`` fully and header-only; returns the decoded container or the FormatError, nothing else."""
+    for read in (read_header, read_container):
+        try:
+            result = read(data)
+        except FormatError as exc:
+            assert exc.kind in KINDS, exc
+            # container.py turns any stray exception into FormatError("... unexpected ..."): that is a bug here
+            assert "unexpected" not in exc.message, exc
+            return exc
+    return result
+
+
+def check_blind_damage(data: bytes, which: int) -> None:
+    result = outcome(data)
+    if data == FILES[which]:
+        assert not isinstance(result, FormatError)
+        assert fingerprint(result) == REFERENCE[which]
+    else:  # every byte is covered by a digest: damage can never pass silently
+        assert isinstance(result, FormatError), "damaged file decoded without an error"
+
+
+def reassemble(header_bytes: bytes, payload: bytes, prefix: bytes) -> bytes:
+    head = prefix[:12] + struct.pack("<Q", len(header_bytes))
+    return head + hashlib.sha256(head + header_bytes).digest() + header_bytes + payload
+
+
+def parts(data: bytes) -> tuple[bytes, bytes]:
+    header_length = struct.unpack_from("<Q", data, 12)[0]
+    return data[PREAMBLE_SIZE : PREAMBLE_SIZE + header_length], data[PREAMBLE_SIZE + header_length :]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Blind damage: exhaustive on one file, random on all
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_every_truncation_is_detected():
+    for which, data in enumerate(FILES):
+        for cut in range(len(data)):
+            result = outcome(data[:cut])
+            assert isinstance(result, FormatError), cut
+
+
+def test_every_single_byte_flip_is_detected():
+    data = FILES[0]
+    for position in range(len(data)):
+        damaged = bytearray(data)
+        damaged[position] ^= 0xFF
+        assert isinstance(outcome(bytes(damaged)), FormatError), position
+
+
+@st.composite
+def edits_of(draw, length: int, *, min_size: int, max_size: int, replacement=st.integers(0, 255)):
+    """Positions anywhere in ``[0, length)`` (drawn as integers: floats in [0, 1) cluster at 0) and new values."""
+    if length == 0:
+        return []
+    return draw(st.lists(st.tuples(st.integers(0, length - 1), replacement), min_size=min_size, max_size=max_size))
+
+
+@fuzz(1200)
+@given(data=st.data(), which=st.integers(0, len(FILES) - 1))
+def test_random_byte_replacements(data, which):
+    damaged = bytearray(FILES[which])
+    for where, value in data.draw(edits_of(len(damaged), min_size=1, max_size=8)):
+        damaged[where] = value
+    check_blind_damage(bytes(damaged), which)
+
+
+@fuzz(400)
+@given(data=st.data(), which=st.integers(0, len(FILES) - 1), tail=st.binary(max_size=16))
+def test_truncation_with_damage_and_garbage_tails(data, which, tail):
+    damaged = bytearray(FILES[which][: data.draw(st.integers(0, len(FILES[which]) - 1))])
+    for where, value in data.draw(edits_of(len(damaged), min_size=0, max_size=4)):
+        damaged[where] = value
+    check_blind_damage(bytes(damaged) + tail, which)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Crafted damage: checksums recomputed, so the parser, validator and coders see it
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@fuzz(800)
+@given(data=st.data(), which=st.integers(0, len(FILES) - 1))
+def test_crafted_header_bytes(data, which):
+    header, payload = parts(FILES[which])
+    header = bytearray(header)
+    edits = data.draw(edits_of(len(header), min_size=1, max_size=4, replacement=st.binary(max_size=3)))
+    for i, replacement in sorted(edits, reverse=True):  # one byte -> 0..3 bytes: shifts lengths and offsets too
+        header[i : i + 1] = replacement
+    outcome(reassemble(bytes(header), payload, FILES[which]))
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=8) | st.sampled_from(["Z", "E8", "f16", "lattice-int", "float16", "bz2-v1", "0" * 16]),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=6), children, max_size=3),
+    max_leaves=6,
+)
+
+
+def _paths(node, path=()):
+    yield path
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _paths(v, path + (k,))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _paths(v, path + (i,))
+
+
+@fuzz(600)
+@given(data=st.data(), which=st.integers(0, len(FILES) - 1), value=json_values, delete=st.booleans())
+def test_crafted_header_values(data, which, value, delete):
+    header_bytes, payload = parts(FILES[which])
+    header = json.loads(header_bytes)
+    paths = list(_paths(header))[1:]
+    path = paths[data.draw(st.integers(0, len(paths) - 1))]
+    parent = header
+    for step in path[:-1]:
+        parent = parent[step]
+    if delete:
+        del parent[path[-1]]
+    else:
+        parent[path[-1]] = value
+    outcome(reassemble(json.dumps(header).encode(), payload, FILES[which]))
+
+
+@fuzz(600)
+@given(data=st.data(), which=st.integers(0, len(FILES) - 1))
+def test_crafted_payload_bytes(data, which):
+    """Garbage inside sections with every checksum fixed up: the index coders must contain it."""
+    header_bytes, payload = parts(FILES[which])
+    header = json.loads(header_bytes)
+    payload = bytearray(payload)
+    for where, value in data.draw(edits_of(len(payload), min_size=1, max_size=6)):
+        payload[where] = value
+    sections = [s for q in header["quantized"] for s in (q["indices"], q["codebook"])]
+    sections += [r["data"] for r in header["raw"]]
+    for s in sections:
+        s["crc32"] = zlib.crc32(payload[s["offset"] : s["offset"] + s["length"]])
+    header["payload_sha256"] = hashlib.sha256(payload).hexdigest()
+    result = outcome(reassemble(json.dumps(header).encode(), bytes(payload), FILES[which]))
+    if not isinstance(result, FormatError):
+        for q, entry in zip(result.quantized, header["quantized"]):
+            assert q.indices.shape == (entry["indices"]["count"],)
+            assert q.indices.size == 0 or int(q.indices.max()) < entry["indices"]["alphabet_size"]
+
+
+@pytest.mark.parametrize("which", range(len(FILES)))
+def test_pristine_files_decode(which):
+    assert fingerprint(read_container(FILES[which])) == REFERENCE[which]
+    assert len(set(FILES)) == len(FILES)
