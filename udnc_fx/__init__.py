@@ -2,10 +2,16 @@
 
 Randomized (dithered) lattice quantization of Conv/Linear weights (Choi, El-Khamy, Lee, arXiv 1802.02271),
 served by ``DitheredLatticeParam`` modules in a rewritten ``fx.GraphModule``.
+
+The public names are imported lazily, so the NumPy-only parts (``udnc_fx.coding``, ``udnc_fx.dither``,
+``udnc_fx.lattice``) can decode a container on a machine without torch.
 """
 
-from .api import InspectReport, LayerReport, compress, inspect
-from .config import CompressConfig, LayerConfig
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
 from .errors import (
     ConfigError,
     ExportError,
@@ -14,25 +20,26 @@ from .errors import (
     UdncError,
     UnsupportedModelError,
 )
-from .io import load, read_header, save, size_report
-from .param import DitheredLatticeParam
-from .passes.materialize import materialize
 
 __version__ = "0.1.0"
 
+_LAZY = {
+    "compress": "udnc_fx.api",
+    "inspect": "udnc_fx.api",
+    "InspectReport": "udnc_fx.api",
+    "LayerReport": "udnc_fx.api",
+    "CompressConfig": "udnc_fx.config",
+    "LayerConfig": "udnc_fx.config",
+    "DitheredLatticeParam": "udnc_fx.param",
+    "materialize": "udnc_fx.passes.materialize",
+    "save": "udnc_fx.io",
+    "load": "udnc_fx.io",
+    "read_header": "udnc_fx.io",
+    "size_report": "udnc_fx.io",
+}
+
 __all__ = [
-    "compress",
-    "inspect",
-    "materialize",
-    "save",
-    "load",
-    "read_header",
-    "size_report",
-    "CompressConfig",
-    "LayerConfig",
-    "DitheredLatticeParam",
-    "InspectReport",
-    "LayerReport",
+    *_LAZY,
     "UdncError",
     "ConfigError",
     "UnsupportedModelError",
@@ -40,3 +47,23 @@ __all__ = [
     "ExportError",
     "FormatError",
 ]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .api import InspectReport, LayerReport, compress, inspect
+    from .config import CompressConfig, LayerConfig
+    from .io import load, read_header, save, size_report
+    from .param import DitheredLatticeParam
+    from .passes.materialize import materialize
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'udnc_fx' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
