@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..config import CompressConfig, LayerConfig
+from ..errors import ConfigError
 
 __all__ = ["Change", "Candidate", "select_weights", "FUNCTIONAL_WEIGHT_OPS"]
 
@@ -120,6 +121,7 @@ def select_weights(
     owners = _param_owners(model)
     functional = _functional_weights(gm)
     modules = dict(model.named_modules(remove_duplicate=False))
+    _check_exact_override_keys(config, modules)
     candidates: list[Candidate] = []
     changes: list[Change] = []
     seen: set[int] = set()
@@ -151,11 +153,35 @@ def select_weights(
             if not p.dtype.is_floating_point:
                 changes.append(Change(fqn, "skipped", f"dtype {p.dtype} is not floating point"))
                 continue
+            if p.dtype != torch.float32:
+                # DitheredLatticeParam decodes to float32 (codebook and dither are float32 by format); served to a
+                # float64/float16/bfloat16 op it would fail at run time with a dtype mismatch.
+                changes.append(
+                    Change(fqn, "skipped", f"dtype {p.dtype}: only float32 weights are compressed (use model.float())")
+                )
+                continue
             if p.numel() and p.numel() < config.min_numel:
                 changes.append(Change(fqn, "skipped", f"{p.numel()} elements < min_numel={config.min_numel}"))
                 continue
             candidates.append(_resolve(fqn, all_owners, p, config, override, key, "type" if by_type else "functional"))
     return candidates, changes
+
+
+def _check_exact_override_keys(config: CompressConfig, modules: dict[str, nn.Module]) -> None:
+    # An exact key that names no module is a typo (often the parameter's fqn, "fc.weight", for the module's "fc"):
+    # ignoring it would silently quantize a layer the user meant to treat differently. Patterns and types are
+    # generic (one config for many models) and may match nothing.
+    for key in config.overrides:
+        if key.startswith(("re:", "type:")) or key in modules:
+            continue
+        owner, _, attr = key.rpartition(".")
+        hint = ""
+        if owner in modules and attr in modules[owner]._parameters:
+            hint = f"; overrides name modules: did you mean {owner!r}?"
+        raise ConfigError(
+            f"override key {key!r} names no module of the (traced) model{hint} "
+            "(use 're:pattern' to match names that may be absent)"
+        )
 
 
 def _resolve(fqn, owners, p, config: CompressConfig, override: LayerConfig | None, key, found_by) -> Candidate:

@@ -8,6 +8,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import torch
 from torch import fx, nn
 
 from .config import CompressConfig
@@ -69,10 +70,16 @@ def compress(
     out.train(was_training)
     if example_inputs is not None:
         args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+        # A trial run must not change the result: in train mode it would update BatchNorm running statistics
+        # (and num_batches_tracked), so run it in eval mode without autograd, then restore the mode.
         try:
-            out(*args)
+            with torch.no_grad():
+                out.eval()
+                out(*args)
         except Exception as exc:
             raise UnsupportedModelError(f"the compressed model failed on example_inputs: {exc}") from exc
+        finally:
+            out.train(was_training)
     return out
 
 

@@ -83,6 +83,19 @@ def _override_key(key: Any) -> str:
     return key
 
 
+def _layer_config_from_dict(key: str, value: Any) -> LayerConfig | None:
+    # LayerConfig(**value) would raise TypeError on a non-mapping or an unknown key: say which override is bad.
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"override {key!r} must be a mapping of LayerConfig fields or null, got {value!r}")
+    names = {f.name for f in dataclasses.fields(LayerConfig)}
+    unknown = set(value) - names
+    if unknown:
+        raise ConfigError(f"override {key!r} has unknown keys {sorted(unknown)}; known: {sorted(names)}")
+    return LayerConfig(**value)
+
+
 @dataclass(frozen=True, kw_only=True)
 class CompressConfig:
     """How :func:`udnc_fx.compress` quantizes a model.
@@ -147,10 +160,16 @@ class CompressConfig:
             _check_positive(name, getattr(self, name))
         if self.target_bits is not None and self.target_bits > 32:
             raise ConfigError(f"target_bits={self.target_bits} cannot be met: a float32 weight costs 32 bits")
-        bad_types = [t for t in self.layer_types if t not in _SELECTABLE_TYPES]
-        if isinstance(self.layer_types, str) or bad_types:
+        # Sequences are checked before they are iterated, so a wrong kind of value (``layer_types=5``) is a
+        # ConfigError like any other bad value, not a TypeError from deep inside.
+        if not isinstance(self.layer_types, (tuple, list)):
             raise ConfigError(
-                f"layer_types must be a tuple of {', '.join(_SELECTABLE_TYPES)}; unknown: {bad_types or self.layer_types}"
+                f"layer_types must be a tuple of {', '.join(_SELECTABLE_TYPES)}; got {self.layer_types!r}"
+            )
+        bad_types = [t for t in self.layer_types if t not in _SELECTABLE_TYPES]
+        if bad_types:
+            raise ConfigError(
+                f"layer_types must be a tuple of {', '.join(_SELECTABLE_TYPES)}; unknown: {bad_types}"
             )
         if isinstance(self.min_numel, bool) or not isinstance(self.min_numel, int) or self.min_numel < 1:
             raise ConfigError(f"min_numel must be an integer >= 1, got {self.min_numel!r}")
@@ -158,6 +177,17 @@ class CompressConfig:
             raise ConfigError(f"fallback must be 'error' or 'module_swap', got {self.fallback!r}")
         if self.filter_fn is not None and not callable(self.filter_fn):
             raise ConfigError("filter_fn must be callable as filter_fn(module, fqn) -> bool")
+        if not isinstance(self.leaf_modules, (tuple, list)) or not all(
+            isinstance(m, (str, type)) for m in self.leaf_modules
+        ):
+            # the tracer matches classes and class names only: anything else would be ignored without a word
+            raise ConfigError(
+                f"leaf_modules must be a tuple of module classes or class names, got {self.leaf_modules!r}"
+            )
+        if not isinstance(self.overrides, Mapping):
+            raise ConfigError(
+                f"overrides must be a mapping {{key: LayerConfig | None}}, got {type(self.overrides).__name__}"
+            )
         normalised = {}
         for key, value in dict(self.overrides).items():
             if value is not None and not isinstance(value, LayerConfig):
@@ -228,8 +258,8 @@ class CompressConfig:
             raw = kwargs["overrides"]
             if not isinstance(raw, Mapping):
                 raise ConfigError("overrides must be a mapping")
-            kwargs["overrides"] = {k: (None if v is None else LayerConfig(**v)) for k, v in raw.items()}
+            kwargs["overrides"] = {k: _layer_config_from_dict(k, v) for k, v in raw.items()}
         for name in ("layer_types", "leaf_modules"):
-            if name in kwargs:
+            if name in kwargs and isinstance(kwargs[name], list):  # JSON has lists; anything else is checked later
                 kwargs[name] = tuple(kwargs[name])
         return cls(**kwargs)
