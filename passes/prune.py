@@ -1,0 +1,179 @@
+"""Magnitude pruning of the weights the quantize pass would select, in whole lattice vectors.
+
+Before::
+
+    conv1.weight: f32[16,1,3,3]  (dense)
+
+After (``prune(model, 0.8)``)::
+
+    conv1.weight: f32[16,1,3,3]  with 80 % of its n-vectors set to exact 0,  masks["conv1.weight"]: bool (True = kept)
+
+A weight is flattened in row-major order, zero-padded to a multiple of the lattice dimension ``n`` and cut into
+``n``-vectors, exactly as :class:`~udnc_fx.DitheredLatticeParam` does; whole vectors are ranked by their RMS (L2 norm
+/ √n, so layers with different ``n`` compare fairly) and the smallest are set to zero. A zero vector is the lattice
+point 0, and with ``CompressConfig(exact_zero=True)`` it decodes to exactly 0 with no dither: the pruned positions
+then cost one symbol of the index stream and need no separate mask. The paper's pipeline is
+``prune`` → :func:`~udnc_fx.passes.finetune.finetune_float` (retrain the kept weights) → ``compress`` →
+:func:`~udnc_fx.passes.finetune.finetune` (fine-tune the codewords).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from ..config import CompressConfig
+from ..errors import ConfigError, PassError, UnsupportedModelError
+from .select import Candidate, select_weights
+from .trace import trace_model
+
+__all__ = ["prune", "mask_sparsity", "check_sparsity"]
+
+_SCOPES = ("global", "layer")
+
+
+def check_sparsity(sparsity) -> float:
+    """Validate a target sparsity (a fraction of weights set to zero) and return it as a float.
+
+    Raises:
+        ConfigError: not a finite number in ``[0, 1)``.
+    """
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not math.isfinite(sparsity):
+        raise ConfigError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
+    if not 0.0 <= float(sparsity) < 1.0:
+        raise ConfigError(
+            f"sparsity must be in [0, 1) (the fraction of selected weights set to zero), got {sparsity!r}"
+        )
+    return float(sparsity)
+
+
+def _select(work: nn.Module, config: CompressConfig) -> list[Candidate]:
+    """The candidates the quantize pass would choose (traced like ``compress`` traces, so functional weights such
+    as ``F.linear(x, self.w)`` are found; an untraceable model is pruned by module type alone)."""
+    try:
+        gm = trace_model(work, leaf_modules=config.leaf_modules)
+    except UnsupportedModelError:
+        candidates, _ = select_weights(work, config, None)
+        return candidates
+    # The GraphModule shares the parameter objects with ``work``: zeroing a candidate prunes ``work``.
+    candidates, _ = select_weights(gm, config, gm)
+    return candidates
+
+
+def _vector_scores(weight: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMS of each n-vector of the flattened, zero-padded weight, and how many real elements each covers."""
+    flat = weight.detach().reshape(-1).to(torch.float64)
+    numel = flat.numel()
+    pad = (-numel) % n
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    vectors = flat.view(-1, n)
+    scores = vectors.norm(dim=1) / math.sqrt(n)
+    elems = torch.full((vectors.shape[0],), n, dtype=torch.int64)
+    elems[-1] = n - pad
+    return scores, elems
+
+
+def _how_many(elems_sorted: torch.Tensor, target: float) -> int:
+    """Number of leading (smallest) vectors whose element count is closest to ``target``."""
+    cum = torch.cat([torch.zeros(1, dtype=torch.float64), elems_sorted.cumsum(0).to(torch.float64)])
+    return int((cum - target).abs().argmin())
+
+
+def prune(
+    model: nn.Module,
+    sparsity: float,
+    *,
+    scope: str = "global",
+    config: CompressConfig | None = None,
+    n: int | None = None,
+) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """Magnitude-prune the weights ``compress(model, config)`` would quantize, to ``sparsity``, in whole n-vectors.
+
+    Args:
+        model: any ``nn.Module``; it is deep-copied and never changed.
+        sparsity: fraction of the selected weights (elements) to set to zero, in ``[0, 1)``.
+        scope: ``"global"`` (one ranking over all selected weights: small layers may lose more or less than
+            ``sparsity``) or ``"layer"`` (every layer pruned to ``sparsity``).
+        config: the :class:`CompressConfig` that will be used to compress (selection, per-layer lattices); default
+            ``CompressConfig()``. Compress the pruned model with ``exact_zero=True`` so pruned vectors decode to 0.
+        n: vector length for every layer; default each layer's lattice dimension from ``config`` (so a pruned
+            vector is exactly one lattice point 0).
+
+    Returns:
+        ``(pruned, masks)``: the pruned deep copy, and ``{parameter fqn: bool tensor of the weight's shape}`` with
+        True where a weight is kept. The achieved sparsity is within one vector (per layer) of the target; see
+        :func:`mask_sparsity`.
+
+    Raises:
+        ConfigError: sparsity outside ``[0, 1)``, an unknown scope, a bad ``n``, or NaN/Inf weights.
+        PassError: no weight is selected (nothing to prune, e.g. an already compressed model).
+    """
+    sparsity = check_sparsity(sparsity)
+    if scope not in _SCOPES:
+        raise ConfigError(f"scope must be 'global' or 'layer', got {scope!r}")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ConfigError(f"n must be a positive integer (the lattice dimension) or None, got {n!r}")
+    config = CompressConfig() if config is None else config
+    if not isinstance(config, CompressConfig):
+        raise ConfigError(f"config must be a CompressConfig, got {type(config).__name__}")
+    if not isinstance(model, nn.Module):
+        raise UnsupportedModelError(f"prune() needs an nn.Module, got {type(model).__name__}")
+
+    work = copy.deepcopy(model)
+    candidates = _select(work, config)
+    if not candidates:
+        raise PassError(
+            "prune() found no weights to prune: no Conv/Linear weight is selected by this config "
+            "(is the model already compressed?)"
+        )
+    layers = []
+    for cand in candidates:
+        p = cand.param
+        if p.numel() == 0:
+            continue
+        if not torch.isfinite(p.detach()).all():
+            raise ConfigError(f"layer {cand.fqn} has NaN/Inf weights: fix the model before pruning")
+        vec_n = n if n is not None else cand.n
+        scores, elems = _vector_scores(p, vec_n)
+        layers.append((cand, vec_n, scores, elems))
+
+    pruned_vectors: list[torch.Tensor] = []
+    if scope == "layer":
+        for cand, vec_n, scores, elems in layers:
+            order = torch.argsort(scores, stable=True)
+            k = _how_many(elems[order], sparsity * cand.param.numel())
+            pruned_vectors.append(order[:k])
+    else:
+        scores = torch.cat([s for _, _, s, _ in layers])
+        elems = torch.cat([e for *_, e in layers])
+        owner = torch.cat([torch.full((s.numel(),), i, dtype=torch.int64) for i, (_, _, s, _) in enumerate(layers)])
+        local = torch.cat([torch.arange(s.numel()) for _, _, s, _ in layers])
+        order = torch.argsort(scores, stable=True)
+        k = _how_many(elems[order], sparsity * float(elems.sum()))
+        chosen = order[:k]
+        for i in range(len(layers)):
+            pruned_vectors.append(local[chosen[owner[chosen] == i]])
+
+    masks: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for (cand, vec_n, scores, _), drop in zip(layers, pruned_vectors):
+            keep = torch.ones(scores.numel(), dtype=torch.bool)
+            keep[drop] = False
+            p = cand.param
+            mask = keep.repeat_interleave(vec_n)[: p.numel()].view(p.shape).to(p.device)
+            p.masked_fill_(~mask, 0.0)
+            masks[cand.fqn] = mask
+    return work, masks
+
+
+def mask_sparsity(masks: Mapping[str, torch.Tensor]) -> float:
+    """The fraction of masked-out (pruned) elements over all masks."""
+    total = sum(m.numel() for m in masks.values())
+    if not total:
+        return 0.0
+    return float(sum(int((~m.bool()).sum()) for m in masks.values())) / total

@@ -1,0 +1,85 @@
+"""Fine-tuning under torch.distributed: 2 processes on 127.0.0.1 with gloo, each on its own shard of the data, must
+end with identical codebooks (bit for bit) that moved, whether ``finetune`` wraps the model in DDP itself or is
+given an already wrapped one; indices and dither stay as they were."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+
+WORLD = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    import torch.nn.functional as F
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import udnc_fx
+    from udnc_fx.demo import DigitsCNN
+    from udnc_fx.passes.finetune import finetune
+    from udnc_fx.passes.materialize import served_params
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)  # the same untrained float model on both ranks
+        model = DigitsCNN().eval()
+        # Each rank its own shard: different inputs and labels (synthetic 8x8 digits-shaped data, no data set load).
+        g = torch.Generator().manual_seed(100 + rank)
+        x, y = torch.rand(128, 1, 8, 8, generator=g), torch.randint(0, 10, (128,), generator=g)
+        batches = [(x[i : i + 32], y[i : i + 32]) for i in range(0, 32 * 4, 32)]
+        results = {}
+        for how in ("auto", "prewrapped"):
+            gm = udnc_fx.compress(model, udnc_fx.CompressConfig(target_bits=2.0, seed=3))
+            dlps = served_params(gm)
+            start = {
+                "codebooks": [d.codebook.detach().clone() for d in dlps],
+                "indices": [d.indices.clone() for d in dlps],
+                "dither": [d.dither().clone() for d in dlps],
+            }
+            target = DDP(gm) if how == "prewrapped" else gm
+            result = finetune(target, batches, F.cross_entropy, epochs=2, lr=1e-2, optimizer="sgd",
+                              train_bias=True, train_norm=True, progress=False)
+            results[how] = {
+                "start": start,
+                "codebooks": [d.codebook.detach().clone() for d in dlps],
+                "indices": [d.indices.clone() for d in dlps],
+                "dither": [d.dither().clone() for d in dlps],
+                "biases": [p.detach().clone() for n, p in gm.named_parameters() if n.endswith("bias")],
+                "distributed": result.distributed,
+                "steps": result.steps,
+            }
+        torch.save(results, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_ranks_end_with_identical_codebooks(tmp_path):
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    for how in ("auto", "prewrapped"):
+        r0, r1 = ranks[0][how], ranks[1][how]
+        assert r0["distributed"] == r1["distributed"] == WORLD
+        assert r0["steps"] == r1["steps"] == 8
+        for a, b in zip(r0["codebooks"], r1["codebooks"]):
+            assert torch.equal(a, b), f"{how}: ranks disagree on a codebook"
+        for a, b in zip(r0["biases"], r1["biases"]):
+            assert torch.equal(a, b), f"{how}: ranks disagree on a bias"
+        assert any(not torch.equal(a, s) for a, s in zip(r0["codebooks"], r0["start"]["codebooks"])), how
+        for r in (r0, r1):
+            for a, s in zip(r["indices"], r["start"]["indices"]):
+                assert torch.equal(a, s)
+            for a, s in zip(r["dither"], r["start"]["dither"]):
+                assert torch.equal(a, s)
