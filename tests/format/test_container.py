@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 import struct
-import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,6 +33,9 @@ try:
     REAL_CODERS = _coders.available_coders()
 except ImportError:  # the coder registry is written alongside; until it lands only the stand-in runs
     REAL_CODERS = []
+needs_range_coder = pytest.mark.skipif(
+    C.FORMAT_DEFAULT_CODER not in REAL_CODERS, reason="coded codebooks need the range-adaptive-v1 coder"
+)
 
 
 class LE32Coder:
@@ -64,6 +67,22 @@ def stand_in_coder(monkeypatch):
 # ------------------------------------------------------------------------------------------------------------------
 
 
+def e8_points(rng, k: int, spread: int) -> np.ndarray:
+    """``k`` random E8 points in integer coordinates (twice the point): one parity per row, sum divisible by 4."""
+    r = rng.integers(-spread, spread + 1, (k, 8))
+    r[:, 7] += r.sum(axis=1) % 2  # sum(c) = 2 sum(r) + 8 parity: divisible by 4 when sum(r) is even
+    c = 2 * r + rng.integers(0, 2, (k, 1))
+    assert not C._non_members("E8", c).any()
+    return c
+
+
+def d4_points(rng, k: int, spread: int) -> np.ndarray:
+    c = rng.integers(-spread, spread + 1, (k, 4))
+    c[:, 3] += c.sum(axis=1) % 2
+    assert not C._non_members("D4", c).any()
+    return c
+
+
 def make_container(coder=STAND_IN, *, lattice_int=False, seed=0) -> Container:
     rng = np.random.default_rng(seed)
     step = 0.05
@@ -74,14 +93,14 @@ def make_container(coder=STAND_IN, *, lattice_int=False, seed=0) -> Container:
         codebook_int=np.arange(-8, 9, dtype=np.int64)[:, None] if lattice_int else None,
         coder=coder, zero_index=8, meta={"sqnr_db": 23.5, "note": "ünïcode ✓"},
     )
-    fc_int = rng.integers(-300, 300, (5, 8)) * 2  # E8 points are stored doubled: even coordinates
+    fc_int = e8_points(rng, 5, 150)
     fc = QuantizedTensor(
         fqn="fc.weight", shape=(10, 7), lattice="E8", n=8, step=0.1, key=2**64 - 1, dither="udnc-hash32-v1",
         indices=rng.integers(0, 5, 9), codebook=rng.standard_normal((5, 8)).astype(np.float32),
         codebook_int=fc_int if lattice_int else None, coder=coder,
     )
     single = QuantizedTensor(
-        fqn="emb.weight", shape=(3, 5), lattice="D4", n=4, step=1e-3, key=0, dither="udnc-hash32-v1",
+        fqn="emb.weight", shape=(3, 5), lattice="D4", n=4, step=1e-3, key=0, dither="none",
         indices=np.zeros(4, np.int64), codebook=np.zeros((1, 4), np.float32),
         codebook_int=np.zeros((1, 4), np.int64) if lattice_int else None, coder=coder,
     )
@@ -104,6 +123,23 @@ def make_container(coder=STAND_IN, *, lattice_int=False, seed=0) -> Container:
     return Container(quantized=[conv, fc, single, empty], raw=raw, config=config, metadata=metadata)
 
 
+def big_codebook_container(lattice: str, k: int = 300, seed: int = 0) -> Container:
+    """One tensor whose integer codebook is large and concentrated: entropy coding it wins."""
+    rng = np.random.default_rng(seed)
+    n = {"Z": 3, "A2": 2, "D4": 4, "E8": 8}[lattice]
+    if lattice == "E8":
+        cb = e8_points(rng, k, 1)
+    elif lattice == "D4":
+        cb = d4_points(rng, k, 2)
+    else:
+        cb = np.clip(np.round(rng.laplace(0, 1.0, (k, n))), -4, 4).astype(np.int64)
+    q = QuantizedTensor(
+        fqn="w", shape=(k, n), lattice=lattice, n=n, step=0.125, key=5, dither="udnc-hash32-v1",
+        indices=rng.integers(0, k, k), codebook=None, codebook_int=cb, coder=STAND_IN,
+    )
+    return Container([q], [], {}, {})
+
+
 def assert_same(decoded: Container, original: Container, *, raw_f16=False, codebook_f16=False) -> None:
     """Decoded content equals what was written, bit for bit (up to the requested float16 narrowing)."""
     assert len(decoded.quantized) == len(original.quantized)
@@ -113,7 +149,8 @@ def assert_same(decoded: Container, original: Container, *, raw_f16=False, codeb
         )
         assert struct.pack("<d", d.step) == struct.pack("<d", o.step)
         assert d.meta == o.meta
-        assert d.indices.dtype == C._narrow_index_dtype(len(o.codebook))
+        k = len(o.codebook_int) if o.codebook_int is not None else len(o.codebook)
+        assert d.indices.dtype == C._narrow_index_dtype(k)
         assert np.array_equal(d.indices, o.indices)
         if o.codebook_int is not None:
             assert d.codebook is None
@@ -134,19 +171,27 @@ def assert_same(decoded: Container, original: Container, *, raw_f16=False, codeb
     assert decoded.metadata == original.metadata
 
 
+def header_length_of(data: bytes) -> int:
+    return struct.unpack_from("<I", data, 12)[0]
+
+
 def split(data: bytes) -> tuple[dict, bytes]:
-    header_length = struct.unpack_from("<Q", data, 12)[0]
+    """The stored (compact) header JSON and the payload."""
+    header_length = header_length_of(data)
     header = json.loads(data[PREAMBLE_SIZE : PREAMBLE_SIZE + header_length])
     return header, data[PREAMBLE_SIZE + header_length :]
 
 
-def assemble(header: dict | bytes, payload: bytes, *, rehash_payload=True, major=1, minor=0) -> bytes:
-    """A file from a (possibly crafted) header and payload, with valid checksums unless told otherwise."""
+def assemble(
+    header: dict | bytes, payload: bytes, *, major=1, minor=0, payload_length=None, payload_sha256=None
+) -> bytes:
+    """A file from a (possibly crafted) header and payload, with valid digests unless told otherwise."""
     if isinstance(header, dict):
-        if rehash_payload:
-            header = dict(header, payload_sha256=hashlib.sha256(payload).hexdigest())
         header = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-    head = struct.pack("<8sHHQ", MAGIC, major, minor, len(header))
+    head = struct.pack(
+        "<8sHHIQ32s", MAGIC, major, minor, len(header), len(payload) if payload_length is None else payload_length,
+        hashlib.sha256(payload).digest() if payload_sha256 is None else payload_sha256,
+    )
     return head + hashlib.sha256(head + header).digest() + header + payload
 
 
@@ -169,8 +214,8 @@ def test_round_trip_bit_exact(coder, codebook):
     data = encode_container(original, codebook_float_dtype="float16" if codebook == "f16" else "float32")
     decoded = read_container(data)
     assert_same(decoded, original, codebook_f16=codebook == "f16")
-    header = read_header(data)
-    assert {q["codebook"]["encoding"] for q in header["quantized"]} == {codebook}
+    encodings = {q["codebook"]["encoding"] for q in read_header(data)["quantized"]}
+    assert encodings == {codebook} or codebook == "lattice-int" and encodings <= {"lattice-int", "lattice-int-coded"}
 
 
 def test_raw_float16_storage_is_recorded_and_read_back_as_float32():
@@ -184,16 +229,91 @@ def test_raw_float16_storage_is_recorded_and_read_back_as_float32():
     assert raws["conv1.bias"]["data"]["length"] == 2 * 8
 
 
-def test_lattice_int_uses_the_narrowest_width():
+def test_fixed_width_lattice_int_uses_the_narrowest_width():
     header = read_header(encode_container(make_container(lattice_int=True)))
-    widths = {q["fqn"]: q["codebook"]["width"] for q in header["quantized"]}
-    assert widths == {"conv1.weight": 1, "fc.weight": 2, "emb.weight": 1, "empty.weight": 1}
+    codebooks = {q["fqn"]: q["codebook"] for q in header["quantized"]}
+    # these are too small for entropy coding to pay: fixed width, 1 byte (the default, not stored)
+    for fqn in ("conv1.weight", "emb.weight", "empty.weight"):
+        assert codebooks[fqn]["encoding"] == "lattice-int" and codebooks[fqn]["width"] == 1
+    stored = split(encode_container(make_container(lattice_int=True)))[0]["quantized"]
+    assert stored[0]["codebook"] == {"encoding": "lattice-int"}
+    for values, width in (([[300], [-300], [0]], 2), ([[2**20], [0], [1]], 4)):
+        q = make_container().quantized[0]
+        q.shape, q.indices, q.codebook_int, q.zero_index = (3,), np.arange(3), np.array(values), None
+        data = encode_container(Container([q], [], {}, {}))
+        assert split(data)[0]["quantized"][0]["codebook"] == {"encoding": "lattice-int", "width": width}
+        assert np.array_equal(read_container(data).quantized[0].codebook_int, values)
     extreme = np.array([[np.iinfo(np.int64).min], [np.iinfo(np.int64).max], [0]])
-    q = make_container().quantized[0]
-    q.shape, q.indices, q.codebook_int, q.zero_index = (3,), np.arange(3), extreme, None
+    q.codebook_int = extreme
     data = encode_container(Container([q], [], {}, {}))
     assert read_header(data)["quantized"][0]["codebook"]["width"] == 8
     assert np.array_equal(read_container(data).quantized[0].codebook_int, extreme)
+
+
+@needs_range_coder
+@pytest.mark.parametrize("lattice", ["Z", "A2", "D4", "E8"])
+def test_large_integer_codebooks_are_entropy_coded(lattice):
+    original = big_codebook_container(lattice)
+    data = encode_container(original)
+    codebook = read_header(data)["quantized"][0]["codebook"]
+    assert codebook["encoding"] == "lattice-int-coded" and codebook["coder"] == C.FORMAT_DEFAULT_CODER
+    k, n = original.quantized[0].codebook_int.shape
+    assert codebook["length"] < k * n / 2  # several-fold smaller than one byte per coordinate
+    assert_same(read_container(data), original)
+    stored = split(data)[0]["quantized"][0]["codebook"]
+    assert set(stored) == {"encoding", "alphabet_size", "length"}  # the default coder is not stored
+
+
+@needs_range_coder
+def test_the_writer_keeps_the_smaller_codebook_encoding():
+    """Whichever of fixed width and coded gives the smaller file (section plus its header object) is written."""
+    for lattice in ("Z", "A2", "D4", "E8"):
+        for k in (1, 2, 5, 12, 40, 200):
+            q = big_codebook_container(lattice, k=k, seed=k).quantized[0]
+            chosen = encode_container(Container([q], [], {}, {}))
+            c = q.codebook_int.astype(np.int64)
+            z = C._zigzag_encode(c)
+            width = next(w for w in (1, 2, 4, 8) if int(z.max()) < 1 << (8 * w))
+            fixed_object = C._compact_codebook({"encoding": "lattice-int", "width": width})
+            fixed = width * c.size + len(C._canonical_json(fixed_object))
+            symbols = C._codebook_symbols(lattice, c)
+            alphabet = int(symbols.max()) + 1
+            coded = C._get_coder(C.FORMAT_DEFAULT_CODER).encode(symbols.ravel(), alphabet)
+            coded_object = {"alphabet_size": alphabet, "encoding": "lattice-int-coded", "length": len(coded)}
+            coded_cost = len(coded) + len(C._canonical_json(coded_object))
+            got = read_header(chosen)["quantized"][0]["codebook"]["encoding"]
+            assert got == ("lattice-int-coded" if coded_cost < fixed else "lattice-int"), (lattice, k)
+
+
+# Known answers for the lattice-int-coded symbol rows (docs/FORMAT.md).
+SYMBOL_VECTORS = [
+    ("Z", [[0, -1, 1, -2]], [[0, 1, 2, 3]]),
+    ("A2", [[3, -2]], [[6, 3]]),
+    ("D4", [[1, -1, 2, 0]], [[2, 1, 4, 0]]),
+    ("D4", [[1, 0, 0, -3]], [[2, 0, 0, 3]]),
+    ("E8", [[1, 1, 1, 1, 1, 1, 1, 1]], [[1, 0, 0, 0, 0, 0, 0, 0, 0]]),
+    ("E8", [[-1, -1, 1, 1, 1, 1, 1, 1]], [[1, 1, 1, 0, 0, 0, 0, 0, 0]]),
+    ("E8", [[2, 0, 0, 0, 0, 0, 0, -2]], [[0, 2, 0, 0, 0, 0, 0, 0, 1]]),
+    ("E8", [[0, 0, 0, 0, 0, 0, 0, 4]], [[0, 0, 0, 0, 0, 0, 0, 0, 2]]),
+]
+
+
+@pytest.mark.parametrize("lattice, coordinates, symbols", SYMBOL_VECTORS)
+def test_codebook_symbol_known_answers(lattice, coordinates, symbols):
+    c = np.array(coordinates, np.int64)
+    assert C._codebook_symbols(lattice, c).tolist() == symbols
+    back = C._codebook_from_symbols(lattice, np.array(symbols, np.uint64), "test")
+    assert back.tolist() == coordinates
+
+
+@pytest.mark.parametrize("lattice", ["Z", "A2", "D4", "E8"])
+def test_codebook_symbols_invert_on_every_lattice_point(lattice):
+    c = big_codebook_container(lattice, k=500).quantized[0].codebook_int
+    c = np.concatenate([c, 1000 * c, -c])  # scaled and negated lattice points are lattice points too
+    s = C._codebook_symbols(lattice, c)
+    assert s.min() >= 0 and s.shape == (len(c), C._coded_row_symbols(lattice, c.shape[1]))
+    assert np.array_equal(C._codebook_from_symbols(lattice, s.astype(np.uint64), "test"), c)
+    assert not C._non_members(lattice, c).any()
 
 
 def test_default_coder_is_the_registry_default():
@@ -237,8 +357,90 @@ def test_unknown_keys_and_minor_versions_are_accepted():
     header["future"] = {"anything": [1, 2]}
     header["quantized"][0]["future"] = 1
     header["quantized"][1]["indices"]["future"] = "x"
-    header["raw"][0]["data"]["future"] = None
+    header["quantized"][1]["codebook"]["future"] = "y"
+    header["raw"][0]["future"] = None
     assert_same(read_container(assemble(header, payload, minor=7)), original)
+    assert read_header(assemble(header, payload))["raw"][0]["future"] is None  # kept in the resolved header
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The compact header: defaults omitted, derived values not stored, explicit defaults accepted
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_writers_omit_defaults_and_derived_values():
+    header, _ = split(encode_container(make_container()))
+    assert set(header) == {"coder", "quantized", "raw", "config", "metadata"}  # the stand-in is not the default
+    assert header["coder"] == STAND_IN
+    conv, fc, single, empty = header["quantized"]
+    assert conv == {
+        "fqn": "conv1.weight", "shape": [8, 1, 3, 3], "lattice": "Z", "step": 0.05, "key": "00000000000004d2",
+        "zero_index": 8, "meta": {"sqnr_db": 23.5, "note": "ünïcode ✓"},
+        "indices": {"alphabet_size": 17, "length": 4 * 72}, "codebook": {"encoding": "f32"},
+    }
+    assert "n" not in fc and "dither" not in fc and "zero_index" not in fc and "meta" not in fc
+    assert single["dither"] == "none" and "key" not in single  # key 0 is the default
+    assert empty["indices"] == {"alphabet_size": 2, "length": 0}
+    raws = {r["name"]: r for r in header["raw"]}
+    assert raws["conv1.bias"] == {"name": "conv1.bias", "shape": [8]}  # float32 is the default dtype
+    assert raws["bn.num_batches_tracked"] == {"name": "bn.num_batches_tracked", "dtype": "int64", "shape": []}
+    assert raws["big_endian"]["dtype"] == "int32"  # always stored little-endian
+    text = json.dumps(header)
+    for derived in ("offset", "crc32", "count", "payload"):
+        assert derived not in text
+    bare = split(encode_container(Container([], [RawTensor("b", np.zeros(2, np.float32))], {}, {})))[0]
+    assert bare == {"raw": [{"name": "b", "shape": [2]}]}
+    assert split(encode_container(Container()))[0] == {}
+
+
+def test_the_file_default_coder_is_the_most_used_one():
+    other = "zlib-v1" if "zlib-v1" in REAL_CODERS else None
+    if other is None:
+        pytest.skip("needs a second coder")
+    c = make_container()
+    c.quantized[0].coder = other
+    header, _ = split(encode_container(c))
+    assert header["coder"] == STAND_IN  # three of the four
+    assert [q["indices"].get("coder") for q in header["quantized"]] == [other, None, None, None]
+    c.quantized[1].coder = other  # a tie: the smaller name, unless the format's default is one of them
+    assert split(encode_container(c))[0]["coder"] == min(other, STAND_IN)
+    if C.FORMAT_DEFAULT_CODER in REAL_CODERS:
+        c.quantized[2].coder = c.quantized[3].coder = C.FORMAT_DEFAULT_CODER
+        header, _ = split(encode_container(c))
+        assert "coder" not in header
+        assert [q["indices"].get("coder") for q in header["quantized"]] == [other, other, None, None]
+        assert [q["indices"]["coder"] for q in read_header(encode_container(c))["quantized"]] == [
+            other, other, C.FORMAT_DEFAULT_CODER, C.FORMAT_DEFAULT_CODER
+        ]
+
+
+def test_explicit_defaults_read_the_same():
+    original = make_container()
+    data = encode_container(original)
+    resolved = read_header(data)
+    header, payload = split(data)
+    explicit = json.loads(json.dumps(resolved))  # every default written out, offsets and counts too
+    for key in C._RESOLVED_ONLY:
+        del explicit[key]
+    assert_same(read_container(assemble(explicit, payload)), original)
+    assert read_header(assemble(explicit, payload))["quantized"] == resolved["quantized"]
+
+
+def test_read_header_resolves_defaults_and_layout():
+    data = encode_container(make_container())
+    h = read_header(data)
+    assert h["header_length"] == header_length_of(data)
+    assert h["payload_length"] == len(data) - PREAMBLE_SIZE - h["header_length"]
+    assert h["payload_sha256"] == hashlib.sha256(data[PREAMBLE_SIZE + h["header_length"] :]).hexdigest()
+    fc = h["quantized"][1]
+    assert (fc["n"], fc["dither"], fc["zero_index"], fc["meta"]) == (8, "udnc-hash32-v1", None, {})
+    assert fc["indices"]["coder"] == STAND_IN and fc["indices"]["count"] == 9
+    assert h["raw"][0]["dtype"] == "float32"
+    position = 0  # the sections follow each other in entry order and fill the payload
+    for s in [s for q in h["quantized"] for s in (q["indices"], q["codebook"])] + [r["data"] for r in h["raw"]]:
+        assert s["offset"] == position
+        position += s["length"]
+    assert position == h["payload_length"]
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -289,21 +491,35 @@ def test_read_header_does_not_touch_the_payload(tmp_path, monkeypatch):
         assert [q["fqn"] for q in header["quantized"]] == ["conv1.weight", "fc.weight", "emb.weight", "empty.weight"]
     monkeypatch.setattr(C, "_get_coder", _get_coder)
     expect("checksum_mismatch", bytes(data))
-    with pytest.raises(FormatError) as info:  # but header-level truncation is still seen
+    with pytest.raises(FormatError) as info:  # but truncation is still seen
         read_header(bytes(data[:-1]))
+    assert info.value.kind == "truncated"
+    path.write_bytes(bytes(data[:-1]))
+    with pytest.raises(FormatError) as info:
+        read_header(path)
     assert info.value.kind == "truncated"
 
 
-def test_section_sizes_account_for_every_byte():
-    data = encode_container(make_container())
-    sizes = section_sizes(read_header(data))
+@pytest.mark.parametrize("lattice_int", [False, True])
+def test_section_sizes_account_for_every_byte(lattice_int):
+    data = encode_container(make_container(lattice_int=lattice_int))
+    header = read_header(data)
+    sizes = section_sizes(header)
     assert sizes["file"] == len(data)
     assert sizes["shared"]["total"] + sum(t["total"] for t in sizes["tensors"].values()) == len(data)
     conv = sizes["tensors"]["conv1.weight"]
-    assert conv["kind"] == "quantized" and conv["indices"] == 4 * 72 and conv["codebook"] == 4 * 17
+    assert conv["kind"] == "quantized" and conv["indices"] == 4 * 72
+    assert conv["codebook"] == (17 if lattice_int else 4 * 17)  # lattice-int: one byte per coordinate
+    stored = split(data)[0]
     bias = sizes["tensors"]["conv1.bias"]
     assert bias == {"kind": "raw", "data": 32, "header": bias["header"], "total": 32 + bias["header"]}
-    assert bias["header"] == len(json.dumps(split(data)[0]["raw"][0], sort_keys=True, separators=(",", ":")))
+    def compact(entry):
+        return len(json.dumps(entry, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode())
+
+    assert bias["header"] == compact(stored["raw"][0])
+    assert sizes["tensors"]["fc.weight"]["header"] == 1 + compact(stored["quantized"][1])
+    # the stored (unresolved) header gives the same answer, its length computed from the compact form
+    assert section_sizes(stored) == sizes
     with pytest.raises(FormatError):
         section_sizes({"quantized": "nope"})
 
@@ -318,10 +534,21 @@ def good() -> bytes:
     return encode_container(make_container())
 
 
+def crafter(good: bytes):
+    header, payload = split(good)
+
+    def crafted(mutate, payload=payload, **options):
+        h = json.loads(json.dumps(header))
+        mutate(h)
+        return assemble(h, payload, **options)
+
+    return crafted
+
+
 def test_bad_magic(good):
     expect("bad_magic", b"PK\x03\x04" + good[4:])
     expect("bad_magic", b"\x89UDNX")
-    expect("bad_magic", b"{}" * 40)
+    expect("bad_magic", b"{}" * 60)
 
 
 def test_unsupported_version(good):
@@ -332,103 +559,93 @@ def test_unsupported_version(good):
 
 
 def test_truncated(good):
-    header_end = PREAMBLE_SIZE + struct.unpack_from("<Q", good, 12)[0]
-    for cut in (0, 3, 8, 20, 51, PREAMBLE_SIZE + 10, header_end, header_end + 1, len(good) - 1):
+    header_end = PREAMBLE_SIZE + header_length_of(good)
+    for cut in (0, 3, 8, 20, 87, PREAMBLE_SIZE + 10, header_end - 1, header_end, header_end + 1, len(good) - 1):
         expect("truncated", good[:cut])
+    header, payload = split(good)
+    expect("truncated", assemble(header, payload, payload_length=len(payload) + 1))  # the preamble asks for more
 
 
 def test_bad_header(good):
     header, payload = split(good)
     head = good[:12]
-    expect("bad_header", head + struct.pack("<Q", 0) + good[20:])
-    expect("bad_header", head + struct.pack("<Q", C.MAX_HEADER_LENGTH + 1) + good[20:])
-    expect("bad_header", head + struct.pack("<Q", 2**64 - 1) + good[20:])
+    expect("bad_header", head + struct.pack("<I", 0) + good[16:])
+    expect("bad_header", head + struct.pack("<I", C.MAX_HEADER_LENGTH + 1) + good[16:])
+    expect("bad_header", head + struct.pack("<I", 2**32 - 1) + good[16:])
     for text in (b"not json", b"[1, 2]", b'{"a": NaN}', b'{"a": 1, "a": 2}', b"\xff\xfe{}", b"[" * 100000):
         expect("bad_header", assemble(text, payload))
 
-    def crafted(mutate):
-        h = json.loads(json.dumps(header))
-        mutate(h)
-        return assemble(h, payload)
-
-    expect("bad_header", crafted(lambda h: h.pop("payload_length")))
-    expect("bad_header", crafted(lambda h: h.pop("config")))
+    crafted = crafter(good)
+    expect("bad_header", crafted(lambda h: h.update(coder=5)))
+    expect("bad_header", crafted(lambda h: h.update(config=[])))
+    expect("bad_header", crafted(lambda h: h.update(metadata="x")))
     expect("bad_header", crafted(lambda h: h.update(quantized={})))
     expect("bad_header", crafted(lambda h: h["quantized"][0].pop("step")))
+    expect("bad_header", crafted(lambda h: h["quantized"][0].pop("fqn")))
+    expect("bad_header", crafted(lambda h: h["quantized"][0].pop("lattice")))
     expect("bad_header", crafted(lambda h: h["quantized"][0].update(shape="8x1")))
     expect("bad_header", crafted(lambda h: h["quantized"][0].update(shape=[8, 1.0, 3, 3])))
     expect("bad_header", crafted(lambda h: h["quantized"][0].update(n=True)))
     expect("bad_header", crafted(lambda h: h["quantized"][0].update(step="0.05")))
     expect("bad_header", crafted(lambda h: h["quantized"][0].update(key="4d2")))
     expect("bad_header", crafted(lambda h: h["quantized"][0].update(key="00000000000004D2")))
-    expect("bad_header", crafted(lambda h: h["quantized"][0]["indices"].update(crc32=2**32)))
+    expect("bad_header", crafted(lambda h: h["quantized"][0].update(dither=None)))
+    expect("bad_header", crafted(lambda h: h["quantized"][0].update(meta=[])))
+    expect("bad_header", crafted(lambda h: h["quantized"][0]["indices"].pop("length")))
+    expect("bad_header", crafted(lambda h: h["quantized"][0]["indices"].pop("alphabet_size")))
+    expect("bad_header", crafted(lambda h: h["quantized"][0]["indices"].update(coder=None)))
+    expect("bad_header", crafted(lambda h: h["quantized"][0]["codebook"].pop("encoding")))
     expect("bad_header", crafted(lambda h: h["quantized"][0].update(codebook=[])))
-    expect("bad_header", crafted(lambda h: h["raw"][0].update(data=None)))
+    expect("bad_header", crafted(lambda h: h["quantized"][0]["codebook"].update(encoding="lattice-int", width="1")))
+    expect("bad_header", crafted(lambda h: h["quantized"][0]["codebook"].update(encoding="lattice-int-coded")))
+    expect("bad_header", crafted(lambda h: h["raw"][0].update(dtype=5)))
+    expect("bad_header", crafted(lambda h: h["raw"][0].pop("shape")))
     expect("bad_header", crafted(lambda h: h["raw"].append(3)))
-    h = json.loads(json.dumps(header))
-    expect("bad_header", assemble(dict(h, payload_sha256="00"), payload, rehash_payload=False))
+
+    def negative_then_untyped(h):  # every type is checked before any length
+        h["quantized"][0]["indices"]["length"] = -1
+        h["raw"][0]["name"] = 5
+
+    expect("bad_header", crafted(negative_then_untyped))
 
 
 def test_bad_offsets(good):
     header, payload = split(good)
-
-    def crafted(mutate, payload=payload):
-        h = json.loads(json.dumps(header))
-        mutate(h)
-        return assemble(h, payload)
-
-    expect("bad_offsets", crafted(lambda h: h["quantized"][0]["indices"].update(offset=-1)))
-    expect("bad_offsets", crafted(lambda h: h["raw"][0]["data"].update(length=-4)))
-    def shift(section, by):
-        section["offset"] += by
-
-    expect("bad_offsets", crafted(lambda h: shift(h["quantized"][1]["indices"], -4)))  # overlap
-    expect("bad_offsets", crafted(lambda h: shift(h["quantized"][0]["codebook"], 4)))  # hole
-    expect("bad_offsets", crafted(lambda h: h["raw"][-1]["data"].update(offset=10**12)))  # outside
-    length = header["payload_length"]
-    expect("bad_offsets", crafted(lambda h: h.update(payload_length=length + 8), payload + bytes(8)))  # hole at end
-    expect("bad_offsets", crafted(lambda h: h.update(payload_length=length - 1)))  # last section sticks out
-    expect("bad_offsets", crafted(lambda h: h.update(payload_length=-1)))
+    crafted = crafter(good)
+    expect("bad_offsets", crafted(lambda h: h["quantized"][0]["indices"].update(length=-1)))
+    expect("bad_offsets", crafted(lambda h: h["quantized"][0]["indices"].update(length=4 * 72 + 4)))  # too long
+    expect("bad_offsets", crafted(lambda h: h["quantized"][1]["indices"].update(length=0)))  # too short
+    expect("bad_offsets", crafted(lambda h: h["quantized"][0]["indices"].update(alphabet_size=16)))  # codebook size
+    expect("bad_offsets", crafted(lambda h: h["raw"][0].update(shape=[9])))  # derived length no longer fits
+    expect("bad_offsets", crafted(lambda h: h["raw"][0].update(dtype="float64")))
+    expect("bad_offsets", crafted(lambda h: h["raw"].pop()))  # a hole at the end
+    expect("bad_offsets", crafted(lambda h: None, payload + bytes(8)))  # the preamble's P agrees; the sections do not
     expect("bad_offsets", good + b"\x00")  # trailing bytes
 
 
 def test_checksum_mismatch(good):
-    header_length = struct.unpack_from("<Q", good, 12)[0]
-    header_end = PREAMBLE_SIZE + header_length
-    for position in (25, 51, PREAMBLE_SIZE + 5, header_end - 1, header_end, len(good) - 1):
+    header_end = PREAMBLE_SIZE + header_length_of(good)
+    for position in (17, 30, 55, 60, 87, PREAMBLE_SIZE + 5, header_end - 1, header_end, len(good) - 1):
         damaged = bytearray(good)
         damaged[position] ^= 0x01
         expect("checksum_mismatch", bytes(damaged))
     expect("checksum_mismatch", good[:10] + b"\x07\x00" + good[12:])  # the minor version is covered too
     header, payload = split(good)
-    # a consistent payload digest but a wrong section CRC: the CRC is checked on its own
-    h = json.loads(json.dumps(header))
-    h["raw"][0]["data"]["crc32"] ^= 1
-    err = expect("checksum_mismatch", assemble(h, payload))
-    assert "conv1.bias" in str(err)
-    # a payload that matches no recorded digest names the damaged section
-    damaged = bytearray(payload)
-    damaged[header["raw"][1]["data"]["offset"]] ^= 0x80
-    err = expect("checksum_mismatch", assemble(header, bytes(damaged), rehash_payload=False))
-    assert "bn.num_batches_tracked" in str(err)
+    # a consistent header digest over a wrong payload digest
+    err = expect("checksum_mismatch", assemble(header, payload, payload_sha256=bytes(32)))
+    assert "payload" in str(err)
 
 
 def test_bad_value(good, monkeypatch):
     header, payload = split(good)
-
-    def crafted(mutate):
-        h = json.loads(json.dumps(header))
-        mutate(h)
-        return assemble(h, payload)
-
+    crafted = crafter(good)
     q0 = lambda h: h["quantized"][0]  # noqa: E731
-    expect("bad_value", crafted(lambda h: q0(h).update(shape=[8, 1, 3, 4])))  # count no longer matches
-    expect("bad_value", crafted(lambda h: q0(h)["indices"].update(count=71)))
+    expect("bad_value", crafted(lambda h: q0(h).update(shape=[8, 1, 3, 4])))  # the index stream is now too short
     expect("bad_value", crafted(lambda h: q0(h).update(lattice="E9")))
-    expect("bad_value", crafted(lambda h: q0(h).update(lattice="D4")))  # n = 1 mismatch
-    expect("bad_value", crafted(lambda h: q0(h).update(n=2)))
+    expect("bad_value", crafted(lambda h: q0(h).update(lattice="D4", n=1)))  # D4 has no n = 1
+    expect("bad_value", crafted(lambda h: q0(h).update(n=9)))
+    expect("bad_value", crafted(lambda h: h["quantized"][1].update(n=4)))  # E8 has no n = 4
     expect("bad_value", crafted(lambda h: q0(h)["indices"].update(alphabet_size=0)))
-    expect("bad_value", crafted(lambda h: q0(h)["indices"].update(alphabet_size=16)))  # codebook length mismatch
     expect("bad_value", crafted(lambda h: q0(h).update(zero_index=17)))
     expect("bad_value", crafted(lambda h: q0(h).update(zero_index=-1)))
     expect("bad_value", crafted(lambda h: q0(h).update(step=0.0)))
@@ -436,26 +653,40 @@ def test_bad_value(good, monkeypatch):
     expect("bad_value", crafted(lambda h: q0(h).update(step=10**400)))
     expect("bad_value", crafted(lambda h: q0(h).update(shape=[-8, -1, 3, 3])))
     expect("bad_value", crafted(lambda h: q0(h).update(shape=[1] * 33)))
+    expect("bad_value", crafted(lambda h: h["raw"][0].update(shape=[-8])))
     expect("bad_value", crafted(lambda h: h["quantized"][1].update(fqn="conv1.weight")))
     expect("bad_value", crafted(lambda h: h["raw"][0].update(name="fc.weight")))
-    expect("bad_value", crafted(lambda h: h["raw"][0].update(shape=[9])))
     expect("bad_value", crafted(lambda h: h["quantized"][2]["codebook"].update(encoding="lattice-int", width=3)))
-    # a huge tensor whose coded stream is tiny: refused from the header, nothing allocated
-    def huge(h):
-        h["quantized"][2]["shape"] = [2**40]
-        h["quantized"][2]["indices"]["count"] = 2**38  # consistent with n = 4: only the element cap refuses it
+    expect("bad_value", crafted(lambda h: h["quantized"][2].update(codebook={
+        "encoding": "lattice-int-coded", "alphabet_size": 0, "length": 16})))
+    expect("bad_value", crafted(lambda h: h["quantized"][2].update(codebook={
+        "encoding": "lattice-int-coded", "alphabet_size": 2**32 + 1, "length": 16})))
 
-    assert "more than" in str(expect("bad_value", crafted(huge)))
+    # a huge tensor (or codebook) whose coded stream is tiny: refused from the header, nothing allocated
+    assert "more than" in str(expect("bad_value", crafted(lambda h: h["quantized"][2].update(shape=[2**40]))))
+
+    def huge_codebook(h):  # K·n = 2^33 coordinates from a 16-byte stream
+        h["quantized"][2]["indices"]["alphabet_size"] = 2**31
+        h["quantized"][2]["codebook"] = {"encoding": "lattice-int-coded", "alphabet_size": 1, "length": 16}
+
+    assert "more than" in str(expect("bad_value", crafted(huge_codebook)))
     with pytest.raises(FormatError) as info:
         read_container(good, max_elements=100)
     assert info.value.kind == "bad_value"
+
     # bool bytes other than 0/1
-    h = json.loads(json.dumps(header))
-    mask = h["raw"][2]["data"]
+    sections = read_header(good)
     forged = bytearray(payload)
-    forged[mask["offset"]] = 2
-    mask["crc32"] = zlib.crc32(bytes(forged[mask["offset"] : mask["offset"] + mask["length"]]))
-    expect("bad_value", assemble(h, bytes(forged)))
+    forged[sections["raw"][2]["data"]["offset"]] = 2
+    expect("bad_value", assemble(header, bytes(forged)))
+
+    # a fixed-width integer codebook whose rows are not lattice points (D4: odd sum)
+    c = make_container(lattice_int=True)
+    h, p = split(encode_container(c))
+    offset = read_header(encode_container(c))["quantized"][2]["codebook"]["offset"]
+    forged = bytearray(p)
+    forged[offset] = 2  # zigzag 2 = coordinate 1: the row (1, 0, 0, 0) has an odd sum
+    assert "not a D4 point" in str(expect("bad_value", assemble(h, bytes(forged))))
 
     # a coder that misbehaves (out-of-range symbols, wrong count, crashes) is contained
     class Liar(LE32Coder):
@@ -473,16 +704,34 @@ def test_bad_value(good, monkeypatch):
         expect("bad_value", good)
 
 
+@needs_range_coder
+def test_bad_value_in_coded_codebooks():
+    data = encode_container(big_codebook_container("E8", k=40))
+    header, payload = split(data)
+    resolved = read_header(data)["quantized"][0]
+    assert resolved["codebook"]["encoding"] == "lattice-int-coded"
+    # a parity symbol that is neither 0 nor 1: code the stream again with one, under the same alphabet
+    symbols = C._codebook_symbols("E8", big_codebook_container("E8", k=40).quantized[0].codebook_int)
+    alphabet = resolved["codebook"]["alphabet_size"]
+    symbols[3, 0] = alphabet - 1
+    assert alphabet - 1 > 1
+    coder = C._get_coder(C.FORMAT_DEFAULT_CODER)
+    forged = coder.encode(symbols.ravel(), alphabet)
+    start, length = resolved["codebook"]["offset"], resolved["codebook"]["length"]
+    header["quantized"][0]["codebook"]["length"] = len(forged)
+    err = expect("bad_value", assemble(header, payload[:start] + forged + payload[start + length :]))
+    assert "parity" in str(err)
+    # a stream that does not decode
+    expect("bad_value", assemble(header, payload[:start] + bytes(len(forged)) + payload[start + length :]))
+
+
 def test_unknown_codec(good):
-    header, payload = split(good)
-
-    def crafted(mutate):
-        h = json.loads(json.dumps(header))
-        mutate(h)
-        return assemble(h, payload)
-
+    crafted = crafter(good)
     expect("unknown_codec", crafted(lambda h: h["quantized"][0]["indices"].update(coder="nope-v9")))
+    expect("unknown_codec", crafted(lambda h: h.update(coder="nope-v9")))
     expect("unknown_codec", crafted(lambda h: h["quantized"][0]["codebook"].update(encoding="bf16")))
+    expect("unknown_codec", crafted(lambda h: h["quantized"][2].update(codebook={
+        "encoding": "lattice-int-coded", "alphabet_size": 3, "length": 16, "coder": "nope-v9"})))
     expect("unknown_codec", crafted(lambda h: h["raw"][0].update(dtype="complex64")))
     expect("unknown_codec", crafted(lambda h: h["raw"][0].update(source_dtype="float64")))
 
@@ -500,7 +749,7 @@ def test_writer_refuses_inconsistent_input():
     refused("bad_value", lambda c: setattr(q0(c), "indices", q0(c).indices + 17))
     refused("bad_value", lambda c: setattr(q0(c), "indices", q0(c).indices.astype(np.float32)))
     refused("bad_value", lambda c: setattr(q0(c), "lattice", "E9"))
-    refused("bad_value", lambda c: setattr(q0(c), "n", 2))
+    refused("bad_value", lambda c: setattr(q0(c), "n", 9))
     refused("bad_value", lambda c: setattr(q0(c), "step", float("nan")))
     refused("bad_value", lambda c: setattr(q0(c), "key", -1))
     refused("bad_value", lambda c: setattr(q0(c), "key", 2**64))
@@ -515,6 +764,9 @@ def test_writer_refuses_inconsistent_input():
     refused("bad_value", lambda c: c.raw.append(RawTensor("conv1.weight", np.zeros(1))))
     refused("bad_value", lambda c: c.raw.append(RawTensor("big", big[:2, 0])), raw_float_dtype="float16")
     refused("bad_value", lambda c: None, raw_float_dtype="bfloat16")
+    refused("bad_value", lambda c: setattr(c.quantized[2], "codebook_int", np.array([[1, 0, 0, 0]])))  # odd sum
+    refused("bad_value", lambda c: setattr(c.quantized[1], "codebook_int", np.array([[1] * 7 + [2]] * 5)))  # parity
+    refused("bad_value", lambda c: setattr(c.quantized[1], "codebook_int", np.array([[2] + [0] * 7] * 5)))  # sum 2
     refused("unknown_codec", lambda c: c.raw.append(RawTensor("c", np.zeros(2, np.complex64))))
     refused("unknown_codec", lambda c: setattr(q0(c), "coder", "nope-v9"))
     circular: dict = {}
@@ -535,37 +787,43 @@ def test_writer_refuses_inconsistent_input():
 def golden_container() -> Container:
     q = QuantizedTensor(
         fqn="w", shape=(2, 3), lattice="Z", n=1, step=0.5, key=1, dither="udnc-hash32-v1",
-        indices=np.array([0, 1, 2, 1, 0, 2]), codebook=np.array([[-0.5], [0.0], [0.5]], np.float32),
+        indices=np.array([0, 1, 2, 1, 0, 2]), codebook=None, codebook_int=np.array([[-1], [0], [1]]),
         coder=STAND_IN, zero_index=1,
     )
-    return Container([q], [RawTensor("b", np.array([1.0, -2.0], np.float32))], {"version": 1}, {"note": "golden"})
+    raw = [RawTensor("b", np.array([1.0, -2.0], np.float32)), RawTensor("t", np.array(3, np.int64))]
+    return Container([q], raw, {"version": 1}, {"note": "golden"})
 
 
+GOLDEN_HEADER = (
+    '{"coder":"test-le32-v0","config":{"version":1},"metadata":{"note":"golden"},"quantized":[{"codebook":'
+    '{"encoding":"lattice-int"},"fqn":"w","indices":{"alphabet_size":3,"length":24},"key":"0000000000000001",'
+    '"lattice":"Z","shape":[2,3],"step":0.5,"zero_index":1}],"raw":[{"name":"b","shape":[2]},'
+    '{"dtype":"int64","name":"t","shape":[]}]}'
+)
 GOLDEN_HEX = (
-    "8955444e430d0a1a010000003e02000000000000528ab40b252cde1ca72e5297a2b5bbb6f4bdbb0d7fe2fe8a6c66aa5e1ce681677b22636f"
-    "6e666967223a7b2276657273696f6e223a317d2c226d65746164617461223a7b226e6f7465223a22676f6c64656e227d2c227061796c6f61"
-    "645f6c656e677468223a34342c227061796c6f61645f736861323536223a2266623131343634306663636335383639386663363539646133"
-    "363137366363393831326339616537653338356138326332653031343366396664643165386231222c227175616e74697a6564223a5b7b22"
-    "636f6465626f6f6b223a7b226372633332223a313531373231363739382c22656e636f64696e67223a22663332222c226c656e677468223a"
-    "31322c226f6666736574223a32347d2c22646974686572223a2275646e632d6861736833322d7631222c2266716e223a2277222c22696e64"
-    "69636573223a7b22616c7068616265745f73697a65223a332c22636f646572223a22746573742d6c6533322d7630222c22636f756e74223a"
-    "362c226372633332223a313839303231303031372c226c656e677468223a32342c226f6666736574223a307d2c226b6579223a2230303030"
-    "303030303030303030303031222c226c617474696365223a225a222c226e223a312c227368617065223a5b322c335d2c2273746570223a30"
-    "2e352c227a65726f5f696e646578223a317d5d2c22726177223a5b7b2264617461223a7b226372633332223a333238303431343239342c22"
-    "6c656e677468223a382c226f6666736574223a33367d2c226474797065223a22666c6f61743332222c226e616d65223a2262222c22736861"
-    "7065223a5b325d7d5d7d000000000100000002000000010000000000000002000000000000bf000000000000003f0000803f000000c0"
+    "8955444e430d0a1a010000004e0100002b000000000000005919f4c848271cdd7864a6d632ad2c3b9bf489652ec54a064f55a7e4ffd478ef"
+    "fdf842a92f50ff70069697a4238f68b9213d280e1eb4ab87560d27b84b7431e27b22636f646572223a22746573742d6c6533322d7630222c"
+    "22636f6e666967223a7b2276657273696f6e223a317d2c226d65746164617461223a7b226e6f7465223a22676f6c64656e227d2c22717561"
+    "6e74697a6564223a5b7b22636f6465626f6f6b223a7b22656e636f64696e67223a226c6174746963652d696e74227d2c2266716e223a2277"
+    "222c22696e6469636573223a7b22616c7068616265745f73697a65223a332c226c656e677468223a32347d2c226b6579223a223030303030"
+    "3030303030303030303031222c226c617474696365223a225a222c227368617065223a5b322c335d2c2273746570223a302e352c227a6572"
+    "6f5f696e646578223a317d5d2c22726177223a5b7b226e616d65223a2262222c227368617065223a5b325d7d2c7b226474797065223a2269"
+    "6e743634222c226e616d65223a2274222c227368617065223a5b5d7d5d7d0000000001000000020000000100000000000000020000000100"
+    "020000803f000000c00300000000000000"
 )
 
 
 def test_golden_bytes():
     data = encode_container(golden_container())
     assert data.hex() == GOLDEN_HEX
-    assert data[:8] == b"\x89UDNC\r\n\x1a" and data[8:12] == b"\x01\x00\x00\x00"
-    # the payload, built by hand from the spec: u32 indices, f32 codebook, f32 raw tensor, back to back
-    payload = np.array([0, 1, 2, 1, 0, 2], "<u4").tobytes() + np.array([-0.5, 0, 0.5], "<f4").tobytes()
-    payload += np.array([1.0, -2.0], "<f4").tobytes()
-    assert data.endswith(payload) and len(data) == 670
-    assert split(data)[0]["payload_sha256"] == hashlib.sha256(payload).hexdigest()
+    # every field, built by hand from the spec
+    payload = np.array([0, 1, 2, 1, 0, 2], "<u4").tobytes()  # the stand-in's u32 indices
+    payload += bytes([1, 0, 2])  # lattice-int, width 1: zigzag(-1, 0, 1)
+    payload += np.array([1.0, -2.0], "<f4").tobytes() + np.array([3], "<i8").tobytes()  # raw data, back to back
+    header = GOLDEN_HEADER.encode()
+    head = MAGIC + struct.pack("<HHIQ", 1, 0, len(header), len(payload)) + hashlib.sha256(payload).digest()
+    assert data == head + hashlib.sha256(head + header).digest() + header + payload
+    assert len(data) == PREAMBLE_SIZE + len(header) + len(payload) == 88 + 334 + 43 == 465
     assert_same(read_container(bytes.fromhex(GOLDEN_HEX)), golden_container())
 
 
@@ -575,3 +833,12 @@ def test_truncation_is_reported_before_value_checks(good):
     h["quantized"][0]["indices"]["coder"] = "nope-v9"
     expect("unknown_codec", assemble(h, payload))
     expect("truncated", assemble(h, payload)[:-1])  # the order of docs/FORMAT.md's table
+
+
+def test_the_spec_shows_the_golden_header_and_symbol_vectors():
+    spec = (Path(__file__).resolve().parents[2] / "docs" / "FORMAT.md").read_text(encoding="utf-8")
+    assert GOLDEN_HEADER in spec and "465 bytes" in spec and "334-byte header" in spec
+    for lattice, coordinates, symbols in SYMBOL_VECTORS:
+        if lattice in ("D4", "E8"):
+            row = ", ".join(str(x).replace("-", "−") for x in coordinates[0])
+            assert f"| `{lattice}` | `({row})` | `{' '.join(map(str, symbols[0]))}` |" in spec

@@ -2,8 +2,8 @@
 
 Two kinds of damage. Blind damage (flipped bytes, truncation) must always be detected: every byte of a file is
 covered by the header digest, the payload digest or both. Crafted damage (header or payload altered and every
-checksum recomputed, as an attacker would) reaches the parser, the validator and the index coders: it may decode
-to something else, but must never raise anything but FormatError.
+checksum recomputed, as an attacker would) reaches the parser, the validator, the index coders and the coded
+codebooks: it may decode to something else, but must never raise anything but FormatError.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-import zlib
 
 import numpy as np
 import pytest
@@ -53,6 +52,19 @@ except ImportError:  # pragma: no cover - the coder registry is written alongsid
 CODERS = available_coders()
 
 
+def _e8_points(rng, k: int) -> np.ndarray:
+    """E8 points in integer coordinates (twice the point): one parity per row, sum divisible by 4."""
+    r = rng.integers(-25, 26, (k, 8))
+    r[:, 7] += r.sum(axis=1) % 2
+    return 2 * r + rng.integers(0, 2, (k, 1))
+
+
+def _d4_points(rng, k: int) -> np.ndarray:
+    c = rng.integers(-2, 3, (k, 4))
+    c[:, 3] += c.sum(axis=1) % 2
+    return c
+
+
 def _build(coders: list[str], *, lattice_int: bool, seed: int, **options) -> bytes:
     rng = np.random.default_rng(seed)
     pick = lambda i: coders[i % len(coders)]  # noqa: E731
@@ -67,12 +79,17 @@ def _build(coders: list[str], *, lattice_int: bool, seed: int, **options) -> byt
         QuantizedTensor(
             "fc.weight", (4, 10), "E8", 8, 0.1, 2**63 + 5, "udnc-hash32-v1", rng.integers(0, 4, 5),
             rng.standard_normal((4, 8)).astype(np.float32),
-            codebook_int=rng.integers(-50, 50, (4, 8)) * 2 if lattice_int else None, coder=pick(1),
+            codebook_int=_e8_points(rng, 4) if lattice_int else None, coder=pick(1),
         ),
         QuantizedTensor(
             "head.weight", (3, 3), "A2", 2, 0.5, 3, "udnc-hash32-v1", np.array([0, 1, 1, 0, 2]),
             rng.standard_normal((3, 2)).astype(np.float32),
             codebook_int=rng.integers(-3, 3, (3, 2)) if lattice_int else None, coder=pick(2),
+        ),
+        QuantizedTensor(  # a codebook large enough to be entropy-coded when integer
+            "proj.weight", (6, 8), "D4", 4, 0.25, 11, "none", rng.integers(0, 24, 12),
+            rng.standard_normal((24, 4)).astype(np.float32),
+            codebook_int=_d4_points(rng, 24) if lattice_int else None, coder=pick(3),
         ),
     ]
     raw = [
@@ -131,12 +148,13 @@ def check_blind_damage(data: bytes, which: int) -> None:
 
 
 def reassemble(header_bytes: bytes, payload: bytes, prefix: bytes) -> bytes:
-    head = prefix[:12] + struct.pack("<Q", len(header_bytes))
+    """A file with every checksum and length of the preamble recomputed (the version fields taken from prefix)."""
+    head = prefix[:12] + struct.pack("<IQ32s", len(header_bytes), len(payload), hashlib.sha256(payload).digest())
     return head + hashlib.sha256(head + header_bytes).digest() + header_bytes + payload
 
 
 def parts(data: bytes) -> tuple[bytes, bytes]:
-    header_length = struct.unpack_from("<Q", data, 12)[0]
+    header_length = struct.unpack_from("<I", data, 12)[0]
     return data[PREAMBLE_SIZE : PREAMBLE_SIZE + header_length], data[PREAMBLE_SIZE + header_length :]
 
 
@@ -240,25 +258,26 @@ def test_crafted_header_values(data, which, value, delete):
 @fuzz(600)
 @given(data=st.data(), which=st.integers(0, len(FILES) - 1))
 def test_crafted_payload_bytes(data, which):
-    """Garbage inside sections with every checksum fixed up: the index coders must contain it."""
+    """Garbage inside sections with every checksum fixed up: the index coders and codebook decoders must contain it."""
     header_bytes, payload = parts(FILES[which])
-    header = json.loads(header_bytes)
     payload = bytearray(payload)
     for where, value in data.draw(edits_of(len(payload), min_size=1, max_size=6)):
         payload[where] = value
-    sections = [s for q in header["quantized"] for s in (q["indices"], q["codebook"])]
-    sections += [r["data"] for r in header["raw"]]
-    for s in sections:
-        s["crc32"] = zlib.crc32(payload[s["offset"] : s["offset"] + s["length"]])
-    header["payload_sha256"] = hashlib.sha256(payload).hexdigest()
-    result = outcome(reassemble(json.dumps(header).encode(), bytes(payload), FILES[which]))
+    result = outcome(reassemble(header_bytes, bytes(payload), FILES[which]))
     if not isinstance(result, FormatError):
-        for q, entry in zip(result.quantized, header["quantized"]):
+        for q, entry in zip(result.quantized, read_header(FILES[which])["quantized"]):
             assert q.indices.shape == (entry["indices"]["count"],)
             assert q.indices.size == 0 or int(q.indices.max()) < entry["indices"]["alphabet_size"]
+            if q.codebook_int is not None:  # integer codebooks are always lattice points
+                assert not C._non_members(q.lattice, q.codebook_int).any()
 
 
 @pytest.mark.parametrize("which", range(len(FILES)))
 def test_pristine_files_decode(which):
     assert fingerprint(read_container(FILES[which])) == REFERENCE[which]
     assert len(set(FILES)) == len(FILES)
+
+
+def test_the_files_cover_every_codebook_encoding():
+    encodings = {q["codebook"]["encoding"] for f in FILES for q in read_header(f)["quantized"]}
+    assert encodings == {"f32", "f16", "lattice-int", "lattice-int-coded"}

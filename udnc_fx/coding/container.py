@@ -3,7 +3,13 @@
 NumPy only (no torch), so a deployment can decode a model without PyTorch. The byte-level specification is
 ``docs/FORMAT.md``; this module is its reference implementation. In short::
 
-    magic(8) | major u16 | minor u16 | header length u64 | SHA-256(bytes 0..20 + header) (32) | JSON header | payload
+    magic(8) | major u16 | minor u16 | header length u32 | payload length u64 | payload SHA-256 (32)
+    | header SHA-256 (32) | compact JSON header | payload (index streams, codebooks, raw tensors, back to back)
+
+The header is kept small because on small models it is a visible part of the file: writers omit every key that
+holds its default, section offsets are never stored (sections are contiguous, in entry order) and lengths only
+where they cannot be derived (coded streams). :func:`read_header` gives the header back *resolved*: defaults,
+offsets and lengths filled in, so callers never need to know the defaults.
 
 Reading never unpickles and never trusts a number from the file before checking it: every failure raises
 :class:`~udnc_fx.errors.FormatError` with a ``kind`` (``bad_magic``, ``unsupported_version``, ``truncated``,
@@ -23,7 +29,7 @@ import math
 import os
 import secrets
 import struct
-import zlib
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +45,8 @@ __all__ = [
     "DEFAULT_MAX_ELEMENTS",
     "LATTICE_DIMENSIONS",
     "DEFAULT_CODER",
+    "FORMAT_DEFAULT_CODER",
+    "FORMAT_DEFAULT_DITHER",
     "QuantizedTensor",
     "RawTensor",
     "Container",
@@ -52,17 +60,26 @@ __all__ = [
 
 MAGIC = b"\x89UDNC\r\n\x1a"
 FORMAT_VERSION = (1, 0)  # (major, minor) written by this module
-_PREAMBLE = struct.Struct("<8sHHQ32s")
-PREAMBLE_SIZE = _PREAMBLE.size  # 52
-_DIGESTED_PREAMBLE = 20  # magic, versions and header length are covered by the header digest
+# magic, major, minor, header length H, payload length P, payload SHA-256, header SHA-256
+_DIGESTED = struct.Struct("<8sHHIQ32s")  # everything before the header digest, which covers it
+_PREAMBLE = struct.Struct("<8sHHIQ32s32s")
+PREAMBLE_SIZE = _PREAMBLE.size  # 88
+_DIGESTED_PREAMBLE = _DIGESTED.size  # 56
 MAX_HEADER_LENGTH = 64 << 20
-#: Default cap on the elements a container may decode to (all tensors together). An entropy-coded stream can be
-#: far smaller than what it decodes to, so the file's length alone cannot bound the allocation.
+#: Default cap on the elements a container may decode to (all tensors and codebooks together). An entropy-coded
+#: stream can be far smaller than what it decodes to, so the file's length alone cannot bound the allocation.
 DEFAULT_MAX_ELEMENTS = 1 << 32
 _MAX_NDIM = 32
 
-#: Lattice name -> the dimensions it exists in.
+#: Lattice name -> the dimensions it exists in (the first is the default of an omitted ``n``).
 LATTICE_DIMENSIONS: dict[str, tuple[int, ...]] = {"Z": tuple(range(1, 9)), "A2": (2,), "D4": (4,), "E8": (8,)}
+
+#: What an omitted ``coder`` means (index streams and coded codebooks). Part of the format: it never changes within
+#: major version 1, whatever the registry's default becomes.
+FORMAT_DEFAULT_CODER = "range-adaptive-v1"
+#: What an omitted ``dither`` means.
+FORMAT_DEFAULT_DITHER = "udnc-hash32-v1"
+_ZERO_KEY = "0" * 16
 
 _RAW_DTYPES: dict[str, np.dtype] = {
     name: np.dtype(code)
@@ -73,8 +90,12 @@ _RAW_DTYPES: dict[str, np.dtype] = {
         ("bool", "?"),
     ]
 }
+_DEFAULT_RAW_DTYPE = "float32"
 _CODEBOOK_FLOAT_ENCODINGS = {"f32": np.dtype("<f4"), "f16": np.dtype("<f2")}
+_LATTICE_INT = "lattice-int"
+_LATTICE_INT_CODED = "lattice-int-coded"
 _INT_WIDTHS = {1: np.dtype("u1"), 2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype("<u8")}
+_MAX_CODED_ALPHABET = 1 << 32  # coded codebook symbols; keeps their inverse transform inside int64
 _HEX = frozenset("0123456789abcdef")
 
 try:  # the coder registry is written alongside; fall back to its announced default until it lands
@@ -102,10 +123,12 @@ class QuantizedTensor:
         dither: the dither generator's id, e.g. ``"udnc-hash32-v1"``.
         indices: ``ceil(numel / n)`` integers in ``[0, K)``. Read back as the narrowest unsigned dtype holding K.
         codebook: float32 ``(K, n)``; ``None`` when read from a ``lattice-int`` codebook.
-        codebook_int: optional int64 ``(K, n)`` integer lattice coordinates. When given, the writer stores these
-            (compactly) instead of ``codebook`` and the reader returns them with ``codebook=None``; the caller
-            rebuilds the floats. The writer cannot check that ``codebook`` still equals them (it does not know the
-            lattice's generator), so pass them only for codebooks that were not fine-tuned.
+        codebook_int: optional int64 ``(K, n)`` integer lattice coordinates (``docs/FORMAT.md``, *Lattices*: D4
+            rows have an even sum, E8 rows are twice a point: one parity, sum divisible by 4). When given, the
+            writer stores these (entropy-coded when that is smaller) instead of ``codebook`` and the reader returns
+            them with ``codebook=None``; the caller rebuilds the floats. The writer checks that every row is a
+            lattice point but cannot check that ``codebook`` still equals them (it does not know the lattice's
+            generator), so pass them only for codebooks that were not fine-tuned.
         coder: the index coder's registered name.
         zero_index: the index that decodes to exactly 0 whatever the dither (pruned weights), or ``None``.
         meta: JSON-able per-tensor facts (e.g. ``sqnr_db``), stored in the header.
@@ -144,6 +167,7 @@ class Container:
     metadata: dict = field(default_factory=dict)
 
 
+
 # ---------------------------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------------------------
@@ -160,11 +184,11 @@ def _get_coder(name: str):
     except FormatError as exc:
         if exc.kind == "unknown_codec":
             raise
-        raise FormatError("unknown_codec", f"unknown index coder {name!r}") from exc
+        raise FormatError("unknown_codec", f"unknown coder {name!r}") from exc
     except Exception as exc:  # the registry's own error type is its business: to us the codec is unknown
-        raise FormatError("unknown_codec", f"unknown index coder {name!r}") from exc
+        raise FormatError("unknown_codec", f"unknown coder {name!r}") from exc
     if coder is None:
-        raise FormatError("unknown_codec", f"unknown index coder {name!r}")
+        raise FormatError("unknown_codec", f"unknown coder {name!r}")
     return coder
 
 
@@ -228,8 +252,73 @@ def _zigzag_decode(z: np.ndarray) -> np.ndarray:
     return ((z >> np.uint64(1)).view(np.int64)) ^ -((z & np.uint64(1)).view(np.int64))
 
 
-def _section(offset: int, data: bytes, **extra: Any) -> dict:
-    return {"offset": offset, "length": len(data), "crc32": zlib.crc32(data) & 0xFFFFFFFF, **extra}
+def _default_n(lattice: str) -> int:
+    return LATTICE_DIMENSIONS[lattice][0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Integer codebooks: lattice membership and the symbol stream of "lattice-int-coded"
+# ---------------------------------------------------------------------------------------------------------------
+
+#: Symbols per codebook row in "lattice-int-coded" (E8 adds the row's parity).
+_CODED_ROW_SYMBOLS = {"Z": None, "A2": 2, "D4": 4, "E8": 9}
+
+
+def _non_members(lattice: str, c: np.ndarray) -> np.ndarray:
+    """Boolean mask of the rows of int64 ``c`` that are not integer coordinates of a ``lattice`` point.
+
+    Works on residues (``& 1``, ``& 3``), so it cannot overflow whatever the values.
+    """
+    if lattice == "D4":
+        return (np.sum(c & 1, axis=1) & 1) != 0
+    if lattice == "E8":  # twice a point: every coordinate of one parity, sum divisible by 4
+        parity = c & 1
+        return np.any(parity != parity[:, :1], axis=1) | ((np.sum(c & 3, axis=1) & 3) != 0)
+    return np.zeros(c.shape[0], dtype=bool)
+
+
+def _codebook_symbols(lattice: str, c: np.ndarray) -> np.ndarray:
+    """The ``(K, w)`` symbol rows of a ``lattice-int-coded`` codebook (docs/FORMAT.md); ``c`` holds lattice points
+    with every coordinate below 2^40 in magnitude, so nothing here overflows int64.
+
+    The parity constraints of D4 and E8 are taken out of the stream: they would cost the order-0 coder a bit or
+    more per row, and mixing E8's odd and even rows in one alphabet costs it about a third of the stream.
+    """
+    c = c.astype(np.int64, copy=False)
+    if lattice == "D4":
+        s = c.copy()
+        p = (c[:, 0] + c[:, 1] + c[:, 2]) & 1
+        s[:, 3] = (c[:, 3] - p) >> 1
+        return _zigzag_encode(s).astype(np.int64)
+    if lattice == "E8":
+        p = c[:, 0] & 1
+        h = (c - p[:, None]) >> 1
+        q = np.sum(h[:, :7], axis=1) & 1
+        h[:, 7] = (h[:, 7] - q) >> 1
+        return np.concatenate([p[:, None], _zigzag_encode(h).astype(np.int64)], axis=1)
+    return _zigzag_encode(c).astype(np.int64)
+
+
+def _codebook_from_symbols(lattice: str, s: np.ndarray, where: str) -> np.ndarray:
+    """Inverse of :func:`_codebook_symbols`; ``s`` is ``(K, w)`` with every symbol below 2^32."""
+    if lattice == "D4":
+        c = _zigzag_decode(s)
+        p = (c[:, 0] + c[:, 1] + c[:, 2]) & 1
+        c[:, 3] = 2 * c[:, 3] + p
+        return c
+    if lattice == "E8":
+        p = s[:, 0].astype(np.int64)
+        if p.size and int(p.max()) > 1:
+            raise FormatError("bad_value", f"{where}: an E8 row parity symbol is not 0 or 1")
+        h = _zigzag_decode(s[:, 1:])
+        q = np.sum(h[:, :7], axis=1) & 1
+        h[:, 7] = 2 * h[:, 7] + q
+        return 2 * h + p[:, None]
+    return _zigzag_decode(s)
+
+
+def _coded_row_symbols(lattice: str, n: int) -> int:
+    return _CODED_ROW_SYMBOLS[lattice] or n
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -243,7 +332,57 @@ def _as_int(value: Any, what: str) -> int:
     return int(value)
 
 
+def _encode_stream(coder_name: str, symbols: np.ndarray, alphabet_size: int, what: str) -> bytes:
+    coder = _get_coder(coder_name)
+    try:
+        return bytes(coder.encode(np.ascontiguousarray(symbols, dtype=np.int64), alphabet_size))
+    except FormatError:
+        raise
+    except Exception as exc:
+        raise FormatError("bad_value", f"{what}: coder {coder_name!r} failed to encode: {exc}") from exc
+
+
+def _encode_int_codebook(q: QuantizedTensor, n: int, where: str) -> tuple[int, dict, bytes]:
+    """``lattice-int`` (fixed width) or ``lattice-int-coded``, whichever makes the smaller file."""
+    cb_int = np.asarray(q.codebook_int)
+    if cb_int.dtype.kind not in "iu" or cb_int.ndim != 2 or cb_int.shape[1] != n:
+        raise FormatError("bad_value", f"{where}: codebook_int must be an integer (K, {n}) array")
+    if cb_int.dtype.kind == "u" and cb_int.size and int(cb_int.max()) > np.iinfo(np.int64).max:
+        raise FormatError("bad_value", f"{where}: codebook_int values must fit in int64")
+    c = cb_int.astype(np.int64)
+    bad = _non_members(q.lattice, c)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise FormatError("bad_value", f"{where}: codebook_int row {row} {c[row].tolist()} is not a {q.lattice} point")
+    alphabet_size = c.shape[0]
+    z = _zigzag_encode(c)
+    zmax = int(z.max()) if z.size else 0
+    width = next(w for w in (1, 2, 4, 8) if zmax < 1 << (8 * w))
+    best = ({"encoding": _LATTICE_INT, "width": width}, z.astype(_INT_WIDTHS[width]).tobytes())
+    if c.size and -(1 << 40) < int(c.min()) and int(c.max()) < 1 << 40:
+        symbols = _codebook_symbols(q.lattice, c)
+        symbol_alphabet = int(symbols.max()) + 1
+        # An adaptive coder's model grows with its alphabet: past 2^16 symbols, and more than the stream holds,
+        # coding costs memory and time for next to no gain over the fixed width (its symbols are all but unique).
+        limit = min(
+            _MAX_CODED_ALPHABET,
+            getattr(_get_coder(FORMAT_DEFAULT_CODER), "max_alphabet_size", 0),
+            max(1 << 16, symbols.size),
+        )
+        if symbol_alphabet <= limit:
+            data = _encode_stream(FORMAT_DEFAULT_CODER, symbols.ravel(), symbol_alphabet, f"{where} codebook")
+            coded = {"encoding": _LATTICE_INT_CODED, "alphabet_size": symbol_alphabet, "length": len(data)}
+
+            def cost(candidate: tuple[dict, bytes]) -> int:
+                return len(candidate[1]) + len(_canonical_json(_compact_codebook(candidate[0])))
+
+            if cost((coded, data)) < cost(best):  # ties keep the fixed width: no coder needed to read it
+                best = (coded, data)
+    return alphabet_size, dict(best[0]), best[1]
+
+
 def _encode_quantized(q: QuantizedTensor, codebook_float_dtype: str, max_elements: int) -> tuple[dict, bytes, bytes]:
+    """Checks ``q``; returns its header entry in resolved form (every key present) and its two sections."""
     where = f"quantized tensor {getattr(q, 'fqn', '?')!r}"
     if not isinstance(q, QuantizedTensor):
         raise FormatError("bad_value", f"expected QuantizedTensor, got {type(q).__name__}")
@@ -278,17 +417,7 @@ def _encode_quantized(q: QuantizedTensor, codebook_float_dtype: str, max_element
 
     # Codebook.
     if q.codebook_int is not None:
-        cb_int = np.asarray(q.codebook_int)
-        if cb_int.dtype.kind not in "iu" or cb_int.ndim != 2 or cb_int.shape[1] != n:
-            raise FormatError("bad_value", f"{where}: codebook_int must be an integer (K, {n}) array")
-        if cb_int.dtype.kind == "u" and cb_int.size and int(cb_int.max()) > np.iinfo(np.int64).max:
-            raise FormatError("bad_value", f"{where}: codebook_int values must fit in int64")
-        alphabet_size = cb_int.shape[0]
-        z = _zigzag_encode(cb_int.astype(np.int64))
-        zmax = int(z.max()) if z.size else 0
-        width = next(w for w in (1, 2, 4, 8) if zmax < 1 << (8 * w))
-        codebook_bytes = z.astype(_INT_WIDTHS[width]).tobytes()
-        codebook_extra: dict[str, Any] = {"encoding": "lattice-int", "width": width}
+        alphabet_size, codebook_entry, codebook_bytes = _encode_int_codebook(q, n, where)
     else:
         if q.codebook is None:
             raise FormatError("bad_value", f"{where}: needs a codebook or codebook_int")
@@ -307,9 +436,11 @@ def _encode_quantized(q: QuantizedTensor, codebook_float_dtype: str, max_element
         if encoding == "f16" and not np.array_equal(np.isfinite(stored), np.isfinite(cb32)):
             raise FormatError("bad_value", f"{where}: codebook overflows float16")
         codebook_bytes = stored.tobytes()
-        codebook_extra = {"encoding": encoding}
+        codebook_entry = {"encoding": encoding, "length": len(codebook_bytes)}
     if alphabet_size < 1:
         raise FormatError("bad_value", f"{where}: the codebook is empty (K = 0)")
+    if numel + alphabet_size * n > max_elements:
+        raise FormatError("bad_value", f"{where}: the tensor and its codebook hold more than {max_elements} elements")
 
     # Indices.
     indices = np.asarray(q.indices)
@@ -329,14 +460,7 @@ def _encode_quantized(q: QuantizedTensor, codebook_float_dtype: str, max_element
         if not 0 <= zero_index < alphabet_size:
             raise FormatError("bad_value", f"{where}: zero_index {zero_index} outside [0, {alphabet_size})")
     _check_json_object(q.meta, f"{where}: meta")
-
-    coder = _get_coder(q.coder)
-    try:
-        indices_bytes = bytes(coder.encode(np.ascontiguousarray(indices, dtype=np.int64), alphabet_size))
-    except FormatError:
-        raise
-    except Exception as exc:
-        raise FormatError("bad_value", f"{where}: coder {q.coder!r} failed to encode: {exc}") from exc
+    indices_bytes = _encode_stream(q.coder, indices, alphabet_size, where)
 
     entry: dict[str, Any] = {
         "fqn": q.fqn,
@@ -346,13 +470,11 @@ def _encode_quantized(q: QuantizedTensor, codebook_float_dtype: str, max_element
         "step": step,
         "key": f"{key:016x}",
         "dither": q.dither,
-        "indices": {"coder": q.coder, "count": count, "alphabet_size": alphabet_size},
-        "codebook": codebook_extra,
+        "zero_index": zero_index,
+        "meta": q.meta,
+        "indices": {"coder": q.coder, "alphabet_size": alphabet_size, "count": count, "length": len(indices_bytes)},
+        "codebook": codebook_entry,
     }
-    if zero_index is not None:
-        entry["zero_index"] = zero_index
-    if q.meta:
-        entry["meta"] = q.meta
     return entry, indices_bytes, codebook_bytes
 
 
@@ -379,7 +501,84 @@ def _encode_raw(r: RawTensor, raw_float_dtype: str) -> tuple[dict, bytes]:
     else:
         stored = array.astype(_RAW_DTYPES[name])
         entry["dtype"] = name
-    return entry, np.ascontiguousarray(stored).tobytes()
+    data = np.ascontiguousarray(stored).tobytes()
+    entry["data"] = {"length": len(data)}
+    return entry, data
+
+
+# The compact (stored) form: a resolved header minus every key that holds its default or that a reader derives.
+# The writer stores exactly _compact_header(resolved); section_sizes measures the same form, so its per-entry
+# shares are exact for files this module wrote.
+
+
+def _compact_codebook(cb: dict) -> dict:
+    out = dict(cb)
+    out.pop("offset", None)
+    encoding = out.get("encoding")
+    if encoding in _CODEBOOK_FLOAT_ENCODINGS or encoding == _LATTICE_INT:
+        out.pop("length", None)
+    if encoding == _LATTICE_INT and out.get("width") == 1:
+        del out["width"]
+    if encoding == _LATTICE_INT_CODED and out.get("coder") == FORMAT_DEFAULT_CODER:
+        del out["coder"]
+    return out
+
+
+def _compact_quantized(entry: dict, file_coder: str) -> dict:
+    out = dict(entry)
+    lattice = out.get("lattice")
+    if lattice in LATTICE_DIMENSIONS and out.get("n") == _default_n(lattice):
+        del out["n"]
+    for key, default in (("key", _ZERO_KEY), ("dither", FORMAT_DEFAULT_DITHER), ("zero_index", None), ("meta", {})):
+        if key in out and out[key] == default and type(out[key]) is type(default):
+            del out[key]
+    indices = dict(out["indices"])
+    for key in ("offset", "count"):
+        indices.pop(key, None)
+    if indices.get("coder") == file_coder:
+        del indices["coder"]
+    out["indices"] = indices
+    out["codebook"] = _compact_codebook(out["codebook"])
+    return out
+
+
+def _compact_raw(entry: dict) -> dict:
+    out = dict(entry)
+    out.pop("data", None)
+    if out.get("dtype") == _DEFAULT_RAW_DTYPE:
+        del out["dtype"]
+    if "source_dtype" in out and out["source_dtype"] is None:
+        del out["source_dtype"]
+    return out
+
+
+def _compact_header(header: dict) -> dict:
+    out = dict(header)
+    for key in _RESOLVED_ONLY:
+        out.pop(key, None)
+    file_coder = out.get("coder", FORMAT_DEFAULT_CODER)
+    if file_coder == FORMAT_DEFAULT_CODER:
+        out.pop("coder", None)
+    out["quantized"] = [_compact_quantized(q, file_coder) for q in out.get("quantized", [])]
+    out["raw"] = [_compact_raw(r) for r in out.get("raw", [])]
+    for key, empty in (("quantized", []), ("raw", []), ("config", {}), ("metadata", {})):
+        if key in out and out[key] == empty:
+            del out[key]
+    return out
+
+
+#: Top-level keys that read_header adds from the preamble and the file's layout; never stored in the JSON.
+_RESOLVED_ONLY = ("header_length", "payload_length", "payload_sha256")
+
+
+def _file_coder(coders: list[str]) -> str:
+    """The header's default index coder: the most used one (the format's default when it is among them)."""
+    counts = Counter(coders)
+    if not counts:
+        return FORMAT_DEFAULT_CODER
+    top = max(counts.values())
+    best = sorted(name for name, c in counts.items() if c == top)
+    return FORMAT_DEFAULT_CODER if FORMAT_DEFAULT_CODER in best else best[0]
 
 
 def encode_container(
@@ -390,6 +589,8 @@ def encode_container(
     max_elements: int = DEFAULT_MAX_ELEMENTS,
 ) -> bytes:
     """Serialises ``container`` to the ``.udnc`` bytes (see ``docs/FORMAT.md``). Identical inputs give identical bytes.
+
+    Integer codebooks (``codebook_int``) are stored in fixed-width bytes or entropy-coded, whichever is smaller.
 
     Args:
         container: what to store.
@@ -419,19 +620,14 @@ def encode_container(
 
     names: set[str] = set()
     parts: list[bytes] = []
-    offset = 0
     total_elements = 0
     quantized_entries = []
     for q in container.quantized:
         entry, indices_bytes, codebook_bytes = _encode_quantized(q, codebook_float_dtype, max_elements)
-        total_elements += _prod(entry["shape"], max_elements)
+        total_elements += _prod(entry["shape"], max_elements) + entry["indices"]["alphabet_size"] * entry["n"]
         if entry["fqn"] in names:
             raise FormatError("bad_value", f"duplicate tensor name {entry['fqn']!r}")
         names.add(entry["fqn"])
-        entry["indices"].update(_section(offset, indices_bytes))
-        offset += len(indices_bytes)
-        entry["codebook"].update(_section(offset, codebook_bytes))
-        offset += len(codebook_bytes)
         parts += [indices_bytes, codebook_bytes]
         quantized_entries.append(entry)
     raw_entries = []
@@ -441,8 +637,6 @@ def encode_container(
         if entry["name"] in names:
             raise FormatError("bad_value", f"duplicate tensor name {entry['name']!r}")
         names.add(entry["name"])
-        entry["data"] = _section(offset, data)
-        offset += len(data)
         parts.append(data)
         raw_entries.append(entry)
     if total_elements > max_elements:
@@ -450,17 +644,18 @@ def encode_container(
 
     payload = b"".join(parts)
     header = {
-        "payload_length": len(payload),
-        "payload_sha256": hashlib.sha256(payload).hexdigest(),
+        "coder": _file_coder([e["indices"]["coder"] for e in quantized_entries]),
         "quantized": quantized_entries,
         "raw": raw_entries,
         "config": container.config,
         "metadata": container.metadata,
     }
-    header_bytes = _canonical_json(header)
+    header_bytes = _canonical_json(_compact_header(header))
     if len(header_bytes) > MAX_HEADER_LENGTH:
         raise FormatError("bad_header", f"the header would be {len(header_bytes)} bytes (limit {MAX_HEADER_LENGTH})")
-    head = struct.pack("<8sHHQ", MAGIC, FORMAT_VERSION[0], FORMAT_VERSION[1], len(header_bytes))
+    head = _DIGESTED.pack(
+        MAGIC, FORMAT_VERSION[0], FORMAT_VERSION[1], len(header_bytes), len(payload), hashlib.sha256(payload).digest()
+    )
     digest = hashlib.sha256(head + header_bytes).digest()
     return head + digest + header_bytes + payload
 
@@ -534,10 +729,9 @@ def write_container(
 
 @dataclass
 class _Section:
-    offset: int
-    length: int
-    crc32: int
     where: str
+    length: int
+    offset: int = -1  # set once every length is known
 
 
 @dataclass
@@ -546,19 +740,37 @@ class _QEntry:
     fqn: str
     shape: tuple[int, ...]
     lattice: str
-    n: int
-    step: float
+    n: int | None  # None: omitted (the lattice's default, once the lattice is known to be valid)
+    step: float | None  # None: out of float64's range (a bad_value once the entry's values are checked)
     key: int
     dither: str
     zero_index: int | None
     meta: dict
     coder: str
-    count: int
     alphabet_size: int
     encoding: str
     width: int | None
+    codebook_alphabet_size: int | None
+    codebook_coder: str | None
     indices: _Section
     codebook: _Section
+    count: int = 0
+
+    def resolved(self) -> dict:
+        out = dict(self.raw)
+        out.update(fqn=self.fqn, lattice=self.lattice, n=self.n, dither=self.dither, zero_index=self.zero_index)
+        out.setdefault("key", _ZERO_KEY)
+        out.setdefault("meta", {})
+        indices = dict(self.raw["indices"])
+        indices.update(coder=self.coder, count=self.count, offset=self.indices.offset, length=self.indices.length)
+        codebook = dict(self.raw["codebook"])
+        codebook.update(offset=self.codebook.offset, length=self.codebook.length)
+        if self.encoding == _LATTICE_INT:
+            codebook["width"] = self.width
+        elif self.encoding == _LATTICE_INT_CODED:
+            codebook["coder"] = self.codebook_coder
+        out["indices"], out["codebook"] = indices, codebook
+        return out
 
 
 @dataclass
@@ -570,22 +782,39 @@ class _REntry:
     source_dtype: str | None
     data: _Section
 
+    def resolved(self) -> dict:
+        out = dict(self.raw)
+        out["dtype"] = self.dtype
+        out["data"] = {"offset": self.data.offset, "length": self.data.length}
+        return out
+
 
 @dataclass
 class _Header:
     raw: dict
-    payload_length: int
-    payload_sha256: str
+    coder: str
     quantized: list[_QEntry]
     raws: list[_REntry]
     config: dict
     metadata: dict
+    payload_length: int = 0
 
     def sections(self) -> list[_Section]:
         out = []
         for q in self.quantized:
             out += [q.indices, q.codebook]
         out += [r.data for r in self.raws]
+        return out
+
+    def resolved(self) -> dict:
+        out = dict(self.raw)
+        out.update(
+            coder=self.coder,
+            quantized=[q.resolved() for q in self.quantized],
+            raw=[r.resolved() for r in self.raws],
+            config=self.config,
+            metadata=self.metadata,
+        )
         return out
 
 
@@ -615,17 +844,6 @@ def _type_names(types: type | tuple[type, ...]) -> str:
     return " or ".join(names.get(t, t.__name__) for t in types)
 
 
-def _parse_section(obj: Any, where: str) -> _Section:
-    if not isinstance(obj, dict):
-        raise _bad(f"{where} must be an object")
-    offset = _get(obj, "offset", int, where)
-    length = _get(obj, "length", int, where)
-    crc = _get(obj, "crc32", int, where)
-    if offset < 0 or length < 0:
-        raise FormatError("bad_offsets", f"{where}: negative offset or length ({offset}, {length})")
-    if not 0 <= crc < 1 << 32:
-        raise _bad(f"{where}: crc32 {crc} is not a 32-bit value")
-    return _Section(offset, length, crc, where)
 
 
 def _parse_shape(obj: dict, where: str) -> tuple[int, ...]:
@@ -633,14 +851,11 @@ def _parse_shape(obj: dict, where: str) -> tuple[int, ...]:
     for d in shape:
         if isinstance(d, bool) or not isinstance(d, int):
             raise _bad(f"{where}: shape entries must be integers, got {d!r}")
-    if len(shape) > _MAX_NDIM:
-        raise FormatError("bad_value", f"{where}: {len(shape)} dimensions (at most {_MAX_NDIM})")
-    if any(d < 0 for d in shape):
-        raise FormatError("bad_value", f"{where}: negative dimension in shape {shape}")
     return tuple(shape)
 
 
-def _parse_quantized(obj: Any, i: int) -> _QEntry:
+def _parse_quantized(obj: Any, i: int, file_coder: str) -> _QEntry:
+    """Types only (``bad_header``); values are checked later."""
     where = f"quantized[{i}]"
     if not isinstance(obj, dict):
         raise _bad(f"{where} must be an object")
@@ -648,30 +863,36 @@ def _parse_quantized(obj: Any, i: int) -> _QEntry:
     where = f"quantized tensor {fqn!r}"
     shape = _parse_shape(obj, where)
     lattice = _get(obj, "lattice", str, where)
-    n = _get(obj, "n", int, where)
+    n = _get(obj, "n", int, where, default=None)
     step_value = _get(obj, "step", (int, float), where)
     try:
-        step = float(step_value)
-    except OverflowError as exc:
-        raise FormatError("bad_value", f"{where}: step out of range") from exc
-    key_text = _get(obj, "key", str, where)
+        step: float | None = float(step_value)
+    except OverflowError:
+        step = None
+    key_text = _get(obj, "key", str, where, default=_ZERO_KEY)
     if len(key_text) != 16 or not set(key_text) <= _HEX:
         raise _bad(f"{where}: key must be 16 lowercase hex digits, got {key_text[:40]!r}")
-    dither = _get(obj, "dither", str, where)
+    dither = _get(obj, "dither", str, where, default=FORMAT_DEFAULT_DITHER)
     zero_index = _get(obj, "zero_index", int, where, default=None, nullable=True)
     meta = _get(obj, "meta", dict, where, default={})
     ind = _get(obj, "indices", dict, where)
     cb = _get(obj, "codebook", dict, where)
-    coder = _get(ind, "coder", str, f"{where} indices")
-    count = _get(ind, "count", int, f"{where} indices")
+    coder = _get(ind, "coder", str, f"{where} indices", default=file_coder)
     alphabet_size = _get(ind, "alphabet_size", int, f"{where} indices")
+    indices = _Section(f"{where} indices", _get(ind, "length", int, f"{where} indices"))
     encoding = _get(cb, "encoding", str, f"{where} codebook")
-    width = _get(cb, "width", int, f"{where} codebook") if encoding == "lattice-int" else None
+    width = cb_alphabet = cb_coder = None
+    codebook = _Section(f"{where} codebook", 0)  # a derived length, set with the values
+    if encoding == _LATTICE_INT:
+        width = _get(cb, "width", int, f"{where} codebook", default=1)
+    elif encoding == _LATTICE_INT_CODED:
+        cb_alphabet = _get(cb, "alphabet_size", int, f"{where} codebook")
+        cb_coder = _get(cb, "coder", str, f"{where} codebook", default=FORMAT_DEFAULT_CODER)
+        codebook.length = _get(cb, "length", int, f"{where} codebook")
     return _QEntry(
         raw=obj, fqn=fqn, shape=shape, lattice=lattice, n=n, step=step, key=int(key_text, 16), dither=dither,
-        zero_index=zero_index, meta=meta, coder=coder, count=count, alphabet_size=alphabet_size,
-        encoding=encoding, width=width,
-        indices=_parse_section(ind, f"{where} indices"), codebook=_parse_section(cb, f"{where} codebook"),
+        zero_index=zero_index, meta=meta, coder=coder, alphabet_size=alphabet_size, encoding=encoding,
+        width=width, codebook_alphabet_size=cb_alphabet, codebook_coder=cb_coder, indices=indices, codebook=codebook,
     )
 
 
@@ -682,9 +903,10 @@ def _parse_raw(obj: Any, i: int) -> _REntry:
     name = _get(obj, "name", str, where)
     where = f"raw tensor {name!r}"
     return _REntry(
-        raw=obj, name=name, dtype=_get(obj, "dtype", str, where), shape=_parse_shape(obj, where),
+        raw=obj, name=name, dtype=_get(obj, "dtype", str, where, default=_DEFAULT_RAW_DTYPE),
+        shape=_parse_shape(obj, where),
         source_dtype=_get(obj, "source_dtype", str, where, default=None, nullable=True),
-        data=_parse_section(_get(obj, "data", dict, where), f"{where} data"),
+        data=_Section(f"{where} data", 0),
     )
 
 
@@ -710,83 +932,87 @@ def _parse_header_json(header_bytes: bytes) -> dict:
     return obj
 
 
-def _validate_header(obj: dict, max_elements: int, payload_available: int | None = None) -> _Header:
-    """Checks types (``bad_header``), layout (``bad_offsets``, ``truncated``), values (``bad_value``/``unknown_codec``).
+def _check_shape(shape: tuple[int, ...], where: str) -> None:
+    if len(shape) > _MAX_NDIM:
+        raise FormatError("bad_value", f"{where}: {len(shape)} dimensions (at most {_MAX_NDIM})")
+    if any(d < 0 for d in shape):
+        raise FormatError("bad_value", f"{where}: negative dimension in shape {list(shape)}")
 
-    ``payload_available`` is the number of bytes the file holds after the header (``None``: not checked).
+
+def _check_quantized_values(q: _QEntry, max_elements: int) -> int:
+    """Value checks (``bad_value``) and codec checks (``unknown_codec``) of one entry; sets its derived fields.
+
+    Returns the elements it decodes to (tensor and codebook)."""
+    where = f"quantized tensor {q.fqn!r}"
+    _check_shape(q.shape, where)
+    if q.lattice not in LATTICE_DIMENSIONS:
+        raise FormatError("bad_value", f"{where}: unknown lattice {q.lattice[:40]!r}")
+    if q.n is None:
+        q.n = _default_n(q.lattice)
+    if q.n not in LATTICE_DIMENSIONS[q.lattice]:
+        raise FormatError("bad_value", f"{where}: lattice {q.lattice} has no dimension n={q.n}")
+    if q.step is None or not (math.isfinite(q.step) and q.step > 0):
+        raise FormatError("bad_value", f"{where}: step {q.step!r} is not finite and > 0")
+    numel = _prod(q.shape, max_elements)
+    q.count = -(-numel // q.n)
+    k = q.alphabet_size
+    if k < 1:
+        raise FormatError("bad_value", f"{where}: alphabet_size {k} (K must be >= 1)")
+    if q.zero_index is not None and not 0 <= q.zero_index < k:
+        raise FormatError("bad_value", f"{where}: zero_index {q.zero_index} outside [0, {k})")
+    elements = numel + k * q.n  # K·n can be far more than a coded codebook's bytes
+    if elements > max_elements:
+        raise FormatError("bad_value", f"{where}: decodes to more than {max_elements} elements")
+    if q.encoding in _CODEBOOK_FLOAT_ENCODINGS:
+        q.codebook.length = k * q.n * _CODEBOOK_FLOAT_ENCODINGS[q.encoding].itemsize
+    elif q.encoding == _LATTICE_INT:
+        if q.width not in _INT_WIDTHS:
+            raise FormatError("bad_value", f"{where}: codebook width {q.width} not in (1, 2, 4, 8)")
+        q.codebook.length = k * q.n * q.width
+    elif q.encoding == _LATTICE_INT_CODED:
+        if not 1 <= q.codebook_alphabet_size <= _MAX_CODED_ALPHABET:
+            raise FormatError(
+                "bad_value", f"{where}: codebook alphabet_size {q.codebook_alphabet_size} outside [1, 2^32]"
+            )
+        _get_coder(q.codebook_coder)
+    else:
+        raise FormatError("unknown_codec", f"{where}: unknown codebook encoding {q.encoding[:40]!r}")
+    _get_coder(q.coder)
+    return elements
+
+
+def _validate_header(obj: dict, max_elements: int, payload_length: int | None = None) -> _Header:
+    """Checks types (``bad_header``), values (``bad_value``/``unknown_codec``) and the layout (``bad_offsets``).
+
+    ``payload_length`` is the preamble's P (``None``: not checked); the sections' lengths must add up to it.
     """
-    payload_length = _get(obj, "payload_length", int, "header")
-    if payload_length < 0:
-        raise FormatError("bad_offsets", f"negative payload_length {payload_length}")
-    payload_sha256 = _get(obj, "payload_sha256", str, "header")
-    if len(payload_sha256) != 64 or not set(payload_sha256) <= _HEX:
-        raise _bad("payload_sha256 must be 64 lowercase hex digits")
-    quantized = [_parse_quantized(q, i) for i, q in enumerate(_get(obj, "quantized", list, "header"))]
-    raws = [_parse_raw(r, i) for i, r in enumerate(_get(obj, "raw", list, "header"))]
+    file_coder = _get(obj, "coder", str, "header", default=FORMAT_DEFAULT_CODER)
+    quantized = [_parse_quantized(q, i, file_coder) for i, q in enumerate(_get(obj, "quantized", list, "header", []))]
+    raws = [_parse_raw(r, i) for i, r in enumerate(_get(obj, "raw", list, "header", []))]
     header = _Header(
-        raw=obj, payload_length=payload_length, payload_sha256=payload_sha256, quantized=quantized, raws=raws,
-        config=_get(obj, "config", dict, "header"), metadata=_get(obj, "metadata", dict, "header"),
+        raw=obj, coder=file_coder, quantized=quantized, raws=raws,
+        config=_get(obj, "config", dict, "header", {}), metadata=_get(obj, "metadata", dict, "header", {}),
     )
 
-    # Layout: the sections tile [0, payload_length) exactly.
-    position = 0
-    for s in sorted(header.sections(), key=lambda s: (s.offset, s.length)):
-        if s.offset != position:
-            gap = "overlaps the previous section" if s.offset < position else f"leaves a hole at {position}"
-            raise FormatError("bad_offsets", f"{s.where} at {s.offset} {gap}")
-        position += s.length
-        if position > payload_length:
-            raise FormatError("bad_offsets", f"{s.where} ends at {position}, past the payload ({payload_length})")
-    if position != payload_length:
-        raise FormatError("bad_offsets", f"the sections end at {position}, the payload at {payload_length}")
-    if payload_available is not None and payload_available < payload_length:
-        raise FormatError("truncated", f"the payload is {payload_length} bytes, the file holds {payload_available}")
-    if payload_available is not None and payload_available > payload_length:
-        raise FormatError("bad_offsets", f"{payload_available - payload_length} trailing bytes after the payload")
+    for s in header.sections():  # only the stored lengths are set yet; the derived ones are 0
+        if s.length < 0:
+            raise FormatError("bad_offsets", f"{s.where}: negative length {s.length}")
 
-    # Values.
     names: set[str] = set()
     total = 0
     for q in quantized:
-        where = f"quantized tensor {q.fqn!r}"
         if not q.fqn or q.fqn in names:
-            raise FormatError("bad_value", f"{where}: empty or duplicate name")
+            raise FormatError("bad_value", f"quantized tensor {q.fqn!r}: empty or duplicate name")
         names.add(q.fqn)
-        if q.lattice not in LATTICE_DIMENSIONS:
-            raise FormatError("bad_value", f"{where}: unknown lattice {q.lattice[:40]!r}")
-        if q.n not in LATTICE_DIMENSIONS[q.lattice]:
-            raise FormatError("bad_value", f"{where}: lattice {q.lattice} has no dimension n={q.n}")
-        if not (math.isfinite(q.step) and q.step > 0):
-            raise FormatError("bad_value", f"{where}: step {q.step!r} is not finite and > 0")
-        numel = _prod(q.shape, max_elements)
-        total += numel
+        total += _check_quantized_values(q, max_elements)
         if total > max_elements:
             raise FormatError("bad_value", f"the tensors decode to more than {max_elements} elements")
-        if q.count != -(-numel // q.n):
-            raise FormatError("bad_value", f"{where}: count {q.count} does not match shape {q.shape} with n={q.n}")
-        if q.alphabet_size < 1:
-            raise FormatError("bad_value", f"{where}: alphabet_size {q.alphabet_size} (K must be >= 1)")
-        if q.zero_index is not None and not 0 <= q.zero_index < q.alphabet_size:
-            raise FormatError("bad_value", f"{where}: zero_index {q.zero_index} outside [0, {q.alphabet_size})")
-        if q.encoding in _CODEBOOK_FLOAT_ENCODINGS:
-            itemsize = _CODEBOOK_FLOAT_ENCODINGS[q.encoding].itemsize
-        elif q.encoding == "lattice-int":
-            if q.width not in _INT_WIDTHS:
-                raise FormatError("bad_value", f"{where}: codebook width {q.width} not in (1, 2, 4, 8)")
-            itemsize = q.width
-        else:
-            raise FormatError("unknown_codec", f"{where}: unknown codebook encoding {q.encoding[:40]!r}")
-        if q.codebook.length != q.alphabet_size * q.n * itemsize:
-            raise FormatError(
-                "bad_value", f"{where}: codebook is {q.codebook.length} bytes, K={q.alphabet_size} n={q.n} "
-                f"{q.encoding} needs {q.alphabet_size * q.n * itemsize}"
-            )
-        _get_coder(q.coder)
     for r in raws:
         where = f"raw tensor {r.name!r}"
         if not r.name or r.name in names:
             raise FormatError("bad_value", f"{where}: empty or duplicate name")
         names.add(r.name)
+        _check_shape(r.shape, where)
         if r.dtype not in _RAW_DTYPES:
             raise FormatError("unknown_codec", f"{where}: unknown dtype {r.dtype[:40]!r}")
         if r.source_dtype is not None and (r.source_dtype, r.dtype) != ("float32", "float16"):
@@ -795,18 +1021,35 @@ def _validate_header(obj: dict, max_elements: int, payload_available: int | None
         total += numel
         if total > max_elements:
             raise FormatError("bad_value", f"the tensors decode to more than {max_elements} elements")
-        if r.data.length != numel * _RAW_DTYPES[r.dtype].itemsize:
-            raise FormatError("bad_value", f"{where}: {r.data.length} bytes for {r.dtype} {r.shape}")
+        r.data.length = numel * _RAW_DTYPES[r.dtype].itemsize
+
+    # Layout: the sections follow each other in entry order and fill the payload exactly.
+    position = 0
+    for s in header.sections():
+        s.offset = position
+        position += s.length
+    header.payload_length = position
+    if payload_length is not None and position != payload_length:
+        raise FormatError(
+            "bad_offsets", f"the sections add up to {position} bytes, the preamble says the payload is {payload_length}"
+        )
     return header
 
 
-def _parse_preamble(prefix: bytes, file_size: int) -> int:
-    """Checks the preamble; returns the header length."""
+@dataclass
+class _Preamble:
+    header_length: int
+    payload_length: int
+    payload_sha256: bytes
+
+
+def _parse_preamble(prefix: bytes, file_size: int) -> _Preamble:
+    """Checks the preamble up to the header's presence in the file (the header digest comes next)."""
     if prefix[: len(MAGIC)] != MAGIC[: len(prefix)]:
         raise FormatError("bad_magic", "not a .udnc file (bad magic bytes)")
     if len(prefix) < PREAMBLE_SIZE:
         raise FormatError("truncated", f"the file is {file_size} bytes, shorter than the {PREAMBLE_SIZE}-byte preamble")
-    _, major, minor, header_length, _ = _PREAMBLE.unpack(prefix[:PREAMBLE_SIZE])
+    _, major, minor, header_length, payload_length, payload_sha256, _ = _PREAMBLE.unpack(prefix[:PREAMBLE_SIZE])
     if major != FORMAT_VERSION[0]:
         raise FormatError(
             "unsupported_version",
@@ -818,15 +1061,30 @@ def _parse_preamble(prefix: bytes, file_size: int) -> int:
         raise FormatError(
             "truncated", f"the file is {file_size} bytes; its header needs {PREAMBLE_SIZE + header_length}"
         )
-    return header_length
+    return _Preamble(header_length, payload_length, payload_sha256)
 
 
-def _read_header_from(prefix: bytes, header_bytes: bytes, file_size: int, max_elements: int) -> _Header:
+def _read_header_from(
+    prefix: bytes, header_bytes: bytes, file_size: int, max_elements: int
+) -> tuple[_Preamble, _Header]:
+    preamble = _parse_preamble(prefix, file_size)
     if hashlib.sha256(prefix[:_DIGESTED_PREAMBLE] + header_bytes).digest() != prefix[_DIGESTED_PREAMBLE:PREAMBLE_SIZE]:
         raise FormatError("checksum_mismatch", "the header digest does not match (header or preamble damaged)")
-    return _validate_header(
-        _parse_header_json(header_bytes), max_elements, payload_available=file_size - PREAMBLE_SIZE - len(header_bytes)
-    )
+    available = file_size - PREAMBLE_SIZE - len(header_bytes)
+    if available < preamble.payload_length:
+        raise FormatError("truncated", f"the payload is {preamble.payload_length} bytes, the file holds {available}")
+    if available > preamble.payload_length:
+        raise FormatError("bad_offsets", f"{available - preamble.payload_length} trailing bytes after the payload")
+    header = _validate_header(_parse_header_json(header_bytes), max_elements, preamble.payload_length)
+    return preamble, header
+
+
+def _resolved(preamble: _Preamble, header: _Header) -> dict:
+    out = header.resolved()
+    out["header_length"] = preamble.header_length
+    out["payload_length"] = preamble.payload_length
+    out["payload_sha256"] = preamble.payload_sha256.hex()
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -834,64 +1092,68 @@ def _read_header_from(prefix: bytes, header_bytes: bytes, file_size: int, max_el
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _decode_indices(q: _QEntry, data: bytes) -> np.ndarray:
-    where = f"quantized tensor {q.fqn!r}"
-    coder = _get_coder(q.coder)
+def _decode_stream(coder_name: str, data: bytes, count: int, alphabet_size: int, where: str) -> np.ndarray:
+    coder = _get_coder(coder_name)
     try:
-        out = coder.decode(data, q.count, q.alphabet_size)
+        out = coder.decode(data, count, alphabet_size)
     except FormatError as exc:
-        raise FormatError("bad_value", f"{where}: index stream does not decode: {exc.message}") from exc
+        raise FormatError("bad_value", f"{where}: stream does not decode: {exc.message}") from exc
     except Exception as exc:  # a coder meeting bytes it did not write may fail in any way
-        raise FormatError("bad_value", f"{where}: index stream does not decode: {type(exc).__name__}: {exc}") from exc
+        raise FormatError("bad_value", f"{where}: stream does not decode: {type(exc).__name__}: {exc}") from exc
     try:
         out = np.asarray(out)
-        ok = out.dtype.kind in "iu" and out.shape == (q.count,)
+        ok = out.dtype.kind in "iu" and out.shape == (count,)
     except Exception:
         ok = False
     if not ok:
-        raise FormatError("bad_value", f"{where}: the coder returned the wrong number or type of indices")
-    if q.count and (int(out.min()) < 0 or int(out.max()) >= q.alphabet_size):
-        raise FormatError("bad_value", f"{where}: decoded indices outside [0, {q.alphabet_size})")
-    return out.astype(_narrow_index_dtype(q.alphabet_size))
+        raise FormatError("bad_value", f"{where}: the coder returned the wrong number or type of symbols")
+    if count and (int(out.min()) < 0 or int(out.max()) >= alphabet_size):
+        raise FormatError("bad_value", f"{where}: decoded symbols outside [0, {alphabet_size})")
+    return out
+
+
+def _decode_codebook(q: _QEntry, data: bytes) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Returns ``(codebook, codebook_int)``, one of them ``None``."""
+    where = f"quantized tensor {q.fqn!r} codebook"
+    k, n = q.alphabet_size, q.n
+    if q.encoding in _CODEBOOK_FLOAT_ENCODINGS:
+        codebook = np.frombuffer(data, dtype=_CODEBOOK_FLOAT_ENCODINGS[q.encoding]).astype(np.float32)
+        return codebook.reshape(k, n), None
+    if q.encoding == _LATTICE_INT:
+        c = _zigzag_decode(np.frombuffer(data, dtype=_INT_WIDTHS[q.width])).reshape(k, n)
+    else:
+        w = _coded_row_symbols(q.lattice, n)
+        symbols = _decode_stream(q.codebook_coder, data, k * w, q.codebook_alphabet_size, where)
+        c = _codebook_from_symbols(q.lattice, symbols.astype(np.uint64).reshape(k, w), where)
+    bad = _non_members(q.lattice, c)
+    if bad.any():  # lattice-int rows come from the file as they are; coded ones are lattice points by construction
+        raise FormatError("bad_value", f"{where}: row {int(np.flatnonzero(bad)[0])} is not a {q.lattice} point")
+    return None, c
 
 
 def _decode(buffer: bytes | bytearray | memoryview, max_elements: int) -> Container:
     view = memoryview(buffer).cast("B")
     size = len(view)
     prefix = bytes(view[:PREAMBLE_SIZE])
-    header_length = _parse_preamble(prefix, size)
-    header = _read_header_from(prefix, bytes(view[PREAMBLE_SIZE : PREAMBLE_SIZE + header_length]), size, max_elements)
-    payload = view[PREAMBLE_SIZE + header_length :]
-
-    if hashlib.sha256(payload).hexdigest() != header.payload_sha256:
-        damaged = [s.where for s in header.sections() if zlib.crc32(payload[s.offset : s.offset + s.length]) != s.crc32]
-        raise FormatError("checksum_mismatch", f"payload damaged ({', '.join(damaged) or 'checksums disagree'})")
-    for s in header.sections():
-        if zlib.crc32(payload[s.offset : s.offset + s.length]) != s.crc32:
-            raise FormatError("checksum_mismatch", f"{s.where}: CRC-32 mismatch")
+    preamble = _parse_preamble(prefix, size)
+    header_end = PREAMBLE_SIZE + preamble.header_length
+    _, header = _read_header_from(prefix, bytes(view[PREAMBLE_SIZE:header_end]), size, max_elements)
+    payload = view[header_end:]
+    if hashlib.sha256(payload).digest() != preamble.payload_sha256:
+        raise FormatError("checksum_mismatch", "the payload digest does not match (payload damaged)")
 
     def section_bytes(s: _Section) -> bytes:
         return bytes(payload[s.offset : s.offset + s.length])
 
     quantized = []
     for q in header.quantized:
-        indices = _decode_indices(q, section_bytes(q.indices))
-        cb_bytes = section_bytes(q.codebook)
-        codebook = codebook_int = None
-        if q.encoding == "lattice-int":
-            z = np.frombuffer(cb_bytes, dtype=_INT_WIDTHS[q.width])
-            codebook_int = _zigzag_decode(z).reshape(q.alphabet_size, q.n)
-        else:
-            codebook = (
-                np.frombuffer(cb_bytes, dtype=_CODEBOOK_FLOAT_ENCODINGS[q.encoding])
-                .astype(np.float32)
-                .reshape(q.alphabet_size, q.n)
-            )
+        indices = _decode_stream(q.coder, section_bytes(q.indices), q.count, q.alphabet_size, f"{q.fqn!r} indices")
+        codebook, codebook_int = _decode_codebook(q, section_bytes(q.codebook))
         quantized.append(
             QuantizedTensor(
                 fqn=q.fqn, shape=q.shape, lattice=q.lattice, n=q.n, step=q.step, key=q.key, dither=q.dither,
-                indices=indices, codebook=codebook, codebook_int=codebook_int, coder=q.coder,
-                zero_index=q.zero_index, meta=q.meta,
+                indices=indices.astype(_narrow_index_dtype(q.alphabet_size)), codebook=codebook,
+                codebook_int=codebook_int, coder=q.coder, zero_index=q.zero_index, meta=q.meta,
             )
         )
     raws = []
@@ -927,13 +1189,14 @@ def read_container(path_or_bytes: Any, *, max_elements: int = DEFAULT_MAX_ELEMEN
     """Reads a ``.udnc`` file (a path, bytes, or a binary file object) and decodes everything.
 
     Quantized tensors come back with ``indices`` in the narrowest unsigned dtype that holds K; float codebooks as
-    float32 (``f16`` widened exactly); ``lattice-int`` codebooks as ``codebook_int`` (int64) with
-    ``codebook=None``. Raw tensors come back in their stored dtype, except float32 tensors stored as float16,
-    which come back as float32. Arrays are writable copies.
+    float32 (``f16`` widened exactly); integer codebooks (``lattice-int``, ``lattice-int-coded``) as
+    ``codebook_int`` (int64) with ``codebook=None``. Raw tensors come back in their stored dtype, except float32
+    tensors stored as float16, which come back as float32. Arrays are writable copies.
 
     Args:
         path_or_bytes: a path (str or ``os.PathLike``), ``bytes``/``bytearray``/``memoryview``, or a binary file.
-        max_elements: refuse a file whose tensors decode to more elements than this, in all (``bad_value``).
+        max_elements: refuse a file whose tensors and codebooks decode to more elements than this, in all
+            (``bad_value``).
 
     Raises:
         FormatError: for any defect of the content (never another exception type for bad bytes). ``OSError``
@@ -954,11 +1217,15 @@ def read_container(path_or_bytes: Any, *, max_elements: int = DEFAULT_MAX_ELEMEN
 def read_header(path_or_bytes: Any, *, max_elements: int = DEFAULT_MAX_ELEMENTS) -> dict:
     """Reads and checks the preamble and the header only; the payload is neither read nor decoded.
 
-    Every header-level check of ``docs/FORMAT.md`` is made (digest, types, layout, values, that the file is as
-    long as the header says); payload checksums and index decoding are not.
+    Every header-level check of ``docs/FORMAT.md`` is made (digest, types, values, layout, that the file is as
+    long as the preamble says); the payload digest and the decoding of streams are not.
 
     Returns:
-        The header as parsed JSON (unknown keys kept).
+        The header *resolved*: the stored JSON (unknown keys kept) with every omitted key filled with its default
+        (``coder``, ``n``, ``key``, ``dither``, ``zero_index``, ``meta``, raw ``dtype``, ...), each section's
+        ``offset`` and ``length`` (``indices``, ``codebook``, a raw entry's ``data``), each index stream's
+        ``count``, and three keys from the preamble: ``header_length``, ``payload_length`` and ``payload_sha256``
+        (hex). :func:`section_sizes` takes it as it is.
     """
     if isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
         view = memoryview(path_or_bytes).cast("B")
@@ -966,45 +1233,50 @@ def read_header(path_or_bytes: Any, *, max_elements: int = DEFAULT_MAX_ELEMENTS)
     with open(path_or_bytes, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         prefix = f.read(PREAMBLE_SIZE)
-        header_length = _guarded(_parse_preamble, prefix, size)
-        header_bytes = f.read(header_length)
-    return _guarded(_read_header_from, prefix, header_bytes, size, max_elements).raw
+        preamble = _guarded(_parse_preamble, prefix, size)
+        header_bytes = f.read(preamble.header_length)
+    return _guarded(lambda: _resolved(*_read_header_from(prefix, header_bytes, size, max_elements)))
 
 
 def _header_from_buffer(view: memoryview, max_elements: int) -> dict:
     prefix = bytes(view[:PREAMBLE_SIZE])
-    header_length = _parse_preamble(prefix, len(view))
-    header_bytes = bytes(view[PREAMBLE_SIZE : PREAMBLE_SIZE + header_length])
-    return _read_header_from(prefix, header_bytes, len(view), max_elements).raw
+    preamble = _parse_preamble(prefix, len(view))
+    header_bytes = bytes(view[PREAMBLE_SIZE : PREAMBLE_SIZE + preamble.header_length])
+    return _resolved(*_read_header_from(prefix, header_bytes, len(view), max_elements))
 
 
 def section_sizes(header: dict) -> dict:
     """Attributes every byte of a file to a tensor or to the shared overhead, for honest compression ratios.
 
-    Each tensor's header share is the canonical JSON of its entry plus the comma that separates it. The shared
-    overhead is the preamble plus the rest of the header (config, metadata, top-level keys). For a file written
-    by this module (canonical header), ``shared.total + sum(t.total)`` equals the file size exactly.
+    Each tensor's header share is the compact JSON of its entry (as the writer stores it) plus the comma that
+    separates it from the previous one; a quantized tensor also owns its index and codebook sections, a raw tensor
+    its data. The shared overhead is the preamble plus the rest of the header (config, metadata, top-level keys).
+    ``shared.total + sum(t.total) == file`` always; for a file this module wrote, every share is exact.
 
     Args:
-        header: a header as returned by :func:`read_header`.
+        header: a header as returned by :func:`read_header` (a stored, unresolved header works too).
 
     Returns:
         ``{"tensors": {name: {"kind": "quantized", "indices": b, "codebook": b, "header": b, "total": b} or
-        {"kind": "raw", "data": b, "header": b, "total": b}}, "shared": {"preamble": 52, "header": b, "total": b},
+        {"kind": "raw", "data": b, "header": b, "total": b}}, "shared": {"preamble": 88, "header": b, "total": b},
         "file": b}``.
     """
     if not isinstance(header, dict):
         raise _bad("section_sizes needs a header dict")
     parsed = _guarded(_validate_header, header, DEFAULT_MAX_ELEMENTS)
-    header_length = _guarded(lambda: len(_canonical_json(header)))
+    stored = _guarded(lambda: _compact_header(parsed.resolved()))
+    header_length = header.get("header_length")
+    if isinstance(header_length, bool) or not isinstance(header_length, int):
+        header_length = _guarded(lambda: len(_canonical_json(stored)))
     tensors: dict[str, dict[str, Any]] = {}
     attributed = 0
-    for entries in (parsed.quantized, parsed.raws):
-        for i, e in enumerate(entries):
-            share = len(_canonical_json(e.raw)) + (1 if i else 0)
+    for entries, compact in ((parsed.quantized, stored.get("quantized", [])), (parsed.raws, stored.get("raw", []))):
+        for i, (e, c) in enumerate(zip(entries, compact)):
+            share = len(_canonical_json(c)) + (1 if i else 0)
             attributed += share
             if isinstance(e, _QEntry):
-                sizes = {"kind": "quantized", "indices": e.indices.length, "codebook": e.codebook.length}
+                sizes: dict[str, Any] = {"kind": "quantized", "indices": e.indices.length}
+                sizes["codebook"] = e.codebook.length
                 name = e.fqn
             else:
                 sizes = {"kind": "raw", "data": e.data.length}
