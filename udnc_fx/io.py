@@ -92,10 +92,8 @@ def save(model: nn.Module, path: str | Path, *, coder: str = DEFAULT_CODER, raw_
     quantized = []
     for dlp in dlps:
         untouched = _codebook_is_untouched(dlp)
-        meta = {"aliases": list(dlp.aliases)}
-        sqnr = getattr(dlp, "sqnr_db", None)
-        if sqnr is not None and math.isfinite(sqnr):
-            meta["sqnr_db"] = round(float(sqnr), 4)
+        # Only what decoding needs: on a small model every header byte shows in the ratio.
+        meta = {"aliases": list(dlp.aliases)} if dlp.aliases else {}
         quantized.append(
             QuantizedTensor(
                 fqn=dlp.fqn,
@@ -114,14 +112,16 @@ def save(model: nn.Module, path: str | Path, *, coder: str = DEFAULT_CODER, raw_
             )
         )
     raw = [RawTensor(name, t.cpu().numpy()) for name, t in _raw_state(model).items()]
-    config = record["config"]
-    container = Container(
-        quantized=quantized,
-        raw=raw,
-        config=config.to_dict(),
-        metadata={"producer": "udnc-fx", "trace": record.get("trace")},
-    )
+    container = Container(quantized=quantized, raw=raw, config=_compact_config(record["config"]), metadata={})
     return write_container(Path(path), container, raw_float_dtype=raw_float_dtype)
+
+
+def _compact_config(config: CompressConfig) -> dict:
+    """The config's ``to_dict()`` without the fields that hold their defaults (``from_dict`` restores them; the
+    ``version`` field, always kept, pins what the defaults are)."""
+    full = config.to_dict()
+    defaults = CompressConfig().to_dict()
+    return {k: v for k, v in full.items() if k == "version" or v != defaults.get(k, object())}
 
 
 def _mismatch(message: str) -> FormatError:
