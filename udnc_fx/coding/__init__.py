@@ -1,0 +1,11 @@
+"""Coding: lossless coders for codeword-index streams (and, later, the container). NumPy only: no torch import."""
+
+from udnc_fx.coding.coders import (
+    DEFAULT_CODER,
+    Coder,
+    available_coders,
+    empirical_entropy_bits,
+    get_coder,
+)
+
+__all__ = ["Coder", "DEFAULT_CODER", "available_coders", "empirical_entropy_bits", "get_coder"]
