@@ -40,7 +40,7 @@ class FormatError(UdncError):
     """A container or sidecar is malformed. ``kind`` names the failure for programs.
 
     Kinds: ``bad_magic``, ``unsupported_version``, ``truncated``, ``bad_header``, ``bad_offsets``,
-    ``checksum_mismatch``, ``model_mismatch``, ``bad_value``, ``unknown_codec``.
+    ``checksum_mismatch``, ``model_mismatch``, ``bad_value``, ``unknown_codec``, ``corrupt_payload``.
     """
 
     def __init__(self, kind: str, message: str):
