@@ -351,3 +351,23 @@ def test_finetune_float_keeps_pruned_weights_at_zero_and_trains_the_rest():
         finetune_float(model, {"fc.nope": mask}, batches, F.mse_loss, progress=False)
     with pytest.raises(ConfigError, match="shape"):
         finetune_float(model, {"fc.weight": mask[:2]}, batches, F.mse_loss, progress=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The demo's fine-tuning and pruning steps
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_demo_prunes_retrains_compresses_and_finetunes(digits, tmp_path, capsys):
+    from udnc_fx.demo import run_demo
+
+    results = run_demo(tmp_path, epochs=2, finetune_epochs=1, sparsity=0.5, progress=False)
+    text = capsys.readouterr().out
+    assert "fine-tuned accuracy" in text and "pruned" in text
+    assert results["finetuned_accuracy"] is not None and results["finetune_epochs"] == 1
+    assert abs(results["achieved_sparsity"] - 0.5) < 0.01
+    assert results["reloaded_accuracy"] == results["finetuned_accuracy"]  # the container holds the tuned model
+    with pytest.raises(ConfigError, match="sparsity"):
+        run_demo(tmp_path, sparsity=1.0)
+    with pytest.raises(ConfigError, match="finetune_epochs"):
+        run_demo(tmp_path, finetune_epochs=-1)
