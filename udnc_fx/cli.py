@@ -24,6 +24,8 @@ def _demo(args) -> int:
         seed=args.seed,
         epochs=args.epochs,
         progress=not args.no_progress,
+        finetune_epochs=args.finetune_epochs,
+        sparsity=args.sparsity,
     )
     return 0
 
@@ -136,7 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--n", type=int, default=None, help="lattice dimension (Z only; default 1)")
     demo.add_argument("--bits", type=float, default=None, help="target entropy in bits/weight (default 3)")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--epochs", type=int, default=30)
+    demo.add_argument("--epochs", type=int, default=30, help="float training epochs")
+    demo.add_argument("--finetune-epochs", type=int, default=5, help="codeword fine-tuning epochs (0: none)")
+    demo.add_argument("--sparsity", type=float, default=0.0,
+                      help="magnitude-prune this fraction of the weights (and retrain) before quantizing")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)
 
