@@ -4,19 +4,27 @@ Before (what ``torch.onnx.export`` writes for the materialized model)::
 
     conv1.weight: f32[16,1,3,3] (initializer) ──▶ Conv
 
-After::
+After (names under ``udnc/conv1.weight/``; ``udnc.*`` are model-local functions, domain ``udnc``)::
 
-    udnc/conv1.weight/indices: u8[m] ─Cast─▶ Gather(udnc/conv1.weight/codebook: f32[K×n]) ─▶ Sub ─▶ [Where zero]
-        ─▶ Reshape(-1) ─▶ [Slice :numel] ─▶ Reshape(shape) = conv1.weight ──▶ Conv
-                                                  ▲
-    udnc/conv1.weight/key: u64 ─▶ whitened key words (a, b) ─▶ h_i = fmix32(fmix32(i ^ a) ^ b), i = Range(m·n)
-        ─▶ r = (h >> 8)·2^-24 (float64) ─▶ x = r·box ─▶ u = x − Q_Λ(x) ─▶ Cast(u·(scale·Δ), float32)
+    indices: u8[m] ─Cast─▶ Gather(codebook: f32[K×n]) ─▶ Sub ─▶ [Where zero_index → 0] ─▶ Reshape(-1)
+        ─▶ [Slice :numel] ─▶ Reshape(shape) = conv1.weight ──▶ Conv
+                  ▲
+    key: u64, count ─udnc.Hash32─▶ h: u32[m·n] ─udnc.Uniform24─▶ r: f64 ─udnc.DitherRaw_E8─▶ u: f64[m×n]
+        ─Mul(factor = scale·Δ, f64)─▶ Cast(float32)
+
+    Hash32:       a, b = whitened key words; h_i = fmix32(fmix32(i ^ a) ^ b), i = Cast(Range(count), uint32)
+    Uniform24:    r_i = (h_i >> 8)·2^-24
+    DitherRaw_Λ:  x = r·box_raw; u = x − Q_Λ(x)    (Conway & Sloane's decoders, lattice.py's tie-breaking)
+
+In a self-contained file a codebook that is still lattice points (not fine-tuned) is stored as int8/int16 integer
+coordinates and rebuilt by the graph as ``float32(from_int(c)·factor)``, exactly as the quantizer built it.
 
 Every step is the integer hash of :mod:`udnc_fx.dither` and the lattice arithmetic of
 :meth:`udnc_fx.lattice.Lattice.dither_raw`, op for op (uint32 wrapping ``Mul``, unsigned ``BitShift``,
 ``BitwiseXor``, round-half-even ``Round``, first-index ``ArgMax``), so the weight onnxruntime computes equals
 ``DitheredLatticeParam.forward()`` bit for bit. Nothing of size ``m·n`` but the indices is stored: the counter is an
-``int64`` ``Range`` cast to ``uint32`` and every other constant is a scalar or has ``n`` entries.
+``int64`` ``Range`` cast to ``uint32`` and every other constant is a scalar or has ``n`` entries. The functions are
+defined once per model and inlined by onnxruntime at load; a weight costs ~10 nodes in the main graph.
 
 Why the TorchScript exporter (``dynamo=False``) and not the dynamo one: with ``do_constant_folding=False`` it keeps
 every weight as an untouched initializer named by its fqn, while the dynamo exporter folds BatchNorm into
@@ -39,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from ..dither import DITHER_ID, key_words  # noqa: F401  (key_words documents what the graph computes)
+from ..dither import DITHER_ID
 from ..errors import ExportError, FormatError
 from ..lattice import _SQRT3, _SQRT3_2, get_lattice
 from . import runtime as _rt
@@ -144,7 +152,7 @@ def _fmix32(b: _Body, h: str) -> str:
 
 
 def _body_hash32(b: _Body) -> None:
-    """``Hash32(key: uint64 scalar, count: int64 scalar) -> h: uint32 [count]``: :func:`udnc_fx.dither.hash_stream_np`."""
+    """``Hash32(key: uint64 scalar, count: int64 scalar) -> h: uint32 [count]``: ``dither.hash_stream_np``."""
     from onnx import TensorProto
 
     k0 = b.op("", "Cast", [b.op("", "BitwiseAnd", ["key", b.const("u64_ffffffff", 0xFFFFFFFF, np.uint64)])],
@@ -156,8 +164,7 @@ def _body_hash32(b: _Body) -> None:
     # Range exists only for signed types: an int64 counter cast to uint32 (values < 2**32, so the cast is exact).
     i = b.op("", "Cast", [b.op("", "Range", [b.i64(0, "0"), "count", b.i64(1, "1")])], to=TensorProto.UINT32)
     h = _fmix32(b, b.op("", "BitwiseXor", [i, a]))
-    _fmix32_out = _fmix32(b, b.op("", "BitwiseXor", [h, bw]))
-    b.op("", "Identity", [_fmix32_out], output="h")
+    b.op("", "Identity", [_fmix32(b, b.op("", "BitwiseXor", [h, bw]))], output="h")
 
 
 def _body_uniform24(b: _Body) -> None:
@@ -638,7 +645,12 @@ def to_onnx(
         if get_lattice(dlp.lattice, dlp.n).dim * dlp.indices.numel() >= 2**31:
             raise ExportError(f"{_fqn(dlp)}: more than 2**31 elements do not fit one ONNX dequantize subgraph")
     float_model = materialize(_detached_copy(model), inplace=True).eval()
-    weights = [dlp.materialize().cpu().numpy() for dlp in dlps]
+    weights = []
+    for dlp in dlps:  # materialize put each decoded weight (bit for bit) where the parameter was
+        try:
+            weights.append(float_model.get_parameter(_fqn(dlp)).detach().cpu().numpy())
+        except AttributeError:
+            weights.append(dlp.materialize().cpu().numpy())
     proto = onnx.load_from_string(_export_float(float_model, args, opset, input_names, output_names, dynamic_axes))
     graph = proto.graph
 

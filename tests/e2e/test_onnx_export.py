@@ -345,3 +345,31 @@ def test_tied_weights(tmp_path):
         for decode in ("numpy", "ort"):
             session = load_onnx(tmp_path / "tied.onnx", decode=decode, **_session_kwargs())
             assert _rel_err(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0], ref) <= RTOL
+
+
+def test_runtime_needs_no_torch(tmp_path):
+    """load_onnx (both paths, sidecar included) runs in a process where torch cannot be imported."""
+    import subprocess
+    import sys
+
+    gm, x = _compress("digits_cnn", "E8", 8)
+    to_onnx(gm, (x,), tmp_path / "side.onnx", sidecar=True)
+    to_onnx(gm, (x,), tmp_path / "self.onnx", sidecar=False)
+    np.save(tmp_path / "x.npy", x.numpy())
+    with torch.no_grad():
+        np.save(tmp_path / "ref.npy", gm(x).numpy())
+    script = f"""
+import sys
+sys.modules["torch"] = None  # any import of torch now fails
+import numpy as np
+from udnc_fx.export import load_onnx
+x, ref = np.load(r"{tmp_path / 'x.npy'}"), np.load(r"{tmp_path / 'ref.npy'}")
+for name in ("side", "self"):
+    for decode in ("numpy", "ort"):
+        s = load_onnx(r"{tmp_path}/" + name + ".onnx", decode=decode, intra_op_num_threads=1)
+        y = s.run(None, {{s.get_inputs()[0].name: x}})[0]
+        assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max(), (name, decode)
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
