@@ -1,0 +1,188 @@
+"""Speed and memory of compress (quantize + encode + save) and decompress (load + decode) from 1e5 to 1e8 weights.
+
+Models are stacks of ``nn.Linear`` layers of real shapes with synthetic Gaussian weights (std 1/√fan_in), compressed
+at one relative step (``relative_step=0.25``: about 4 bits per weight on Gaussian weights). Each measurement runs in
+its own subprocess so that peak memory (``ru_maxrss``) belongs to that step alone; the table reports the peak and
+the peak minus the process's resident size just before the step (the float model and the imports), per weight.
+
+    .venv/bin/python benchmarks/scale.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as C  # noqa: E402
+
+# (label, [(in_features, out_features), ...]) — real layer shapes
+SIZES = {
+    "1e5": [(384, 256)],  # a small projection
+    "1e6": [(1024, 1024)],
+    "1e7": [(768, 3072), (3072, 768), (768, 3072), (3072, 768)],  # two BERT-base FFN blocks, 9.4M
+    "3e7": [(4096, 4096)] * 2,
+    "1e8": [(4096, 4096)] * 6,  # 100.7M
+}
+RELATIVE_STEP = 0.25
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _peak_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def _build(layers):
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    mods = []
+    for fan_in, fan_out in layers:
+        lin = torch.nn.Linear(fan_in, fan_out)
+        with torch.no_grad():
+            lin.weight.copy_(torch.randn(fan_out, fan_in, generator=gen) / fan_in ** 0.5)
+            lin.bias.zero_()
+        mods.append(lin)
+    return torch.nn.Sequential(*mods).eval()
+
+
+def worker(phase: str, size: str, lattice: str, n: int, path: Path) -> dict:
+    import torch
+
+    torch.set_num_threads(1)
+    import udnc_fx
+    from udnc_fx.passes.materialize import materialize
+
+    model = _build(SIZES[size])
+    weights = sum(m.weight.numel() for m in model)
+    base_rss = _rss_bytes()
+    base_peak = _peak_bytes()
+    out = {"phase": phase, "size": size, "lattice": lattice, "n": n, "weights": weights}
+    if phase == "compress":
+        cfg = udnc_fx.CompressConfig(lattice=lattice, n=n, relative_step=RELATIVE_STEP, seed=0)
+        t0 = time.perf_counter()
+        gm = udnc_fx.compress(model, cfg)
+        t1 = time.perf_counter()
+        nbytes = udnc_fx.save(gm, path)
+        t2 = time.perf_counter()
+        out.update(quantize_s=t1 - t0, save_s=t2 - t1, seconds=t2 - t0, file_bytes=nbytes,
+                   bits_per_weight=8 * nbytes / weights)
+    else:
+        t0 = time.perf_counter()
+        loaded = udnc_fx.load(path, model)
+        t1 = time.perf_counter()
+        materialize(loaded, inplace=True)
+        t2 = time.perf_counter()
+        out.update(load_s=t1 - t0, materialize_s=t2 - t1, seconds=t2 - t0)
+    out.update(base_rss=base_rss, peak=_peak_bytes(), base_peak=base_peak)
+    return out
+
+
+def run_one(phase: str, size: str, lattice: str, n: int, path: Path, timeout: float = 1800) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", phase, "--size", size, "--lattice", lattice,
+           "--n", str(n), "--path", str(path)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if proc.returncode != 0:
+        return {"phase": phase, "size": size, "lattice": lattice, "n": n,
+                "error": (proc.stdout + proc.stderr).strip()[-800:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run(sizes: list[str], lattices: list[tuple[str, int, list[str]]], log=C.log) -> dict:
+    """``lattices``: (name, n, sizes it runs at)."""
+    tmp = Path(tempfile.mkdtemp(prefix="udnc-scale-"))
+    rows = []
+    for size in sizes:
+        for lattice, n, allowed in lattices:
+            if size not in allowed:
+                continue
+            path = tmp / f"{size}-{lattice}{n}.udnc"
+            comp = run_one("compress", size, lattice, n, path)
+            dec = run_one("decompress", size, lattice, n, path) if "error" not in comp else {"error": "skipped"}
+            path.unlink(missing_ok=True)
+            rows.append({"compress": comp, "decompress": dec})
+            label = f"Z{n}" if lattice == "Z" else lattice
+            if "error" in comp or "error" in dec:
+                log(f"  [scale] {size} {label}: error {comp.get('error') or dec.get('error')}")
+                continue
+            w = comp["weights"]
+            log(f"  [scale] {size} {label}: {w:,} weights; compress {comp['seconds']:.2f} s "
+                f"({w / comp['seconds'] / 1e6:.2f} M/s), peak +{(comp['peak'] - comp['base_rss']) / w:.1f} B/w; "
+                f"decompress {dec['seconds']:.2f} s ({w / dec['seconds'] / 1e6:.2f} M/s), "
+                f"peak +{(dec['peak'] - dec['base_rss']) / w:.1f} B/w")
+    return {"rows": rows, "relative_step": RELATIVE_STEP}
+
+
+def report(res: dict) -> str:
+    head = ["weights", "lattice", "bits/w (file)", "compress s", "M weights/s", "(quantize / save s)",
+            "peak RSS MiB", "peak − before, B/w", "decompress s", "M weights/s", "(load / materialize s)",
+            "peak RSS MiB", "peak − before, B/w"]
+    rows = []
+    for r in res["rows"]:
+        c, d = r["compress"], r["decompress"]
+        if "error" in c or "error" in d:
+            rows.append([c.get("size"), f"{c.get('lattice')} n={c.get('n')}", "error", (c.get("error") or d.get("error"))
+                         [:80]] + [""] * 9)
+            continue
+        w = c["weights"]
+        lat = f"Z{c['n']}" if c["lattice"] == "Z" else c["lattice"]
+        rows.append([f"{w:,}", lat, f"{c['bits_per_weight']:.3f}", C.fmt_s(c["seconds"]),
+                     f"{w / c['seconds'] / 1e6:.2f}", f"{c['quantize_s']:.2f} / {c['save_s']:.2f}",
+                     f"{c['peak'] / 2**20:.0f}", f"{(c['peak'] - c['base_rss']) / w:.1f}", C.fmt_s(d["seconds"]),
+                     f"{w / d['seconds'] / 1e6:.2f}", f"{d['load_s']:.2f} / {d['materialize_s']:.2f}",
+                     f"{d['peak'] / 2**20:.0f}", f"{(d['peak'] - d['base_rss']) / w:.1f}"])
+    text = [f"Synthetic Gaussian weights (std 1/√fan_in) in real Linear shapes, `relative_step={res['relative_step']}`, "
+            "dithered, default coder, one thread, one subprocess per step. \"peak − before\" is the peak resident "
+            "size of the step's process minus its resident size just before the step (imports and the float model "
+            "already loaded), per weight; the float32 weights themselves are 4 B/w.", "",
+            C.md_table(head, rows)]
+    return "\n".join(text)
+
+
+def plan(quick: bool) -> tuple[list[str], list]:
+    if quick:
+        return ["1e5", "1e6", "1e7"], [("Z", 1, ["1e5", "1e6", "1e7"]), ("E8", 8, ["1e5", "1e6"])]
+    return ["1e5", "1e6", "1e7", "3e7", "1e8"], [("Z", 1, ["1e5", "1e6", "1e7", "3e7", "1e8"]),
+                                                 ("E8", 8, ["1e5", "1e6", "1e7"])]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--worker", choices=["compress", "decompress"])
+    parser.add_argument("--size")
+    parser.add_argument("--lattice", default="Z")
+    parser.add_argument("--n", type=int, default=1)
+    parser.add_argument("--path", type=Path)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.size, args.lattice, args.n, args.path)))
+        return 0
+    sizes, lattices = plan(args.quick)
+    res = run(sizes, lattices)
+    C.OUT.mkdir(parents=True, exist_ok=True)
+    (C.OUT / "scale.json").write_text(json.dumps(res, indent=1))
+    text = report(res)
+    (C.OUT / "SCALE.md").write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
