@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -97,10 +98,7 @@ def _inspect(args) -> int:
 
     path = args.file
     if path.endswith(".onnx"):
-        from .export import describe_onnx  # provided by the ONNX export module
-
-        print(describe_onnx(path))
-        return 0
+        return _inspect_onnx(path, as_json=args.json)
     header = read_header(path)
     report = size_report(path)
     if args.json:
@@ -126,6 +124,76 @@ def _inspect(args) -> int:
           f"(indices + codebooks + their header entries) = {report['weights_ratio']:.2f}x")
     print(f"whole file: {report['all_float_bytes']} float32 bytes of every stored tensor -> {report['file_bytes']} "
           f"bytes = {report['file_ratio']:.2f}x")
+    return 0
+
+
+def _inspect_onnx(path: str, *, as_json: bool) -> int:
+    """List the dequantize subgraphs of an exported ONNX file and the sizes involved."""
+    import os
+
+    from .export.runtime import default_sidecar_path, read_udnc_onnx
+
+    info = read_udnc_onnx(path)
+    sidecar = default_sidecar_path(path) if info.has_sidecar else None
+    init_bytes = {t.name: len(t.raw_data) or t.ByteSize() for t in info.model.graph.initializer}
+    rows = []
+    for spec in info.specs:
+        numel = math.prod(spec.shape)
+        stored = sum(b for name, b in init_bytes.items() if name.startswith(f"udnc/{spec.fqn}/"))
+        rows.append({"fqn": spec.fqn, "shape": list(spec.shape), "lattice": spec.lattice, "n": spec.n,
+                     "weights": numel, "bytes_in_onnx": stored})
+    summary = {
+        "onnx_file": path,
+        "onnx_bytes": os.path.getsize(path),
+        "sidecar": sidecar,
+        "sidecar_bytes": os.path.getsize(sidecar) if sidecar and os.path.exists(sidecar) else None,
+        "opset": [(o.domain or "ai.onnx", o.version) for o in info.model.opset_import],
+        "dequantize_subgraphs": rows,
+    }
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    head = ["weight", "shape", "lattice", "weights", "bytes in .onnx"]
+    table = [[r["fqn"], "x".join(map(str, r["shape"])), f"{r['lattice']}{r['n']}" if r["lattice"] == "Z" else r["lattice"],
+              str(r["weights"]), str(r["bytes_in_onnx"])] for r in rows]
+    widths = [max(len(x) for x in col) for col in zip(head, *table)]
+    print("  ".join(h.ljust(w) for h, w in zip(head, widths)))
+    print("  ".join("-" * w for w in widths))
+    for row in table:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+    print(f"\n{len(rows)} dequantize subgraphs; {path}: {summary['onnx_bytes']} bytes; opset {summary['opset']}")
+    if sidecar:
+        print(f"sidecar {sidecar}: {summary['sidecar_bytes']} bytes (entropy-coded indices and codebooks)")
+    else:
+        print("self-contained: indices stored as small-integer initializers in the .onnx file")
+    return 0
+
+
+def _export(args) -> int:
+    import torch
+
+    from .export import to_onnx
+    from .io import load
+
+    if not args.self_contained and Path(args.out).with_suffix(".udnc").resolve() == Path(args.file).resolve():
+        raise ConfigError(
+            f"the sidecar {Path(args.out).with_suffix('.udnc')} would overwrite the input {args.file}: "
+            "choose another --out name"
+        )
+    model = _load_factory(args.model).eval()
+    gm = load(args.file, model)
+    shapes = []
+    for text in args.example_shape:
+        try:
+            shapes.append(tuple(int(d) for d in text.lower().split("x")))
+        except ValueError:
+            raise ConfigError(f"--example-shape must look like 1x3x32x32, got {text!r}") from None
+    dtype = getattr(torch, args.example_dtype)
+    example = tuple(torch.zeros(s, dtype=dtype) if not dtype.is_floating_point else torch.randn(s, dtype=dtype)
+                    for s in shapes)
+    result = to_onnx(gm, example if len(example) > 1 else example[0], args.out, sidecar=not args.self_contained)
+    print(f"wrote {result.onnx_path} ({result.onnx_bytes} bytes)"
+          + (f" and sidecar {result.sidecar_path} ({result.sidecar_bytes} bytes)" if result.sidecar_path else ""))
     return 0
 
 
@@ -163,6 +231,15 @@ def build_parser() -> argparse.ArgumentParser:
                       help="storage of uncompressed tensors (biases, norms)")
     comp.set_defaults(func=_compress)
 
+    exp = sub.add_parser("export", help="lower a .udnc model to ONNX (dequantize subgraphs + sidecar)")
+    exp.add_argument("file", help="the .udnc file")
+    exp.add_argument("--model", required=True, help="package.module:factory building the float architecture")
+    exp.add_argument("--example-shape", required=True, nargs="+", help="input shape(s) to trace with, e.g. 1x1x8x8")
+    exp.add_argument("--example-dtype", default="float32", help="dtype of the example inputs (e.g. int64 for token ids)")
+    exp.add_argument("--out", required=True, help="the .onnx file to write (the sidecar goes beside it)")
+    exp.add_argument("--self-contained", action="store_true", help="indices inside the .onnx file, no sidecar")
+    exp.set_defaults(func=_export)
+
     ins = sub.add_parser("inspect", help="per-tensor sizes of a .udnc file (or the dequantize subgraphs of a .onnx)")
     ins.add_argument("file")
     ins.add_argument("--json", action="store_true")
@@ -176,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except UdncError as exc:
         print(f"udnc: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a missing or unreadable file: say which, no traceback
+        print(f"udnc: error: {exc.strerror or exc}: {exc.filename or ''}", file=sys.stderr)
         return 2
 
 

@@ -40,7 +40,7 @@ class FormatError(UdncError):
     """A container or sidecar is malformed. ``kind`` names the failure for programs.
 
     Kinds: ``bad_magic``, ``unsupported_version``, ``truncated``, ``bad_header``, ``bad_offsets``,
-    ``checksum_mismatch``, ``model_mismatch``, ``bad_value``, ``unknown_codec``, ``corrupt_payload``.
+    ``checksum_mismatch``, ``model_mismatch``, ``bad_value``, ``unknown_codec``, ``corrupt_payload``, ``missing_file``, ``missing_sidecar``.
     """
 
     def __init__(self, kind: str, message: str):

@@ -1,0 +1,69 @@
+"""The ``udnc`` command line, run as a user would (a subprocess per command)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+UDNC = [sys.executable, "-m", "udnc_fx.cli"]
+
+
+def _run(args, cwd, expect=0):
+    proc = subprocess.run(UDNC + args, cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == expect, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout, proc.stderr
+
+
+def test_compress_inspect_export_roundtrip(tmp_path):
+    out, _ = _run(["compress", "udnc_fx.demo:DigitsCNN", "--out", "m.udnc", "--bits", "3"], tmp_path)
+    assert "whole-file ratio" in out and (tmp_path / "m.udnc").exists()
+    table, _ = _run(["inspect", "m.udnc"], tmp_path)
+    assert "fc1.weight" in table and "whole file" in table
+    data = json.loads(_run(["inspect", "m.udnc", "--json"], tmp_path)[0])
+    assert data["sizes"]["file_bytes"] == (tmp_path / "m.udnc").stat().st_size
+    _run(["export", "m.udnc", "--model", "udnc_fx.demo:DigitsCNN", "--example-shape", "1x1x8x8", "--out", "x.onnx"],
+         tmp_path)
+    listing, _ = _run(["inspect", "x.onnx"], tmp_path)
+    assert "4 dequantize subgraphs" in listing and "x.udnc" in listing
+
+
+def test_export_refuses_to_overwrite_its_input(tmp_path):
+    _run(["compress", "udnc_fx.demo:DigitsCNN", "--out", "m.udnc"], tmp_path)
+    before = (tmp_path / "m.udnc").read_bytes()
+    _, err = _run(["export", "m.udnc", "--model", "udnc_fx.demo:DigitsCNN", "--example-shape", "1x1x8x8",
+                   "--out", "m.onnx"], tmp_path, expect=2)
+    assert "would overwrite" in err and (tmp_path / "m.udnc").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["compress", "nope", "--out", "x.udnc"], "package.module:factory"),
+        (["compress", "udnc_fx.demo:Missing", "--out", "x.udnc"], "cannot import"),
+        (["compress", "udnc_fx.demo:DigitsCNN", "--out", "x.udnc", "--lattice", "Q"], "lattice"),
+        (["inspect", "missing.udnc"], "error"),
+    ],
+)
+def test_bad_input_is_a_clear_error(tmp_path, args, message):
+    _, err = _run(args, tmp_path, expect=2)
+    assert message in err
+
+
+def test_inspect_of_a_corrupt_file_names_the_kind(tmp_path):
+    _run(["compress", "udnc_fx.demo:DigitsCNN", "--out", "m.udnc"], tmp_path)
+    data = bytearray((tmp_path / "m.udnc").read_bytes())
+    data[0] ^= 0xFF
+    (tmp_path / "bad.udnc").write_bytes(bytes(data))
+    _, err = _run(["inspect", "bad.udnc"], tmp_path, expect=2)
+    assert "bad_magic" in err
+
+
+def test_demo_smoke(tmp_path):
+    out, _ = _run(["demo", "--epochs", "2", "--finetune-epochs", "1", "--no-progress", "--out", "demo"], tmp_path)
+    for line in ("float accuracy", "compressed accuracy", "entropy", "container", "time"):
+        assert line in out
+    assert (tmp_path / "demo" / "digits-cnn.udnc").exists()
+    report = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert report["results"]["file_bytes"] == (tmp_path / "demo" / "digits-cnn.udnc").stat().st_size
