@@ -35,7 +35,7 @@ import udnc_fx
 from udnc_fx.demo import evaluate, load_digits_split, train_digits_cnn
 from udnc_fx.passes.finetune import finetune, finetune_float
 from udnc_fx.passes.materialize import materialize, served_params
-from udnc_fx.passes.prune import mask_sparsity, prune
+from udnc_fx.passes.prune import prune
 from udnc_fx.quantizer import quantize_array
 
 OUT = Path(__file__).resolve().parent / "out"
@@ -43,6 +43,7 @@ LATTICES = {"Z1": ("Z", 1), "Z4": ("Z", 4), "E8": ("E8", 8)}
 # Bits per *kept* weight; the target rate is h(sparsity) + (1 - sparsity) * b.
 KEPT_BITS = [4.0, 3.5, 3.0, 2.5, 2.25, 2.0, 1.75, 1.5, 1.25, 1.0, 0.75, 0.5]
 TOLERANCE = 0.5
+ZERO_TABLE_BITS = (3.0, 2.0, 1.0)  # bits per kept weight where the zero-coding table is measured
 
 
 def binary_entropy(p: float) -> float:
@@ -123,7 +124,7 @@ def main(argv=None) -> int:
     parser.add_argument("--lattices", default="Z1,Z4,E8")
     parser.add_argument("--sparsities", default="0,0.5,0.7,0.8,0.9")
     parser.add_argument("--ft-epochs", type=int, default=8, help="codeword fine-tuning epochs")
-    parser.add_argument("--retrain-epochs", type=int, default=10, help="float retraining epochs after pruning")
+    parser.add_argument("--retrain-epochs", type=int, default=30, help="float retraining epochs after pruning")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for this small CNN)")
     parser.add_argument("--out", default=str(OUT))
     args = parser.parse_args(argv)
@@ -175,10 +176,10 @@ def main(argv=None) -> int:
                         entropy = udnc_fx.inspect(gm).mean_entropy_bits
                         acc0 = evaluate(gm, data.x_test, data.y_test)
                         bytes0 = container_bytes(gm, tmp / "a.udnc" if true_bytes else None)
-                        if masks is not None and b == 2.0:
+                        if masks is not None and b in ZERO_TABLE_BITS:
                             if seed == seeds[0]:
                                 zero_rows.append(zero_coding_row(source, masks, gm, cfg))
-                                zero_rows[-1].update(lattice=lname, sparsity=sparsity, target_bits=target,
+                                zero_rows[-1].update(lattice=lname, sparsity=sparsity, target_bits=target, kept_bits=b,
                                                      exact_zero_accuracy=[], mask_accuracy=[])
                             plain_cfg = cfg.replace(
                                 exact_zero=False, target_bits=None,
@@ -263,12 +264,12 @@ def main(argv=None) -> int:
         print("Same steps and dither; bits per Conv/Linear weight; entropy = ideal order-0, coded = the default coder "
               "(range-adaptive-v1). Accuracy without fine-tuning (mask way: dithered decode, pruned positions zeroed), "
               "mean over seeds.\n")
-        print("| lattice | sparsity | stream entropy | mask+kept entropy | saving | stream coded | mask+kept coded "
-              "| saving | acc exact_zero | acc mask |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+        print("| lattice | sparsity | bits/kept weight | stream entropy | mask+kept entropy | saving | stream coded "
+              "| mask+kept coded | saving | acc exact_zero | acc mask |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for z in zero_rows:
             print(
-                f"| {z['lattice']} | {z['sparsity']:.0%} | {z['stream_bits_per_weight']:.3f} | "
+                f"| {z['lattice']} | {z['sparsity']:.0%} | {z['kept_bits']} | {z['stream_bits_per_weight']:.3f} | "
                 f"{z['mask_bits_per_weight']:.3f} | {1 - z['stream_bits_per_weight'] / z['mask_bits_per_weight']:.1%} | "
                 f"{8 * z['stream_coded_bytes']} b | {8 * z['mask_coded_bytes']} b | "
                 f"{1 - z['stream_coded_bytes'] / z['mask_coded_bytes']:.1%} | "
@@ -284,6 +285,7 @@ def main(argv=None) -> int:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         print(f"\n(matplotlib is not installed: no PNG; the points are in {out_dir / 'finetune_curve.json'})")
         return 0
@@ -298,6 +300,8 @@ def main(argv=None) -> int:
                         ms=3, label=f"{lname} {sparsity:.0%}{' fine-tuned' if tag else ''}")
     ax.axhline(threshold, color="k", lw=0.8, ls="--", label=f"float − {TOLERANCE}")
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}x"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}x"))
     ax.set_xlabel(f"compression ratio ({ratio_kind})")
     ax.set_ylabel("test accuracy % (mean over seeds)")
     ax.set_ylim(max(0, threshold - 15), 100)

@@ -40,7 +40,7 @@ def _worker(rank: int, world: int, args: argparse.Namespace, init_method: str | 
         torch.cuda.set_device(device)
     try:
         data = load_digits_split()
-        epochs = 3 if args.smoke else 30
+        epochs = 1 if args.smoke else 30
         model = train_digits_cnn(data, epochs=epochs, seed=0, progress=False) if rank == 0 else None
         state = [model.state_dict() if rank == 0 else None]
         dist.broadcast_object_list(state, src=0)  # every rank starts from rank 0's float weights

@@ -25,7 +25,7 @@ DDP all-reduces gradients as means over ranks before the per-codeword division, 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -164,10 +164,13 @@ def _check_options(data, loss_fn, teacher, opts: dict) -> None:
     if opts["mode"] not in ("max", "min"):
         raise ConfigError(f"mode must be 'max' (higher metric is better) or 'min', got {opts['mode']!r}")
     if not (callable(opts["optimizer"]) or opts["optimizer"] in _OPTIMIZERS):
-        raise ConfigError(f"optimizer must be one of {_OPTIMIZERS} or a factory(param_groups, lr), got {opts['optimizer']!r}")
+        raise ConfigError(
+            f"optimizer must be one of {_OPTIMIZERS} or a factory(param_groups, lr), got {opts['optimizer']!r}"
+        )
     if not (callable(opts["scheduler"]) or opts["scheduler"] in _SCHEDULERS):
         raise ConfigError(
-            f"scheduler must be 'cosine', 'constant', None or a factory(optimizer, total_steps), got {opts['scheduler']!r}"
+            "scheduler must be 'cosine', 'constant', None or a factory(optimizer, total_steps), "
+            f"got {opts['scheduler']!r}"
         )
     if not (callable(opts["distill"]) or opts["distill"] in _DISTILL):
         raise ConfigError(f"distill must be 'kl', 'mse' or a callable(student, teacher), got {opts['distill']!r}")
@@ -192,7 +195,7 @@ def _check_options(data, loss_fn, teacher, opts: dict) -> None:
         length = None
     if length == 0:
         raise ConfigError("the data loader is empty: fine-tuning needs at least one batch")
-    if iter(data) is data and opts["epochs"] > 1:
+    if isinstance(data, Iterator) and opts["epochs"] > 1:
         raise ConfigError(
             "data is a one-shot iterator (a generator?) but epochs > 1: pass a re-iterable such as a DataLoader or "
             "a list of batches"
@@ -408,7 +411,8 @@ def _train(
         except TypeError:
             per_epoch = None
         if opts["max_steps_per_epoch"] is not None:
-            per_epoch = opts["max_steps_per_epoch"] if per_epoch is None else min(per_epoch, opts["max_steps_per_epoch"])
+            cap = opts["max_steps_per_epoch"]
+            per_epoch = cap if per_epoch is None else min(per_epoch, cap)
         per_step = per_epoch is not None
         total = opts["epochs"] * per_epoch if per_step else opts["epochs"]
         scheduler = _make_scheduler(opts["scheduler"], optimizer, total)
@@ -458,7 +462,7 @@ def _train(
                 sampler = getattr(data, "sampler", None)
                 if hasattr(sampler, "set_epoch"):
                     sampler.set_epoch(epoch)
-                loss_sum, batches = 0.0, 0
+                loss_sum, batches = torch.zeros((), dtype=torch.float64, device=device), 0
                 for batch in data:
                     if opts["max_steps_per_epoch"] is not None and batches >= opts["max_steps_per_epoch"]:
                         break
@@ -505,11 +509,14 @@ def _train(
                         scheduler.step()
                     steps += 1
                     batches += 1
-                    loss_sum += float(loss.detach())
+                    loss_sum += loss.detach().to(torch.float64)  # no host sync per step (GPU)
                     bar.update(1)
-                    bar.set_postfix(
-                        epoch=epoch, loss=f"{loss_sum / batches:.4f}", **({} if metric is None else {"metric": f"{metric:.4g}"})
-                    )
+                    if not bar.disable:
+                        bar.set_postfix(
+                            epoch=epoch,
+                            loss=f"{float(loss_sum) / batches:.4f}",
+                            **({} if metric is None else {"metric": f"{metric:.4g}"}),
+                        )
                 if batches == 0:
                     if steps == 0:
                         raise PassError(
@@ -522,12 +529,13 @@ def _train(
                 if scheduler is not None and not per_step:
                     scheduler.step()
                 metric = evaluate()
+                epoch_loss = float(loss_sum) / batches
                 if metric is not None:
-                    bar.set_postfix(epoch=epoch, loss=f"{loss_sum / batches:.4f}", metric=f"{metric:.4g}")
+                    bar.set_postfix(epoch=epoch, loss=f"{epoch_loss:.4f}", metric=f"{metric:.4g}")
                 result.history.append(
                     {
                         "epoch": epoch,
-                        "loss": loss_sum / batches,
+                        "loss": epoch_loss,
                         "metric": metric,
                         "lr": optimizer.param_groups[0]["lr"],
                         "steps": steps,
@@ -555,10 +563,6 @@ def _train(
             m.train(flag)
         if teacher is not None and teacher_training is not None:
             teacher.train(teacher_training)
-
-
-def _collect_options(**opts) -> dict:
-    return opts
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -620,7 +624,8 @@ def finetune(
             ``eval_fn`` the last ones are kept.
         mode: ``"max"`` (higher metric is better, e.g. accuracy) or ``"min"`` (e.g. a loss).
         teacher: the original float model to distil from: the loss becomes ``distill(student, teacher)`` (plus
-            ``loss_fn`` when given, the distillation term weighted by ``distill_weight``).
+            ``loss_fn`` when given, the distillation term weighted by ``distill_weight``). It is run in eval mode
+            without grad, on the model's device (moved there if needed; its train/eval mode is restored).
         distill: ``"kl"`` (KL divergence of softened logits, × temperature²), ``"mse"`` or a callable.
         grad_rule: ``"average"`` (default) or ``"sum"``.
         max_steps_per_epoch: stop each epoch after this many batches.
@@ -637,7 +642,7 @@ def finetune(
             DDP, the ranks hold different compressed models.
         ConfigError: an invalid option, an empty data loader (``len(data) == 0``), or no loss and no teacher.
     """
-    opts = _collect_options(
+    opts = dict(
         epochs=epochs, lr=lr, optimizer=optimizer, weight_decay=weight_decay, scheduler=scheduler, eval_fn=eval_fn,
         keep=keep, mode=mode, distill=distill, temperature=temperature, distill_weight=distill_weight,
         max_steps_per_epoch=max_steps_per_epoch, progress=progress, ddp=ddp,
@@ -711,7 +716,7 @@ def finetune_float(
         ConfigError: a mask names no parameter or has the wrong shape, or an option is invalid.
         PassError: as for :func:`finetune`.
     """
-    opts = _collect_options(
+    opts = dict(
         epochs=epochs, lr=lr, optimizer=optimizer, weight_decay=weight_decay, scheduler=scheduler, eval_fn=eval_fn,
         keep=keep, mode=mode, distill=distill, temperature=temperature, distill_weight=distill_weight,
         max_steps_per_epoch=max_steps_per_epoch, progress=progress, ddp=ddp,
