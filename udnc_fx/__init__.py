@@ -36,6 +36,12 @@ _LAZY = {
     "load": "udnc_fx.io",
     "read_header": "udnc_fx.io",
     "size_report": "udnc_fx.io",
+    "finetune": "udnc_fx.passes.finetune",
+    "finetune_float": "udnc_fx.passes.finetune",
+    "FinetuneResult": "udnc_fx.passes.finetune",
+    "average_codeword_gradients": "udnc_fx.passes.finetune",
+    "prune": "udnc_fx.passes.prune",
+    "mask_sparsity": "udnc_fx.passes.prune",
 }
 
 __all__ = [
@@ -53,7 +59,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from .config import CompressConfig, LayerConfig
     from .io import load, read_header, save, size_report
     from .param import DitheredLatticeParam
+    from .passes.finetune import FinetuneResult, average_codeword_gradients, finetune, finetune_float
     from .passes.materialize import materialize
+    from .passes.prune import mask_sparsity, prune
 
 
 def __getattr__(name: str):

@@ -123,7 +123,8 @@ def run_demo(
     if isinstance(finetune_epochs, bool) or not isinstance(finetune_epochs, int) or finetune_epochs < 0:
         raise udnc_fx.ConfigError(f"finetune_epochs must be an integer >= 0, got {finetune_epochs!r}")
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    # One thread: this CNN is far too small to gain from more, and under contention extra threads cost 10x.
+    torch.set_num_threads(1)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
