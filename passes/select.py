@@ -107,9 +107,10 @@ def select_weights(
     """Choose the weights to compress.
 
     A weight is a candidate when its module's type is in ``config.layer_types`` (``Embedding`` with
-    ``include_embeddings``), or when the graph passes it as the weight of a functional op (``F.linear``,
-    ``F.conv*``...). Candidates are then filtered by overrides (``None`` = leave float), ``filter_fn`` and
-    ``min_numel``. Other multi-dimensional parameters are recorded as skipped ("not a selected layer type").
+    ``include_embeddings``; any class in ``extra_layer_types``), or when the graph passes it as the weight of a
+    functional op (``F.linear``, ``F.conv*``...). Candidates are then filtered by overrides (``None`` = leave
+    float), ``filter_fn`` and ``min_numel``. Other multi-dimensional parameters are recorded as skipped ("not a
+    selected layer type").
 
     Returns:
         ``(candidates, changes)``: candidates in module order; ``changes`` holds the skips (the quantize pass adds
@@ -118,6 +119,12 @@ def select_weights(
     wanted = tuple(_TYPE_BY_NAME[t] for t in config.layer_types)
     if config.include_embeddings:
         wanted += (nn.Embedding,)
+    wanted += tuple(t for t in config.extra_layer_types if isinstance(t, type))
+    extra_names = {t for t in config.extra_layer_types if isinstance(t, str)}
+
+    def is_wanted(m: nn.Module) -> bool:
+        return isinstance(m, wanted) or (bool(extra_names) and any(k.__name__ in extra_names for k in type(m).__mro__))
+
     owners = _param_owners(model)
     functional = _functional_weights(gm)
     modules = dict(model.named_modules(remove_duplicate=False))
@@ -132,10 +139,8 @@ def select_weights(
             seen.add(id(p))
             fqn = _join(mod_fqn, attr)
             all_owners = owners[id(p)]
-            by_type = attr == "weight" and isinstance(module, wanted)
-            by_type = by_type or any(
-                a == "weight" and isinstance(modules[o], wanted) for o, a in all_owners
-            )
+            by_type = attr == "weight" and is_wanted(module)
+            by_type = by_type or any(a == "weight" and is_wanted(modules[o]) for o, a in all_owners)
             by_functional = any(_join(o, a) in functional for o, a in all_owners)
             if not (by_type or by_functional):
                 if p.ndim >= 2:

@@ -113,6 +113,11 @@ class CompressConfig:
             0 and cost one symbol. Turn on after pruning.
         layer_types: module class names whose ``weight`` is selected.
         include_embeddings: also select ``nn.Embedding`` weights.
+        extra_layer_types: further module classes (or class names, matched anywhere in the class's MRO) whose
+            ``weight`` parameter is selected, for layers outside torch.nn such as Hugging Face's
+            ``transformers.pytorch_utils.Conv1D`` (GPT-2; ``weight`` is ``in × out`` and used by ``torch.addmm``).
+            The op that uses the weight is kept as it is: the weight is fed to it by the graph (``get_attr`` uses)
+            or by a parametrization (inside a leaf, or under the module-swap fallback). Recorded by name.
         min_numel: skip (with a recorded reason) weights with fewer elements.
         overrides: ``{key: LayerConfig | None}`` with keys a module type (or ``"type:Name"``), ``"re:pattern"``
             (``re.fullmatch`` on the module fqn) or an exact module fqn. Precedence: exact fqn > pattern > type;
@@ -136,6 +141,7 @@ class CompressConfig:
     exact_zero: bool = False
     layer_types: tuple[str, ...] = DEFAULT_LAYER_TYPES
     include_embeddings: bool = False
+    extra_layer_types: tuple[Any, ...] = ()
     min_numel: int = 1
     overrides: Mapping[Any, LayerConfig | None] = field(default_factory=dict)
     filter_fn: Callable[[Any, str], bool] | None = None
@@ -184,6 +190,13 @@ class CompressConfig:
             raise ConfigError(
                 f"leaf_modules must be a tuple of module classes or class names, got {self.leaf_modules!r}"
             )
+        # layer_types is a closed list of torch.nn names; classes from other libraries come in through here.
+        if not isinstance(self.extra_layer_types, (tuple, list)) or not all(
+            isinstance(m, (str, type)) for m in self.extra_layer_types
+        ):
+            raise ConfigError(
+                f"extra_layer_types must be a tuple of module classes or class names, got {self.extra_layer_types!r}"
+            )
         if not isinstance(self.overrides, Mapping):
             raise ConfigError(
                 f"overrides must be a mapping {{key: LayerConfig | None}}, got {type(self.overrides).__name__}"
@@ -196,6 +209,7 @@ class CompressConfig:
         object.__setattr__(self, "overrides", normalised)
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
         object.__setattr__(self, "leaf_modules", tuple(self.leaf_modules))
+        object.__setattr__(self, "extra_layer_types", tuple(self.extra_layer_types))
 
     @property
     def step_mode(self) -> str:
@@ -236,7 +250,7 @@ class CompressConfig:
                 value = {k: (None if v is None else v.to_dict()) for k, v in value.items()}
             elif f.name == "filter_fn":
                 value = None if value is None else getattr(value, "__qualname__", "<callable>")
-            elif f.name == "leaf_modules":
+            elif f.name in ("leaf_modules", "extra_layer_types"):
                 value = [v if isinstance(v, str) else v.__name__ for v in value]
             elif isinstance(value, tuple):
                 value = list(value)
@@ -259,7 +273,7 @@ class CompressConfig:
             if not isinstance(raw, Mapping):
                 raise ConfigError("overrides must be a mapping")
             kwargs["overrides"] = {k: _layer_config_from_dict(k, v) for k, v in raw.items()}
-        for name in ("layer_types", "leaf_modules"):
+        for name in ("layer_types", "leaf_modules", "extra_layer_types"):
             if name in kwargs and isinstance(kwargs[name], list):  # JSON has lists; anything else is checked later
                 kwargs[name] = tuple(kwargs[name])
         return cls(**kwargs)

