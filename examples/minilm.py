@@ -34,7 +34,7 @@ def _parse(argv):
     p.add_argument("--finetune-epochs", type=int, default=None, help="codebook distillation epochs (default 0)")
     p.add_argument("--finetune-lr", type=float, default=3e-4)
     p.add_argument("--seed", type=int, default=0, help="dither seed")
-    p.add_argument("--out", default=None, help="directory for minilm.udnc, minilm.onnx (default: a temp dir)")
+    p.add_argument("--out", default=None, help="keep minilm.udnc, minilm.onnx there (default: a temp dir, removed)")
     return p.parse_args(argv)
 
 
@@ -106,7 +106,8 @@ def main(argv=None) -> int:
         model.eval()
         print(f"distilled {epochs} epochs in {time.perf_counter() - t:.1f} s:", fidelity(model))
 
-    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="udnc-minilm-"))
+    scratch = None if args.out else tempfile.TemporaryDirectory(prefix="udnc-minilm-")  # removed at the end
+    out = Path(args.out) if args.out else Path(scratch.name)
     out.mkdir(parents=True, exist_ok=True)
 
     # 4. Save the .udnc container and report true sizes.
@@ -149,6 +150,8 @@ def main(argv=None) -> int:
           f"weights {sizes['weights_ratio']:.2f}x; total {time.perf_counter() - t0:.0f} s")
     if smoke:
         assert fid.mean > 0.99, fid
+    if scratch is not None:
+        scratch.cleanup()
     return 0
 
 
