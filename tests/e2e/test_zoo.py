@@ -412,3 +412,12 @@ def test_lstm_weights_are_left_float_and_the_head_is_compressed():
     assert isinstance(lstm, nn.LSTM)
     assert torch.equal(lstm.weight_ih_l0, model.lstm.weight_ih_l0)
     assert [r.fqn for r in udnc_fx.inspect(compressed).layers] == ["head.weight"]
+
+
+def test_multihead_attention_is_a_leaf_out_proj_parametrized_in_proj_skipped():
+    compressed = udnc_fx.compress(_fresh(CASES[7], 0), CompressConfig(target_bits=4.0))
+    changes = {c["fqn"]: c for c in udnc_fx.inspect(compressed).changes}
+    assert "parametrized inside leaf of 'layer.self_attn.out_proj'" in changes["layer.self_attn.out_proj.weight"]["reason"]
+    assert changes["layer.self_attn.in_proj_weight"]["action"] == "skipped"
+    assert "MultiheadAttention.in_proj_weight" in changes["layer.self_attn.in_proj_weight"]["reason"]
+    assert "via graph" in changes["proj.weight"]["reason"]
