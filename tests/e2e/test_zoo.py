@@ -417,7 +417,8 @@ def test_lstm_weights_are_left_float_and_the_head_is_compressed():
 def test_multihead_attention_is_a_leaf_out_proj_parametrized_in_proj_skipped():
     compressed = udnc_fx.compress(_fresh(CASES[7], 0), CompressConfig(target_bits=4.0))
     changes = {c["fqn"]: c for c in udnc_fx.inspect(compressed).changes}
-    assert "parametrized inside leaf of 'layer.self_attn.out_proj'" in changes["layer.self_attn.out_proj.weight"]["reason"]
+    out_proj = changes["layer.self_attn.out_proj.weight"]["reason"]
+    assert "parametrized inside leaf of 'layer.self_attn.out_proj'" in out_proj
     assert changes["layer.self_attn.in_proj_weight"]["action"] == "skipped"
     assert "MultiheadAttention.in_proj_weight" in changes["layer.self_attn.in_proj_weight"]["reason"]
     assert "via graph" in changes["proj.weight"]["reason"]
