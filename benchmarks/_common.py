@@ -159,7 +159,13 @@ def plot_curves(path: Path, series: dict[str, list[tuple[float, float]]], *, xla
     if hline is not None:
         ax.axhline(hline, color="k", ls="--", lw=0.8, label=hline_label)
     if logx:
+        from matplotlib.ticker import FuncFormatter
+
         ax.set_xscale("log")
+        fmt = FuncFormatter(lambda x, _: f"{x:g}x")
+        ax.xaxis.set_major_formatter(fmt)
+        ax.xaxis.set_minor_formatter(fmt)
+        ax.tick_params(axis="x", which="minor", labelsize=7)
     if ylim:
         ax.set_ylim(*ylim)
     ax.set_xlabel(xlabel)

@@ -35,16 +35,36 @@ SIZES = {
 RELATIVE_STEP = 0.25
 
 
+def _status(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def _rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return _status("VmRSS") or 0
+
+
+def _reset_peak() -> bool:
+    """Reset the kernel's resident high-water mark (Linux ≥ 4.0), so the peak read later belongs to the step."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def _peak_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    # VmHWM, not ru_maxrss: ru_maxrss survives fork + exec, so a child started by a big parent reports the parent's
+    # size as its own peak.
+    hwm = _status("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _build(layers):
@@ -70,6 +90,7 @@ def worker(phase: str, size: str, lattice: str, n: int, path: Path) -> dict:
 
     model = _build(SIZES[size])
     weights = sum(m.weight.numel() for m in model)
+    _reset_peak()
     base_rss = _rss_bytes()
     base_peak = _peak_bytes()
     out = {"phase": phase, "size": size, "lattice": lattice, "n": n, "weights": weights}

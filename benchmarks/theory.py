@@ -18,7 +18,7 @@ as long as the codebook is small beside the index stream. When the number of dis
 the number of vectors (high rates with n = 4, 8: each vector is then its own codeword) the explicit codebook costs
 more than the indices save; the ``K / vectors`` column shows when.
 
-    .venv/bin/python benchmarks/theory.py [--quick] [--samples N] [--rates 1,2,3,4]
+    .venv/bin/python benchmarks/theory.py [--quick] [--samples N] [--rates 1,2,3,4,5,6]
 """
 
 from __future__ import annotations
@@ -211,14 +211,14 @@ def _plot(res: dict, path: Path) -> bool:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="2e5 samples, rates 1 and 3")
+    parser.add_argument("--quick", action="store_true", help="3e5 samples, rates 1-4 (default 1e6, rates 1-6)")
     parser.add_argument("--samples", type=int, default=None)
     parser.add_argument("--rates", default=None, help="comma-separated nominal bits per sample")
     parser.add_argument("--out", type=Path, default=C.OUT)
     args = parser.parse_args(argv)
-    samples = args.samples or (200_000 if args.quick else 1_000_000)
-    rates = [float(r) for r in args.rates.split(",")] if args.rates else ([1.0, 3.0] if args.quick else
-                                                                          [1.0, 2.0, 3.0, 4.0])
+    samples = args.samples or (300_000 if args.quick else 1_000_000)
+    rates = [float(r) for r in args.rates.split(",")] if args.rates else ([1.0, 2.0, 3.0, 4.0] if args.quick else
+                                                                          [1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
     res = run(samples, rates)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "theory.json").write_text(json.dumps(res, indent=1))
