@@ -7,14 +7,18 @@ the codewords (with biases and BatchNorm) and measures again. The summary gives,
 compression ratio whose accuracy stays within 0.5 points of the float model's *robustly*: at that rate and at every
 finer rate of the sweep, the mean over seeds passes (and, in its own column, every seed passes).
 
-Ratio = float32 bytes of all the model's parameters / bytes of the ``.udnc`` file (``udnc_fx.save``: every tensor
-the model needs, headers, codebooks and BatchNorm statistics included), when the container is available; otherwise
-the estimate 32 / (mean index entropy in bits per weight), labelled as such. The estimate is printed beside it.
+Ratio = float32 bytes of all the ORIGINAL model's parameters (38,378, BatchNorm included) / bytes of the ``.udnc``
+file (``udnc_fx.save``: every tensor the model needs, headers and codebooks included), when the container is
+available; otherwise the estimate 32 / (mean index entropy in bits per weight), labelled as such. The estimate is
+printed beside it. By default BatchNorm is folded into the convolutions first (``--no-fold-bn`` keeps it: its
+weights and statistics are then stored too) and the raw tensors (biases) and fine-tuned codebooks are stored as
+float16 (``--raw-float-dtype float32``, ``--codebook-float-dtype float32`` keep float32). Accuracies are those of
+the model loaded back from the file (``udnc_fx.load``), so any loss from float16 storage is counted.
 
 A second table compares two ways to code pruned zeros at the same steps: as the lattice point 0 of the index
 stream (``exact_zero``) against a separately coded mask plus the indices of the kept weights only.
 
-    .venv/bin/python benchmarks/finetune_curve.py [--quick] [--seeds 3]
+    .venv/bin/python benchmarks/finetune_curve.py [--quick] [--seeds 3] [--lattices Z1] [--no-fold-bn]
 """
 
 from __future__ import annotations
@@ -32,8 +36,9 @@ import torch
 import torch.nn.functional as F
 
 import udnc_fx
-from udnc_fx.demo import evaluate, load_digits_split, train_digits_cnn
+from udnc_fx.demo import DigitsCNN, evaluate, load_digits_split, train_digits_cnn
 from udnc_fx.passes.finetune import finetune, finetune_float
+from udnc_fx.passes.fold import fold_batchnorm
 from udnc_fx.passes.materialize import materialize, served_params
 from udnc_fx.passes.prune import prune
 from udnc_fx.quantizer import quantize_array
@@ -59,10 +64,19 @@ def entropy_bits(symbols: np.ndarray) -> float:
     return float(-(counts * np.log2(p)).sum())
 
 
-def container_bytes(gm, path: Path | None) -> int | None:
+def container_bytes(gm, path: Path | None, float_dtypes: tuple[str, str] = ("float32", "float32")) -> int | None:
     if path is None:
         return None
-    return udnc_fx.save(gm, path)
+    return udnc_fx.save(gm, path, raw_float_dtype=float_dtypes[0], codebook_float_dtype=float_dtypes[1])
+
+
+def saved_point(gm, path: Path | None, fresh, data, float_dtypes: tuple[str, str]) -> tuple[int | None, float]:
+    """Bytes of the ``.udnc`` file and the test accuracy of the model loaded back from it (in-memory accuracy when
+    the container is unavailable). ``float_dtypes``: storage of the raw tensors and of fine-tuned codebooks."""
+    nbytes = container_bytes(gm, path, float_dtypes)
+    if nbytes is None:
+        return None, evaluate(gm, data.x_test, data.y_test)
+    return nbytes, evaluate(udnc_fx.load(path, fresh), data.x_test, data.y_test)
 
 
 def have_container() -> bool:
@@ -126,6 +140,12 @@ def main(argv=None) -> int:
     parser.add_argument("--ft-epochs", type=int, default=8, help="codeword fine-tuning epochs")
     parser.add_argument("--retrain-epochs", type=int, default=30, help="float retraining epochs after pruning")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for this small CNN)")
+    parser.add_argument("--no-fold-bn", dest="fold_bn", action="store_false",
+                        help="keep BatchNorm (default: fold it into the convolutions before pruning)")
+    parser.add_argument("--raw-float-dtype", default="float16", choices=("float16", "float32"),
+                        help="storage of the raw (uncompressed) float tensors: biases, BatchNorm")
+    parser.add_argument("--codebook-float-dtype", default="float16", choices=("float16", "float32"),
+                        help="storage of fine-tuned codebooks (untouched ones are exact integer coordinates)")
     parser.add_argument("--out", default=str(OUT))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -143,7 +163,11 @@ def main(argv=None) -> int:
     data = load_digits_split()
     model = train_digits_cnn(data, epochs=30, seed=0, progress=False)
     float_acc = evaluate(model, data.x_test, data.y_test)
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = sum(p.numel() for p in model.parameters())  # of the original model: the ratio's numerator
+    base = fold_batchnorm(model) if args.fold_bn else model
+    float_dtypes = (args.raw_float_dtype, args.codebook_float_dtype)
+    fresh = (fold_batchnorm(DigitsCNN()) if args.fold_bn else DigitsCNN()).eval()  # what load() rebuilds onto
+    folded_acc = evaluate(base, data.x_test, data.y_test)
     threshold = float_acc - TOLERANCE
     loader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(data.x_train, data.y_train), batch_size=64, shuffle=True,
@@ -151,7 +175,11 @@ def main(argv=None) -> int:
     )
     ratio_kind = "true .udnc bytes" if true_bytes else "ESTIMATED 32/index entropy"
     print(f"float test accuracy {float_acc:.2f} % ({len(data.y_test)} images), {n_params} parameters "
-          f"({4 * n_params} float32 bytes); pass = accuracy >= {threshold:.2f} %; ratio: {ratio_kind}\n")
+          f"({4 * n_params} float32 bytes); pass = accuracy >= {threshold:.2f} %; ratio: {ratio_kind}")
+    folded = f"folded (folded float model: {folded_acc:.2f} %)" if args.fold_bn else "kept"
+    print(f"BatchNorm {folded}; "
+          f"raw tensors stored as {args.raw_float_dtype}, fine-tuned codebooks as {args.codebook_float_dtype}; "
+          f"accuracy of the model loaded from the file\n")
 
     points, zero_rows, retrained = [], [], {}
     tmp = Path(tempfile.mkdtemp(prefix="udnc-curve-"))
@@ -159,9 +187,9 @@ def main(argv=None) -> int:
         lattice, n = LATTICES[lname]
         for sparsity in sparsities:
             base_cfg = udnc_fx.CompressConfig(lattice=lattice, n=n, exact_zero=sparsity > 0)
-            source, masks = model, None
+            source, masks = base, None
             if sparsity > 0:
-                source, masks = prune(model, sparsity, config=base_cfg)
+                source, masks = prune(base, sparsity, config=base_cfg)
                 finetune_float(source, masks, loader, F.cross_entropy, epochs=retrain_epochs, lr=3e-3, keep="last",
                                progress=False)
                 retrained[(lname, sparsity)] = evaluate(source, data.x_test, data.y_test)
@@ -174,8 +202,8 @@ def main(argv=None) -> int:
                         cfg = base_cfg.replace(seed=seed, target_bits=target)
                         gm = udnc_fx.compress(source, cfg)
                         entropy = udnc_fx.inspect(gm).mean_entropy_bits
-                        acc0 = evaluate(gm, data.x_test, data.y_test)
-                        bytes0 = container_bytes(gm, tmp / "a.udnc" if true_bytes else None)
+                        bytes0, acc0 = saved_point(gm, tmp / "a.udnc" if true_bytes else None, fresh, data,
+                                                   float_dtypes)
                         if masks is not None and b in ZERO_TABLE_BITS:
                             if seed == seeds[0]:
                                 zero_rows.append(zero_coding_row(source, masks, gm, cfg))
@@ -186,13 +214,13 @@ def main(argv=None) -> int:
                                 overrides={d.fqn.rpartition(".")[0]: udnc_fx.LayerConfig(step=d.step)
                                            for d in served_params(gm)},
                             )
-                            zero_rows[-1]["exact_zero_accuracy"].append(acc0)
+                            zero_rows[-1]["exact_zero_accuracy"].append(evaluate(gm, data.x_test, data.y_test))
                             zero_rows[-1]["mask_accuracy"].append(
                                 masked_accuracy(udnc_fx.compress(source, plain_cfg), masks, data))
                         finetune(gm, loader, F.cross_entropy, epochs=ft_epochs, lr=3e-3, train_bias=True,
                                  train_norm=True, keep="last", progress=False)
-                        acc1 = evaluate(gm, data.x_test, data.y_test)
-                        bytes1 = container_bytes(gm, tmp / "b.udnc" if true_bytes else None)
+                        bytes1, acc1 = saved_point(gm, tmp / "b.udnc" if true_bytes else None, fresh, data,
+                                                   float_dtypes)
                         row["seeds"].append({"seed": seed, "entropy": entropy, "acc": acc0, "acc_ft": acc1,
                                              "bytes": bytes0, "bytes_ft": bytes1})
                 except udnc_fx.ConfigError as exc:
@@ -228,7 +256,10 @@ def main(argv=None) -> int:
         return best
 
     print(f"\n## Highest compression within {TOLERANCE} points of float ({float_acc:.2f} %), robust over the sweep\n")
-    print(f"ratio: {ratio_kind} (all {n_params} parameters as float32 / file); est. = 32 / mean index entropy. "
+    print(f"ratio: {ratio_kind} (all {n_params} parameters of the original model as float32 / file"
+          f"{'; BatchNorm folded' if args.fold_bn else ''}; raw tensors {args.raw_float_dtype}, fine-tuned codebooks "
+          f"{args.codebook_float_dtype}); "
+          f"est. = 32 / mean index entropy. "
           f"Dithered, {len(seeds)} seed(s): 'mean' = the mean accuracy passes, 'every seed' = the worst seed passes.\n")
     print("| lattice | sparsity | fine-tuned | ratio (mean passes) | acc mean (min) there | est. ratio | bits/param in file "
           "| ratio (every seed passes) | float acc after prune+retrain |")
@@ -278,7 +309,9 @@ def main(argv=None) -> int:
             )
 
     (out_dir / "finetune_curve.json").write_text(json.dumps(
-        {"float_accuracy": float_acc, "parameters": n_params, "ratio_kind": ratio_kind, "points": points,
+        {"float_accuracy": float_acc, "parameters": n_params, "ratio_kind": ratio_kind, "fold_bn": args.fold_bn,
+         "raw_float_dtype": args.raw_float_dtype, "codebook_float_dtype": args.codebook_float_dtype,
+         "folded_float_accuracy": folded_acc, "points": points,
          "summary": summary, "zero_coding": zero_rows}, indent=1))
     try:
         import matplotlib

@@ -34,7 +34,7 @@ try:
 except ImportError:  # the coder registry is written alongside; until it lands only the stand-in runs
     REAL_CODERS = []
 needs_range_coder = pytest.mark.skipif(
-    C.FORMAT_DEFAULT_CODER not in REAL_CODERS, reason="coded codebooks need the range-adaptive-v1 coder"
+    C.FORMAT_DEFAULT_CODEBOOK_CODER not in REAL_CODERS, reason="coded codebooks need the range-adaptive-v1 coder"
 )
 
 
@@ -221,6 +221,10 @@ def test_round_trip_bit_exact(coder, codebook):
 def test_raw_float16_storage_is_recorded_and_read_back_as_float32():
     original = make_container()
     data = encode_container(original, raw_float_dtype="float16")
+    stored = split(data)[0]
+    assert stored["raw_float16"] is True  # one flag for the file ...
+    assert stored["raw"][0] == ["conv1.bias", [8]]  # ... not per entry
+    assert stored["raw"][3] == ["half", [2, 3], "float16"]  # a float16 tensor names its dtype
     raws = {r["name"]: r for r in read_header(data)["raw"]}
     assert raws["conv1.bias"]["dtype"] == "float16" and raws["conv1.bias"]["source_dtype"] == "float32"
     assert raws["half"]["dtype"] == "float16" and "source_dtype" not in raws["half"]  # was float16 already
@@ -235,13 +239,15 @@ def test_fixed_width_lattice_int_uses_the_narrowest_width():
     # these are too small for entropy coding to pay: fixed width, 1 byte (the default, not stored)
     for fqn in ("conv1.weight", "emb.weight", "empty.weight"):
         assert codebooks[fqn]["encoding"] == "lattice-int" and codebooks[fqn]["width"] == 1
-    stored = split(encode_container(make_container(lattice_int=True)))[0]["quantized"]
-    assert stored[0]["codebook"] == {"encoding": "lattice-int"}
+    header = split(encode_container(make_container(lattice_int=True)))[0]
+    assert header["codebook_encoding"] == "lattice-int"  # three of the four: the file's default, named once
+    assert ["codebook" in q for q in header["quantized"]] == [False, True, False, False]
     for values, width in (([[300], [-300], [0]], 2), ([[2**20], [0], [1]], 4)):
         q = make_container().quantized[0]
         q.shape, q.indices, q.codebook_int, q.zero_index = (3,), np.arange(3), np.array(values), None
         data = encode_container(Container([q], [], {}, {}))
         assert split(data)[0]["quantized"][0]["codebook"] == {"encoding": "lattice-int", "width": width}
+        assert "codebook_encoding" not in split(data)[0]  # a width is not the default: no file-level encoding
         assert np.array_equal(read_container(data).quantized[0].codebook_int, values)
     extreme = np.array([[np.iinfo(np.int64).min], [np.iinfo(np.int64).max], [0]])
     q.codebook_int = extreme
@@ -256,7 +262,7 @@ def test_large_integer_codebooks_are_entropy_coded(lattice):
     original = big_codebook_container(lattice)
     data = encode_container(original)
     codebook = read_header(data)["quantized"][0]["codebook"]
-    assert codebook["encoding"] == "lattice-int-coded" and codebook["coder"] == C.FORMAT_DEFAULT_CODER
+    assert codebook["encoding"] == "lattice-int-coded" and codebook["coder"] == C.FORMAT_DEFAULT_CODEBOOK_CODER
     k, n = original.quantized[0].codebook_int.shape
     assert codebook["length"] < k * n / 2  # several-fold smaller than one byte per coordinate
     assert_same(read_container(data), original)
@@ -278,7 +284,7 @@ def test_the_writer_keeps_the_smaller_codebook_encoding():
             fixed = width * c.size + len(C._canonical_json(fixed_object))
             symbols = C._codebook_symbols(lattice, c)
             alphabet = int(symbols.max()) + 1
-            coded = C._get_coder(C.FORMAT_DEFAULT_CODER).encode(symbols.ravel(), alphabet)
+            coded = C._get_coder(C.FORMAT_DEFAULT_CODEBOOK_CODER).encode(symbols.ravel(), alphabet)
             coded_object = {"alphabet_size": alphabet, "encoding": "lattice-int-coded", "length": len(coded)}
             coded_cost = len(coded) + len(C._canonical_json(coded_object))
             got = read_header(chosen)["quantized"][0]["codebook"]["encoding"]
@@ -357,10 +363,12 @@ def test_unknown_keys_and_minor_versions_are_accepted():
     header["future"] = {"anything": [1, 2]}
     header["quantized"][0]["future"] = 1
     header["quantized"][1]["indices"]["future"] = "x"
-    header["quantized"][1]["codebook"]["future"] = "y"
-    header["raw"][0]["future"] = None
+    header["quantized"][1]["codebook"] = {"encoding": "f32", "future": "y"}
     assert_same(read_container(assemble(header, payload, minor=7)), original)
-    assert read_header(assemble(header, payload))["raw"][0]["future"] is None  # kept in the resolved header
+    assert read_header(assemble(header, payload))["quantized"][0]["future"] == 1  # kept in the resolved header
+    header["raw"][0].append("float32")  # a raw entry is an array: no room for unknown keys
+    header["raw"][0].append(None)
+    expect("bad_header", assemble(header, payload))
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -373,24 +381,55 @@ def test_writers_omit_defaults_and_derived_values():
     assert set(header) == {"coder", "quantized", "raw", "config", "metadata"}  # the stand-in is not the default
     assert header["coder"] == STAND_IN
     conv, fc, single, empty = header["quantized"]
+    # lattice Z and an f32 codebook are the defaults; the key 1234 is not the one derived from the seed
     assert conv == {
-        "fqn": "conv1.weight", "shape": [8, 1, 3, 3], "lattice": "Z", "step": 0.05, "key": "00000000000004d2",
+        "fqn": "conv1.weight", "shape": [8, 1, 3, 3], "step": 0.05, "key": "00000000000004d2",
         "zero_index": 8, "meta": {"sqnr_db": 23.5, "note": "ünïcode ✓"},
-        "indices": {"alphabet_size": 17, "length": 4 * 72}, "codebook": {"encoding": "f32"},
+        "indices": {"alphabet_size": 17, "length": 4 * 72},
     }
     assert "n" not in fc and "dither" not in fc and "zero_index" not in fc and "meta" not in fc
-    assert single["dither"] == "none" and "key" not in single  # key 0 is the default
+    assert fc["lattice"] == "E8" and "codebook" not in fc
+    assert single["dither"] == "none" and "key" not in single  # an undithered tensor's default key is 0
     assert empty["indices"] == {"alphabet_size": 2, "length": 0}
-    raws = {r["name"]: r for r in header["raw"]}
-    assert raws["conv1.bias"] == {"name": "conv1.bias", "shape": [8]}  # float32 is the default dtype
-    assert raws["bn.num_batches_tracked"] == {"name": "bn.num_batches_tracked", "dtype": "int64", "shape": []}
-    assert raws["big_endian"]["dtype"] == "int32"  # always stored little-endian
+    raws = {r[0]: r for r in header["raw"]}
+    assert raws["conv1.bias"] == ["conv1.bias", [8]]  # float32 is the default dtype
+    assert raws["bn.num_batches_tracked"] == ["bn.num_batches_tracked", [], "int64"]
+    assert raws["big_endian"][2] == "int32"  # always stored little-endian
     text = json.dumps(header)
-    for derived in ("offset", "crc32", "count", "payload"):
+    for derived in ("offset", "crc32", "count", "payload", "seed", "raw_float16"):
         assert derived not in text
     bare = split(encode_container(Container([], [RawTensor("b", np.zeros(2, np.float32))], {}, {})))[0]
-    assert bare == {"raw": [{"name": "b", "shape": [2]}]}
+    assert bare == {"raw": [["b", [2]]]}
     assert split(encode_container(Container()))[0] == {}
+
+
+def test_keys_derived_from_the_seed_are_not_stored():
+    from udnc_fx.dither import tensor_key
+
+    assert C.derived_key(0, "conv1.weight") == tensor_key(0, "conv1.weight") == 0x721DB20751752A2B  # FORMAT.md
+    assert C.derived_key(2**64 - 1, "") == tensor_key(2**64 - 1, "") == 0xECFCA53864E35B5E
+    for seed in (0, 5, 2**64 - 1):
+        c = make_container()
+        c.seed = seed
+        for q in c.quantized[:2]:
+            q.key = C.derived_key(seed, q.fqn)
+        data = encode_container(c)
+        header = split(data)[0]
+        assert header.get("seed") == (seed or None)
+        assert ["key" in q for q in header["quantized"]] == [False, False, False, True]
+        assert_same(read_container(data), c)
+        resolved = read_header(data)["quantized"]
+        assert resolved[0]["key"] == f"{C.derived_key(seed, 'conv1.weight'):016x}" and resolved[2]["key"] == "0" * 16
+    c = make_container()
+    c.seed = 2**64
+    with pytest.raises(FormatError) as info:
+        encode_container(c)
+    assert info.value.kind == "bad_value"
+    header, payload = split(encode_container(make_container()))
+    expect("bad_value", assemble({**header, "seed": 2**64}, payload))
+    expect("bad_value", assemble({**header, "seed": -1}, payload))
+    expect("bad_header", assemble({**header, "seed": "0"}, payload))
+    expect("bad_header", assemble({**header, "raw_float16": 1}, payload))
 
 
 def test_the_file_default_coder_is_the_most_used_one():
@@ -422,6 +461,10 @@ def test_explicit_defaults_read_the_same():
     explicit = json.loads(json.dumps(resolved))  # every default written out, offsets and counts too
     for key in C._RESOLVED_ONLY:
         del explicit[key]
+    assert explicit["seed"] == 0 and explicit["raw_float16"] is False and explicit["coder"] == STAND_IN
+    explicit["raw"] = [[r["name"], r["shape"], r["dtype"]] for r in explicit["raw"]]  # the dtype written out
+    assert explicit["quantized"][0]["codebook"] == {"encoding": "f32", "offset": 4 * 72, "length": 4 * 17}
+    assert explicit["quantized"][0]["lattice"] == "Z" and explicit["quantized"][0]["key"] == "00000000000004d2"
     assert_same(read_container(assemble(explicit, payload)), original)
     assert read_header(assemble(explicit, payload))["quantized"] == resolved["quantized"]
 
@@ -582,7 +625,7 @@ def test_bad_header(good):
     expect("bad_header", crafted(lambda h: h.update(quantized={})))
     expect("bad_header", crafted(lambda h: h["quantized"][0].pop("step")))
     expect("bad_header", crafted(lambda h: h["quantized"][0].pop("fqn")))
-    expect("bad_header", crafted(lambda h: h["quantized"][0].pop("lattice")))
+    expect("bad_header", crafted(lambda h: h["quantized"][1].update(lattice=8)))
     expect("bad_header", crafted(lambda h: h["quantized"][0].update(shape="8x1")))
     expect("bad_header", crafted(lambda h: h["quantized"][0].update(shape=[8, 1.0, 3, 3])))
     expect("bad_header", crafted(lambda h: h["quantized"][0].update(n=True)))
@@ -594,17 +637,21 @@ def test_bad_header(good):
     expect("bad_header", crafted(lambda h: h["quantized"][0]["indices"].pop("length")))
     expect("bad_header", crafted(lambda h: h["quantized"][0]["indices"].pop("alphabet_size")))
     expect("bad_header", crafted(lambda h: h["quantized"][0]["indices"].update(coder=None)))
-    expect("bad_header", crafted(lambda h: h["quantized"][0]["codebook"].pop("encoding")))
+    expect("bad_header", crafted(lambda h: h["quantized"][0].update(codebook={})))
     expect("bad_header", crafted(lambda h: h["quantized"][0].update(codebook=[])))
-    expect("bad_header", crafted(lambda h: h["quantized"][0]["codebook"].update(encoding="lattice-int", width="1")))
-    expect("bad_header", crafted(lambda h: h["quantized"][0]["codebook"].update(encoding="lattice-int-coded")))
-    expect("bad_header", crafted(lambda h: h["raw"][0].update(dtype=5)))
-    expect("bad_header", crafted(lambda h: h["raw"][0].pop("shape")))
+    bad_width = {"encoding": "lattice-int", "width": "1"}
+    expect("bad_header", crafted(lambda h: h["quantized"][0].update(codebook=bad_width)))
+    expect("bad_header", crafted(lambda h: h["quantized"][0].update(codebook={"encoding": "lattice-int-coded"})))
+    expect("bad_header", crafted(lambda h: h["raw"][0].append(5)))  # dtype not a string
+    expect("bad_header", crafted(lambda h: h["raw"][0].pop()))  # no shape
+    expect("bad_header", crafted(lambda h: h["raw"][0].__setitem__(1, "8")))
+    expect("bad_header", crafted(lambda h: h["raw"][1].append("extra")))  # at most three elements
     expect("bad_header", crafted(lambda h: h["raw"].append(3)))
+    expect("bad_header", crafted(lambda h: h["raw"].append({"name": "x", "shape": [1]})))  # objects are not raw entries
 
     def negative_then_untyped(h):  # every type is checked before any length
         h["quantized"][0]["indices"]["length"] = -1
-        h["raw"][0]["name"] = 5
+        h["raw"][0][0] = 5
 
     expect("bad_header", crafted(negative_then_untyped))
 
@@ -616,8 +663,9 @@ def test_bad_offsets(good):
     expect("bad_offsets", crafted(lambda h: h["quantized"][0]["indices"].update(length=4 * 72 + 4)))  # too long
     expect("bad_offsets", crafted(lambda h: h["quantized"][1]["indices"].update(length=0)))  # too short
     expect("bad_offsets", crafted(lambda h: h["quantized"][0]["indices"].update(alphabet_size=16)))  # codebook size
-    expect("bad_offsets", crafted(lambda h: h["raw"][0].update(shape=[9])))  # derived length no longer fits
-    expect("bad_offsets", crafted(lambda h: h["raw"][0].update(dtype="float64")))
+    expect("bad_offsets", crafted(lambda h: h["raw"][0].__setitem__(1, [9])))  # derived length no longer fits
+    expect("bad_offsets", crafted(lambda h: h["raw"][0].append("float64")))
+    expect("bad_offsets", crafted(lambda h: h.update(raw_float16=True)))  # float32 data now read as float16
     expect("bad_offsets", crafted(lambda h: h["raw"].pop()))  # a hole at the end
     expect("bad_offsets", crafted(lambda h: None, payload + bytes(8)))  # the preamble's P agrees; the sections do not
     expect("bad_offsets", good + b"\x00")  # trailing bytes
@@ -653,10 +701,10 @@ def test_bad_value(good, monkeypatch):
     expect("bad_value", crafted(lambda h: q0(h).update(step=10**400)))
     expect("bad_value", crafted(lambda h: q0(h).update(shape=[-8, -1, 3, 3])))
     expect("bad_value", crafted(lambda h: q0(h).update(shape=[1] * 33)))
-    expect("bad_value", crafted(lambda h: h["raw"][0].update(shape=[-8])))
+    expect("bad_value", crafted(lambda h: h["raw"][0].__setitem__(1, [-8])))
     expect("bad_value", crafted(lambda h: h["quantized"][1].update(fqn="conv1.weight")))
-    expect("bad_value", crafted(lambda h: h["raw"][0].update(name="fc.weight")))
-    expect("bad_value", crafted(lambda h: h["quantized"][2]["codebook"].update(encoding="lattice-int", width=3)))
+    expect("bad_value", crafted(lambda h: h["raw"][0].__setitem__(0, "fc.weight")))
+    expect("bad_value", crafted(lambda h: h["quantized"][2].update(codebook={"encoding": "lattice-int", "width": 3})))
     expect("bad_value", crafted(lambda h: h["quantized"][2].update(codebook={
         "encoding": "lattice-int-coded", "alphabet_size": 0, "length": 16})))
     expect("bad_value", crafted(lambda h: h["quantized"][2].update(codebook={
@@ -715,7 +763,7 @@ def test_bad_value_in_coded_codebooks():
     alphabet = resolved["codebook"]["alphabet_size"]
     symbols[3, 0] = alphabet - 1
     assert alphabet - 1 > 1
-    coder = C._get_coder(C.FORMAT_DEFAULT_CODER)
+    coder = C._get_coder(C.FORMAT_DEFAULT_CODEBOOK_CODER)
     forged = coder.encode(symbols.ravel(), alphabet)
     start, length = resolved["codebook"]["offset"], resolved["codebook"]["length"]
     header["quantized"][0]["codebook"]["length"] = len(forged)
@@ -729,11 +777,11 @@ def test_unknown_codec(good):
     crafted = crafter(good)
     expect("unknown_codec", crafted(lambda h: h["quantized"][0]["indices"].update(coder="nope-v9")))
     expect("unknown_codec", crafted(lambda h: h.update(coder="nope-v9")))
-    expect("unknown_codec", crafted(lambda h: h["quantized"][0]["codebook"].update(encoding="bf16")))
+    expect("unknown_codec", crafted(lambda h: h["quantized"][0].update(codebook={"encoding": "bf16"})))
     expect("unknown_codec", crafted(lambda h: h["quantized"][2].update(codebook={
         "encoding": "lattice-int-coded", "alphabet_size": 3, "length": 16, "coder": "nope-v9"})))
-    expect("unknown_codec", crafted(lambda h: h["raw"][0].update(dtype="complex64")))
-    expect("unknown_codec", crafted(lambda h: h["raw"][0].update(source_dtype="float64")))
+    expect("unknown_codec", crafted(lambda h: h["raw"][0].append("complex64")))
+    expect("unknown_codec", crafted(lambda h: h["raw"][0].append("bfloat16")))
 
 
 def test_writer_refuses_inconsistent_input():
@@ -795,20 +843,18 @@ def golden_container() -> Container:
 
 
 GOLDEN_HEADER = (
-    '{"coder":"test-le32-v0","config":{"version":1},"metadata":{"note":"golden"},"quantized":[{"codebook":'
-    '{"encoding":"lattice-int"},"fqn":"w","indices":{"alphabet_size":3,"length":24},"key":"0000000000000001",'
-    '"lattice":"Z","shape":[2,3],"step":0.5,"zero_index":1}],"raw":[{"name":"b","shape":[2]},'
-    '{"dtype":"int64","name":"t","shape":[]}]}'
+    '{"codebook_encoding":"lattice-int","coder":"test-le32-v0","config":{"version":1},"metadata":{"note":"golden"},'
+    '"quantized":[{"fqn":"w","indices":{"alphabet_size":3,"length":24},"key":"0000000000000001","shape":[2,3],'
+    '"step":0.5,"zero_index":1}],"raw":[["b",[2]],["t",[],"int64"]]}'
 )
 GOLDEN_HEX = (
-    "8955444e430d0a1a010000004e0100002b000000000000005919f4c848271cdd7864a6d632ad2c3b9bf489652ec54a064f55a7e4ffd478ef"
-    "fdf842a92f50ff70069697a4238f68b9213d280e1eb4ab87560d27b84b7431e27b22636f646572223a22746573742d6c6533322d7630222c"
-    "22636f6e666967223a7b2276657273696f6e223a317d2c226d65746164617461223a7b226e6f7465223a22676f6c64656e227d2c22717561"
-    "6e74697a6564223a5b7b22636f6465626f6f6b223a7b22656e636f64696e67223a226c6174746963652d696e74227d2c2266716e223a2277"
-    "222c22696e6469636573223a7b22616c7068616265745f73697a65223a332c226c656e677468223a32347d2c226b6579223a223030303030"
-    "3030303030303030303031222c226c617474696365223a225a222c227368617065223a5b322c335d2c2273746570223a302e352c227a6572"
-    "6f5f696e646578223a317d5d2c22726177223a5b7b226e616d65223a2262222c227368617065223a5b325d7d2c7b226474797065223a2269"
-    "6e743634222c226e616d65223a2274222c227368617065223a5b5d7d5d7d0000000001000000020000000100000000000000020000000100"
+    "8955444e430d0a1a01000000160100002b000000000000005919f4c848271cdd7864a6d632ad2c3b9bf489652ec54a064f55a7e4ffd478ef"
+    "e5dce4335106e0dbbe8bdb834abbbca15e3fff9f8ada356a486c98a0e356ff687b22636f6465626f6f6b5f656e636f64696e67223a226c61"
+    "74746963652d696e74222c22636f646572223a22746573742d6c6533322d7630222c22636f6e666967223a7b2276657273696f6e223a317d"
+    "2c226d65746164617461223a7b226e6f7465223a22676f6c64656e227d2c227175616e74697a6564223a5b7b2266716e223a2277222c2269"
+    "6e6469636573223a7b22616c7068616265745f73697a65223a332c226c656e677468223a32347d2c226b6579223a22303030303030303030"
+    "30303030303031222c227368617065223a5b322c335d2c2273746570223a302e352c227a65726f5f696e646578223a317d5d2c2272617722"
+    "3a5b5b2262222c5b325d5d2c5b2274222c5b5d2c22696e743634225d5d7d0000000001000000020000000100000000000000020000000100"
     "020000803f000000c00300000000000000"
 )
 
@@ -823,7 +869,7 @@ def test_golden_bytes():
     header = GOLDEN_HEADER.encode()
     head = MAGIC + struct.pack("<HHIQ", 1, 0, len(header), len(payload)) + hashlib.sha256(payload).digest()
     assert data == head + hashlib.sha256(head + header).digest() + header + payload
-    assert len(data) == PREAMBLE_SIZE + len(header) + len(payload) == 88 + 334 + 43 == 465
+    assert len(data) == PREAMBLE_SIZE + len(header) + len(payload) == 88 + 278 + 43 == 409
     assert_same(read_container(bytes.fromhex(GOLDEN_HEX)), golden_container())
 
 
@@ -837,8 +883,29 @@ def test_truncation_is_reported_before_value_checks(good):
 
 def test_the_spec_shows_the_golden_header_and_symbol_vectors():
     spec = (Path(__file__).resolve().parents[2] / "docs" / "FORMAT.md").read_text(encoding="utf-8")
-    assert GOLDEN_HEADER in spec and "465 bytes" in spec and "334-byte header" in spec
+    assert GOLDEN_HEADER in spec and "409 bytes" in spec and "278-byte header" in spec
     for lattice, coordinates, symbols in SYMBOL_VECTORS:
         if lattice in ("D4", "E8"):
             row = ", ".join(str(x).replace("-", "−") for x in coordinates[0])
             assert f"| `{lattice}` | `({row})` | `{' '.join(map(str, symbols[0]))}` |" in spec
+
+
+def test_the_file_codebook_encoding_is_the_most_used_bare_one():
+    c = make_container()
+    data = encode_container(c, codebook_float_dtype="float16")
+    header, payload = split(data)
+    assert header["codebook_encoding"] == "f16" and not any("codebook" in q for q in header["quantized"])
+    assert_same(read_container(data), c, codebook_f16=True)
+    assert {q["codebook"]["encoding"] for q in read_header(data)["quantized"]} == {"f16"}
+    # the default written out, or each entry naming its encoding, reads the same
+    explicit = json.loads(json.dumps(header))
+    del explicit["codebook_encoding"]
+    for q in explicit["quantized"]:
+        q["codebook"] = {"encoding": "f16"}
+    assert_same(read_container(assemble(explicit, payload)), c, codebook_f16=True)
+    expect("bad_header", assemble({**header, "codebook_encoding": 16}, payload))
+    expect("unknown_codec", assemble({**header, "codebook_encoding": "bf16"}, payload))
+    expect("bad_offsets", assemble({**header, "codebook_encoding": "f32"}, payload))  # f16 sections read as f32
+    expect("bad_header", assemble({**header, "codebook_encoding": "lattice-int-coded"}, payload))  # needs keys
+    # f32 everywhere: nothing at the top level
+    assert "codebook_encoding" not in split(encode_container(c))[0]

@@ -46,7 +46,9 @@ __all__ = [
     "LATTICE_DIMENSIONS",
     "DEFAULT_CODER",
     "FORMAT_DEFAULT_CODER",
+    "FORMAT_DEFAULT_CODEBOOK_CODER",
     "FORMAT_DEFAULT_DITHER",
+    "derived_key",
     "QuantizedTensor",
     "RawTensor",
     "Container",
@@ -74,12 +76,15 @@ _MAX_NDIM = 32
 #: Lattice name -> the dimensions it exists in (the first is the default of an omitted ``n``).
 LATTICE_DIMENSIONS: dict[str, tuple[int, ...]] = {"Z": tuple(range(1, 9)), "A2": (2,), "D4": (4,), "E8": (8,)}
 
-#: What an omitted ``coder`` means (index streams and coded codebooks). Part of the format: it never changes within
-#: major version 1, whatever the registry's default becomes.
-FORMAT_DEFAULT_CODER = "range-adaptive-v1"
+#: What an omitted ``coder`` means for index streams. Part of the format: it never changes within major version 1,
+#: whatever the registry's default becomes.
+FORMAT_DEFAULT_CODER = "range-context-v1"
+#: What an omitted ``coder`` means for ``lattice-int-coded`` codebooks (short streams without row structure).
+FORMAT_DEFAULT_CODEBOOK_CODER = "range-adaptive-v1"
 #: What an omitted ``dither`` means.
 FORMAT_DEFAULT_DITHER = "udnc-hash32-v1"
-_ZERO_KEY = "0" * 16
+_NO_DITHER = "none"
+_MAX_SEED = 1 << 64
 
 _RAW_DTYPES: dict[str, np.dtype] = {
     name: np.dtype(code)
@@ -91,6 +96,8 @@ _RAW_DTYPES: dict[str, np.dtype] = {
     ]
 }
 _DEFAULT_RAW_DTYPE = "float32"
+_DEFAULT_LATTICE = "Z"
+_DEFAULT_CODEBOOK_ENCODING = "f32"
 _CODEBOOK_FLOAT_ENCODINGS = {"f32": np.dtype("<f4"), "f16": np.dtype("<f2")}
 _LATTICE_INT = "lattice-int"
 _LATTICE_INT_CODED = "lattice-int-coded"
@@ -165,6 +172,9 @@ class Container:
     raw: list[RawTensor] = field(default_factory=list)
     config: dict = field(default_factory=dict)
     metadata: dict = field(default_factory=dict)
+    #: The seed the dither keys were derived from (``derived_key``); entries whose key is the derived one do not
+    #: store it. Any other key is stored, so this only shortens the header: a wrong seed costs bytes, never data.
+    seed: int = 0
 
 
 
@@ -196,6 +206,20 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, (np.integer, np.floating, np.bool_)):
         return obj.item()
     raise TypeError(f"{type(obj).__name__} is not JSON-serialisable")
+
+
+def derived_key(seed: int, fqn: str) -> int:
+    """The dither key of tensor ``fqn`` under ``seed`` (docs/FORMAT.md, *Per-tensor key*; the same as
+    ``udnc_fx.dither.tensor_key``): ``blake2b(b"udnc-key-v1\\0" || u64le(seed) || utf8(fqn), digest_size=8)`` as a
+    little-endian u64. What an omitted ``key`` means for a dithered tensor."""
+    digest = hashlib.blake2b(
+        b"udnc-key-v1\0" + int(seed).to_bytes(8, "little") + fqn.encode("utf-8"), digest_size=8
+    ).digest()
+    return int.from_bytes(digest, "little")
+
+
+def _default_key(seed: int, fqn: str, dither: str) -> int:
+    return 0 if dither == _NO_DITHER else derived_key(seed, fqn)
 
 
 def _canonical_json(obj: Any) -> bytes:
@@ -332,14 +356,26 @@ def _as_int(value: Any, what: str) -> int:
     return int(value)
 
 
-def _encode_stream(coder_name: str, symbols: np.ndarray, alphabet_size: int, what: str) -> bytes:
+def _encode_stream(
+    coder_name: str, symbols: np.ndarray, alphabet_size: int, what: str, row_length: int | None = None
+) -> bytes:
+    """Code a stream; ``row_length`` (symbols per row of the weight) is handed to coders that model rows."""
     coder = _get_coder(coder_name)
+    hint = {"row_length": row_length} if row_length and getattr(coder, "accepts_row_length", False) else {}
     try:
-        return bytes(coder.encode(np.ascontiguousarray(symbols, dtype=np.int64), alphabet_size))
+        return bytes(coder.encode(np.ascontiguousarray(symbols, dtype=np.int64), alphabet_size, **hint))
     except FormatError:
         raise
     except Exception as exc:
         raise FormatError("bad_value", f"{what}: coder {coder_name!r} failed to encode: {exc}") from exc
+
+
+def _row_length(shape: list[int], n: int, count: int) -> int | None:
+    """Index symbols per row of the weight (elements per output unit over ``n``): the hint for row-modelling coders."""
+    if len(shape) < 2 or shape[0] < 2 or count < 2:
+        return None
+    per_row = max(1, count // shape[0])
+    return per_row if per_row < count else None
 
 
 def _encode_int_codebook(q: QuantizedTensor, n: int, where: str) -> tuple[int, dict, bytes]:
@@ -366,11 +402,11 @@ def _encode_int_codebook(q: QuantizedTensor, n: int, where: str) -> tuple[int, d
         # coding costs memory and time for next to no gain over the fixed width (its symbols are all but unique).
         limit = min(
             _MAX_CODED_ALPHABET,
-            getattr(_get_coder(FORMAT_DEFAULT_CODER), "max_alphabet_size", 0),
+            getattr(_get_coder(FORMAT_DEFAULT_CODEBOOK_CODER), "max_alphabet_size", 0),
             max(1 << 16, symbols.size),
         )
         if symbol_alphabet <= limit:
-            data = _encode_stream(FORMAT_DEFAULT_CODER, symbols.ravel(), symbol_alphabet, f"{where} codebook")
+            data = _encode_stream(FORMAT_DEFAULT_CODEBOOK_CODER, symbols.ravel(), symbol_alphabet, f"{where} codebook")
             coded = {"encoding": _LATTICE_INT_CODED, "alphabet_size": symbol_alphabet, "length": len(data)}
 
             def cost(candidate: tuple[dict, bytes]) -> int:
@@ -460,7 +496,7 @@ def _encode_quantized(q: QuantizedTensor, codebook_float_dtype: str, max_element
         if not 0 <= zero_index < alphabet_size:
             raise FormatError("bad_value", f"{where}: zero_index {zero_index} outside [0, {alphabet_size})")
     _check_json_object(q.meta, f"{where}: meta")
-    indices_bytes = _encode_stream(q.coder, indices, alphabet_size, where)
+    indices_bytes = _encode_stream(q.coder, indices, alphabet_size, where, _row_length(shape, n, count))
 
     entry: dict[str, Any] = {
         "fqn": q.fqn,
@@ -491,7 +527,7 @@ def _encode_raw(r: RawTensor, raw_float_dtype: str) -> tuple[dict, bytes]:
     if name is None or array.dtype.kind not in "fiub":
         raise FormatError("unknown_codec", f"{where}: dtype {array.dtype} cannot be stored")
     entry: dict[str, Any] = {"name": r.name, "shape": list(array.shape)}
-    if name == "float32" and raw_float_dtype == "float16":
+    if name == "float32" and raw_float_dtype == "float16":  # flagged once for the file: top-level raw_float16
         with np.errstate(over="ignore"):
             stored = array.astype(_RAW_DTYPES["float16"])
         if not np.array_equal(np.isfinite(stored), np.isfinite(array)):
@@ -519,17 +555,25 @@ def _compact_codebook(cb: dict) -> dict:
         out.pop("length", None)
     if encoding == _LATTICE_INT and out.get("width") == 1:
         del out["width"]
-    if encoding == _LATTICE_INT_CODED and out.get("coder") == FORMAT_DEFAULT_CODER:
+    if encoding == _LATTICE_INT_CODED and out.get("coder") == FORMAT_DEFAULT_CODEBOOK_CODER:
         del out["coder"]
     return out
 
 
-def _compact_quantized(entry: dict, file_coder: str) -> dict:
+def _compact_quantized(
+    entry: dict, file_coder: str, seed: int, file_codebook: str = _DEFAULT_CODEBOOK_ENCODING
+) -> dict:
     out = dict(entry)
     lattice = out.get("lattice")
     if lattice in LATTICE_DIMENSIONS and out.get("n") == _default_n(lattice):
         del out["n"]
-    for key, default in (("key", _ZERO_KEY), ("dither", FORMAT_DEFAULT_DITHER), ("zero_index", None), ("meta", {})):
+    if lattice == _DEFAULT_LATTICE:
+        del out["lattice"]
+    dither = out.get("dither", FORMAT_DEFAULT_DITHER)
+    if isinstance(out.get("fqn"), str) and isinstance(dither, str) and isinstance(seed, int) and 0 <= seed < _MAX_SEED:
+        if out.get("key") == f"{_default_key(seed, out['fqn'], dither):016x}":
+            del out["key"]
+    for key, default in (("dither", FORMAT_DEFAULT_DITHER), ("zero_index", None), ("meta", {})):
         if key in out and out[key] == default and type(out[key]) is type(default):
             del out[key]
     indices = dict(out["indices"])
@@ -538,18 +582,21 @@ def _compact_quantized(entry: dict, file_coder: str) -> dict:
     if indices.get("coder") == file_coder:
         del indices["coder"]
     out["indices"] = indices
-    out["codebook"] = _compact_codebook(out["codebook"])
+    codebook = _compact_codebook(out["codebook"])
+    if codebook == {"encoding": file_codebook}:
+        del out["codebook"]
+    else:
+        out["codebook"] = codebook
     return out
 
 
-def _compact_raw(entry: dict) -> dict:
-    out = dict(entry)
-    out.pop("data", None)
-    if out.get("dtype") == _DEFAULT_RAW_DTYPE:
-        del out["dtype"]
-    if "source_dtype" in out and out["source_dtype"] is None:
-        del out["source_dtype"]
-    return out
+def _compact_raw(entry: dict) -> list:
+    """A raw entry's stored form: ``[name, shape]``, or ``[name, shape, dtype]`` when it is not float32."""
+    dtype = entry.get("dtype", _DEFAULT_RAW_DTYPE)
+    if entry.get("source_dtype") == _DEFAULT_RAW_DTYPE:  # narrowed to float16 under the file's raw_float16
+        dtype = _DEFAULT_RAW_DTYPE
+    out = [entry["name"], list(entry["shape"])]
+    return out if dtype == _DEFAULT_RAW_DTYPE else out + [dtype]
 
 
 def _compact_header(header: dict) -> dict:
@@ -559,16 +606,32 @@ def _compact_header(header: dict) -> dict:
     file_coder = out.get("coder", FORMAT_DEFAULT_CODER)
     if file_coder == FORMAT_DEFAULT_CODER:
         out.pop("coder", None)
-    out["quantized"] = [_compact_quantized(q, file_coder) for q in out.get("quantized", [])]
+    seed = out.get("seed", 0)
+    file_codebook = out.get("codebook_encoding", _DEFAULT_CODEBOOK_ENCODING)
+    out["quantized"] = [_compact_quantized(q, file_coder, seed, file_codebook) for q in out.get("quantized", [])]
     out["raw"] = [_compact_raw(r) for r in out.get("raw", [])]
     for key, empty in (("quantized", []), ("raw", []), ("config", {}), ("metadata", {})):
         if key in out and out[key] == empty:
+            del out[key]
+    for key, default in (("seed", 0), ("raw_float16", False), ("codebook_encoding", _DEFAULT_CODEBOOK_ENCODING)):
+        if key in out and out[key] == default and type(out[key]) is type(default):
             del out[key]
     return out
 
 
 #: Top-level keys that read_header adds from the preamble and the file's layout; never stored in the JSON.
 _RESOLVED_ONLY = ("header_length", "payload_length", "payload_sha256")
+
+
+def _file_codebook(codebooks: list[dict]) -> str:
+    """The header's default codebook encoding: the most used one among codebooks that need no other key (``f32``
+    when it is among the most used, else the smallest name)."""
+    counts = Counter(c["encoding"] for c in map(_compact_codebook, codebooks) if set(c) == {"encoding"})
+    if not counts:
+        return _DEFAULT_CODEBOOK_ENCODING
+    top = max(counts.values())
+    best = sorted(name for name, c in counts.items() if c == top)
+    return _DEFAULT_CODEBOOK_ENCODING if _DEFAULT_CODEBOOK_ENCODING in best else best[0]
 
 
 def _file_coder(coders: list[str]) -> str:
@@ -617,6 +680,9 @@ def encode_container(
         raise FormatError("bad_value", f"expected a Container, got {type(container).__name__}")
     _check_json_object(container.config, "config")
     _check_json_object(container.metadata, "metadata")
+    seed = _as_int(container.seed, "seed")
+    if not 0 <= seed < _MAX_SEED:
+        raise FormatError("bad_value", f"seed must be in [0, 2^64), got {seed}")
 
     names: set[str] = set()
     parts: list[bytes] = []
@@ -645,6 +711,9 @@ def encode_container(
     payload = b"".join(parts)
     header = {
         "coder": _file_coder([e["indices"]["coder"] for e in quantized_entries]),
+        "codebook_encoding": _file_codebook([e["codebook"] for e in quantized_entries]),
+        "seed": seed,
+        "raw_float16": any(e.get("source_dtype") == _DEFAULT_RAW_DTYPE for e in raw_entries),
         "quantized": quantized_entries,
         "raw": raw_entries,
         "config": container.config,
@@ -742,7 +811,7 @@ class _QEntry:
     lattice: str
     n: int | None  # None: omitted (the lattice's default, once the lattice is known to be valid)
     step: float | None  # None: out of float64's range (a bad_value once the entry's values are checked)
-    key: int
+    key: int | None  # None: omitted (derived from the file's seed once that is known to be valid)
     dither: str
     zero_index: int | None
     meta: dict
@@ -759,11 +828,11 @@ class _QEntry:
     def resolved(self) -> dict:
         out = dict(self.raw)
         out.update(fqn=self.fqn, lattice=self.lattice, n=self.n, dither=self.dither, zero_index=self.zero_index)
-        out.setdefault("key", _ZERO_KEY)
+        out["key"] = f"{self.key:016x}"
         out.setdefault("meta", {})
         indices = dict(self.raw["indices"])
         indices.update(coder=self.coder, count=self.count, offset=self.indices.offset, length=self.indices.length)
-        codebook = dict(self.raw["codebook"])
+        codebook = dict(self.raw.get("codebook", {"encoding": self.encoding}))
         codebook.update(offset=self.codebook.offset, length=self.codebook.length)
         if self.encoding == _LATTICE_INT:
             codebook["width"] = self.width
@@ -775,16 +844,16 @@ class _QEntry:
 
 @dataclass
 class _REntry:
-    raw: dict
     name: str
-    dtype: str
+    dtype: str  # as stored
     shape: tuple[int, ...]
-    source_dtype: str | None
+    source_dtype: str | None  # "float32" when stored as float16 under the file's raw_float16
     data: _Section
 
     def resolved(self) -> dict:
-        out = dict(self.raw)
-        out["dtype"] = self.dtype
+        out: dict[str, Any] = {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+        if self.source_dtype is not None:
+            out["source_dtype"] = self.source_dtype
         out["data"] = {"offset": self.data.offset, "length": self.data.length}
         return out
 
@@ -793,6 +862,9 @@ class _REntry:
 class _Header:
     raw: dict
     coder: str
+    codebook_encoding: str
+    seed: int
+    raw_float16: bool
     quantized: list[_QEntry]
     raws: list[_REntry]
     config: dict
@@ -810,6 +882,9 @@ class _Header:
         out = dict(self.raw)
         out.update(
             coder=self.coder,
+            codebook_encoding=self.codebook_encoding,
+            seed=self.seed,
+            raw_float16=self.raw_float16,
             quantized=[q.resolved() for q in self.quantized],
             raw=[r.resolved() for r in self.raws],
             config=self.config,
@@ -854,7 +929,7 @@ def _parse_shape(obj: dict, where: str) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _parse_quantized(obj: Any, i: int, file_coder: str) -> _QEntry:
+def _parse_quantized(obj: Any, i: int, file_coder: str, file_codebook: str) -> _QEntry:
     """Types only (``bad_header``); values are checked later."""
     where = f"quantized[{i}]"
     if not isinstance(obj, dict):
@@ -862,21 +937,21 @@ def _parse_quantized(obj: Any, i: int, file_coder: str) -> _QEntry:
     fqn = _get(obj, "fqn", str, where)
     where = f"quantized tensor {fqn!r}"
     shape = _parse_shape(obj, where)
-    lattice = _get(obj, "lattice", str, where)
+    lattice = _get(obj, "lattice", str, where, default=_DEFAULT_LATTICE)
     n = _get(obj, "n", int, where, default=None)
     step_value = _get(obj, "step", (int, float), where)
     try:
         step: float | None = float(step_value)
     except OverflowError:
         step = None
-    key_text = _get(obj, "key", str, where, default=_ZERO_KEY)
-    if len(key_text) != 16 or not set(key_text) <= _HEX:
+    key_text = _get(obj, "key", str, where, default=None)
+    if key_text is not None and (len(key_text) != 16 or not set(key_text) <= _HEX):
         raise _bad(f"{where}: key must be 16 lowercase hex digits, got {key_text[:40]!r}")
     dither = _get(obj, "dither", str, where, default=FORMAT_DEFAULT_DITHER)
     zero_index = _get(obj, "zero_index", int, where, default=None, nullable=True)
     meta = _get(obj, "meta", dict, where, default={})
     ind = _get(obj, "indices", dict, where)
-    cb = _get(obj, "codebook", dict, where)
+    cb = _get(obj, "codebook", dict, where, default={"encoding": file_codebook})
     coder = _get(ind, "coder", str, f"{where} indices", default=file_coder)
     alphabet_size = _get(ind, "alphabet_size", int, f"{where} indices")
     indices = _Section(f"{where} indices", _get(ind, "length", int, f"{where} indices"))
@@ -887,27 +962,33 @@ def _parse_quantized(obj: Any, i: int, file_coder: str) -> _QEntry:
         width = _get(cb, "width", int, f"{where} codebook", default=1)
     elif encoding == _LATTICE_INT_CODED:
         cb_alphabet = _get(cb, "alphabet_size", int, f"{where} codebook")
-        cb_coder = _get(cb, "coder", str, f"{where} codebook", default=FORMAT_DEFAULT_CODER)
+        cb_coder = _get(cb, "coder", str, f"{where} codebook", default=FORMAT_DEFAULT_CODEBOOK_CODER)
         codebook.length = _get(cb, "length", int, f"{where} codebook")
     return _QEntry(
-        raw=obj, fqn=fqn, shape=shape, lattice=lattice, n=n, step=step, key=int(key_text, 16), dither=dither,
+        raw=obj, fqn=fqn, shape=shape, lattice=lattice, n=n, step=step,
+        key=None if key_text is None else int(key_text, 16), dither=dither,
         zero_index=zero_index, meta=meta, coder=coder, alphabet_size=alphabet_size, encoding=encoding,
         width=width, codebook_alphabet_size=cb_alphabet, codebook_coder=cb_coder, indices=indices, codebook=codebook,
     )
 
 
-def _parse_raw(obj: Any, i: int) -> _REntry:
+def _parse_raw(obj: Any, i: int, raw_float16: bool) -> _REntry:
+    """``[name, shape]`` or ``[name, shape, dtype]``."""
     where = f"raw[{i}]"
-    if not isinstance(obj, dict):
-        raise _bad(f"{where} must be an object")
-    name = _get(obj, "name", str, where)
+    if not isinstance(obj, list) or len(obj) not in (2, 3):
+        raise _bad(f"{where} must be an array [name, shape] or [name, shape, dtype]")
+    name = obj[0]
+    if not isinstance(name, str):
+        raise _bad(f"{where}: the name must be a string, got {type(name).__name__}")
     where = f"raw tensor {name!r}"
-    return _REntry(
-        raw=obj, name=name, dtype=_get(obj, "dtype", str, where, default=_DEFAULT_RAW_DTYPE),
-        shape=_parse_shape(obj, where),
-        source_dtype=_get(obj, "source_dtype", str, where, default=None, nullable=True),
-        data=_Section(f"{where} data", 0),
-    )
+    shape = _parse_shape({"shape": obj[1]}, where)
+    dtype = obj[2] if len(obj) == 3 else _DEFAULT_RAW_DTYPE
+    if not isinstance(dtype, str):
+        raise _bad(f"{where}: the dtype must be a string, got {type(dtype).__name__}")
+    source = None
+    if raw_float16 and dtype == _DEFAULT_RAW_DTYPE:
+        dtype, source = "float16", _DEFAULT_RAW_DTYPE
+    return _REntry(name=name, dtype=dtype, shape=shape, source_dtype=source, data=_Section(f"{where} data", 0))
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict:
@@ -987,10 +1068,15 @@ def _validate_header(obj: dict, max_elements: int, payload_length: int | None = 
     ``payload_length`` is the preamble's P (``None``: not checked); the sections' lengths must add up to it.
     """
     file_coder = _get(obj, "coder", str, "header", default=FORMAT_DEFAULT_CODER)
-    quantized = [_parse_quantized(q, i, file_coder) for i, q in enumerate(_get(obj, "quantized", list, "header", []))]
-    raws = [_parse_raw(r, i) for i, r in enumerate(_get(obj, "raw", list, "header", []))]
+    seed = _get(obj, "seed", int, "header", default=0)
+    raw_float16 = _get(obj, "raw_float16", bool, "header", default=False)
+    file_codebook = _get(obj, "codebook_encoding", str, "header", default=_DEFAULT_CODEBOOK_ENCODING)
+    entries = _get(obj, "quantized", list, "header", [])
+    quantized = [_parse_quantized(q, i, file_coder, file_codebook) for i, q in enumerate(entries)]
+    raws = [_parse_raw(r, i, raw_float16) for i, r in enumerate(_get(obj, "raw", list, "header", []))]
     header = _Header(
-        raw=obj, coder=file_coder, quantized=quantized, raws=raws,
+        raw=obj, coder=file_coder, codebook_encoding=file_codebook, seed=seed, raw_float16=raw_float16,
+        quantized=quantized, raws=raws,
         config=_get(obj, "config", dict, "header", {}), metadata=_get(obj, "metadata", dict, "header", {}),
     )
 
@@ -998,9 +1084,13 @@ def _validate_header(obj: dict, max_elements: int, payload_length: int | None = 
         if s.length < 0:
             raise FormatError("bad_offsets", f"{s.where}: negative length {s.length}")
 
+    if not 0 <= seed < _MAX_SEED:
+        raise FormatError("bad_value", f"seed {seed} outside [0, 2^64)")
     names: set[str] = set()
     total = 0
     for q in quantized:
+        if q.key is None:
+            q.key = _default_key(seed, q.fqn, q.dither)
         if not q.fqn or q.fqn in names:
             raise FormatError("bad_value", f"quantized tensor {q.fqn!r}: empty or duplicate name")
         names.add(q.fqn)
@@ -1163,7 +1253,7 @@ def _decode(buffer: bytes | bytearray | memoryview, max_elements: int) -> Contai
             raise FormatError("bad_value", f"raw tensor {r.name!r}: bool bytes other than 0 and 1")
         target = np.dtype(r.source_dtype or r.dtype).newbyteorder("=")
         raws.append(RawTensor(name=r.name, array=stored.astype(target).reshape(r.shape)))
-    return Container(quantized=quantized, raw=raws, config=header.config, metadata=header.metadata)
+    return Container(quantized=quantized, raw=raws, config=header.config, metadata=header.metadata, seed=header.seed)
 
 
 def _guarded(fn, *args):
@@ -1245,6 +1335,18 @@ def _header_from_buffer(view: memoryview, max_elements: int) -> dict:
     return _resolved(*_read_header_from(prefix, header_bytes, len(view), max_elements))
 
 
+def _unresolve_raw(header: dict) -> dict:
+    """``header`` with resolved raw entries (objects, from :func:`read_header`) back in their stored array form."""
+    raws = header.get("raw")
+    if not isinstance(raws, list) or not any(isinstance(r, dict) for r in raws):
+        return header
+    out = dict(header)
+    out["raw"] = [
+        _compact_raw(r) if isinstance(r, dict) and "name" in r and "shape" in r else r for r in raws
+    ]
+    return out
+
+
 def section_sizes(header: dict) -> dict:
     """Attributes every byte of a file to a tensor or to the shared overhead, for honest compression ratios.
 
@@ -1263,7 +1365,7 @@ def section_sizes(header: dict) -> dict:
     """
     if not isinstance(header, dict):
         raise _bad("section_sizes needs a header dict")
-    parsed = _guarded(_validate_header, header, DEFAULT_MAX_ELEMENTS)
+    parsed = _guarded(_validate_header, _unresolve_raw(header), DEFAULT_MAX_ELEMENTS)
     stored = _guarded(lambda: _compact_header(parsed.resolved()))
     header_length = header.get("header_length")
     if isinstance(header_length, bool) or not isinstance(header_length, int):
