@@ -42,6 +42,8 @@ _LAZY = {
     "average_codeword_gradients": "udnc_fx.passes.finetune",
     "prune": "udnc_fx.passes.prune",
     "mask_sparsity": "udnc_fx.passes.prune",
+    "fold_batchnorm": "udnc_fx.passes.fold",
+    "round_for_storage": "udnc_fx.io",
 }
 
 __all__ = [
@@ -57,10 +59,11 @@ __all__ = [
 if TYPE_CHECKING:  # pragma: no cover
     from .api import InspectReport, LayerReport, compress, inspect
     from .config import CompressConfig, LayerConfig
-    from .io import load, read_header, save, size_report
+    from .io import load, read_header, round_for_storage, save, size_report
     from .param import DitheredLatticeParam
     from .passes.finetune import FinetuneResult, average_codeword_gradients, finetune, finetune_float
     from .passes.materialize import materialize
+    from .passes.fold import fold_batchnorm
     from .passes.prune import mask_sparsity, prune
 
 

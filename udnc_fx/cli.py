@@ -17,6 +17,10 @@ __all__ = ["main"]
 def _demo(args) -> int:
     from .demo import run_demo
 
+    # Only what the user set: run_demo's defaults are the measured best pipeline.
+    options = {k: v for k, v in (("finetune_epochs", args.finetune_epochs), ("sparsity", args.sparsity)) if v is not None}
+    if args.keep_bn:
+        options["fold_bn"] = False
     run_demo(
         args.out,
         lattice=args.lattice,
@@ -25,8 +29,7 @@ def _demo(args) -> int:
         seed=args.seed,
         epochs=args.epochs,
         progress=not args.no_progress,
-        finetune_epochs=args.finetune_epochs,
-        sparsity=args.sparsity,
+        **options,
     )
     return 0
 
@@ -86,7 +89,7 @@ def _compress(args) -> int:
         config = CompressConfig(lattice=args.lattice, n=args.n, seed=args.seed, fallback=args.fallback, **step_args)
     gm = compress(model, config)
     print(inspect(gm))
-    size = save(gm, args.out, coder=args.coder, raw_float_dtype=args.raw_dtype)
+    size = save(gm, args.out, raw_float_dtype=args.raw_dtype, **({"coder": args.coder} if args.coder else {}))
     report = size_report(args.out)
     print(f"\nwrote {args.out}: {size} bytes; whole-file ratio {report['file_ratio']:.2f}x, "
           f"compressed weights only {report['weights_ratio']:.2f}x")
@@ -207,9 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--bits", type=float, default=None, help="target entropy in bits/weight (default 3)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--epochs", type=int, default=30, help="float training epochs")
-    demo.add_argument("--finetune-epochs", type=int, default=5, help="codeword fine-tuning epochs (0: none)")
-    demo.add_argument("--sparsity", type=float, default=0.0,
-                      help="magnitude-prune this fraction of the weights (and retrain) before quantizing")
+    demo.add_argument("--finetune-epochs", type=int, default=None, help="codeword fine-tuning epochs (default 8; 0: none)")
+    demo.add_argument("--sparsity", type=float, default=None,
+                      help="magnitude-prune this fraction of the weights and retrain, before quantizing (default 0.8)")
+    demo.add_argument("--keep-bn", action="store_true", help="do not fold BatchNorm into the convolutions")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)
 
@@ -226,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     steps.add_argument("--step", type=float, default=None, help="absolute step for every layer")
     steps.add_argument("--relative-step", type=float, default=None, help="step = value x std(W) per layer")
     comp.add_argument("--fallback", choices=["error", "module_swap"], default="error")
-    comp.add_argument("--coder", default="range-adaptive-v1", help="index coder (see udnc_fx.coding.available_coders)")
+    comp.add_argument("--coder", default=None, help="index coder (default range-context-v1; see udnc_fx.coding.available_coders)")
     comp.add_argument("--raw-dtype", choices=["float32", "float16"], default="float32",
                       help="storage of uncompressed tensors (biases, norms)")
     comp.set_defaults(func=_compress)
