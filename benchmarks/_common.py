@@ -146,14 +146,21 @@ def plot_curves(path: Path, series: dict[str, list[tuple[float, float]]], *, xla
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig, ax = plt.subplots(figsize=(11, 5.5))
     markers = "osD^v<>pPX*h"
+    colors = plt.get_cmap("tab20").colors
     for i, (name, pts) in enumerate(series.items()):
         pts = sorted(pts)
         if not pts:
             continue
         xs, ys = zip(*pts)
-        ax.plot(xs, ys, marker=markers[i % len(markers)], ms=4, lw=1.2, label=name)
+        ours = name.startswith("udnc-fx")
+        if ours:
+            color = colors[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20]
+        else:  # peers in dark, dashed, so they stand apart from the udnc-fx family
+            color = {"NNCodec": "black", "float16": "dimgray", "torch.ao": "saddlebrown"}.get(name.split()[0], "k")
+        ax.plot(xs, ys, marker=markers[i % len(markers)], ms=4, lw=1.4 if ours else 1.8, ls="-" if ours else "--",
+                color=color, label=name)
         if marks and name in marks and marks[name] is not None:
             ax.plot(*marks[name], marker="o", ms=11, mfc="none", mec=ax.lines[-1].get_color(), mew=1.5)
     if hline is not None:
@@ -162,9 +169,9 @@ def plot_curves(path: Path, series: dict[str, list[tuple[float, float]]], *, xla
         from matplotlib.ticker import FuncFormatter
 
         ax.set_xscale("log")
-        fmt = FuncFormatter(lambda x, _: f"{x:g}x")
-        ax.xaxis.set_major_formatter(fmt)
-        ax.xaxis.set_minor_formatter(fmt)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}x"))
+        ax.xaxis.set_minor_formatter(FuncFormatter(
+            lambda x, _: f"{x:g}x" if round(x / 10 ** math.floor(math.log10(x))) in (2, 3, 5) else ""))
         ax.tick_params(axis="x", which="minor", labelsize=7)
     if ylim:
         ax.set_ylim(*ylim)
@@ -172,7 +179,7 @@ def plot_curves(path: Path, series: dict[str, list[tuple[float, float]]], *, xla
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=130)

@@ -734,7 +734,7 @@ def report(result: dict, out_dir: Path) -> str:
         marks[name] = (b.ratio, b.score) if b else None
     ylabel = "test accuracy (%)" if task.key == "digits" else "mean cosine vs float"
     fl = task.float_quality[task.score_key]
-    ylim = (max(0.0, fl - 15), fl + 1) if task.key == "digits" else (0.9, 1.001)
+    ylim = (fl - 4, fl + 0.6) if task.key == "digits" else (0.93, 1.001)
     if C.plot_curves(png, series, xlabel="compression ratio (all state_dict tensors, true bytes)", ylabel=ylabel,
                      title=task.title, hline=task.threshold, hline_label="quality bar", marks=marks, ylim=ylim):
         lines += ["", f"![rate–quality, {task.key}]({png.name})"]

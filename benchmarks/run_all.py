@@ -239,7 +239,7 @@ def main(argv=None) -> int:
     ]
     if headline:
         head += ["## Headline: best compression ratio at the quality bar", ""] + headline
-    text = "\n".join(head + sections) + "\n"
+    text = "\n".join(head) + "\n" + "\n\n".join(sections) + "\n"
     (out / "RESULTS.md").write_text(text)
     (out / "results.json").write_text(json.dumps({"timings": timings, "setup": setup, "mode": mode}, indent=1,
                                                  default=str))

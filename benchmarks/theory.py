@@ -150,7 +150,7 @@ def report(res: dict, out_dir: Path) -> str:
              f"sample. Space-filling loss ½·log2(2πe·G), from each lattice's G: "
              + ", ".join(f"{k} {v:.3f}" for k, v in res["space_filling"].items()) + " bits.", ""]
     head = ["source", "lattice", "R nominal", "D", "D/(GΔ²)", "H0", "coded idx", "+ codebook", "= coded",
-            "SLB", "gap coded−SLB", "gap idx−SLB", "space-filling loss", "+ ½·log2(1+D)", "K / vectors"]
+            "SLB", "gap coded−SLB", "gap idx−SLB", "space-filling loss", "space-filling + ½·log2(1+D)", "K / vectors"]
     rows = []
     for r in res["rows"]:
         rows.append([r["source"], r["lattice"], f"{r['nominal_rate']:g}", f"{r['D']:.4g}",
@@ -187,18 +187,21 @@ def _plot(res: dict, path: Path) -> bool:
     colors = {}
     for ax, source in zip(axes[0], sources):
         for label in res["space_filling"]:
-            pts = sorted((r["coded_total"], r["gap_total"], r["gap_indices"]) for r in res["rows"]
-                         if r["source"] == source and r["lattice"] == label)
-            if not pts:
+            rows = sorted((r for r in res["rows"] if r["source"] == source and r["lattice"] == label),
+                          key=lambda r: r["coded_total"])
+            if not rows:
                 continue
-            line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=4, label=f"{label} coded")
+            line, = ax.plot([r["coded_total"] for r in rows], [r["gap_total"] for r in rows], marker="o", ms=4,
+                            label=f"{label} coded (+ codebook)")
             colors[label] = line.get_color()
-            ax.plot([p[0] for p in pts], [p[2] for p in pts], marker="x", ms=4, ls=":", color=line.get_color(),
-                    label=f"{label} indices only")
+            # indices alone mean something only while the codebook is small (K / vectors < 5 %)
+            small = [r for r in rows if r["K"] < 0.05 * r["vectors"]]
+            ax.plot([r["coded_indices"] for r in small], [r["gap_indices"] for r in small], marker="x", ms=4, ls=":",
+                    color=line.get_color(), label=f"{label} indices only (K/vectors < 5 %)")
             ax.axhline(res["space_filling"][label], color=line.get_color(), ls="--", lw=0.8)
         ax.set_title(source, fontsize=10)
         ax.set_xlabel("coded bits per sample")
-        ax.set_ylim(-0.1, 1.0)
+        ax.set_ylim(0.0, 1.2)
         ax.grid(True, alpha=0.3)
     axes[0][0].set_ylabel("bits above the Shannon lower bound\n(dashed: ½·log2(2πe·G))")
     axes[0][-1].legend(fontsize=6, loc="upper right")
