@@ -199,8 +199,12 @@ def main(argv=None) -> dict:
                     )
                 ok = all(r["pass"] for r in tuned_rows)
                 worst = min(tuned_rows, key=lambda r: r["cos_mean"])
-                summary.append({"method": "probe+distill", "best": worst if ok else entry["best"], "robust": None,
-                                "first_fail": None if ok else (bits, None)})
+                passing = sum(r["pass"] for r in tuned_rows)
+                note = (f"distilled at target {bits:.3f} ({worst['file_ratio']:.2f}x): {passing}/{len(tuned_rows)} "
+                        f"seeds reach {args.threshold} (cos mean "
+                        + "/".join(f"{r['cos_mean']:.5f}" for r in tuned_rows) + ")")
+                summary.append({"method": "probe+distill", "best": worst if ok else None, "robust": None,
+                                "first_fail": None, "note": note})
 
     print()
     print(f"highest ratio with mean cosine >= {args.threshold} (lattice {args.lattice}, seeds {seeds}; "
@@ -212,7 +216,7 @@ def main(argv=None) -> dict:
     for s in summary:
         b = s["best"]
         if b is None:
-            print(f"{s['method']:14s} none of the grid passed")
+            print(f"{s['method']:14s} {s.get('note', 'none of the grid passed')}")
             continue
         print(
             f"{s['method']:14s} {b['target_bits']:6.3f} {b['entropy_bits']:7.3f} {b['coded_bits']:6.3f} "
