@@ -254,6 +254,7 @@ class UdncVariant:
     refine: bool = True  # add one point between the last pass and the first failure
     sparsity: float = 0.0  # > 0: prune whole lattice vectors, retrain the kept float weights, compress exact_zero
     finetune: bool = False  # fine-tune the codewords (with biases and norms) after compressing
+    fold_bn: bool = False  # fold BatchNorm into the convolutions first (the ratio still counts the original model)
 
 
 def run_udnc(task: Task, variant: UdncVariant, ladder: list[float], seeds: list[int], tmp: Path, *,
@@ -262,6 +263,11 @@ def run_udnc(task: Task, variant: UdncVariant, ladder: list[float], seeds: list[
     from udnc_fx.passes.materialize import materialize
 
     source = task.float_model
+    if variant.fold_bn:
+        from udnc_fx.passes.fold import fold_batchnorm
+
+        source = fold_batchnorm(source).eval()
+    reload_base = source
     extra_common: dict = {}
     train_loader = None
     if variant.sparsity > 0 or variant.finetune:
@@ -275,7 +281,7 @@ def run_udnc(task: Task, variant: UdncVariant, ladder: list[float], seeds: list[
 
         cfg0 = udnc_fx.CompressConfig(lattice=variant.lattice, n=variant.n, exact_zero=True, **task.udnc_fields)
         with C.Stopwatch() as sw:
-            source, masks = prune(task.float_model, variant.sparsity, config=cfg0)
+            source, masks = prune(source, variant.sparsity, config=cfg0)
             finetune_float(source, masks, train_loader, torch.nn.functional.cross_entropy, epochs=retrain_epochs,
                            lr=3e-3, keep="last", progress=False)
         extra_common.update(sparsity=mask_sparsity(masks), retrain_s=sw.s,
@@ -308,7 +314,7 @@ def run_udnc(task: Task, variant: UdncVariant, ladder: list[float], seeds: list[
             decode_s = None
             if task.reload_each:
                 with C.Stopwatch() as dec:
-                    model = materialize(udnc_fx.load(path, task.float_model), inplace=True)
+                    model = materialize(udnc_fx.load(path, reload_base), inplace=True)
                 decode_s = dec.s
                 quality = task.quality_fn(model)
             else:
@@ -573,6 +579,9 @@ def plan(model: str, quick: bool) -> dict:
             for label, lat, n in lattices:
                 variants.append(UdncVariant(f"{label} + fine-tune", lat, n, finetune=True))
                 variants.append(UdncVariant(f"{label} + prune 80% + fine-tune", lat, n, sparsity=0.8, finetune=True))
+            # The demo's pipeline: BatchNorm folded, pruned, retrained, fine-tuned.
+            variants.append(UdncVariant("Z1 + fold BN + prune 80% + fine-tune", "Z", 1, sparsity=0.8, finetune=True,
+                                        fold_bn=True))
         return {
             "variants": variants, "have_finetune": have_ft,
             "ladder": _ladder(0.25, math.sqrt(2), 14),
