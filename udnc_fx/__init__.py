@@ -44,6 +44,8 @@ _LAZY = {
     "mask_sparsity": "udnc_fx.passes.prune",
     "fold_batchnorm": "udnc_fx.passes.fold",
     "round_for_storage": "udnc_fx.io",
+    "allocate": "udnc_fx.passes.allocate",
+    "allocate_steps": "udnc_fx.passes.allocate",
 }
 
 __all__ = [
@@ -63,6 +65,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .param import DitheredLatticeParam
     from .passes.finetune import FinetuneResult, average_codeword_gradients, finetune, finetune_float
     from .passes.materialize import materialize
+    from .passes.allocate import allocate, allocate_steps
     from .passes.fold import fold_batchnorm
     from .passes.prune import mask_sparsity, prune
 
