@@ -8,9 +8,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import dither as _dither
 from .errors import ConfigError
 from .lattice import get_lattice
+from .quantizer import raw_dither
 
 __all__ = ["DitheredLatticeParam", "compute_dither", "index_dtype_for"]
 
@@ -33,9 +33,7 @@ def compute_dither(key: int, num_vectors: int, lattice: str, n: int, step: float
     product ``lattice.scale * step`` and rounded once to float32. ``step == 0`` is never stored.
     """
     lat = get_lattice(lattice, n)
-    r = _dither.uniform_np(key, num_vectors * n).reshape(num_vectors, n)
-    factor = float(lat.scale) * float(step)
-    return (lat.dither_raw(r) * factor).astype(np.float32)
+    return (raw_dither(key, num_vectors, lat) * (float(lat.scale) * float(step))).astype(np.float32)
 
 
 class DitheredLatticeParam(nn.Module):
