@@ -48,6 +48,7 @@ import numpy as np
 from ..dither import DITHER_ID
 from ..errors import ConfigError, ExportError, FormatError
 from ..lattice import get_lattice
+from ..quantizer import codebook_from_int
 
 __all__ = [
     "ONNX_FORMAT_ID",
@@ -282,12 +283,6 @@ def default_sidecar_path(onnx_path) -> str:
     """``model.onnx`` → ``model.udnc``; any other name gets ``.udnc`` appended."""
     path = os.fspath(onnx_path)
     return path[: -len(".onnx")] + ".udnc" if path.endswith(".onnx") else path + ".udnc"
-
-
-def codebook_from_int(codebook_int: np.ndarray, lattice: str, n: int, step: float) -> np.ndarray:
-    """Float32 codewords from integer lattice coordinates, exactly as the quantizer made them."""
-    lat = get_lattice(lattice, n)
-    return (lat.from_int(np.asarray(codebook_int)) * (float(lat.scale) * float(step))).astype(np.float32)
 
 
 def _read_sidecar(info: UdncOnnx, sidecar_path) -> dict[str, tuple[np.ndarray, np.ndarray]]:

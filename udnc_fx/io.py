@@ -30,6 +30,7 @@ from .passes.materialize import served_params
 from .passes.quantize import install
 from .passes.select import Candidate, Change, _param_owners
 from .passes.trace import trace_model
+from .quantizer import codebook_from_int
 
 __all__ = ["save", "load", "read_header", "size_report", "round_for_storage", "SAVE_CODER"]
 
@@ -51,8 +52,7 @@ def _codebook_is_untouched(dlp: DitheredLatticeParam) -> bool:
     ints = getattr(dlp, "codebook_int", None)
     if ints is None or ints.shape != tuple(dlp.codebook.shape):
         return False
-    lat = get_lattice(dlp.lattice, dlp.n)
-    expected = (lat.from_int(ints) * (float(lat.scale) * float(dlp.step))).astype(np.float32)
+    expected = codebook_from_int(ints, dlp.lattice, dlp.n, dlp.step)
     return np.array_equal(expected, dlp.codebook.detach().cpu().numpy())
 
 
@@ -189,7 +189,7 @@ def _params_from(container: Container) -> list[DitheredLatticeParam]:
         if q.dither not in (DITHER_ID, _NO_DITHER):
             raise FormatError("unknown_codec", f"{q.fqn}: unknown dither generator {q.dither!r}")
         if q.codebook is None:
-            codebook = (lat.from_int(q.codebook_int) * (float(lat.scale) * float(q.step))).astype(np.float32)
+            codebook = codebook_from_int(q.codebook_int, lat.name, lat.dim, q.step)
         else:
             codebook = np.asarray(q.codebook, dtype=np.float32)
         dlp = DitheredLatticeParam(

@@ -16,7 +16,7 @@ from . import dither as _dither
 from .errors import ConfigError
 from .lattice import Lattice, get_lattice
 
-__all__ = ["QuantizedArray", "quantize_array", "raw_dither", "entropy_bits_per_weight", "vectors_of"]
+__all__ = ["QuantizedArray", "quantize_array", "codebook_from_int", "raw_dither", "entropy_bits_per_weight", "vectors_of"]
 
 
 @dataclass
@@ -58,6 +58,13 @@ def raw_dither(key: int | None, num_vectors: int, lat: Lattice) -> np.ndarray:
         return np.zeros((num_vectors, lat.dim))
     r = _dither.uniform_np(key, num_vectors * lat.dim).reshape(num_vectors, lat.dim)
     return lat.dither_raw(r)
+
+
+def codebook_from_int(codebook_int: np.ndarray, lattice: str, n: int, step: float) -> np.ndarray:
+    """Float32 codewords from integer lattice coordinates, exactly as the quantizer makes them (a format rule:
+    ``float32(from_int(c) · (scale·Δ))``, the product taken in float64 and rounded once)."""
+    lat = get_lattice(lattice, n)
+    return (lat.from_int(np.asarray(codebook_int)) * (float(lat.scale) * float(step))).astype(np.float32)
 
 
 def _entropy_from_counts(counts: np.ndarray) -> float:
@@ -188,7 +195,7 @@ def quantize_array(
     rank[order] = np.arange(order.size)
     indices = rank[inverse.reshape(-1)].astype(np.int64)
     codebook_int = uniq_points[order]
-    codebook = (lat.from_int(codebook_int) * factor).astype(np.float32)
+    codebook = codebook_from_int(codebook_int, lat.name, lat.dim, step)
     zero_index = None
     if exact_zero:
         hits = np.flatnonzero(~codebook_int.any(axis=1))
