@@ -301,13 +301,12 @@ def make_params(candidates: list[Candidate], config: CompressConfig) -> list[Dit
             step=cand.step,
             key=key,
             zero_index=q.zero_index,
+            fqn=cand.fqn,
+            aliases=tuple(f"{o}.{a}" if o else a for o, a in cand.owners[1:]),
+            # the container stores these integers instead of floats while fine-tuning leaves the codebook untouched
+            codebook_int=q.codebook_int,
+            sqnr_db=10 * math.log10(sig / err) if err > 0 else math.inf,
         ).to(cand.param.device)
-        dlp.fqn = cand.fqn
-        # Integer lattice coordinates of the initial codewords: the container stores these instead of floats while
-        # the codebook is untouched by fine-tuning.
-        dlp.codebook_int = q.codebook_int
-        dlp.aliases = tuple(f"{o}.{a}" if o else a for o, a in cand.owners[1:])
-        dlp.sqnr_db = 10 * math.log10(sig / err) if err > 0 else math.inf
         dlp.relative_step = cand.step / std if std > 0 else None
         dlps.append(dlp)
     return dlps

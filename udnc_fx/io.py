@@ -201,13 +201,10 @@ def _params_from(container: Container) -> list[DitheredLatticeParam]:
             step=q.step,
             key=None if q.dither == _NO_DITHER else q.key,
             zero_index=q.zero_index,
+            fqn=q.fqn,
+            aliases=tuple(q.meta.get("aliases", ())),
+            codebook_int=q.codebook_int,
         )
-        dlp.fqn = q.fqn
-        dlp.aliases = tuple(q.meta.get("aliases", ()))
-        if q.codebook_int is not None:
-            dlp.codebook_int = np.asarray(q.codebook_int, dtype=np.int64)
-        sqnr = q.meta.get("sqnr_db")
-        dlp.sqnr_db = float(sqnr) if isinstance(sqnr, (int, float)) else None
         dlps.append(dlp)
     return dlps
 

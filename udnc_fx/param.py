@@ -52,6 +52,9 @@ class DitheredLatticeParam(nn.Module):
         lattice, n, step: the quantizer (``step`` is Δ; codewords start as Δ·lattice points).
         key: the uint64 dither key (see :func:`udnc_fx.dither.tensor_key`); ``None`` means no dither.
         zero_index: optional index that decodes to exact zeros.
+        fqn, aliases: the parameter it serves and the other names tied to it.
+        codebook_int: the codewords' integer lattice coordinates (while the codebook is not fine-tuned).
+        sqnr_db: SQNR of the decoded weight against the original, when known.
     """
 
     def __init__(
@@ -65,6 +68,10 @@ class DitheredLatticeParam(nn.Module):
         step: float,
         key: int | None,
         zero_index: int | None = None,
+        fqn: str | None = None,
+        aliases: tuple[str, ...] = (),
+        codebook_int: np.ndarray | None = None,
+        sqnr_db: float | None = None,
     ):
         super().__init__()
         get_lattice(lattice, n)
@@ -84,6 +91,12 @@ class DitheredLatticeParam(nn.Module):
         self.register_buffer("indices", indices.to(index_dtype_for(codebook.shape[0])))
         self.codebook = nn.Parameter(codebook.detach().to(torch.float32).clone())
         self.register_buffer("_dither_cache", None, persistent=False)
+        # Bookkeeping for save/inspect/export: the parameter fqn it serves (and its tied aliases), the codewords'
+        # integer lattice coordinates while the codebook is untouched, and the SQNR measured at quantization time.
+        self.fqn = fqn
+        self.aliases = tuple(aliases)
+        self.codebook_int = None if codebook_int is None else np.asarray(codebook_int, dtype=np.int64)
+        self.sqnr_db = sqnr_db
 
     @property
     def numel(self) -> int:
