@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 
 
 def _worker(rank: int, world: int, args: argparse.Namespace, init_method: str | None) -> None:
@@ -90,12 +89,6 @@ def _worker(rank: int, world: int, args: argparse.Namespace, init_method: str | 
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny run for tests (a few steps)")
@@ -109,10 +102,14 @@ def main(argv=None) -> int:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         _worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args, None)
         return 0
+    import tempfile
+
     import torch.multiprocessing as mp
 
-    init = f"tcp://127.0.0.1:{_free_port()}"
-    mp.spawn(_worker, args=(args.nproc, args, init), nprocs=args.nproc, join=True)
+    # A file rendezvous: no port to pick, so no race with other processes taking a "free" port first.
+    with tempfile.TemporaryDirectory(prefix="udnc-ddp-") as tmp:
+        init = f"file://{os.path.join(tmp, 'rendezvous')}"
+        mp.spawn(_worker, args=(args.nproc, args, init), nprocs=args.nproc, join=True)
     return 0
 
 
