@@ -447,14 +447,14 @@ def _train(
             result.best_epoch, result.best_metric = 0, metric
             best_state = [t.detach().clone() for t in state]
 
-        from tqdm.auto import tqdm
+        from ..progress import progress_bar
 
-        bar = tqdm(
+        # progress=True means "on a terminal only" (a log gets no redraws); rank 0 draws for everyone
+        bar = progress_bar(
             total=total if per_step else None,
             desc=desc,
             unit="step",
-            disable=not opts["progress"] or rank != 0,
-            leave=False,
+            progress=None if opts["progress"] and rank == 0 else False,
         )
         steps = 0
         try:
@@ -629,7 +629,7 @@ def finetune(
         distill: ``"kl"`` (KL divergence of softened logits, × temperature²), ``"mse"`` or a callable.
         grad_rule: ``"average"`` (default) or ``"sum"``.
         max_steps_per_epoch: stop each epoch after this many batches.
-        progress: tqdm progress bar (rank 0 only) with the running loss and the metric.
+        progress: a progress bar (rank 0 only, on a terminal only) with the running loss and the metric.
         ddp: ``"auto"`` wraps the model in DDP when a process group with more than one rank is initialised;
             ``False`` never; ``True`` requires one.
 

@@ -59,7 +59,7 @@ def load_digits_split(test_fraction: float = 0.3, seed: int = 0) -> DigitsData:
 
 def train_digits_cnn(data: DigitsData, *, epochs: int = 30, seed: int = 0, progress: bool = True) -> DigitsCNN:
     """Train :class:`DigitsCNN` (Adam, batch 64, cosine schedule), seeded: the same weights every run."""
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
     torch.manual_seed(seed)
     model = DigitsCNN()
@@ -67,7 +67,8 @@ def train_digits_cnn(data: DigitsData, *, epochs: int = 30, seed: int = 0, progr
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
     gen = torch.Generator().manual_seed(seed)
     n = data.x_train.shape[0]
-    bar = tqdm(range(epochs), desc="training digits CNN", unit="epoch", disable=not progress)
+    # progress=True means "on a terminal only" (logs and pipes get no redraws); False: never
+    bar = progress_bar(range(epochs), desc="training digits CNN", unit="epoch", progress=None if progress else False)
     for _ in bar:
         model.train()
         perm = torch.randperm(n, generator=gen)
