@@ -200,7 +200,7 @@ def _prepare(model: nn.Module, config: CompressConfig) -> tuple[nn.Module, list[
         gm = trace_model(work, leaf_modules=config.leaf_modules)
         target: nn.Module = gm
     except UnsupportedModelError:
-        if config.fallback != "module_swap":
+        if config.fallback == "error":
             raise
         target, gm = work, None
         notes.append("model not traceable: layers selected as the module-swap fallback would")

@@ -101,13 +101,19 @@ def _functional_weights(gm: fx.GraphModule | None) -> set[str]:
     return found
 
 
+def is_transformers_model(model: nn.Module) -> bool:
+    """Whether ``model`` is or contains a Hugging Face ``transformers`` ``PreTrainedModel`` (by class name, so that
+    this does not import transformers)."""
+    return any(k.__name__ == "PreTrainedModel" for m in model.modules() for k in type(m).__mro__)
+
+
 def select_weights(
     model: nn.Module, config: CompressConfig, gm: fx.GraphModule | None = None
 ) -> tuple[list[Candidate], list[Change]]:
     """Choose the weights to compress.
 
     A weight is a candidate when its module's type is in ``config.layer_types`` (``Embedding`` with
-    ``include_embeddings``; any class in ``extra_layer_types``), or when the graph passes it as the weight of a
+    ``include_embeddings``, by default only in ``transformers`` models; any class in ``extra_layer_types``), or when the graph passes it as the weight of a
     functional op (``F.linear``, ``F.conv*``...). Candidates are then filtered by overrides (``None`` = leave
     float), ``filter_fn`` and ``min_numel``. Other multi-dimensional parameters are recorded as skipped ("not a
     selected layer type").
@@ -117,7 +123,7 @@ def select_weights(
         the rest).
     """
     wanted = tuple(_TYPE_BY_NAME[t] for t in config.layer_types)
-    if config.include_embeddings:
+    if config.include_embeddings or (config.include_embeddings is None and is_transformers_model(model)):
         wanted += (nn.Embedding,)
     wanted += tuple(t for t in config.extra_layer_types if isinstance(t, type))
     extra_names = {t for t in config.extra_layer_types if isinstance(t, str)}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -42,12 +43,13 @@ def compress(
             that it executes (errors surface here rather than at first use).
 
     Returns:
-        An ``fx.GraphModule``; under ``fallback="module_swap"`` with an untraceable model, the deep-copied module
-        with its weights served by parametrizations (no graph).
+        An ``fx.GraphModule``; for a model torch.fx cannot trace (unless ``fallback="error"``), the deep-copied
+        module with its weights served by parametrizations (no graph), with a warning under the default
+        ``fallback="auto"``.
 
     Raises:
         ConfigError: invalid settings or weights (NaN/Inf, empty layers, unreachable target rate).
-        UnsupportedModelError: the model cannot be traced and no fallback was asked for.
+        UnsupportedModelError: the model cannot be traced and ``fallback="error"``.
     """
     config = CompressConfig() if config is None else config
     if not isinstance(config, CompressConfig):
@@ -59,10 +61,20 @@ def compress(
     try:
         target: nn.Module = trace_model(work, leaf_modules=config.leaf_modules)
     except UnsupportedModelError as exc:
-        if config.fallback != "module_swap":
+        if config.fallback == "error":
             raise
         target = work
         trace_note = f"module-swap fallback (no graph): {exc}"
+        if config.fallback == "auto":
+            # The model still compresses (every selected weight served by a parametrization); say so once, since
+            # the result is a plain module rather than a GraphModule.
+            warnings.warn(
+                f"torch.fx could not trace {type(model).__name__}; compressed it by module swap instead (no graph). "
+                "Pass CompressConfig(fallback='module_swap') to silence this, or fallback='error' to refuse. "
+                f"Reason: {str(exc).split('. Remedy:')[0]}",
+                UserWarning,
+                stacklevel=2,
+            )
     was_training = target.training
     result = quantize(target, config)
     out = result.graph_module

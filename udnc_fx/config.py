@@ -11,7 +11,7 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["CompressConfig", "LayerConfig", "DEFAULT_LAYER_TYPES", "CONFIG_VERSION"]
+__all__ = ["CompressConfig", "LayerConfig", "DEFAULT_LAYER_TYPES", "CONFIG_VERSION", "FALLBACKS"]
 
 CONFIG_VERSION = 1
 DEFAULT_LAYER_TYPES = (
@@ -25,6 +25,8 @@ DEFAULT_LAYER_TYPES = (
 )
 _SELECTABLE_TYPES = DEFAULT_LAYER_TYPES + ("Embedding",)
 _STEP_FIELDS = ("step", "relative_step", "target_bits")
+#: ``CompressConfig.fallback`` values (see its docstring).
+FALLBACKS = ("auto", "module_swap", "error")
 
 
 def _check_positive(name: str, value: float | None) -> None:
@@ -112,10 +114,13 @@ class CompressConfig:
         exact_zero: vectors quantized to the lattice point 0 decode to exactly 0 (no dither): pruned weights stay
             0 and cost one symbol. Turn on after pruning.
         layer_types: module class names whose ``weight`` is selected.
-        include_embeddings: also select ``nn.Embedding`` weights.
+        include_embeddings: also select ``nn.Embedding`` weights. ``None`` (default): only in Hugging Face
+            ``transformers`` models (any submodule a ``PreTrainedModel``), where the embeddings are a large share
+            of the weights; ``True``/``False`` always/never.
         extra_layer_types: further module classes (or class names, matched anywhere in the class's MRO) whose
-            ``weight`` parameter is selected, for layers outside torch.nn such as Hugging Face's
-            ``transformers.pytorch_utils.Conv1D`` (GPT-2; ``weight`` is ``in × out`` and used by ``torch.addmm``).
+            ``weight`` parameter is selected, for layers outside torch.nn. The default, ``("Conv1D",)``, selects
+            Hugging Face's ``transformers.pytorch_utils.Conv1D`` (GPT-2; ``weight`` is ``in × out`` and used by
+            ``torch.addmm``) without a hand-written config; ``()`` turns that off.
             The op that uses the weight is kept as it is: the weight is fed to it by the graph (``get_attr`` uses)
             or by a parametrization (inside a leaf, or under the module-swap fallback). Recorded by name.
         min_numel: skip (with a recorded reason) weights with fewer elements.
@@ -125,8 +130,9 @@ class CompressConfig:
         filter_fn: ``filter_fn(module, fqn) -> bool``; layers for which it returns False are skipped. Not
             serialisable: ``to_dict`` records only that one was used.
         leaf_modules: module types (or class names) the tracer keeps as leaves.
-        fallback: ``"error"`` (an untraceable model raises ``UnsupportedModelError``) or ``"module_swap"``
-            (quantize the same layers without a graph).
+        fallback: what to do when torch.fx cannot trace the model. ``"auto"`` (default): quantize the same layers
+            without a graph (module swap), record why in ``inspect(model).trace`` and warn; ``"module_swap"``: the
+            same without the warning (asked for); ``"error"``: raise ``UnsupportedModelError``.
         strict: turn every skip into a ``PassError``.
     """
 
@@ -140,13 +146,13 @@ class CompressConfig:
     dithered: bool = True
     exact_zero: bool = False
     layer_types: tuple[str, ...] = DEFAULT_LAYER_TYPES
-    include_embeddings: bool = False
-    extra_layer_types: tuple[Any, ...] = ()
+    include_embeddings: bool | None = None
+    extra_layer_types: tuple[Any, ...] = ("Conv1D",)
     min_numel: int = 1
     overrides: Mapping[Any, LayerConfig | None] = field(default_factory=dict)
     filter_fn: Callable[[Any, str], bool] | None = None
     leaf_modules: tuple[Any, ...] = ()
-    fallback: str = "error"
+    fallback: str = "auto"
     strict: bool = False
 
     DEFAULT_TARGET_BITS = 3.0
@@ -179,8 +185,10 @@ class CompressConfig:
             )
         if isinstance(self.min_numel, bool) or not isinstance(self.min_numel, int) or self.min_numel < 1:
             raise ConfigError(f"min_numel must be an integer >= 1, got {self.min_numel!r}")
-        if self.fallback not in ("error", "module_swap"):
-            raise ConfigError(f"fallback must be 'error' or 'module_swap', got {self.fallback!r}")
+        if self.fallback not in FALLBACKS:
+            raise ConfigError(f"fallback must be one of {', '.join(map(repr, FALLBACKS))}, got {self.fallback!r}")
+        if self.include_embeddings not in (None, True, False):
+            raise ConfigError(f"include_embeddings must be true, false or null (auto), got {self.include_embeddings!r}")
         if self.filter_fn is not None and not callable(self.filter_fn):
             raise ConfigError("filter_fn must be callable as filter_fn(module, fqn) -> bool")
         if not isinstance(self.leaf_modules, (tuple, list)) or not all(

@@ -229,7 +229,7 @@ def load(path: str | Path, model: nn.Module) -> nn.Module:
     try:
         target: nn.Module = trace_model(work, leaf_modules=config.leaf_modules)
     except UnsupportedModelError as exc:
-        if config.fallback != "module_swap":
+        if config.fallback == "error":
             raise
         target, trace_note = work, f"module-swap fallback (no graph): {exc}"
     dlps = _params_from(container)

@@ -94,9 +94,21 @@ def test_bert_compresses_through_the_module_swap_fallback_and_says_so(tmp_path):
     assert udnc_fx.inspect(loaded).trace.startswith("module-swap fallback")
 
 
-def test_bert_without_a_fallback_is_an_error_naming_the_remedy():
+def test_bert_with_fallback_error_is_an_error_naming_the_remedy():
     with pytest.raises(UnsupportedModelError, match="module_swap"):
-        udnc_fx.compress(_bert(), CompressConfig(include_embeddings=True))
+        udnc_fx.compress(_bert(), CompressConfig(include_embeddings=True, fallback="error"))
+
+
+def test_default_config_compresses_transformers_with_a_warning_and_selects_what_they_need():
+    """The README's ``compress(model, CompressConfig(target_bits=3))`` works on GPT-2: module swap with a warning,
+    embeddings and Conv1D selected without a hand-written config."""
+    with pytest.warns(UserWarning, match="module swap"):
+        gm = udnc_fx.compress(_gpt2(), CompressConfig(target_bits=3.0))
+    report = udnc_fx.inspect(gm)
+    assert "module-swap fallback" in report.trace
+    fqns = {r.fqn for r in report.layers}
+    assert "transformer.wte.weight" in fqns and "transformer.h.0.attn.c_attn.weight" in fqns
+    assert len(report.layers) == len(udnc_fx.inspect(udnc_fx.compress(_gpt2(), hf.transformer_config())).layers)
 
 
 def test_pooler_can_be_left_float_or_removed():
@@ -140,7 +152,9 @@ def test_conv1d_by_class_and_without_extra_types():
     by_class = udnc_fx.compress(_gpt2(), hf.transformer_config(target_bits=4.0, extra_layer_types=(Conv1D,)))
     assert len(udnc_fx.inspect(by_class).layers) == 10
     assert by_class._udnc_record["config"].to_dict()["extra_layer_types"] == ["Conv1D"]
-    plain = udnc_fx.compress(_gpt2(), CompressConfig(target_bits=4.0, fallback="module_swap"))
+    plain = udnc_fx.compress(
+        _gpt2(), CompressConfig(target_bits=4.0, fallback="module_swap", extra_layer_types=(), include_embeddings=False)
+    )
     changes = {c["fqn"]: c for c in udnc_fx.inspect(plain).changes}
     skip = changes["transformer.h.0.attn.c_attn.weight"]
     assert skip["action"] == "skipped" and "Conv1D.weight" in skip["reason"]

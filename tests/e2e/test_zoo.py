@@ -390,9 +390,9 @@ def test_zoo_compresses_materializes_and_round_trips(case: Case, tmp_path):
     assert sizes["weights_ratio"] > 1.0 and sizes["file_bytes"] == path.stat().st_size
 
 
-def test_control_flow_without_leaf_or_fallback_is_an_error_that_names_the_remedy():
+def test_control_flow_with_fallback_error_is_an_error_that_names_the_remedy():
     with pytest.raises(UnsupportedModelError) as info:
-        udnc_fx.compress(Branchy(), CompressConfig(target_bits=4.0))
+        udnc_fx.compress(Branchy(), CompressConfig(target_bits=4.0, fallback="error"))
     message = str(info.value)
     assert "gate" in message and "Gate" in message
     assert "leaf_modules" in message and "module_swap" in message

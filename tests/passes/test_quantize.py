@@ -606,11 +606,24 @@ def test_untraceable_model_names_the_module_and_the_remedy():
     model = untraceable()
     snap = snapshot(model)
     with pytest.raises(UnsupportedModelError) as info:
-        udnc_fx.compress(model, CompressConfig(step=0.05))
+        udnc_fx.compress(model, CompressConfig(step=0.05, fallback="error"))
     message = str(info.value)
     assert "'wrap.inner'" in message and "DataDependent" in message
     assert "leaf_modules" in message and "module_swap" in message
     assert_same_state(model, snap)
+
+
+def test_untraceable_model_falls_back_by_default_with_a_warning_and_a_recorded_note():
+    model = untraceable()
+    with pytest.warns(UserWarning, match="module swap"):
+        out = udnc_fx.compress(model, CompressConfig(step=0.05))
+    assert not isinstance(out, fx.GraphModule)
+    assert udnc_fx.inspect(out).trace.startswith("module-swap fallback") and "'wrap.inner'" in udnc_fx.inspect(out).trace
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # fallback asked for: no warning
+        udnc_fx.compress(model, CompressConfig(step=0.05, fallback="module_swap"))
 
 
 @pytest.mark.parametrize("leaf", [DataDependent, "DataDependent"], ids=["class", "name"])

@@ -26,7 +26,8 @@ def test_defaults():
     assert set(DEFAULT_LAYER_TYPES) == {
         "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "Linear"
     }
-    assert c.fallback == "error" and not c.strict and not c.include_embeddings
+    assert c.fallback == "auto" and not c.strict and c.include_embeddings is None
+    assert c.extra_layer_types == ("Conv1D",)
 
 
 @pytest.mark.parametrize(
