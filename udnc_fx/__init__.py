@@ -46,6 +46,9 @@ _LAZY = {
     "round_for_storage": "udnc_fx.io",
     "allocate": "udnc_fx.passes.allocate",
     "allocate_steps": "udnc_fx.passes.allocate",
+    "compress_to": "udnc_fx.rate",
+    "RateSearch": "udnc_fx.rate",
+    "from_udnc": "udnc_fx.hf_io",
 }
 
 __all__ = [
@@ -68,6 +71,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .passes.allocate import allocate, allocate_steps
     from .passes.fold import fold_batchnorm
     from .passes.prune import mask_sparsity, prune
+    from .rate import RateSearch, compress_to
+    from .hf_io import from_udnc
 
 
 def __getattr__(name: str):

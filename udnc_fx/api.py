@@ -79,6 +79,10 @@ def compress(
     result = quantize(target, config)
     out = result.graph_module
     compression_record(out)["trace"] = trace_note
+    if not isinstance(out, fx.GraphModule):
+        from .hf_io import guard_save_pretrained
+
+        guard_save_pretrained(out)  # a transformers model: save_pretrained writes decoded weights, not a crash
     out.train(was_training)
     if example_inputs is not None:
         args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)

@@ -87,6 +87,7 @@ def save(
     raw_float_dtype: str = "float32",
     codebook_float_dtype: str = "float32",
     full_config: bool = False,
+    metadata: dict[str, Any] | None = None,
 ) -> int:
     """Write a compressed model (from :func:`udnc_fx.compress`, possibly fine-tuned) to a ``.udnc`` container.
 
@@ -100,6 +101,10 @@ def save(
     config's seed --, codebook, indices). The compression config is provenance, not needed to decode: by default
     only the fields :func:`load` uses (``leaf_modules``, ``fallback``) are stored, when not at their defaults;
     ``full_config=True`` stores the whole config (its non-default fields), about 50-100 bytes more.
+
+    ``metadata`` is a JSON object stored as is in the container's free-form ``metadata`` section (e.g. a Hugging
+    Face config from :func:`udnc_fx.hf_io.hf_metadata`, which ``udnc compress`` stores for checkpoint directories);
+    :func:`read_header` returns it under ``"metadata"``.
 
     Returns:
         The file size in bytes.
@@ -134,7 +139,11 @@ def save(
     raw = [RawTensor(name, t.cpu().numpy()) for name, t in _raw_state(model).items()]
     config = record["config"]
     container = Container(
-        quantized=quantized, raw=raw, config=_compact_config(config, full_config), metadata={}, seed=config.seed
+        quantized=quantized,
+        raw=raw,
+        config=_compact_config(config, full_config),
+        metadata=dict(metadata or {}),
+        seed=config.seed,
     )
     return write_container(
         Path(path), container, raw_float_dtype=raw_float_dtype, codebook_float_dtype=codebook_float_dtype
@@ -277,6 +286,9 @@ def load(path: str | Path, model: nn.Module) -> nn.Module:
         target.meta["udnc"] = record
     else:
         target._udnc_record = record
+        from .hf_io import guard_save_pretrained
+
+        guard_save_pretrained(target)  # a transformers model: save_pretrained writes decoded weights, not a crash
     target.train(model.training)
     return target
 
