@@ -67,3 +67,37 @@ def test_demo_smoke(tmp_path):
     assert (tmp_path / "demo" / "digits-cnn.udnc").exists()
     report = json.loads((tmp_path / "demo" / "report.json").read_text())
     assert report["results"]["file_bytes"] == (tmp_path / "demo" / "digits-cnn.udnc").stat().st_size
+
+
+def test_max_loss_searches_the_rate_and_plots_the_curve(tmp_path):
+    import numpy as np
+
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).random((32, 1, 8, 8), dtype=np.float32))
+    out, _ = _run(["compress", "udnc_fx.demo:DigitsCNN", "--out", "m.udnc", "--calibration", "x.npy",
+                   "--max-loss", "0.01", "--plot", "curve.png"], tmp_path)
+    assert "rate-quality curve explored" in out and "<- chosen" in out
+    assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
+    chosen = [line for line in out.splitlines() if "<- chosen" in line][0].split()
+    assert int(chosen[1]) == (tmp_path / "m.udnc").stat().st_size and float(chosen[2]) <= 0.01
+
+
+def test_fold_prune_allocate_then_export_and_decompress(tmp_path):
+    out, _ = _run(["compress", "udnc_fx.demo:DigitsCNN", "--out", "m.udnc", "--fold-bn", "--prune", "0.5",
+                   "--allocate", "weights", "--bits", "2"], tmp_path)
+    assert "folded 2 BatchNorm" in out and "pruned to sparsity 0.5" in out and "step allocation: weights" in out
+    assert "bn1" not in out  # folded away
+    # export rebuilds the folded architecture from the file's record of --fold-bn
+    _run(["export", "m.udnc", "--model", "udnc_fx.demo:DigitsCNN", "--example-shape", "2x1x8x8", "--out", "x.onnx",
+          "--input-names", "image", "--output-names", "logits", "--dynamic-batch"], tmp_path)
+    import onnxruntime as ort
+
+    from udnc_fx.export import load_onnx
+
+    session = load_onnx(tmp_path / "x.onnx")
+    import numpy as np
+
+    assert [i.name for i in session.get_inputs()] == ["image"]
+    assert session.get_inputs()[0].shape[0] == "batch"
+    got = session.run(["logits"], {"image": np.zeros((5, 1, 8, 8), np.float32)})[0]
+    assert got.shape == (5, 10)
+    assert ort is not None

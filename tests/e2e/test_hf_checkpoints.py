@@ -148,6 +148,7 @@ def test_non_hf_model_decompresses_to_a_state_dict(tmp_path):
         assert torch.equal(model(x), loaded(x))
 
 
+@pytest.mark.slow
 def test_factory_weights_with_a_tied_head_load(tmp_path):
     """save_pretrained stores GPT-2's tied lm_head once; --weights must accept that (strict loading did not)."""
     from safetensors.torch import save_file
