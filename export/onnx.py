@@ -604,6 +604,7 @@ def to_onnx(
     output_names: list[str] | None = None,
     dynamic_axes: dict | None = None,
     coder: str | None = None,
+    decoded: bool = False,
 ) -> OnnxExport:
     """Export a compressed model to ONNX, each compressed weight lowered to a dequantize subgraph.
 
@@ -623,6 +624,11 @@ def to_onnx(
         opset: ONNX opset (>= 18, for BitwiseXor).
         input_names, output_names, dynamic_axes: passed to ``torch.onnx.export``.
         coder: the sidecar's index coder (default: the container's default coder).
+        decoded: write the decoded weights as plain float initializers instead of dequantize subgraphs (no sidecar;
+            ``sidecar`` is ignored): a standard ONNX file as large as the float model's that any runtime opens as
+            fast as the float model (onnxruntime need not fold decode subgraphs at session start, which for the
+            compact self-contained file costs seconds and gigabytes on a model of ~10M weights). Outputs equal
+            the compressed model's.
 
     Returns:
         :class:`OnnxExport`.
@@ -651,7 +657,10 @@ def to_onnx(
             weights.append(float_model.get_parameter(_fqn(dlp)).detach().cpu().numpy())
         except AttributeError:
             weights.append(dlp.materialize().cpu().numpy())
-    proto = onnx.load_from_string(_export_float(float_model, args, opset, input_names, output_names, dynamic_axes))
+    float_bytes = _export_float(float_model, args, opset, input_names, output_names, dynamic_axes)
+    if decoded:
+        return _write_decoded(float_bytes, path, dlps)
+    proto = onnx.load_from_string(float_bytes)
     graph = proto.graph
 
     found, skipped = _match_initializers(proto, dlps, weights)
@@ -737,6 +746,27 @@ def to_onnx(
         sidecar_bytes=sidecar_bytes,
         content_sha256=content,
     )
+
+
+def _write_decoded(float_bytes: bytes, path: str, dlps) -> OnnxExport:
+    """The ``decoded=True`` export: the float graph with the decoded weights, tagged as such (not a udnc-fx
+    compressed ONNX: :func:`load_onnx` is not needed and plain onnxruntime opens it)."""
+    import onnx
+
+    proto = onnx.load_from_string(float_bytes)
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = "udnc.decoded_from", "udnc-fx compressed weights, decoded to float32 at export"
+    data = proto.SerializeToString()
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return OnnxExport(onnx_path=path, sidecar_path=None, tensors=[_fqn(d) for d in dlps], skipped=[],
+                      onnx_bytes=len(data), sidecar_bytes=0, content_sha256="")
 
 
 def _sidecar_bytes(dlps, specs: list[TensorSpec], content: str, onnx_name: str, coder: str | None) -> bytes:

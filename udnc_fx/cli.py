@@ -356,7 +356,8 @@ def _export(args) -> int:
     example = tuple(torch.zeros(s, dtype=dtype) if not dtype.is_floating_point else torch.randn(s, dtype=dtype)
                     for s in shapes)
     result = to_onnx(gm, example if len(example) > 1 else example[0], args.out, sidecar=not args.self_contained,
-                     input_names=input_names, output_names=output_names, dynamic_axes=dynamic_axes)
+                     input_names=input_names, output_names=output_names, dynamic_axes=dynamic_axes,
+                     **({"decoded": True} if args.self_contained == "decoded" else {}))
     print(f"wrote {result.onnx_path} ({result.onnx_bytes} bytes)"
           + (f" and sidecar {result.sidecar_path} ({result.sidecar_bytes} bytes)" if result.sidecar_path else ""))
     return 0
@@ -471,7 +472,10 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--example-shape", required=True, nargs="+", help="input shape(s) to trace with, e.g. 1x1x8x8")
     exp.add_argument("--example-dtype", default="float32", help="dtype of the example inputs (e.g. int64 for token ids)")
     exp.add_argument("--out", required=True, help="the .onnx file to write (the sidecar goes beside it)")
-    exp.add_argument("--self-contained", action="store_true", help="indices inside the .onnx file, no sidecar")
+    exp.add_argument("--self-contained", nargs="?", const="decoded", choices=["decoded", "compact"], default=None,
+                     help="one .onnx file that plain onnxruntime runs, no sidecar: 'decoded' (the default) holds "
+                          "the decoded float weights and opens as fast as the float model; 'compact' holds the "
+                          "indices and dequantize subgraphs (smaller; onnxruntime folds them at session start)")
     exp.add_argument("--input-names", help="comma-separated names of the graph inputs (default: the exporter's)")
     exp.add_argument("--output-names", help="comma-separated names of the graph outputs")
     exp.add_argument("--dynamic-batch", action="store_true", help="axis 0 of every named input and output is dynamic")
