@@ -345,7 +345,7 @@ def _export(args) -> int:
     if args.model is None:
         if not isinstance(metadata.get(hf_io.HF_METADATA_KEY), dict):
             raise ConfigError(f"{args.file} is not a Hugging Face model: give --model package.module:factory")
-        gm = hf_io.from_udnc(args.file, materialize=False)
+        gm = hf_io.tensor_io(hf_io.from_udnc(args.file, materialize=False))  # tensors in, one tensor out
     else:
         model = load_factory(args.model).eval()
         if isinstance(metadata.get("udnc_cli"), dict) and metadata["udnc_cli"].get("fold_bn"):

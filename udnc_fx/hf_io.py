@@ -44,7 +44,12 @@ __all__ = [
     "write_checkpoint_dir",
     "write_state_dict",
     "guard_save_pretrained",
+    "tensor_io",
+    "HF_INPUT_NAMES",
 ]
+
+#: The inputs a transformers model takes by position when exported through :class:`TensorIO`.
+HF_INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 
 #: Key of the container's ``metadata`` section that holds a Hugging Face model's architecture and config.
 HF_METADATA_KEY = "huggingface"
@@ -275,4 +280,34 @@ def guard_save_pretrained(model: nn.Module) -> nn.Module:
     if getattr(type(model), "save_pretrained", None) is None or not hasattr(model, "config"):
         return model
     model.save_pretrained = types.MethodType(_save_pretrained_decoded, model)
+    return model
+
+
+def _tensor_forward(self, *inputs):
+    import inspect
+
+    params = inspect.signature(type(self).forward).parameters
+    names = [n for n in HF_INPUT_NAMES if n in params]
+    if len(inputs) > len(names):
+        raise ValueError(f"{type(self).__name__} takes at most {len(names)} inputs here: {names}")
+    kwargs = dict(zip(names, inputs))
+    if "attention_mask" in names and kwargs.get("attention_mask") is None:
+        kwargs["attention_mask"] = torch.ones_like(kwargs["input_ids"])
+    if "use_cache" in params:
+        kwargs["use_cache"] = False
+    out = type(self).forward(self, **kwargs)
+    for name in ("logits", "last_hidden_state"):
+        value = getattr(out, name, None)
+        if isinstance(value, torch.Tensor):
+            return value
+    return out[0]
+
+
+def tensor_io(model: nn.Module) -> nn.Module:
+    """Give a transformers model, in place, a ``forward(input_ids, attention_mask=None, token_type_ids=None)`` with
+    tensors in and one tensor out (``logits`` for language-model heads, else ``last_hidden_state``), for ONNX
+    export. The module tree is unchanged, so compressed weights keep their names. The KV cache is off, and a missing
+    attention mask is all ones, computed in the graph: without one transformers looks for packed sequences with
+    ``torch.diff``, which the TorchScript ONNX exporter lacks. Returns ``model``."""
+    model.forward = types.MethodType(_tensor_forward, model)
     return model

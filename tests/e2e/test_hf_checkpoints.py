@@ -93,6 +93,17 @@ def test_gpt2_directory_compress_decompress_from_pretrained_generate(gpt2_dir, t
     # nothing is overwritten
     _, err = _udnc(["decompress", "g.udnc", "--out", "decoded"], tmp_path, expect=2)
     assert "not an empty directory" in err
+    # ONNX straight from the .udnc (no --model: the architecture is in the file), dynamic batch and sequence
+    _udnc(["export", "g.udnc", "--example-shape", "1x9", "--example-dtype", "int64", "--out", "g.onnx",
+           "--self-contained", "--input-names", "input_ids", "--output-names", "logits",
+           "--dynamic-axis", "input_ids:0=batch", "--dynamic-axis", "input_ids:1=sequence"], tmp_path)
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(tmp_path / "g.onnx"), providers=["CPUExecutionProvider"])
+    y = _tokens(11)[:, :6]
+    with torch.no_grad():
+        want = compressed(y).logits.numpy()
+    assert np.abs(session.run(["logits"], {"input_ids": y.numpy()})[0] - want).max() < 1e-4
 
 
 def test_bert_directory_with_sentences_calibration_and_finetune(bert_dir, tmp_path):
@@ -112,6 +123,18 @@ def test_bert_directory_with_sentences_calibration_and_finetune(bert_dir, tmp_pa
     assert torch.equal(got, want)
     cos = torch.nn.functional.cosine_similarity(got.flatten(1), ref.flatten(1), dim=1)
     assert cos.min() > 0.98, cos
+    # ONNX with the entropy-coded sidecar, two named inputs
+    _udnc(["export", "b.udnc", "--example-shape", "2x7", "2x7", "--example-dtype", "int64", "--out", "bert.onnx",
+           "--input-names", "input_ids,attention_mask", "--output-names", "hidden", "--dynamic-batch",
+           "--dynamic-axis", "input_ids:1=sequence", "--dynamic-axis", "attention_mask:1=sequence",
+           "--dynamic-axis", "hidden:1=sequence"], tmp_path)
+    from udnc_fx.export import load_onnx
+
+    session = load_onnx(tmp_path / "bert.onnx")
+    feeds = {"input_ids": batch["input_ids"].numpy(), "attention_mask": batch["attention_mask"].numpy()}
+    with torch.no_grad():
+        want = decoded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    assert np.abs(session.run(["hidden"], feeds)[0] - want.numpy()).max() < 1e-4
 
 
 def test_python_round_trip_and_save_pretrained_of_a_compressed_model(gpt2_dir, tmp_path):
