@@ -257,7 +257,10 @@ def _distortions(
     with torch.no_grad():
         reference = output_fn(work, inputs).detach().double()
         out = {}
-        for i, step in steps.items():
+        from ..progress import progress_bar
+
+        # one forward per layer: minutes on a large model, so a bar (on a terminal only)
+        for i, step in progress_bar(steps.items(), total=len(steps), desc="probing layer sensitivities", unit="layer"):
             L = layers[i]
             param = L.cand.param
             saved = param.data

@@ -101,3 +101,9 @@ def test_fold_prune_allocate_then_export_and_decompress(tmp_path):
     got = session.run(["logits"], {"image": np.zeros((5, 1, 8, 8), np.float32)})[0]
     assert got.shape == (5, 10)
     assert ort is not None
+
+
+def test_demo_into_a_log_writes_no_progress_redraws(tmp_path):
+    """``./dev.sh demo > log 2>&1``: bars are drawn only on a terminal, so a log gets none."""
+    out, err = _run(["demo", "--epochs", "2", "--finetune-epochs", "1", "--out", "demo"], tmp_path)
+    assert "\r" not in out + err and "it/s" not in err and "epoch/s" not in err
