@@ -211,7 +211,10 @@ def _compress(args) -> int:
         metadata["udnc_cli"] = cli_steps
     if not args.quiet:
         print(inspect(gm))
-    size = save(gm, args.out, metadata=metadata, **_save_kwargs(args))
+    try:
+        size = save(gm, args.out, metadata=metadata, **_save_kwargs(args))
+    except OSError as exc:  # the write failed after all (disk full, permissions changed): name the user's path
+        raise ConfigError(f"--out {args.out}: cannot write it: {exc.strerror or exc}") from None
     report = size_report(args.out)
     print(f"wrote {args.out}: {size} bytes; whole-file ratio {report['file_ratio']:.2f}x, "
           f"compressed weights only {report['weights_ratio']:.2f}x")

@@ -21,6 +21,28 @@ def make():  # leaves a trace when called, so a test can tell that validation ca
 
 def boom():
     raise RuntimeError("boom from the user's factory")
+
+import torch
+
+class Gate(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(x) if x.sum() > 0 else -self.fc(x)  # data-dependent: torch.fx cannot trace it
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate = Gate()
+        self.out = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.out(self.gate(x))
+
+def untraceable():
+    return Net()
 '''
 
 
@@ -121,3 +143,15 @@ def test_config_overriding_flags_is_announced(work):
     assert proc.returncode == 0, proc.stderr
     assert "ignoring --bits" in proc.stderr
     assert "compressing the random initial weights" in proc.stderr  # no --weights: said so
+
+
+def test_untraceable_model_remedies_name_cli_flags(work):
+    line = _fail(["compress", "factories:untraceable", "--out", "m.udnc", "--fallback", "error"], work)
+    assert "--leaf-module Gate" in line and "--fallback module_swap" in line
+    assert "CompressConfig(" not in line
+    proc = subprocess.run(UDNC + ["compress", "factories:untraceable", "--out", "m.udnc", "--quiet"], cwd=work,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "compressed by module swap" in proc.stderr and "--fallback" in proc.stderr
+    proc = subprocess.run(UDNC + ["compress", "factories:untraceable", "--out", "m.udnc", "--leaf-module", "Gate",
+                                  "--quiet"], cwd=work, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "module swap" not in proc.stderr
