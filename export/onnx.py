@@ -548,10 +548,15 @@ def _export_float(model, args, opset, input_names, output_names, dynamic_axes) -
             # supported"); the TorchScript graph dump that follows, with each node's module scope, stays on the
             # chained exception.
             first = (str(exc).strip().splitlines() or [""])[0]
+            remedy = "another opset, or replace the op"
+            if any(k.__name__ == "PreTrainedModel" for k in type(model).__mro__):
+                # transformers models return ModelOutput and a KV cache object the exporter cannot take
+                remedy = ("a transformers model: export udnc_fx.hf_io.tensor_io(model) (tensors in, logits or "
+                          "last_hidden_state out, no KV cache), as `udnc export` does")
             raise ExportError(
                 f"torch.onnx.export (TorchScript exporter, opset {opset}) cannot export {type(model).__name__}: "
                 f"{type(exc).__name__}: {first} (the traced graph with module scopes is in __cause__; remedies: "
-                "another opset, or replace the op)"
+                f"{remedy})"
             ) from exc
     return buffer.getvalue()
 

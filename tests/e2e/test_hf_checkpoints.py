@@ -189,3 +189,22 @@ def test_factory_weights_with_a_tied_head_load(tmp_path):
     assert "wrote g.udnc" in out
     loaded = hf_io.from_udnc(tmp_path / "g.udnc")
     assert torch.allclose(loaded.transformer.wte.weight, model.transformer.wte.weight, atol=0.05)
+
+
+def test_exporting_a_raw_transformers_model_names_the_problem_and_the_fix(gpt2_dir, tmp_path):
+    from udnc_fx.export import to_onnx
+
+    model = hf_io.load_checkpoint_dir(gpt2_dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm = udnc_fx.compress(model, udnc_fx.CompressConfig(target_bits=5.0))
+    x = _tokens()
+    with pytest.raises(udnc_fx.ExportError, match="tensor_io"):
+        to_onnx(gm, x, tmp_path / "raw.onnx", sidecar=False)
+    export = to_onnx(hf_io.tensor_io(gm), x, tmp_path / "ok.onnx", sidecar=False, decoded=True)
+    import onnxruntime as ort
+
+    got = ort.InferenceSession(export.onnx_path, providers=["CPUExecutionProvider"]).run(None, {
+        ort.InferenceSession(export.onnx_path).get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        assert np.abs(got - gm(x).numpy()).max() < 1e-4
