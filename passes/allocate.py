@@ -251,7 +251,8 @@ def _solve(layers: list[_Layer], scales: dict[int, float], target: float) -> flo
 
 
 def _distortions(
-    work: nn.Module, layers: list[_Layer], steps: dict[int, float], inputs: Any, output_fn: Callable, exact_zero: bool
+    work: nn.Module, layers: list[_Layer], steps: dict[int, float], inputs: Any, output_fn: Callable, exact_zero: bool,
+    progress: bool | None = None,
 ) -> dict[int, float]:
     """Mean squared output change when layer i alone is quantized at steps[i], for every i in ``steps``."""
     with torch.no_grad():
@@ -260,7 +261,9 @@ def _distortions(
         from ..progress import progress_bar
 
         # one forward per layer: minutes on a large model, so a bar (on a terminal only)
-        for i, step in progress_bar(steps.items(), total=len(steps), desc="probing layer sensitivities", unit="layer"):
+        for i, step in progress_bar(
+            steps.items(), total=len(steps), desc="probing layer sensitivities", unit="layer", progress=progress
+        ):
             L = layers[i]
             param = L.cand.param
             saved = param.data
@@ -287,6 +290,7 @@ def allocate(
     method: str | None = None,
     refine: int = 0,
     reuse: Allocation | None = None,
+    progress: bool | None = None,
 ) -> Allocation:
     """Choose a step per layer so that ``target_bits`` (mean entropy per weight) gives the least output distortion.
 
@@ -305,6 +309,7 @@ def allocate(
         refine: extra probe rounds at the allocated steps (probe method only).
         reuse: an earlier :class:`Allocation` of the same model and selection whose per-layer sensitivities are
             reused (no probing): only the common scale is solved again, e.g. to try several targets.
+        progress: a bar over the probes: ``None`` (default) on a terminal only, ``False`` never, ``True`` always.
 
     Returns:
         An :class:`Allocation`; ``allocation.config`` compresses with :func:`udnc_fx.compress`.
@@ -370,7 +375,9 @@ def allocate(
     else:
         probe_steps = dict(uniform_steps)
         for round_ in range(refine + 1):
-            probe = _distortions(work, layers, probe_steps, calibration_inputs, output_fn, config.exact_zero)
+            probe = _distortions(
+                work, layers, probe_steps, calibration_inputs, output_fn, config.exact_zero, progress
+            )
             forwards += len(probe_steps) + 1
             floor = max(max(probe.values()) * 1e-9, 1e-300)
             for i in free:

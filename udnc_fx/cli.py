@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -128,7 +126,10 @@ def _compress(args) -> int:
     else:
         config = _flags_config(args)
     if args.quiet:
-        os.environ.setdefault("TQDM_DISABLE", "1")
+        from .hf_io import _transformers
+
+        if Path(args.model).is_dir():
+            _transformers().utils.logging.disable_progress_bar()
     model, is_checkpoint, random_weights = load_model(args.model, args.weights)
     model.eval()
     calibration = read_calibration(args.calibration, checkpoint=args.model if is_checkpoint else None) \
@@ -170,6 +171,7 @@ def _compress(args) -> int:
                 calibration_inputs=calibration, output_fn=output_fn,
                 method=args.allocate or ("probe" if calibration is not None else "weights"),
                 save_kwargs=_save_kwargs(args), compress_kwargs=compress_kwargs,
+                progress=False if args.quiet else None,
             )
             gm = search.model
             _say(args, str(search))
@@ -180,7 +182,7 @@ def _compress(args) -> int:
             if args.allocate is not None or (calibration is not None and config.step_mode == "target_bits"):
                 method = args.allocate or "probe"
                 allocation = allocate(model, config, calibration_inputs=calibration, output_fn=output_fn,
-                                      method=method)
+                                      method=method, progress=False if args.quiet else None)
                 config = allocation.config
                 _say(args, f"step allocation: {method}, {len(allocation.layers)} layers, mean "
                            f"{allocation.mean_bits:.3f} bits/weight")

@@ -102,6 +102,7 @@ def compress_to(
     save_kwargs: dict[str, Any] | None = None,
     compress_kwargs: dict[str, Any] | None = None,
     on_point: Callable[[RatePoint], None] | None = None,
+    progress: bool | None = None,
 ) -> RateSearch:
     """Compress ``model`` to the smallest file whose quality stays within ``threshold``.
 
@@ -122,6 +123,7 @@ def compress_to(
         save_kwargs: options for :func:`udnc_fx.save` (coder, float dtypes) used to measure the file size.
         compress_kwargs: extra keyword arguments for :func:`udnc_fx.compress`.
         on_point: called with every :class:`RatePoint` as it is measured (progress reporting).
+        progress: the allocation probe's bar (``None``: on a terminal only; ``False``: never).
 
     Returns:
         A :class:`RateSearch`; ``.model`` is the chosen compressed model, ``str()`` the explored curve.
@@ -147,7 +149,7 @@ def compress_to(
         raise ConfigError(f"max_steps must be an integer >= 2, got {max_steps!r}")
     config = (CompressConfig() if config is None else config).replace(step=None, relative_step=None, target_bits=None)
     base = allocate(model, config, target_bits=max_bits, calibration_inputs=calibration_inputs,
-                    output_fn=output_fn, method=method)
+                    output_fn=output_fn, method=method, progress=progress)
     points: list[RatePoint] = []
     kept: dict[RatePoint, tuple[nn.Module, CompressConfig]] = {}
     fd, scratch = tempfile.mkstemp(suffix=".udnc")
