@@ -439,6 +439,8 @@ def _decode_sidecar(data: bytes, specs: list[TensorSpec], where: str):
         return decode_container(data, max_elements=limit)
     except FormatError as exc:
         cause = exc.__cause__
+        while cause is not None and not isinstance(cause, ImportError):  # the coders wrap their errors too
+            cause = cause.__cause__
         if isinstance(cause, ImportError):  # e.g. constriction for the range coders: not a corrupt file
             package = (getattr(cause, "name", None) or "a coder's package").split(".")[0]
             require(package, f"decoding the sidecar {where}")
