@@ -56,11 +56,10 @@ def _rehash(model: onnx.ModelProto) -> None:
     """Recompute udnc.content_sha256 after an edit, as a forger would (works with the old and new hash)."""
     props = {p.key: p for p in model.metadata_props}
     table = props["udnc.tensors"].value
-    try:
-        digest = rt.content_sha256(model, table)
-    except AttributeError:  # the pre-issue-15 signature took the graph
-        digest = rt.content_sha256(model.graph, table)
-    props["udnc.content_sha256"].value = digest
+    import inspect
+
+    old = next(iter(inspect.signature(rt.content_sha256).parameters)) == "graph"  # the pre-issue-15 hash
+    props["udnc.content_sha256"].value = rt.content_sha256(model.graph if old else model, table)
 
 
 # ---------------------------------------------------------------------------------------------------------------
