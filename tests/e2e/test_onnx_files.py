@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -97,7 +98,9 @@ def test_to_onnx_refuses_to_replace_a_foreign_file(models, tmp_path, existing):
     if existing == "container":
         udnc_fx.save(models[0], target)
     elif existing == "plain_onnx":
-        torch.onnx.export(DigitsCNN().eval(), (X,), str(target), dynamo=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+            torch.onnx.export(DigitsCNN().eval(), (X,), str(target), dynamo=False)
     elif existing == "text":
         target.write_text("my notes")
     else:
