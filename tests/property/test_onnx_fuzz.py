@@ -14,6 +14,7 @@ import json
 import shutil
 import time
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -208,8 +209,9 @@ def _run_initializer(base, data):
         arr = numpy_helper.to_array(init).copy()
         if arr.size:
             flat = arr.reshape(-1)
-            flat[data.draw(st.integers(0, flat.size - 1), label="at")] = data.draw(
-                st.integers(-(2**31), 2**31 - 1), label="v") % (2**8 if arr.dtype.itemsize == 1 else 2**15)
+            value = data.draw(st.integers(-(2**31), 2**31 - 1), label="v")
+            # wraps into the initializer's dtype, as a forger writing raw bytes would
+            flat[data.draw(st.integers(0, flat.size - 1), label="at")] = np.asarray(value, np.int64).astype(arr.dtype)
             init.CopyFrom(numpy_helper.from_array(arr, init.name))
     _rehash(model)
     _attempt("initializer (rehashed)", base, model.SerializeToString(), None, None, _how(data))
