@@ -5,7 +5,7 @@
 2. For each ``--bits`` in the grid runs ``udnc compress DIR --bits B --calibration benchmarks/data/cli_calibration.txt``
    (probe allocation on 40 sentences written for this benchmark), then ``udnc decompress`` and
    ``BertModel.from_pretrained``; scores the mean-pooled, normalised sentence embeddings against the float model's
-   on ``benchmarks/data/sentences.txt`` (66 other sentences, never used to calibrate): mean and minimum cosine.
+   on ``benchmarks/data/sentences.txt`` (64 other sentences, never used to calibrate): mean and minimum cosine.
 3. Runs ``udnc compress DIR --max-loss L --calibration ... --plot`` and scores the file it chose the same way.
 4. Draws file size against mean cosine for the grid into ``docs/rate_quality_minilm.png`` (committed).
 
