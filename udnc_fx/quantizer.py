@@ -16,7 +16,15 @@ from . import dither as _dither
 from .errors import ConfigError
 from .lattice import Lattice, get_lattice
 
-__all__ = ["QuantizedArray", "quantize_array", "codebook_from_int", "raw_dither", "entropy_bits_per_weight", "vectors_of"]
+__all__ = [
+    "QuantizedArray",
+    "quantize_array",
+    "codebook_from_int",
+    "raw_dither",
+    "entropy_bits_per_weight",
+    "entropy_of_points",
+    "vectors_of",
+]
 
 
 @dataclass
@@ -143,6 +151,11 @@ def _lattice_points(v: np.ndarray, dither32: np.ndarray, lat: Lattice, factor: f
     return lat.nearest_raw((v + dither32.astype(np.float64)) / factor)
 
 
+def entropy_of_points(raw_points: np.ndarray, lat: Lattice) -> float:
+    """Order-0 entropy (bits per weight) of raw lattice points ``(num_vectors, n)``."""
+    return _entropy_from_counts(_count_rows(lat.to_int(raw_points))) / lat.dim
+
+
 def entropy_bits_per_weight(
     v: np.ndarray, lat: Lattice, step: float, u_raw: np.ndarray
 ) -> float:
@@ -162,6 +175,7 @@ def quantize_array(
     key: int | None,
     exact_zero: bool = False,
     u_raw: np.ndarray | None = None,
+    raw_points: np.ndarray | None = None,
 ) -> QuantizedArray:
     """Quantize ``values`` with the randomized lattice quantizer.
 
@@ -172,6 +186,8 @@ def quantize_array(
         key: the dither key (``None``: no dither, deterministic rounding).
         exact_zero: make the lattice point 0 decode to exactly 0 (pruned weights stay 0).
         u_raw: precomputed :func:`raw_dither` (speeds up repeated calls).
+        raw_points: the lattice points (raw coordinates, ``num_vectors × n``) already chosen by another rounding
+            rule (error-compensating rounding); ``values`` then only gives the shape. Default: nearest to ``v + u``.
 
     Raises:
         ConfigError: non-finite values or step, or an unknown lattice.
@@ -186,7 +202,10 @@ def quantize_array(
         u_raw = raw_dither(key, v.shape[0], lat)
     factor = float(lat.scale) * float(step)
     dither32 = (u_raw * factor).astype(np.float32)
-    raw = _lattice_points(v, dither32, lat, factor)
+    if raw_points is None:
+        raw = _lattice_points(v, dither32, lat, factor)
+    else:
+        raw = np.asarray(raw_points, dtype=np.float64).reshape(v.shape)
     points = lat.to_int(raw)
     uniq_points, inverse, counts = _unique_rows(points)
     # Most frequent codeword first (helps byte-oriented coders); ties broken by the integer coordinates.
