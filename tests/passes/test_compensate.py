@@ -422,7 +422,7 @@ def test_batch_that_does_not_fit_names_batch_and_layer():
 
 def test_nan_calibration_falls_back_to_plain_rounding_recorded():
     model = Net()
-    x = torch.randn(16, 48)
+    x = torch.randn(200, 48)
     x[3, 5] = float("nan")
     out = udnc_fx.compress(model, CompressConfig(target_bits=3.0, allocate=False), calibration=[x])
     reasons = {c["fqn"]: c["reason"] for c in udnc_fx.inspect(out).changes}
@@ -455,3 +455,11 @@ def test_config_round_trip_new_fields():
     back = CompressConfig.from_dict(cfg.to_dict())
     assert (back.compensate, back.allocate, back.damping, back.seed_trials) == (False, False, 0.05, 3)
     assert back.score_fn is None and cfg.to_dict()["score_fn"] == "len"
+
+
+def test_too_few_calibration_rows_fall_back_recorded():
+    model = Net()  # fc1 has 48 columns, fc2 64
+    out = udnc_fx.compress(model, CompressConfig(target_bits=3.0, allocate=False), calibration=[torch.randn(100, 48)])
+    reasons = {c["fqn"]: c["reason"] for c in udnc_fx.inspect(out).changes}
+    assert "compensated rounding (H from 100 input rows" in reasons["fc1.weight"]
+    assert "plain rounding: only 100 calibration input rows for 64 columns" in reasons["fc2.weight"]
