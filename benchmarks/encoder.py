@@ -45,6 +45,9 @@ import nncodec_env  # noqa: E402
 import peers  # noqa: E402
 
 
+MINILM_DOC_SENTENCES = 288
+
+
 def _variants(quick: bool) -> list[dict]:
     out = [
         {"label": "plain + probe allocation", "compensate": False, "trials": 1},
@@ -57,9 +60,17 @@ def _variants(quick: bool) -> list[dict]:
 
 def _calibration(task) -> list:
     if task.key == "digits":
-        x = task.extra["data"].x_train
-        return [x[:256], x[256:512]]
-    return [task.extra["calibration_batch"]]
+        x = task.extra["data"].x_train  # the TRAIN split only (the score is on the test split)
+        return [x[i : i + 256] for i in range(0, len(x), 256)]
+    # benchmarks/data/calibration.txt first (the probe allocation uses batch 0), then Python-documentation prose:
+    # 32 sentences alone give too few token rows for H (see _calib_text.py)
+    import _calib_text
+
+    tokenizer = task.extra["tokenizer"]
+    own = peers.read_sentences(peers.DATA / "calibration.txt")
+    evaluation = set(peers.read_sentences(peers.DATA / "sentences.txt"))
+    more = _calib_text.python_doc_sentences(MINILM_DOC_SENTENCES, exclude=evaluation | set(own))
+    return [task.extra["calibration_batch"]] + _calib_text.batches(tokenizer, more)
 
 
 def _udnc_point(task, variant, bits, seeds, calibration, tmp: Path) -> C.Point:
@@ -182,8 +193,9 @@ def run(task, quick: bool, seeds: list[int], tmp: Path, nncodec_ok: bool) -> dic
         if sweep is not None:
             sweep.poll()
     result = {"task": task.key, "title": task.title, "bar": task.bar_text, "methods": methods, "seeds": seeds,
-              "calibration": "first 512 TRAIN images (2 batches of 256)" if task.key == "digits"
-              else "benchmarks/data/calibration.txt (32 sentences, 1 batch)"}
+              "calibration": f"the {len(task.extra['data'].x_train)} TRAIN images, batches of 256" if task.key == "digits"
+              else f"benchmarks/data/calibration.txt (32 sentences) + {MINILM_DOC_SENTENCES} sentences of Python's "
+                   "documentation (pydoc_data), none in the evaluation set"}
     best_comp = C.robust_best(methods["udnc-fx compensated"])
     probe_bits = -best_comp.order if best_comp else (2.0 if task.key == "digits" else 3.0)
     with C.Stopwatch() as sw:

