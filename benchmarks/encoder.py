@@ -178,17 +178,21 @@ def encode_time(task, calibration, bits: float) -> dict:
     return out
 
 
-def run(task, quick: bool, seeds: list[int], tmp: Path, nncodec_ok: bool) -> dict:
+def run(task, quick: bool, seeds: list[int], tmp: Path, nncodec_ok: bool, ladder: list[float] | None = None,
+        variants: str | None = None) -> dict:
     calibration = _calibration(task)
     p = peers.plan(task.key, quick)
     sweep = peers.NNCodecSweep(task, p["nncodec_qps"], tmp / f"nncodec-{task.key}", refine=p["nncodec_refine"]) \
         if nncodec_ok else None
-    if task.key == "digits":
+    if ladder is None and task.key == "digits":
         ladder = [2.4, 2.1, 1.9, 1.7, 1.55, 1.4, 1.3, 1.2, 1.1, 1.0, 0.9, 0.8]
-    else:
+    elif ladder is None:
         ladder = [4.0, 3.6, 3.3, 3.0, 2.8, 2.6, 2.4, 2.2, 2.0]
     methods = {}
+    wanted = None if variants is None else set(variants.split(","))
     for v in _variants(quick):
+        if wanted is not None and v["label"] not in wanted:
+            continue
         methods[f"udnc-fx {v['label']}"] = _sweep(task, v, ladder, seeds, calibration, tmp)
         if sweep is not None:
             sweep.poll()
@@ -253,6 +257,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", default="0,1,2,3,4")
     ap.add_argument("--quick", action="store_true", help="no seed-trials variant, NNCodec's quick ladder")
     ap.add_argument("--no-nncodec", action="store_true")
+    ap.add_argument("--bits", default=None, help="comma-separated target bits ladder, fine to coarse")
+    ap.add_argument("--variants", default=None, help="comma-separated subset of the udnc-fx settings' labels")
     ap.add_argument("--out", default=str(C.OUT))
     args = ap.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -275,7 +281,8 @@ def main(argv=None) -> int:
                 if evaluation & calib:
                     raise RuntimeError(f"calibration and evaluation sentences overlap: {sorted(evaluation & calib)[:3]}")
             C.log(f"== {task.title}: float {task.float_quality}")
-            results.append(run(task, args.quick, seeds, tmp, nncodec_ok))
+            ladder = [float(b) for b in args.bits.split(",")] if args.bits else None
+            results.append(run(task, args.quick, seeds, tmp, nncodec_ok, ladder, args.variants))
     command = "OMP_NUM_THREADS=1 python benchmarks/encoder.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = report(results, command)
     (out_dir / "encoder.md").write_text(text)

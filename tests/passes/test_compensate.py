@@ -463,3 +463,30 @@ def test_too_few_calibration_rows_fall_back_recorded():
     reasons = {c["fqn"]: c["reason"] for c in udnc_fx.inspect(out).changes}
     assert "compensated rounding (H from 100 input rows" in reasons["fc1.weight"]
     assert "plain rounding: only 100 calibration input rows for 64 columns" in reasons["fc2.weight"]
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(deadline=None, max_examples=25, derandomize=True)
+@given(
+    lattice=st.sampled_from([("Z", 1), ("Z", 2), ("A2", 2), ("D4", 4), ("E8", 8)]),
+    rows=st.integers(1, 6),
+    blocks=st.integers(1, 12),
+    seed=st.integers(0, 2**32 - 1),
+    step=st.floats(0.05, 2.0),
+)
+def test_diagonal_h_gives_plain_rounding(lattice, rows, blocks, seed, step):
+    """Uncorrelated inputs (diagonal H): no error is pushed anywhere, so compensated rounding is plain rounding."""
+    lat = get_lattice(*lattice)
+    d = blocks * lat.dim
+    g = np.random.default_rng(seed)
+    W = g.normal(size=(rows, d))
+    H = np.diag(g.uniform(0.5, 2.0, size=d))
+    U, _ = inverse_factor(H, 0.01)
+    u_raw = raw_dither(seed, rows * d // lat.dim, lat)
+    got = compensated_points(W, [U], lat, step, u_raw)
+    factor = lat.scale * step
+    plain = lat.nearest_raw((W.reshape(-1, lat.dim) + (u_raw * factor).astype(np.float32).astype(np.float64)) / factor)
+    assert np.array_equal(got, plain)
