@@ -221,13 +221,13 @@ def collect_inputs(
                     cols = _columns(mod, x).to(torch.float32)
                 except RuntimeError as exc:
                     raise ConfigError(
-                        f"calibration batch {current['i']} does not fit the model: layer {owner} got an input of shape {tuple(x.shape)} it "
-                        f"cannot use: {exc}"
+                        f"calibration batch {current['i']} does not fit the model: layer {owner} got an input of "
+                        f"shape {tuple(x.shape)} it cannot use: {exc}"
                     ) from None
                 if cols.shape[1] != rec.groups * rec.d:
                     raise ConfigError(
-                        f"calibration batch {current['i']} does not fit the model: layer {owner} got an input with {cols.shape[1]} columns, "
-                        f"its weight needs {rec.groups * rec.d}"
+                        f"calibration batch {current['i']} does not fit the model: layer {owner} got an input with "
+                        f"{cols.shape[1]} columns, its weight needs {rec.groups * rec.d}"
                     )
                 key = (id(x), rec.groups, rec.d, getattr(mod, "kernel_size", None), getattr(mod, "stride", None),
                        getattr(mod, "padding", None), getattr(mod, "dilation", None),
@@ -303,9 +303,10 @@ def probe_scales(model: nn.Module, candidates: list[Candidate], config: Any, cal
     (``Δ_l = s·std_l`` meeting the target) and the mean squared change of the model's output on batch 0 is ``D_l``;
     then ``a_l = D_l / Δ_l²`` and, as in :mod:`udnc_fx.passes.allocate`, ``Δ_l ∝ sqrt(N_l / a_l)``. The probe rounds
     plainly, even when the layers will be compensated. Why: batch 0 is part of the data ``H`` was estimated from,
-    so a compensated probe measures an in-sample error; on all-MiniLM-L6-v2 that made the FFN output layers (the
-    most sensitive) look 3-4x less sensitive than they are on held-out text, and the allocation starved them
-    (mean cosine 0.91 against 0.95 for plain rounding at the same 3 bits). ``model`` is restored.
+    so a compensated probe measures an in-sample error, and under-rates exactly the layers whose compensation
+    generalises worst (all-MiniLM-L6-v2, layer 5 FFN output: 0.24x plain rounding's output error on the calibration
+    text, 0.63x on held-out sentences). Measured at 3 bits/weight: mean cosine 0.914 with a compensated probe, 0.963
+    with the plain one (calibration sets of 480 and 320 sentences). ``model`` is restored.
     """
     from ..dither import tensor_key
     from ..lattice import get_lattice

@@ -1,4 +1,4 @@
-"""Error-compensating dithered rounding (the GPTQ / OBQ / LDLQ family, with a subtractive dither).
+"""Error-compensating dithered rounding (the GPTQ / OBQ / LDLQ family) with a subtractive dither.
 
 A layer computes ``y = W x``. Rounding each weight on its own makes the weight error small; what matters is the
 output error ``E‖(W − Ŵ) x‖² = tr((W − Ŵ) H (W − Ŵ)ᵀ)`` with ``H = E[x xᵀ]``. Rounding the input columns in order
