@@ -179,7 +179,7 @@ def encode_time(task, calibration, bits: float) -> dict:
 
 
 def run(task, quick: bool, seeds: list[int], tmp: Path, nncodec_ok: bool, ladder: list[float] | None = None,
-        variants: str | None = None) -> dict:
+        variants: str | None = None, extras: bool = True) -> dict:
     calibration = _calibration(task)
     p = peers.plan(task.key, quick)
     sweep = peers.NNCodecSweep(task, p["nncodec_qps"], tmp / f"nncodec-{task.key}", refine=p["nncodec_refine"]) \
@@ -200,13 +200,14 @@ def run(task, quick: bool, seeds: list[int], tmp: Path, nncodec_ok: bool, ladder
               "calibration": f"the {len(task.extra['data'].x_train)} TRAIN images, batches of 256" if task.key == "digits"
               else f"benchmarks/data/calibration.txt (32 sentences) + {MINILM_DOC_SENTENCES} sentences of Python's "
                    "documentation (pydoc_data), none in the evaluation set"}
-    best_comp = C.robust_best(methods["udnc-fx compensated"])
+    best_comp = C.robust_best(methods.get("udnc-fx compensated", []))
     probe_bits = -best_comp.order if best_comp else (2.0 if task.key == "digits" else 3.0)
-    with C.Stopwatch() as sw:
-        result["layers"] = layer_errors(task, calibration, probe_bits)
-    result["layers_bits"] = probe_bits
-    C.log(f"  [{task.key}] per-layer equal-rate errors at {probe_bits} bits in {sw.s:.1f} s")
-    if task.key == "minilm":
+    result["layers"], result["layers_bits"] = [], probe_bits
+    if extras:
+        with C.Stopwatch() as sw:
+            result["layers"] = layer_errors(task, calibration, probe_bits)
+        C.log(f"  [{task.key}] per-layer equal-rate errors at {probe_bits} bits in {sw.s:.1f} s")
+    if task.key == "minilm" and extras:
         result["encode_time"] = encode_time(task, calibration, 3.0)
         C.log(f"  [{task.key}] encode time {result['encode_time']}")
     if sweep is not None:
@@ -238,6 +239,9 @@ def report(results: list[dict], command: str) -> str:
         rows = [[name, p.setting, f"{p.ratio:.2f}x", f"{p.score:.4f}", f"{p.score_worst:.4f}",
                  "pass" if p.passes else "FAIL"] for name, pts in r["methods"].items() for p in pts]
         lines.append(C.md_table(["method", "setting", "ratio", "mean", "worst", ""], rows))
+        if not r["layers"]:
+            lines.append("")
+            continue
         lines.append(f"\nPer-layer calibration output error at equal rate ({r['layers_bits']} bits/weight per layer, "
                      "step solved separately for each rounding; seed 0):\n")
         rows = [[x["layer"], x["weights"], f"{x['bits_plain']:.3f}", f"{x['bits_comp']:.3f}", f"{x['err_plain']:.4g}",
@@ -259,6 +263,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-nncodec", action="store_true")
     ap.add_argument("--bits", default=None, help="comma-separated target bits ladder, fine to coarse")
     ap.add_argument("--variants", default=None, help="comma-separated subset of the udnc-fx settings' labels")
+    ap.add_argument("--no-extras", action="store_true", help="skip the per-layer table and the encode-time runs")
     ap.add_argument("--out", default=str(C.OUT))
     args = ap.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -282,7 +287,7 @@ def main(argv=None) -> int:
                     raise RuntimeError(f"calibration and evaluation sentences overlap: {sorted(evaluation & calib)[:3]}")
             C.log(f"== {task.title}: float {task.float_quality}")
             ladder = [float(b) for b in args.bits.split(",")] if args.bits else None
-            results.append(run(task, args.quick, seeds, tmp, nncodec_ok, ladder, args.variants))
+            results.append(run(task, args.quick, seeds, tmp, nncodec_ok, ladder, args.variants, not args.no_extras))
     command = "OMP_NUM_THREADS=1 python benchmarks/encoder.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = report(results, command)
     (out_dir / "encoder.md").write_text(text)
