@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from .coding.coders import get_coder
+from .coding.coders import DEFAULT_CODER, get_coder
 from .coding.container import (
     Container,
     QuantizedTensor,
@@ -35,9 +35,9 @@ from .quantizer import codebook_from_int
 __all__ = ["save", "load", "read_header", "size_report", "round_for_storage", "SAVE_CODER"]
 
 _NO_DITHER = "none"
-#: The index coder ``save`` uses by default: the backward-adaptive range coder with a per-row density context
-#: (``range-context-v1``; on a pruned layer 12 % smaller than ``range-adaptive-v1``, one byte larger elsewhere).
-SAVE_CODER = "range-context-v1"
+#: The index coder ``save`` uses by default: the one default of ``udnc_fx.coding`` (``ans-dither-v1``: static ANS
+#: with per-dither-bin tables), the same as ``QuantizedTensor``'s and the ONNX sidecar's.
+SAVE_CODER = DEFAULT_CODER
 #: Config fields ``load`` needs to rebuild the model (how to trace it); ``save`` stores only these by default.
 _LOAD_CONFIG_FIELDS = ("leaf_modules", "fallback")
 

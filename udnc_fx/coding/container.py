@@ -61,7 +61,10 @@ __all__ = [
 ]
 
 MAGIC = b"\x89UDNC\r\n\x1a"
-FORMAT_VERSION = (1, 0)  # (major, minor) written by this module
+FORMAT_VERSION = (1, 1)  # (major, minor): the newest this module writes and reads
+#: Coders that need minor version 1 (dither-conditioned streams). A file using none of them is written as 1.0, the
+#: lowest version that reads it, so 1.0 readers keep reading what they can.
+_CODERS_SINCE_MINOR_1 = frozenset({"ans-dither-v1"})
 # magic, major, minor, header length H, payload length P, payload SHA-256, header SHA-256
 _DIGESTED = struct.Struct("<8sHHIQ32s")  # everything before the header digest, which covers it
 _PREAMBLE = struct.Struct("<8sHHIQ32s32s")
@@ -356,12 +359,27 @@ def _as_int(value: Any, what: str) -> int:
     return int(value)
 
 
+def _stream_context(coder: Any, key: int, dither: str, count: int, n: int) -> dict:
+    """``{"context": dither codes}`` for coders that condition on the dither (docs/FORMAT.md, *Dither context*);
+    ``{}`` for other coders and for tensors without the hash dither."""
+    if not getattr(coder, "accepts_context", False) or dither != FORMAT_DEFAULT_DITHER:
+        return {}
+    from udnc_fx.coding.ans import dither_codes
+
+    # A function, not the codes: a decoder hashes the dither only for streams that use it.
+    return {"context": lambda: dither_codes(key, count, n)}
+
+
 def _encode_stream(
-    coder_name: str, symbols: np.ndarray, alphabet_size: int, what: str, row_length: int | None = None
+    coder_name: str, symbols: np.ndarray, alphabet_size: int, what: str, row_length: int | None = None,
+    dither: tuple[int, str, int] | None = None,
 ) -> bytes:
-    """Code a stream; ``row_length`` (symbols per row of the weight) is handed to coders that model rows."""
+    """Code a stream; ``row_length`` (symbols per row of the weight) is handed to coders that model rows, the
+    dither ``(key, generator id, n)`` to coders that condition on it."""
     coder = _get_coder(coder_name)
     hint = {"row_length": row_length} if row_length and getattr(coder, "accepts_row_length", False) else {}
+    if dither is not None:
+        hint.update(_stream_context(coder, dither[0], dither[1], len(symbols), dither[2]))
     try:
         return bytes(coder.encode(np.ascontiguousarray(symbols, dtype=np.int64), alphabet_size, **hint))
     except FormatError:
@@ -496,7 +514,9 @@ def _encode_quantized(q: QuantizedTensor, codebook_float_dtype: str, max_element
         if not 0 <= zero_index < alphabet_size:
             raise FormatError("bad_value", f"{where}: zero_index {zero_index} outside [0, {alphabet_size})")
     _check_json_object(q.meta, f"{where}: meta")
-    indices_bytes = _encode_stream(q.coder, indices, alphabet_size, where, _row_length(shape, n, count))
+    indices_bytes = _encode_stream(
+        q.coder, indices, alphabet_size, where, _row_length(shape, n, count), (key, q.dither, n)
+    )
 
     entry: dict[str, Any] = {
         "fqn": q.fqn,
@@ -722,8 +742,9 @@ def encode_container(
     header_bytes = _canonical_json(_compact_header(header))
     if len(header_bytes) > MAX_HEADER_LENGTH:
         raise FormatError("bad_header", f"the header would be {len(header_bytes)} bytes (limit {MAX_HEADER_LENGTH})")
+    minor = 1 if any(e["indices"]["coder"] in _CODERS_SINCE_MINOR_1 for e in quantized_entries) else 0
     head = _DIGESTED.pack(
-        MAGIC, FORMAT_VERSION[0], FORMAT_VERSION[1], len(header_bytes), len(payload), hashlib.sha256(payload).digest()
+        MAGIC, FORMAT_VERSION[0], minor, len(header_bytes), len(payload), hashlib.sha256(payload).digest()
     )
     digest = hashlib.sha256(head + header_bytes).digest()
     return head + digest + header_bytes + payload
@@ -1182,10 +1203,12 @@ def _resolved(preamble: _Preamble, header: _Header) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _decode_stream(coder_name: str, data: bytes, count: int, alphabet_size: int, where: str) -> np.ndarray:
+def _decode_stream(
+    coder_name: str, data: bytes, count: int, alphabet_size: int, where: str, context: dict | None = None
+) -> np.ndarray:
     coder = _get_coder(coder_name)
     try:
-        out = coder.decode(data, count, alphabet_size)
+        out = coder.decode(data, count, alphabet_size, **(context or {}))
     except FormatError as exc:
         raise FormatError("bad_value", f"{where}: stream does not decode: {exc.message}") from exc
     except Exception as exc:  # a coder meeting bytes it did not write may fail in any way
@@ -1237,7 +1260,10 @@ def _decode(buffer: bytes | bytearray | memoryview, max_elements: int) -> Contai
 
     quantized = []
     for q in header.quantized:
-        indices = _decode_stream(q.coder, section_bytes(q.indices), q.count, q.alphabet_size, f"{q.fqn!r} indices")
+        context = _stream_context(_get_coder(q.coder), q.key, q.dither, q.count, q.n)
+        indices = _decode_stream(
+            q.coder, section_bytes(q.indices), q.count, q.alphabet_size, f"{q.fqn!r} indices", context
+        )
         codebook, codebook_int = _decode_codebook(q, section_bytes(q.codebook))
         quantized.append(
             QuantizedTensor(
