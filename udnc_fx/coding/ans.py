@@ -21,10 +21,12 @@ code's top ``b`` bits. Undithered tensors have no context and always ``B = 1``.
 1. one byte ``b`` in ``0..4`` (``B = 2^b`` bins);
 2. for each bin ``i = 0..B-1``, its table: ``m_i`` (varint, ``0 <= m_i <= K``; ``0`` exactly when the bin holds no
    symbols; ``m_i = 1`` means every symbol of the bin is ``0`` and nothing of it is coded). When ``m_i >= 2``, the
-   counts ``q_0..q_{m_i-1}`` (``q_{m_i-1} > 0``, ``0 < Q = Σq <= 2^32``) follow in one of two forms, after a
-   varint ``u``: ``u = 0``, dense: ``m_i`` varints ``q_j``; ``1 <= u <= m_i``, sparse: ``u`` varint gaps giving the
-   positions ``j`` of the non-zero counts (the first gap is the first position, each next one is the distance to
-   the previous position minus one; the last position must be ``m_i − 1``), then their ``u`` counts (each ``> 0``);
+   counts ``q_0..q_{m_i-1}`` (``q_{m_i-1} > 0``, ``0 < Q = Σq <= 2^32``) follow in one of three forms, after a
+   form byte ``f``: ``f = 0``, dense: ``m_i`` varints ``q_j``; ``f = 1``, sparse: a varint ``u`` (``1..m_i``), ``u``
+   varint gaps giving the positions of the non-zero counts (the first gap is the first position, each next one the
+   distance to the previous position minus one; the last position must be ``m_i − 1``), then those ``u`` counts
+   (each ``> 0``); ``f = 1 + w`` with ``w`` in ``1..32``, packed: ``m_i`` fields of ``w`` bits, least significant
+   bit first, in ``ceil(m_i·w/8)`` bytes whose padding bits are zero;
 3. ``W`` (varint) then ``W`` little-endian 32-bit words: one ``constriction.stream.stack.AnsCoder`` stream (32-bit
    words, 24-bit precision), ending exactly at the end of the payload.
 
@@ -75,7 +77,10 @@ _PRECISION = 24
 _TOTAL = 1 << _PRECISION
 _MAX_Q = 1 << 32
 # Table precisions the writer tries (bits of the largest quantized count); None = exact counts.
-_TABLE_PRECISIONS = (4, 6, 8, 10, 12, 14, 16, None)
+# Bit widths the writer tries for quantized tables (the largest count becomes 2**w - 1); None = exact counts.
+_TABLE_WIDTHS = (2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, None)
+_DENSE, _SPARSE = 0, 1  # table form tags; 2 + w - 1 for bit-packed counts of width w in 1..32
+_MAX_WIDTH = 32
 _HASH_CHUNK = 1 << 16  # elements per hashing step: the temporaries stay in cache
 
 
@@ -136,12 +141,12 @@ def _categorical(weights: np.ndarray):
     return _constriction().stream.model.Categorical((weights - 1).astype(np.float64), perfect=False)
 
 
-def _quantize_counts(counts: np.ndarray, precision: int | None) -> np.ndarray:
-    """Counts scaled so the largest is about ``2**precision`` (non-zero counts stay non-zero); exact when small."""
+def _quantize_counts(counts: np.ndarray, width: int | None) -> np.ndarray:
+    """Counts scaled so the largest is ``2**width - 1`` (non-zero counts stay non-zero); exact when they fit."""
     top = int(counts.max())
-    if precision is None or top <= 1 << precision:
+    if width is None or top < 1 << width:
         return counts.astype(np.int64)
-    scaled = np.floor(counts * ((1 << precision) / top) + 0.5).astype(np.int64)
+    scaled = np.floor(counts * (((1 << width) - 1) / top) + 0.5).astype(np.int64)
     return np.where(counts > 0, np.maximum(scaled, 1), 0)
 
 
@@ -153,24 +158,42 @@ def _varint_bytes(values: np.ndarray) -> int:
     return int(nbytes.sum())
 
 
+def _pack_bits(values: np.ndarray, width: int) -> bytes:
+    """``values`` (each < 2**width) as ``width``-bit fields, least significant bit first, zero-padded to a byte."""
+    bits = (values[:, None].astype(np.uint64) >> np.arange(width, dtype=np.uint64)) & np.uint64(1)
+    return np.packbits(bits.astype(np.uint8).reshape(-1), bitorder="little").tobytes()
+
+
+def _table_forms(q: np.ndarray) -> list[tuple[int, int]]:
+    """``(tag, byte cost)`` of each form that can hold ``q`` (``m >= 2``), the tag byte included."""
+    pos = np.flatnonzero(q)
+    gaps = np.diff(pos, prepend=-1) - 1
+    width = max(1, int(q.max()).bit_length())
+    forms = [(_DENSE, 1 + _varint_bytes(q)),
+             (_SPARSE, 1 + _varint_bytes(np.array([pos.size])) + _varint_bytes(gaps) + _varint_bytes(q[pos]))]
+    if width <= _MAX_WIDTH:
+        forms.append((1 + width, 1 + -(-q.size * width // 8)))
+    return forms
+
+
 def _table_bytes(q: np.ndarray) -> bytes:
-    """A table's bytes (``m`` then the dense or the sparse form, whichever is shorter; a tie is dense)."""
+    """A table's bytes: ``m``, then for ``m >= 2`` the shortest form (the first on a tie)."""
     head = _varint(q.size)
     if q.size < 2:
         return head
-    dense = _varint(0) + _varints(q)
-    pos = np.flatnonzero(q)
-    gaps = np.diff(pos, prepend=-1) - 1
-    sparse = _varint(pos.size) + _varints(gaps) + _varints(q[pos])
-    return head + (sparse if len(sparse) < len(dense) else dense)
+    tag = min(_table_forms(q), key=lambda f: f[1])[0]
+    if tag == _DENSE:
+        return head + bytes([tag]) + _varints(q)
+    if tag == _SPARSE:
+        pos = np.flatnonzero(q)
+        gaps = np.diff(pos, prepend=-1) - 1
+        return head + bytes([tag]) + _varint(pos.size) + _varints(gaps) + _varints(q[pos])
+    return head + bytes([tag]) + _pack_bits(q, tag - 1)
 
 
 def _table_cost(q: np.ndarray) -> int:
     """``len(_table_bytes(q))`` without building the bytes."""
-    pos = np.flatnonzero(q)
-    gaps = np.diff(pos, prepend=-1) - 1
-    sparse = _varint_bytes(np.array([pos.size])) + _varint_bytes(gaps) + _varint_bytes(q[pos])
-    return _varint_bytes(np.array([q.size])) + min(1 + _varint_bytes(q), sparse)
+    return _varint_bytes(np.array([q.size])) + min(c for _, c in _table_forms(q))
 
 
 def _best_table(counts: np.ndarray) -> tuple[np.ndarray, float]:
@@ -183,15 +206,15 @@ def _best_table(counts: np.ndarray) -> tuple[np.ndarray, float]:
         return np.ones(1, np.int64), 1.0
     counts = counts[:m]
     best: tuple[np.ndarray, float] | None = None
-    for precision in _TABLE_PRECISIONS:
-        q = _quantize_counts(counts, precision)
+    for width in _TABLE_WIDTHS:
+        q = _quantize_counts(counts, width)
         probs = table_model(q)
         bits = float(np.sum(counts * (_PRECISION - np.log2(probs))))
         cost = _table_cost(q) + bits / 8
         if best is None or cost < best[1]:
             best = (q, cost)
-        if precision is None or int(counts.max()) <= 1 << precision:
-            break  # higher precisions give the same exact counts
+        if width is None or int(counts.max()) < 1 << width:
+            break  # wider fields give the same exact counts
     assert best is not None
     return best
 
@@ -289,12 +312,16 @@ class AnsDitherCoder(Coder):
 
     def _read_table(self, view: memoryview, pos: int, m: int, i: int) -> tuple[np.ndarray, int]:
         """The counts of bin ``i`` (``m >= 2`` entries), validated; allocates at most ``m <= K`` entries."""
-        u, pos = _read_varint(view, pos)
-        if u > m:
-            raise FormatError("corrupt_payload", f"{self.name}: bin {i} table lists {u} of its {m} counts")
-        if u == 0:
+        if pos >= len(view):
+            raise FormatError("truncated", f"{self.name}: payload ends before bin {i}'s table")
+        tag = view[pos]
+        pos += 1
+        if tag == _DENSE:
             q, pos = _read_varints(view, pos, m)
-        else:
+        elif tag == _SPARSE:
+            u, pos = _read_varint(view, pos)
+            if not 1 <= u <= m:
+                raise FormatError("corrupt_payload", f"{self.name}: bin {i} table lists {u} of its {m} counts")
             gaps, pos = _read_varints(view, pos, u)
             values, pos = _read_varints(view, pos, u)
             if int(values.min()) <= 0 or int(gaps.min()) < 0 or int(gaps.max()) >= m:
@@ -304,6 +331,19 @@ class AnsDitherCoder(Coder):
                 raise FormatError("corrupt_payload", f"{self.name}: bin {i} sparse table does not end at {m - 1}")
             q = np.zeros(m, np.int64)
             q[where] = values
+        elif tag <= 1 + _MAX_WIDTH:
+            width = tag - 1
+            nbytes = -(-m * width // 8)
+            if pos + nbytes > len(view):
+                raise FormatError("truncated", f"{self.name}: payload ends inside bin {i}'s table")
+            bits = np.unpackbits(np.frombuffer(view[pos : pos + nbytes], np.uint8), bitorder="little")
+            if bits[m * width :].any():
+                raise FormatError("corrupt_payload", f"{self.name}: bin {i} table has non-zero padding bits")
+            fields = bits[: m * width].reshape(m, width).astype(np.int64)
+            q = fields @ (np.int64(1) << np.arange(width, dtype=np.int64))
+            pos += nbytes
+        else:
+            raise FormatError("corrupt_payload", f"{self.name}: bin {i} table has unknown form {tag}")
         # Values are < 2**63 (varints), so the int64 sum can only overflow past 2**32 with many entries: check both.
         if int(q.min()) < 0 or q[-1] == 0 or int(q.max()) > _MAX_Q or int(q.sum()) > _MAX_Q:
             raise FormatError("corrupt_payload", f"{self.name}: bin {i} table is not canonical or sums past 2**32")
