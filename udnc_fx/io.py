@@ -87,6 +87,7 @@ def save(
     raw_float_dtype: str = "float32",
     codebook_float_dtype: str = "float32",
     full_config: bool = False,
+    progress: bool | None = None,
 ) -> int:
     """Write a compressed model (from :func:`udnc_fx.compress`, possibly fine-tuned) to a ``.udnc`` container.
 
@@ -100,6 +101,7 @@ def save(
     config's seed --, codebook, indices). The compression config is provenance, not needed to decode: by default
     only the fields :func:`load` uses (``leaf_modules``, ``fallback``) are stored, when not at their defaults;
     ``full_config=True`` stores the whole config (its non-default fields), about 50-100 bytes more.
+    ``progress`` draws a bar over the coded weights: ``None`` (default) on a terminal only, ``False`` never.
 
     Returns:
         The file size in bytes.
@@ -137,7 +139,8 @@ def save(
         quantized=quantized, raw=raw, config=_compact_config(config, full_config), metadata={}, seed=config.seed
     )
     return write_container(
-        Path(path), container, raw_float_dtype=raw_float_dtype, codebook_float_dtype=codebook_float_dtype
+        Path(path), container, raw_float_dtype=raw_float_dtype, codebook_float_dtype=codebook_float_dtype,
+        progress=progress,
     )
 
 
@@ -209,15 +212,16 @@ def _params_from(container: Container) -> list[DitheredLatticeParam]:
     return dlps
 
 
-def load(path: str | Path, model: nn.Module) -> nn.Module:
+def load(path: str | Path, model: nn.Module, *, progress: bool | None = None) -> nn.Module:
     """Rebuild the compressed model saved at ``path`` on ``model`` (an uncompressed model of the same
     architecture; it is deep-copied, never changed). Decoded weights equal the saved ones bit for bit.
+    ``progress`` draws a bar over the decoded weights: ``None`` (default) on a terminal only, ``False`` never.
 
     Raises:
         FormatError: the file is malformed (any ``kind``), or ``model_mismatch`` when the model's layers, shapes
             or other tensors do not match the file.
     """
-    container = read_container(Path(path))
+    container = read_container(Path(path), progress=progress)
     try:
         config = CompressConfig.from_dict(container.config)
         if "seed" not in container.config:  # the file's key seed: saving the loaded model again derives the same keys

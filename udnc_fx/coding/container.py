@@ -205,6 +205,29 @@ def _get_coder(name: str):
     return coder
 
 
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _bar(entries: list, desc: str, progress: bool | None):
+    """A terminal-only bar over the weights of ``entries`` (tqdm is imported only when one is drawn)."""
+    from udnc_fx.progress import progress_enabled
+
+    if not entries or not progress_enabled(progress):
+        return _NoBar()
+    from udnc_fx.progress import progress_bar
+
+    total = 0
+    for e in entries:
+        count = getattr(e, "count", None)
+        total += int(np.size(getattr(e, "indices", ())) if count is None else count) * int(getattr(e, "n", 1) or 1)
+    return progress_bar(total=total or None, desc=desc, unit="w", unit_scale=True, progress=True)
+
+
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, (np.integer, np.floating, np.bool_)):
         return obj.item()
@@ -670,6 +693,7 @@ def encode_container(
     raw_float_dtype: str = "float32",
     codebook_float_dtype: str = "float32",
     max_elements: int = DEFAULT_MAX_ELEMENTS,
+    progress: bool | None = None,
 ) -> bytes:
     """Serialises ``container`` to the ``.udnc`` bytes (see ``docs/FORMAT.md``). Identical inputs give identical bytes.
 
@@ -682,6 +706,7 @@ def encode_container(
             always stored as they are.
         codebook_float_dtype: ``"float32"`` or ``"float16"`` for float codebooks (``codebook_int`` overrides it).
         max_elements: refuse to write what a default reader would refuse to read.
+        progress: a bar over the coded weights (``udnc_fx.progress``: ``None`` draws it on a terminal only).
 
     Returns:
         The file's bytes.
@@ -708,8 +733,10 @@ def encode_container(
     parts: list[bytes] = []
     total_elements = 0
     quantized_entries = []
+    bar = _bar(container.quantized, "coding", progress)
     for q in container.quantized:
         entry, indices_bytes, codebook_bytes = _encode_quantized(q, codebook_float_dtype, max_elements)
+        bar.update(entry["indices"]["count"] * entry["n"])
         total_elements += _prod(entry["shape"], max_elements) + entry["indices"]["alphabet_size"] * entry["n"]
         if entry["fqn"] in names:
             raise FormatError("bad_value", f"duplicate tensor name {entry['fqn']!r}")
@@ -725,6 +752,7 @@ def encode_container(
         names.add(entry["name"])
         parts.append(data)
         raw_entries.append(entry)
+    bar.close()
     if total_elements > max_elements:
         raise FormatError("bad_value", f"the container holds more than {max_elements} elements")
 
@@ -757,6 +785,7 @@ def write_container(
     raw_float_dtype: str = "float32",
     codebook_float_dtype: str = "float32",
     max_elements: int = DEFAULT_MAX_ELEMENTS,
+    progress: bool | None = None,
 ) -> int:
     """Writes ``container`` to a path (atomically) or to a binary file object.
 
@@ -772,6 +801,7 @@ def write_container(
         raw_float_dtype=raw_float_dtype,
         codebook_float_dtype=codebook_float_dtype,
         max_elements=max_elements,
+        progress=progress,
     )
     if hasattr(path_or_file, "write") and not isinstance(path_or_file, (str, bytes, os.PathLike)):
         path_or_file.write(data)
@@ -1244,7 +1274,7 @@ def _decode_codebook(q: _QEntry, data: bytes) -> tuple[np.ndarray | None, np.nda
     return None, c
 
 
-def _decode(buffer: bytes | bytearray | memoryview, max_elements: int) -> Container:
+def _decode(buffer: bytes | bytearray | memoryview, max_elements: int, progress: bool | None = None) -> Container:
     view = memoryview(buffer).cast("B")
     size = len(view)
     prefix = bytes(view[:PREAMBLE_SIZE])
@@ -1259,7 +1289,9 @@ def _decode(buffer: bytes | bytearray | memoryview, max_elements: int) -> Contai
         return bytes(payload[s.offset : s.offset + s.length])
 
     quantized = []
+    bar = _bar(header.quantized, "decoding", progress)
     for q in header.quantized:
+        bar.update(q.count * q.n)
         context = _stream_context(_get_coder(q.coder), q.key, q.dither, q.count, q.n)
         indices = _decode_stream(
             q.coder, section_bytes(q.indices), q.count, q.alphabet_size, f"{q.fqn!r} indices", context
@@ -1272,6 +1304,7 @@ def _decode(buffer: bytes | bytearray | memoryview, max_elements: int) -> Contai
                 codebook_int=codebook_int, coder=q.coder, zero_index=q.zero_index, meta=q.meta,
             )
         )
+    bar.close()
     raws = []
     for r in header.raws:
         stored = np.frombuffer(section_bytes(r.data), dtype=_RAW_DTYPES[r.dtype])
@@ -1292,16 +1325,20 @@ def _guarded(fn, *args):
         raise FormatError("bad_value", f"unexpected {type(exc).__name__} while reading: {exc}") from exc
 
 
-def decode_container(data: bytes | bytearray | memoryview, *, max_elements: int = DEFAULT_MAX_ELEMENTS) -> Container:
+def decode_container(
+    data: bytes | bytearray | memoryview, *, max_elements: int = DEFAULT_MAX_ELEMENTS, progress: bool | None = None
+) -> Container:
     """Decodes ``.udnc`` bytes, with every check of ``docs/FORMAT.md``.
 
     Raises:
         FormatError: and no other exception, whatever the bytes.
     """
-    return _guarded(_decode, data, max_elements)
+    return _guarded(_decode, data, max_elements, progress)
 
 
-def read_container(path_or_bytes: Any, *, max_elements: int = DEFAULT_MAX_ELEMENTS) -> Container:
+def read_container(
+    path_or_bytes: Any, *, max_elements: int = DEFAULT_MAX_ELEMENTS, progress: bool | None = None
+) -> Container:
     """Reads a ``.udnc`` file (a path, bytes, or a binary file object) and decodes everything.
 
     Quantized tensors come back with ``indices`` in the narrowest unsigned dtype that holds K; float codebooks as
@@ -1313,6 +1350,7 @@ def read_container(path_or_bytes: Any, *, max_elements: int = DEFAULT_MAX_ELEMEN
         path_or_bytes: a path (str or ``os.PathLike``), ``bytes``/``bytearray``/``memoryview``, or a binary file.
         max_elements: refuse a file whose tensors and codebooks decode to more elements than this, in all
             (``bad_value``).
+        progress: a bar over the decoded weights (``udnc_fx.progress``: ``None`` draws it on a terminal only).
 
     Raises:
         FormatError: for any defect of the content (never another exception type for bad bytes). ``OSError``
@@ -1327,7 +1365,7 @@ def read_container(path_or_bytes: Any, *, max_elements: int = DEFAULT_MAX_ELEMEN
         data = path_or_bytes.read()
     else:
         raise TypeError(f"read_container needs a path, bytes or a binary file, got {type(path_or_bytes).__name__}")
-    return decode_container(data, max_elements=max_elements)
+    return decode_container(data, max_elements=max_elements, progress=progress)
 
 
 def read_header(path_or_bytes: Any, *, max_elements: int = DEFAULT_MAX_ELEMENTS) -> dict:
