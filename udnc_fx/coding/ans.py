@@ -6,7 +6,7 @@ bins of the dither value and giving each bin its own static table captures that 
 of it on synthetic Z¹ sources; the 38k-parameter CNN's 8-bin conditional entropy is 0.92x its order-0 entropy at
 1.5 bits/weight). The coder picks ``B`` per stream by the exact byte cost, tables included, so the side information
 is only paid where it pays (``B = 1`` otherwise). Decoding is a handful of vectorised ``constriction`` calls per
-2^20 symbols: no per-symbol or per-block Python.
+2^16 symbols: no per-symbol or per-block Python.
 
 **Context.** ``dither_codes(key, count, n)`` gives each index (lattice vector ``j``) a 4-bit code: the top 4 bits of
 the dither generator's hash ``h`` for element ``j·n`` (the vector's first coordinate; ``udnc_fx.dither``), i.e.
@@ -35,7 +35,7 @@ The model of a bin with ``m >= 2`` is pure integer arithmetic (``T = 2^24``, ``F
 ``(left_{j+1} − left_j) / T >= 1/T``. It is handed to constriction as ``Categorical(left_{j+1} − left_j − 1,
 perfect=False)``, whose fast quantization reproduces exactly these integers (its scale is ``(T − m) / F = 1``).
 
-**Order.** Symbols are coded in segments of ``2^20`` consecutive stream positions; within a segment, bin by bin in
+**Order.** Symbols are coded in segments of ``2^16`` consecutive stream positions; within a segment, bin by bin in
 ascending order, and within a bin in stream order. The ANS stream is a stack: the writer pushes the segments and
 bins in reverse (``encode_reverse``) so the reader pops them in that order. After the last symbol the reader's
 coder must be empty (the payload was consumed exactly).
@@ -72,7 +72,7 @@ __all__ = ["AnsDitherCoder", "CONTEXT_BITS", "SEGMENT", "dither_codes", "table_m
 #: Bits of dither context per symbol (the code is in ``[0, 2**CONTEXT_BITS)``); a stream uses its top ``b <= 4``.
 CONTEXT_BITS = 4
 #: Stream positions per segment (a format constant: it fixes the coding order).
-SEGMENT = 1 << 20
+SEGMENT = 1 << 16
 _PRECISION = 24
 _TOTAL = 1 << _PRECISION
 _MAX_Q = 1 << 32
