@@ -125,7 +125,9 @@ def save(
                 step=dlp.step,
                 key=0 if dlp.key is None else dlp.key,
                 dither=_NO_DITHER if dlp.key is None else DITHER_ID,
-                indices=dlp.indices.detach().cpu().numpy().astype(np.int64),
+                # the narrow stored dtype: the container widens one tensor at a time, so saving a large model
+                # never holds 8 bytes per weight for all of them at once
+                indices=dlp.indices.detach().cpu().numpy(),
                 codebook=dlp.codebook.detach().cpu().numpy().astype(np.float32),
                 codebook_int=dlp.codebook_int if untouched else None,
                 coder=coder,

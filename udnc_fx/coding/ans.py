@@ -279,7 +279,11 @@ class AnsDitherCoder(Coder):
         m = int(arr.max()) + 1
         max_bits = CONTEXT_BITS if codes is not None and m * (1 << CONTEXT_BITS) <= 4 * arr.size + (1 << 16) else 0
         if max_bits:
-            joint = np.bincount(codes.astype(np.int64) * m + arr, minlength=m << CONTEXT_BITS).reshape(-1, m)
+            joint_index = codes.astype(np.intp)
+            joint_index *= m
+            joint_index += arr
+            joint = np.bincount(joint_index, minlength=m << CONTEXT_BITS).reshape(-1, m)
+            del joint_index
         else:
             joint = np.bincount(arr, minlength=m)[None, :]
         best: tuple[float, int, list[np.ndarray]] | None = None
