@@ -1,0 +1,283 @@
+"""``lattice-coords``: lattice points coded by their integer coordinates, with no per-layer table of points.
+
+Why: at 2+ bits/weight nearly every vector of an ``A2``/``D4``/``E8``/``Z^n`` (n > 1) tensor is its own codeword,
+so an explicit codebook costs as much as the indices into it and ``Z¹`` wins everywhere. Coding each vector's
+coordinates with models shared by all vectors (one table per coordinate, or one for all) costs no table of points
+at all; the lattice structure is kept by taking the parity constraints out of the symbols (docs/FORMAT.md,
+*lattice-coords*):
+
+* ``Z^n`` and ``A2`` (``(a, b)`` in its basis): ``n`` zigzagged coordinates;
+* ``D4``: the first three coordinates, then ``(c3 − p) >> 1`` with ``p`` the parity of ``c0 + c1 + c2`` (the
+  last coordinate's parity is implied);
+* ``E8 = D8 ∪ (D8 + ½)`` (stored doubled, ``c = 2x``): the coset bit ``p = c0 & 1``, then ``h = (c − p) >> 1``
+  (a ``D8`` point) coded like ``D4``: seven free coordinates and the last one halved.
+
+These are the symbol rows of ``lattice-int-coded`` codebooks (:func:`point_symbols`), applied to every vector
+instead of every distinct point.
+
+**Streams.** The ``(count, w)`` symbols are coded with the tensor's index coder as one stream in vector order
+(``interleaved``: ``count·w`` symbols, one shared model) or as ``w`` streams, one per symbol column (``split``:
+``w`` models; the payload starts with the byte lengths of the first ``w − 1`` streams as varints). The writer codes
+both and keeps the smaller. A coder that conditions on the dither (``ans-dither-v1``) gets, for the symbol of
+coordinate ``i`` of vector ``j``, the 4-bit code of dither element ``j·n + i``
+(``dither_codes(key, count·n, 1)``); the ``E8`` coset bit gets coordinate 0's.
+
+**Reading** rebuilds what the quantizer held in memory: the distinct points, most frequent first with ties broken
+by the integer coordinates (:func:`index_points`, the order of :func:`udnc_fx.quantizer.quantize_array`), and each
+vector's index into them; so a saved and loaded model has the same indices and codebook, and decodes bit for bit.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from udnc_fx.errors import ConfigError, FormatError
+
+__all__ = [
+    "ENCODING",
+    "LAYOUTS",
+    "point_symbols",
+    "points_from_symbols",
+    "symbol_width",
+    "index_points",
+    "encode_points",
+    "decode_points",
+]
+
+ENCODING = "lattice-coords"
+#: The two stream layouts (docs/FORMAT.md); the writer keeps the smaller.
+LAYOUTS = ("interleaved", "split")
+#: Symbols per vector; ``None``: the dimension (``Z^n``).
+_ROW_SYMBOLS = {"Z": None, "A2": 2, "D4": 4, "E8": 9}
+#: Coordinates must stay below this in magnitude so no symbol transform overflows int64.
+MAX_COORDINATE = 1 << 40
+
+
+def _zigzag_encode(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.int64, copy=False)
+    return ((x << 1) ^ (x >> 63)).view(np.uint64)
+
+
+def _zigzag_decode(z: np.ndarray) -> np.ndarray:
+    z = z.astype(np.uint64, copy=False)
+    return ((z >> np.uint64(1)).view(np.int64)) ^ -((z & np.uint64(1)).view(np.int64))
+
+
+def symbol_width(lattice: str, n: int) -> int:
+    """Symbols per lattice vector (``w``): ``n`` for ``Z^n``, 2 for ``A2``, 4 for ``D4``, 9 for ``E8``."""
+    return _ROW_SYMBOLS[lattice] or n
+
+
+def _dither_columns(lattice: str, n: int) -> np.ndarray:
+    """For each symbol column, the coordinate whose dither code is its context (``E8``'s coset bit: coordinate 0)."""
+    if lattice == "E8":
+        return np.array([0, *range(8)], dtype=np.intp)
+    return np.arange(n, dtype=np.intp)
+
+
+def point_symbols(lattice: str, c: np.ndarray) -> np.ndarray:
+    """The ``(m, w)`` int64 symbol rows of integer lattice points ``c`` (``(m, n)``, ``|c| < 2**40``).
+
+    The parity constraints of ``D4`` and ``E8`` are taken out of the stream: they would cost an order-0 coder a bit
+    or more per row, and mixing ``E8``'s two cosets in one alphabet costs it about a third of the stream.
+    """
+    c = c.astype(np.int64, copy=False)
+    if lattice == "D4":
+        s = c.copy()
+        p = (c[:, 0] + c[:, 1] + c[:, 2]) & 1
+        s[:, 3] = (c[:, 3] - p) >> 1
+        return _zigzag_encode(s).astype(np.int64)
+    if lattice == "E8":
+        p = c[:, 0] & 1
+        h = (c - p[:, None]) >> 1
+        q = np.sum(h[:, :7], axis=1) & 1
+        h[:, 7] = (h[:, 7] - q) >> 1
+        return np.concatenate([p[:, None], _zigzag_encode(h).astype(np.int64)], axis=1)
+    return _zigzag_encode(c).astype(np.int64)
+
+
+def points_from_symbols(lattice: str, s: np.ndarray, where: str) -> np.ndarray:
+    """Inverse of :func:`point_symbols`; ``s`` is ``(m, w)`` with every symbol below ``2**32``.
+
+    Raises:
+        FormatError: (``bad_value``) an ``E8`` coset symbol other than 0 or 1.
+    """
+    s = s.astype(np.uint64, copy=False)
+    if lattice == "D4":
+        c = _zigzag_decode(s)
+        p = (c[:, 0] + c[:, 1] + c[:, 2]) & 1
+        c[:, 3] = 2 * c[:, 3] + p
+        return c
+    if lattice == "E8":
+        p = s[:, 0].astype(np.int64)
+        if p.size and int(p.max()) > 1:
+            raise FormatError("bad_value", f"{where}: an E8 coset (row parity) symbol is not 0 or 1")
+        h = _zigzag_decode(s[:, 1:])
+        q = np.sum(h[:, :7], axis=1) & 1
+        h[:, 7] = 2 * h[:, 7] + q
+        return 2 * h + p[:, None]
+    return _zigzag_decode(s)
+
+
+def index_points(points: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(indices, codebook_int, counts)`` of integer points ``(m, n)``: the distinct points most frequent first,
+    ties broken by the coordinates (lexicographically), as :func:`udnc_fx.quantizer.quantize_array` orders them."""
+    from udnc_fx.quantizer import _unique_rows  # lazy: the quantizer is not needed to read other encodings
+
+    points = np.ascontiguousarray(points, dtype=np.int64)
+    n = points.shape[1]
+    uniq, inverse, counts = _unique_rows(points)
+    order = np.lexsort(tuple(uniq[:, j] for j in range(n - 1, -1, -1)) + (-counts,))
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)
+    return rank[inverse.reshape(-1)].astype(np.int64), uniq[order], counts[order].astype(np.int64)
+
+
+def _context_codes(coder: Any, key: int, dither_ok: bool, count: int, n: int, lattice: str):
+    """A function giving the ``(count, w)`` dither codes of the symbols, or ``None`` (no conditioning)."""
+    if not getattr(coder, "accepts_context", False) or not dither_ok:
+        return None
+    from udnc_fx.coding.ans import dither_codes
+
+    cols = _dither_columns(lattice, n)
+
+    def codes() -> np.ndarray:
+        return dither_codes(key, count * n, 1).reshape(count, n)[:, cols]
+
+    return codes
+
+
+def _call_encode(coder: Any, symbols: np.ndarray, alphabet: int, context: Any, what: str) -> bytes:
+    hint = {} if context is None else {"context": context}
+    try:
+        return bytes(coder.encode(np.ascontiguousarray(symbols, dtype=np.int64), alphabet, **hint))
+    except FormatError:
+        raise
+    except Exception as exc:
+        raise FormatError("bad_value", f"{what}: coder {coder.name!r} failed to encode: {exc}") from exc
+
+
+def encode_points(
+    coder: Any, points: np.ndarray, lattice: str, n: int, key: int, dither_ok: bool, what: str
+) -> tuple[int, str, bytes] | None:
+    """Code the ``(count, n)`` integer lattice points of a tensor; returns ``(alphabet_size, layout, payload)`` of
+    the smaller layout, or ``None`` when the symbols do not fit the coder's alphabet (then use a codebook).
+
+    Args:
+        coder: the index coder (a registered :class:`~udnc_fx.coding.coders.Coder`).
+        points: int64 ``(count, n)``, lattice points (membership is the caller's check).
+        lattice, n: the lattice.
+        key, dither_ok: the dither key and whether it is the hash dither (the coder may condition on it).
+        what: names the tensor in errors.
+    """
+    count = points.shape[0]
+    if count and (int(points.min()) <= -MAX_COORDINATE or int(points.max()) >= MAX_COORDINATE):
+        return None
+    symbols = point_symbols(lattice, points)
+    alphabet = int(symbols.max()) + 1 if symbols.size else 1
+    if alphabet > int(getattr(coder, "max_alphabet_size", 0) or 0):
+        return None
+    codes = _context_codes(coder, key, dither_ok, count, n, lattice)
+    ctx = None if codes is None else codes()
+    w = symbols.shape[1]
+    interleaved = _call_encode(coder, symbols.ravel(), alphabet, None if ctx is None else ctx.ravel(), what)
+    streams = [
+        _call_encode(coder, symbols[:, i], alphabet, None if ctx is None else np.ascontiguousarray(ctx[:, i]), what)
+        for i in range(w)
+    ]
+    from udnc_fx.coding.coders import _varint
+
+    split = b"".join(_varint(len(s)) for s in streams[:-1]) + b"".join(streams)
+    if len(split) < len(interleaved):  # ties keep the single stream
+        return alphabet, "split", split
+    return alphabet, "interleaved", interleaved
+
+
+def _call_decode(coder: Any, data: bytes, count: int, alphabet: int, context: Any, what: str) -> np.ndarray:
+    hint = {} if context is None else {"context": context}
+    try:
+        out = coder.decode(data, count, alphabet, **hint)
+    except FormatError as exc:
+        raise FormatError("bad_value", f"{what}: stream does not decode: {exc.message}") from exc
+    except Exception as exc:  # a coder meeting bytes it did not write may fail in any way
+        raise FormatError("bad_value", f"{what}: stream does not decode: {type(exc).__name__}: {exc}") from exc
+    out = np.asarray(out)
+    if out.dtype.kind not in "iu" or out.shape != (count,):
+        raise FormatError("bad_value", f"{what}: the coder returned the wrong number or type of symbols")
+    if count and (int(out.min()) < 0 or int(out.max()) >= alphabet):
+        raise FormatError("bad_value", f"{what}: decoded symbols outside [0, {alphabet})")
+    return out
+
+
+def decode_points(
+    coder: Any, data: bytes, count: int, alphabet: int, layout: str, lattice: str, n: int, key: int,
+    dither_ok: bool, what: str,
+) -> np.ndarray:
+    """Inverse of :func:`encode_points`: the int64 ``(count, n)`` points.
+
+    The caller has checked ``layout`` and bounded ``count`` and ``alphabet``; every failure here is a
+    :class:`~udnc_fx.errors.FormatError` (``bad_value`` for streams that do not decode, ``truncated`` /
+    ``corrupt_payload`` for a damaged ``split`` length prefix).
+    """
+    from udnc_fx.coding.coders import _read_varint
+
+    w = symbol_width(lattice, n)
+    codes = _context_codes(coder, key, dither_ok, count, n, lattice)
+    if layout == "interleaved":
+        ctx = None if codes is None else (lambda: codes().ravel())
+        flat = _call_decode(coder, data, count * w, alphabet, ctx, what)
+        symbols = flat.reshape(count, w)
+    elif layout == "split":
+        view = memoryview(data)
+        pos, lengths = 0, []
+        for _ in range(w - 1):
+            length, pos = _read_varint(view, pos)
+            lengths.append(length)
+        rest = len(view) - pos
+        if sum(lengths) > rest:
+            raise FormatError("truncated", f"{what}: split streams claim {sum(lengths)} bytes, {rest} present")
+        lengths.append(rest - sum(lengths))
+        symbols = np.empty((count, w), dtype=np.int64)
+        cache: list[np.ndarray] = []
+
+        def column(i: int):
+            def ctx() -> np.ndarray:
+                if not cache:
+                    cache.append(codes())
+                return np.ascontiguousarray(cache[0][:, i])
+
+            return None if codes is None else ctx
+
+        for i, length in enumerate(lengths):
+            symbols[:, i] = _call_decode(coder, bytes(view[pos : pos + length]), count, alphabet, column(i), what)
+            pos += length
+    else:  # pragma: no cover - the header check rejects other layouts first
+        raise FormatError("unknown_codec", f"{what}: unknown layout {layout[:40]!r}")
+    return points_from_symbols(lattice, symbols, what)
+
+
+def check_layout(layout: Any, what: str) -> str:
+    """``layout`` if it is one of :data:`LAYOUTS`, else ``FormatError('unknown_codec')``."""
+    if layout not in LAYOUTS:
+        raise FormatError("unknown_codec", f"{what}: unknown lattice-coords layout {str(layout)[:40]!r}")
+    return layout
+
+
+def coordinate_entropy_bits(points: np.ndarray, lattice: str) -> float:
+    """Sum over symbol columns of the columns' empirical order-0 entropies, in bits per vector: the rate a
+    ``split`` ``lattice-coords`` stream approaches without dither conditioning (the solver's estimate)."""
+    if points.shape[0] == 0:
+        return 0.0
+    symbols = point_symbols(lattice, points)
+    total = 0.0
+    m = symbols.shape[0]
+    for i in range(symbols.shape[1]):
+        col = symbols[:, i]
+        if int(col.max()) >= 1 << 26:
+            raise ConfigError("coordinates too large for the entropy estimate (step far too small)")
+        c = np.bincount(col)
+        p = c[c > 0] / m
+        total -= float((p * np.log2(p)).sum())
+    return total
