@@ -160,7 +160,8 @@ def _call_encode(coder: Any, symbols: np.ndarray, alphabet: int, context: Any, w
 
 
 def encode_points(
-    coder: Any, points: np.ndarray, lattice: str, n: int, key: int, dither_ok: bool, what: str
+    coder: Any, points: np.ndarray, lattice: str, n: int, key: int, dither_ok: bool, what: str,
+    layouts: tuple[str, ...] = LAYOUTS,
 ) -> tuple[int, str, bytes] | None:
     """Code the ``(count, n)`` integer lattice points of a tensor; returns ``(alphabet_size, layout, payload)`` of
     the smaller layout, or ``None`` when the symbols do not fit the coder's alphabet (then use a codebook).
@@ -171,6 +172,7 @@ def encode_points(
         lattice, n: the lattice.
         key, dither_ok: the dither key and whether it is the hash dither (the coder may condition on it).
         what: names the tensor in errors.
+        layouts: the layouts to try (default both; the smaller wins, ties keep ``interleaved``).
     """
     count = points.shape[0]
     if count and (int(points.min()) <= -MAX_COORDINATE or int(points.max()) >= MAX_COORDINATE):
@@ -182,17 +184,21 @@ def encode_points(
     codes = _context_codes(coder, key, dither_ok, count, n, lattice)
     ctx = None if codes is None else codes()
     w = symbols.shape[1]
-    interleaved = _call_encode(coder, symbols.ravel(), alphabet, None if ctx is None else ctx.ravel(), what)
-    streams = [
-        _call_encode(coder, symbols[:, i], alphabet, None if ctx is None else np.ascontiguousarray(ctx[:, i]), what)
-        for i in range(w)
-    ]
-    from udnc_fx.coding.coders import _varint
+    best: tuple[int, str, bytes] | None = None
+    if "interleaved" in layouts:
+        data = _call_encode(coder, symbols.ravel(), alphabet, None if ctx is None else ctx.ravel(), what)
+        best = (alphabet, "interleaved", data)
+    if "split" in layouts:
+        from udnc_fx.coding.coders import _varint
 
-    split = b"".join(_varint(len(s)) for s in streams[:-1]) + b"".join(streams)
-    if len(split) < len(interleaved):  # ties keep the single stream
-        return alphabet, "split", split
-    return alphabet, "interleaved", interleaved
+        streams = [
+            _call_encode(coder, symbols[:, i], alphabet, None if ctx is None else np.ascontiguousarray(ctx[:, i]), what)
+            for i in range(w)
+        ]
+        data = b"".join(_varint(len(s)) for s in streams[:-1]) + b"".join(streams)
+        if best is None or len(data) < len(best[2]):  # ties keep the single stream
+            best = (alphabet, "split", data)
+    return best
 
 
 def _call_decode(coder: Any, data: bytes, count: int, alphabet: int, context: Any, what: str) -> np.ndarray:
