@@ -245,3 +245,19 @@ def test_bad_row_mode_payloads(data, n):
     with pytest.raises(FormatError) as info:
         CODER.decode(data, n, 4, context=np.zeros(n, np.uint8))
     assert info.value.kind == "corrupt_payload"
+
+
+def test_vectorised_table_choice_matches_the_one_table_rule():
+    from udnc_fx.coding.ans import _best_table, _best_tables
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        m, rows = int(rng.integers(1, 40)), int(rng.integers(1, 6))
+        counts = rng.integers(0, 3, (rows, m)) * rng.integers(0, 10 ** int(rng.integers(1, 7)), (rows, m))
+        if rng.random() < 0.3:
+            counts[:, m // 2 :] = 0
+        tables, cost = _best_tables(counts)
+        reference = [_best_table(row) for row in counts]
+        assert cost == pytest.approx(sum(c for _, c in reference))
+        for got, (want, _) in zip(tables, reference):
+            np.testing.assert_array_equal(got, want)

@@ -229,6 +229,65 @@ def _best_table(counts: np.ndarray) -> tuple[np.ndarray, float]:
     return best
 
 
+def _varint_lengths(values: np.ndarray) -> np.ndarray:
+    """Bytes of each value's varint, element-wise (values >= 0)."""
+    out = np.ones(values.shape, np.int64)
+    top = int(values.max()) if values.size else 0
+    for j in range(1, 10):
+        if top < 1 << (7 * j):
+            break
+        out += values >= (1 << (7 * j))
+    return out
+
+
+def _best_tables(counts: np.ndarray) -> tuple[list[np.ndarray], float]:
+    """:func:`_best_table` for every row of ``counts`` (contexts × symbols) at once: the tables and their total cost.
+
+    Vectorised over contexts: a stream with row classes and dither bins weighs hundreds of candidate tables, and
+    choosing them one by one in Python made saving a small model take seconds.
+    """
+    counts = counts.astype(np.int64)
+    rows, m = counts.shape
+    nonzero = counts > 0
+    used = np.where(nonzero.any(axis=1), m - np.argmax(nonzero[:, ::-1], axis=1), 0)  # m_i: trailing zeros trimmed
+    top = counts.max(axis=1)
+    positions = np.arange(m)
+    inside = positions[None, :] < used[:, None]
+    # sparse form: each non-zero count's distance to the previous one, minus one
+    last_before = np.maximum.accumulate(np.where(nonzero, positions, -1), axis=1)
+    gaps = positions - np.concatenate([np.full((rows, 1), -1), last_before[:, :-1]], axis=1) - 1
+    gap_bytes = np.where(nonzero, _varint_lengths(gaps), 0).sum(axis=1)
+    head = _varint_lengths(used) + 1 + 0.0  # m and the form byte
+    best_cost = np.full(rows, np.inf)
+    best_q = np.zeros_like(counts)
+    free = (_TOTAL - used)[:, None]
+    for width in _TABLE_WIDTHS:
+        if width is None:
+            q = counts
+        else:
+            scaled = np.floor(counts * (((1 << width) - 1) / np.maximum(top, 1))[:, None] + 0.5).astype(np.int64)
+            q = np.where((top < 1 << width)[:, None], counts, np.where(nonzero, np.maximum(scaled, 1), 0))
+        cum = np.zeros((rows, m + 1), np.int64)
+        np.cumsum(q, axis=1, out=cum[:, 1:])
+        left = cum * free // np.maximum(cum[:, -1:], 1) + np.arange(m + 1)
+        probs = np.where(inside, np.diff(left, axis=1), 1)
+        bits = (counts * (_PRECISION - np.log2(np.maximum(probs, 1)))).sum(axis=1)
+        q_lengths = _varint_lengths(q)
+        dense = np.where(inside, q_lengths, 0).sum(axis=1)
+        sparse = _varint_lengths(nonzero.sum(axis=1)) + gap_bytes + np.where(nonzero, q_lengths, 0).sum(axis=1)
+        bit_width = np.maximum(1, np.floor(np.log2(np.maximum(q.max(axis=1), 1))).astype(np.int64) + 1)
+        packed = np.where(bit_width <= _MAX_WIDTH, (used * bit_width + 7) // 8, np.inf)
+        cost = head + np.minimum(np.minimum(dense, sparse), packed) + bits / 8
+        better = cost < best_cost
+        best_cost = np.where(better, cost, best_cost)
+        best_q[better] = q[better]
+        if width is None or bool(np.all(top < 1 << width)):
+            break  # wider fields give the same exact counts
+    best_cost = np.where(used <= 1, 1.0, best_cost)  # m = 0 or 1: the m varint alone
+    tables = [best_q[i, : used[i]] if used[i] >= 2 else np.ones(int(used[i]), np.int64) for i in range(rows)]
+    return tables, float(best_cost.sum())
+
+
 def _group(symbols: np.ndarray, bins: np.ndarray | None, nbins: int) -> tuple[np.ndarray, np.ndarray]:
     """Symbols of one segment sorted by bin (stable) and each bin's count."""
     if bins is None or nbins == 1:
@@ -342,12 +401,16 @@ class AnsDitherCoder(Coder):
             groups = max(classes, 1) << CONTEXT_BITS
             joint = np.bincount(index, minlength=groups * m).reshape(max(classes, 1), 1 << CONTEXT_BITS, m)
             del index
+            previous = math.inf
             for bits in range(max_bits + 1):
                 merged = joint.reshape(max(classes, 1), 1 << bits, -1, m).sum(axis=2).reshape(-1, m)
-                chosen = [_best_table(row) for row in merged]
-                cost = 1 + label_cost + sum(c for _, c in chosen)
+                tables, tables_cost = _best_tables(merged)
+                cost = 1 + label_cost + tables_cost
                 if best is None or cost < best[0]:
-                    best = (cost, bits, classes, labels, [q for q, _ in chosen], label_q)
+                    best = (cost, bits, classes, labels, tables, label_q)
+                if cost >= previous:
+                    break  # more bins stopped paying: the gain shrinks and the tables grow with every bit
+                previous = cost
         assert best is not None
         return best[1:]
 
