@@ -31,6 +31,7 @@ from udnc_fx.coding.ans import dither_codes
 from udnc_fx.coding.coders import empirical_entropy_bits, get_coder
 from udnc_fx.passes.materialize import served_params
 
+# "(no dither)": the same coder without the dither context (row classes still allowed), to isolate the dither's share
 CODERS = ["ans-dither-v1", "ans-dither-v1 (no dither)", "range-adaptive-v1", "range-context-v1"]
 
 
@@ -97,15 +98,16 @@ def measure(layers: list[dict]) -> dict:
         for layer in layers:
             s, k = layer["stream"], layer["k"]
             kwargs: dict = {}
+            # what the container hands each coder: the dither codes (lazily) and the row length
             if name == "ans-dither-v1" and layer["key"] is not None:
                 key, count, n = layer["key"], s.size, layer["n"]
                 kwargs = {"context": lambda key=key, count=count, n=n: dither_codes(key, count, n)}
-            if name == "range-context-v1" and layer["row_length"]:
-                kwargs = {"row_length": layer["row_length"]}
+            if name in ("ans-dither-v1", "ans-dither-v1 (no dither)", "range-context-v1") and layer["row_length"]:
+                kwargs["row_length"] = layer["row_length"]
             start = time.perf_counter()
             data = coder.encode(s, k, **kwargs)
             t_enc += time.perf_counter() - start
-            dec_kwargs = {"context": kwargs["context"]} if "context" in kwargs else {}
+            dec_kwargs = {"context": kwargs["context"]} if "context" in kwargs else {}  # the payload holds the rest
             start = time.perf_counter()
             out = coder.decode(data, s.size, k, **dec_kwargs)
             t_dec += time.perf_counter() - start

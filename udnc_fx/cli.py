@@ -230,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     steps.add_argument("--step", type=float, default=None, help="absolute step for every layer")
     steps.add_argument("--relative-step", type=float, default=None, help="step = value x std(W) per layer")
     comp.add_argument("--fallback", choices=["error", "module_swap"], default="error")
-    comp.add_argument("--coder", default=None, help="index coder (default range-context-v1; see udnc_fx.coding.available_coders)")
+    comp.add_argument("--coder", default=None, help="index coder (default ans-dither-v1, static ANS conditioned on the dither; see udnc_fx.coding.available_coders)")
     comp.add_argument("--raw-dtype", choices=["float32", "float16"], default="float32",
                       help="storage of uncompressed tensors (biases, norms)")
     comp.set_defaults(func=_compress)

@@ -32,15 +32,20 @@ def streams(draw):
     key = draw(st.one_of(st.none(), st.integers(min_value=0, max_value=2**64 - 1)))
     lattice_n = draw(st.sampled_from([1, 2, 4, 8]))
     context = None if key is None else dither_codes(key, n, lattice_n)
-    return s.astype(np.int64), k, context
+    if shape == "sparse" and n > 8 and draw(st.booleans()):  # rows of different density
+        length = draw(st.integers(min_value=1, max_value=n))
+        density = rng.random(-(-n // length))
+        s = np.where(rng.random(n) < np.repeat(density, length)[:n], s, 0)
+        return s.astype(np.int64), k, context, length
+    return s.astype(np.int64), k, context, None
 
 
 @SETTINGS
 @given(case=streams())
 def test_round_trip(case):
-    stream, k, context = case
-    data = CODER.encode(stream, k, context=context)
-    assert CODER.encode(stream, k, context=context) == data
+    stream, k, context, rows = case
+    data = CODER.encode(stream, k, context=context, row_length=rows)
+    assert CODER.encode(stream, k, context=context, row_length=rows) == data
     np.testing.assert_array_equal(CODER.decode(data, stream.size, k, context=context), stream)
 
 
@@ -48,8 +53,8 @@ def test_round_trip(case):
 @given(case=streams(), edits=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=4),
        cut=st.one_of(st.none(), st.integers(0, 10**6)), count_delta=st.sampled_from([0, 0, 0, -1, 1, 1000]))
 def test_damaged_payloads_raise_only_format_error(case, edits, cut, count_delta):
-    stream, k, context = case
-    data = bytearray(CODER.encode(stream, k, context=context))
+    stream, k, context, rows = case
+    data = bytearray(CODER.encode(stream, k, context=context, row_length=rows))
     for where, value in edits:
         if data:
             data[where % len(data)] = value

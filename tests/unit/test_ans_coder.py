@@ -48,7 +48,8 @@ def test_coded_length_is_the_ideal_length_of_the_stored_model():
     """constriction codes with exactly table_model's probabilities: the payload is their ideal length + O(1)."""
     stream, k, codes = dithered_z1(200_000, 1.0)
     data = CODER.encode(stream, k, context=codes)
-    bits, tables = CODER._choose(stream, codes)
+    bits, classes, _, tables, _ = CODER._choose(stream, codes, None)
+    assert classes == 0
     bins = codes >> (4 - bits)
     ideal = 0.0
     for b, q in enumerate(tables):
@@ -203,3 +204,60 @@ def test_is_a_registered_coder_with_the_documented_limits():
         CODER.encode(np.array([0]), 1 << 24)
     big = np.array([0, (1 << 24) - 3, 5])
     np.testing.assert_array_equal(CODER.decode(CODER.encode(big, (1 << 24) - 2), 3, (1 << 24) - 2), big)
+
+
+def row_stream(rows: int = 64, length: int = 512, seed: int = 0) -> tuple[np.ndarray, int, np.ndarray]:
+    """A pruned weight whose output units (rows) keep very different fractions of their weights."""
+    stream, k, codes = dithered_z1(rows * length, 2.0, seed=seed)
+    density = np.random.default_rng(seed).choice([0.02, 0.1, 0.4, 0.9], rows)
+    keep = np.random.default_rng(seed + 1).random(stream.size) < np.repeat(density, length)
+    return np.where(keep, stream + 1, 0), k + 1, codes
+
+
+def test_row_classes_pay_on_pruned_rows_and_round_trip():
+    stream, k, codes = row_stream()
+    with_rows = CODER.encode(stream, k, context=codes, row_length=512)
+    without = CODER.encode(stream, k, context=codes)
+    assert with_rows[0] & 0x08 and not without[0] & 0x08
+    assert len(with_rows) < 0.9 * len(without)
+    np.testing.assert_array_equal(CODER.decode(with_rows, stream.size, k, context=codes), stream)
+    # the row length is read from the payload: a last row shorter than the others is fine too
+    short = stream[:-100]
+    data = CODER.encode(short, k, context=codes[:-100], row_length=512)
+    np.testing.assert_array_equal(CODER.decode(data, short.size, k, context=codes[:-100]), short)
+    # no row structure: the hint is ignored (the cheaper layout is kept)
+    flat, k2, codes2 = dithered_z1(20_000, 2.0)
+    assert CODER.encode(flat, k2, context=codes2, row_length=100) == CODER.encode(flat, k2, context=codes2)
+
+
+@pytest.mark.parametrize(
+    "data,n",
+    [
+        (bytes([0x08]) + _varint(10) + _varint(2) + _varint(1) + dense([1, 1]) + _varint(0), 10),  # L = n
+        (bytes([0x08]) + _varint(5) + _varint(1) + _varint(1) + dense([1, 1]) + _varint(0), 10),  # 1 class
+        (bytes([0x08]) + _varint(5) + _varint(17) + _varint(1) + dense([1, 1]) + _varint(0), 10),  # 17 classes
+        (bytes([0x0C]) + _varint(5) + _varint(32) + _varint(1), 10),  # 32 classes x 16 bins
+        (bytes([0x08]) + _varint(5) + _varint(2) + _varint(3), 10),  # label table wider than the classes
+        (bytes([0x10]), 10),  # unknown mode bit
+    ],
+)
+def test_bad_row_mode_payloads(data, n):
+    with pytest.raises(FormatError) as info:
+        CODER.decode(data, n, 4, context=np.zeros(n, np.uint8))
+    assert info.value.kind == "corrupt_payload"
+
+
+def test_vectorised_table_choice_matches_the_one_table_rule():
+    from udnc_fx.coding.ans import _best_table, _best_tables
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        m, rows = int(rng.integers(1, 40)), int(rng.integers(1, 6))
+        counts = rng.integers(0, 3, (rows, m)) * rng.integers(0, 10 ** int(rng.integers(1, 7)), (rows, m))
+        if rng.random() < 0.3:
+            counts[:, m // 2 :] = 0
+        tables, cost = _best_tables(counts)
+        reference = [_best_table(row) for row in counts]
+        assert cost == pytest.approx(sum(c for _, c in reference))
+        for got, (want, _) in zip(tables, reference):
+            np.testing.assert_array_equal(got, want)
