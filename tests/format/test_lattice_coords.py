@@ -153,6 +153,19 @@ def test_writes_are_deterministic():
     assert encode_container(Container([q])) == encode_container(Container([q]))
 
 
+def test_a_codebook_in_another_order_keeps_the_table_and_round_trips():
+    """The reader rebuilds the quantizer's order; any other order (or unused rows) is stored explicitly."""
+    qa, q = quantized("E8", 8, 0.05)
+    perm = np.random.default_rng(1).permutation(qa.codebook_int.shape[0])
+    inv = np.argsort(perm)
+    q.codebook_int, q.codebook, q.indices = qa.codebook_int[perm], qa.codebook[perm], inv[qa.indices]
+    data = encode_container(Container([q]))
+    assert read_header(data)["quantized"][0]["codebook"]["encoding"] != "lattice-coords"
+    back = decode_container(data).quantized[0]
+    np.testing.assert_array_equal(back.indices.astype(np.int64), q.indices)
+    np.testing.assert_array_equal(back.codebook_int, q.codebook_int)
+
+
 def test_zero_index_not_at_the_origin_keeps_the_table():
     qa, q = quantized("D4", 4, 0.05)
     q.zero_index = int(np.flatnonzero(qa.codebook_int.any(axis=1))[0])  # a non-zero point

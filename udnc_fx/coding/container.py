@@ -557,6 +557,11 @@ def _encode_coords(
         if int((~cb_int.any(axis=1)).sum()) != 1:
             return None
     points = cb_int[np.asarray(indices, dtype=np.intp)]
+    # The reader rebuilds indices and codebook in the quantizer's order; use lattice-coords only where that gives
+    # back exactly these (a codebook with unused or reordered rows would come back different).
+    rebuilt_indices, rebuilt_points, _ = _lc.index_points(points)
+    if not (np.array_equal(rebuilt_points, cb_int) and np.array_equal(rebuilt_indices, indices)):
+        return None
     coded = _lc.encode_points(
         _get_coder(q.coder), points, q.lattice, n, key, q.dither == FORMAT_DEFAULT_DITHER, f"{where} coordinates"
     )
