@@ -62,6 +62,15 @@ def test_symbols_invert_for_every_lattice_including_parity_and_coset_edges(case)
     if lattice == "E8" and s.size:
         assert set(np.unique(s[:, 0]).tolist()) <= {0, 1}  # the coset bit
     np.testing.assert_array_equal(LC.points_from_symbols(lattice, s, "t"), c)
+    v = LC.vector_symbols(lattice, c)
+    assert v.shape == s.shape and (v >= 0).all()
+    np.testing.assert_array_equal(LC.points_from_vector_symbols(lattice, v, "t"), c)
+
+
+def test_a2_vector_symbols_are_the_documented_ones():
+    c = np.array([[1, 3], [0, -1], [-2, 2]])
+    np.testing.assert_array_equal(LC.vector_symbols("A2", c), [[4, 6], [1, 1], [1, 4]])
+    np.testing.assert_array_equal(LC.points_from_vector_symbols("A2", LC.vector_symbols("A2", c), "t"), c)
 
 
 def test_parity_and_coset_edge_cases_by_hand():
@@ -252,7 +261,7 @@ def test_e8_coset_symbol_two_is_rejected():
     entry = read_header(data)["quantized"][0]
     coder = get_coder("ans-dither-v1")
     count, alphabet = entry["indices"]["count"], entry["indices"]["alphabet_size"]
-    symbols = LC.point_symbols("E8", q.codebook_int[q.indices])
+    symbols = LC.vector_symbols("E8", q.codebook_int[q.indices])
     symbols[0, 0] = 2
     payload = coder.encode(symbols.ravel(), alphabet)  # unconditioned interleaved stream
 
