@@ -89,18 +89,48 @@ def test_parity_and_coset_edge_cases_by_hand():
     assert err.value.kind == "bad_value"
 
 
+@pytest.mark.parametrize("dithered", [True, False])
 @pytest.mark.parametrize("layout", LC.LAYOUTS)
 @pytest.mark.parametrize("lattice,n", LATTICES)
 @pytest.mark.parametrize("coder", ["ans-dither-v1", "range-adaptive-v1"])
-def test_points_round_trip_in_both_layouts(lattice, n, layout, coder):
+def test_points_round_trip_in_both_layouts(lattice, n, layout, coder, dithered):
     rng = np.random.default_rng(n)
-    c = lattice_points(lattice, n, np.round(rng.laplace(0, 4, (300, n))).astype(np.int64))
+    c = lattice_points(lattice, n, np.round(rng.laplace(0, 4, (3000, n))).astype(np.int64))
     c[::7] = 0  # exact zeros
-    out = LC.encode_points(get_coder(coder), c, lattice, n, 99, True, "t", layouts=(layout,))
+    out = LC.encode_points(get_coder(coder), c, lattice, n, 99, dithered, "t", layouts=(layout,))
     assert out is not None and out[1] == layout
     alphabet, _, data = out
-    back = LC.decode_points(get_coder(coder), data, c.shape[0], alphabet, layout, lattice, n, 99, True, "t")
+    back = LC.decode_points(get_coder(coder), data, c.shape[0], alphabet, layout, lattice, n, 99, dithered, "t")
     np.testing.assert_array_equal(back, c)
+
+
+def test_split_contexts_carry_the_parities():
+    e8 = np.array([[1] * 8, [0] * 8, [2, 2, 0, 0, 0, 0, 0, 0], [-1, 1, 1, 1, 1, 1, 1, -1]])
+    s = LC.vector_symbols("E8", e8)
+    dither = np.full(s.shape, 0b1011, np.uint8)
+    assert LC._split_context("E8", 0, s, dither).tolist() == [11] * 4  # the coset bit: its dither code
+    assert LC._split_context("E8", 3, s, dither).tolist() == [8 | 5, 5, 5, 8 | 5]  # (p << 3) | (d >> 1)
+    h = (e8 - (e8[:, :1] & 1)) >> 1
+    q = h[:, :7].sum(axis=1) & 1
+    assert LC._split_context("E8", 8, s, None).tolist() == ((e8[:, 0] & 1) * 8 + q * 4).tolist()
+    d4 = np.array([[1, 0, 0, 1], [1, 1, 0, 0], [0, 0, 0, 2]])
+    s = LC.vector_symbols("D4", d4)
+    assert LC._split_context("D4", 3, s, None).tolist() == [8, 0, 0]
+    assert LC._split_context("D4", 1, s, None) is None
+    assert LC._split_context("Z", 0, s, None) is None
+
+
+def test_the_parity_contexts_pay_on_a_gaussian_source():
+    """Split E8/D4 streams with the parity contexts are smaller than without (measured 0.015 / 0.008 bit/weight)."""
+    x = np.random.default_rng(0).standard_normal(200_000)
+    for lattice, n in (("E8", 8), ("D4", 4)):
+        qa = quantize_array(x, lattice=lattice, n=n, step=2 ** (2.047 - 3), key=5)
+        c = qa.codebook_int[qa.indices]
+        coder = get_coder("ans-dither-v1")
+        with_parity = LC.encode_points(coder, c, lattice, n, 5, True, "t", layouts=("split",))[2]
+        s = LC.vector_symbols(lattice, c)
+        plain = sum(len(coder.encode(s[:, i], int(s.max()) + 1)) for i in range(s.shape[1]))
+        assert len(with_parity) < plain
 
 
 def quantized(lattice, n, step, *, exact_zero=False, coder="ans-dither-v1", shape=(48, 64), seed=0):
