@@ -556,6 +556,8 @@ def _encode_coords(
         # no other row is 0 (rows are distinct in a quantizer's codebook, but a caller's need not be).
         if int((~cb_int.any(axis=1)).sum()) != 1:
             return None
+    if cb_int.size and (int(cb_int.min()) <= -_lc.MAX_COORDINATE or int(cb_int.max()) >= _lc.MAX_COORDINATE):
+        return None  # far outside any quantizer's range; the symbol transforms would overflow
     points = cb_int[np.asarray(indices, dtype=np.intp)]
     # The reader rebuilds indices and codebook in the quantizer's order; use lattice-coords only where that gives
     # back exactly these (a codebook with unused or reordered rows would come back different).
