@@ -542,7 +542,7 @@ class AnsDitherCoder(Coder):
             if seg is None:
                 out[start:stop] = grouped
             else:
-                out[start + np.argsort(seg, kind="stable")] = grouped
+                out[start:stop][np.argsort(seg, kind="stable")] = grouped  # a view: no offset array
         if coder is not None and not coder.is_empty():
             raise FormatError("corrupt_payload", f"{self.name}: words left over after the last symbol")
         return out
