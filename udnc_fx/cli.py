@@ -112,7 +112,8 @@ def _inspect(args) -> int:
     for r in report["rows"]:
         if r["kind"] == "quantized":
             lat = f"{r['lattice']}{r['n']}" if r["lattice"] == "Z" else r["lattice"]
-            rows.append([r["name"], "x".join(map(str, r["shape"])), lat, str(r["codewords"]), str(r["coder"]),
+            k = f"coords ({r['layout']})" if r["codewords"] is None else str(r["codewords"])  # no table of points
+            rows.append([r["name"], "x".join(map(str, r["shape"])), lat, k, str(r["coder"]),
                          str(r["bytes"]), f"{r['bits_per_weight']:.3f}", f"{r['ratio']:.2f}x"])
     raw = [r for r in report["rows"] if r["kind"] == "raw"]
     rows.append(["(raw tensors)", f"{len(raw)} tensors", "", "", "", str(sum(r["bytes"] for r in raw)), "", ""])
