@@ -214,15 +214,36 @@ def _params_from(container: Container) -> list[DitheredLatticeParam]:
     return dlps
 
 
+#: The header metadata key that marks an ONNX export's sidecar (``udnc_fx.export.runtime.SIDECAR_META_KEY``).
+_SIDECAR_MARK = "udnc_onnx"
+
+
+def _refuse_onnx_sidecar(path: str | Path) -> None:
+    """A sidecar holds only an ONNX export's indices and codebooks (no biases, no config): say what it is and which
+    ONNX file it belongs to, rather than a confusing mismatch with the model."""
+    metadata = read_header(Path(path)).get("metadata")
+    mark = metadata.get(_SIDECAR_MARK) if isinstance(metadata, dict) else None
+    if mark is None:
+        return
+    onnx_file = mark.get("onnx_file") if isinstance(mark, dict) else None
+    raise FormatError(
+        "onnx_sidecar",
+        f"{path} is the sidecar of the ONNX export {str(onnx_file)[:200]!r} (its weight indices only), not a model "
+        "container: open it with udnc_fx.export.load_onnx on that ONNX file, or load the .udnc file udnc_fx.save "
+        "wrote",
+    )
+
+
 def load(path: str | Path, model: nn.Module, *, progress: bool | None = None) -> nn.Module:
     """Rebuild the compressed model saved at ``path`` on ``model`` (an uncompressed model of the same
     architecture; it is deep-copied, never changed). Decoded weights equal the saved ones bit for bit.
     ``progress`` draws a bar over the decoded weights: ``None`` (default) on a terminal only, ``False`` never.
 
     Raises:
-        FormatError: the file is malformed (any ``kind``), or ``model_mismatch`` when the model's layers, shapes
-            or other tensors do not match the file.
+        FormatError: the file is malformed (any ``kind``), ``model_mismatch`` when the model's layers, shapes
+            or other tensors do not match the file, or ``onnx_sidecar`` when it is an ONNX export's sidecar.
     """
+    _refuse_onnx_sidecar(path)
     container = read_container(Path(path), progress=progress)
     try:
         config = CompressConfig.from_dict(container.config)
