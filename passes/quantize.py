@@ -193,7 +193,9 @@ def _layer_stats(cand: Candidate) -> tuple[np.ndarray, float]:
 def solve_relative_step(
     layers: list[tuple[np.ndarray, float, Any, np.ndarray]], fixed_bits: float, fixed_numel: int, target: float
 ) -> float:
-    """Find one relative step ``s`` (Δ_l = s·std_l) so the weighted mean entropy over all layers is ``target``.
+    """Find one relative step ``s`` (Δ_l = s·std_l) so the weighted mean estimated coded rate over all layers
+    (:func:`udnc_fx.quantizer.coded_rate_bits_per_weight`: index entropy for Z¹, and for vector lattices the smaller of
+    indices plus a table of points and table-free ``lattice-coords``) is ``target``.
 
     ``layers``: ``(vectors, std, lattice, u_raw)`` for each layer solved for; ``fixed_*``: the total bits and weights
     of layers with explicit steps. Entropy falls as the step grows; the search is on ``log s``.
