@@ -43,3 +43,17 @@ def test_exact_zero_and_vector_lattices_load_bit_exact(tmp_path):
         x = torch.rand(4, 1, 8, 8)
         assert torch.equal(loaded(x), gm(x)), fields
         (tmp_path / "m.udnc").unlink()
+
+
+def test_saved_bytes_do_not_depend_on_the_thread_count(tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        files = []
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            gm = compressed()
+            udnc_fx.save(gm, tmp_path / f"t{count}.udnc", progress=False)
+            files.append((tmp_path / f"t{count}.udnc").read_bytes())
+    finally:
+        torch.set_num_threads(threads)
+    assert files[0] == files[1]
