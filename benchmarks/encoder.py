@@ -119,7 +119,7 @@ def layer_errors(task, calibration, bits: float, seed: int = 0) -> list[dict]:
     from udnc_fx.passes.compensate import compensated_points, inverse_factor, output_error
     from udnc_fx.passes.quantize import solve_scale
     from udnc_fx.passes.select import select_weights
-    from udnc_fx.quantizer import entropy_bits_per_weight, entropy_of_points, quantize_array, raw_dither, vectors_of
+    from udnc_fx.quantizer import coded_rate_bits_per_weight, coded_rate_of_raw_points, quantize_array, raw_dither, vectors_of
     from udnc_fx.api import _traced_copy
 
     cfg = udnc_fx.CompressConfig(target_bits=bits, seed=seed, **task.udnc_fields)
@@ -139,8 +139,8 @@ def layer_errors(task, calibration, bits: float, seed: int = 0) -> list[dict]:
         factors = [inverse_factor(rec.hessian(g), cfg.damping)[0] for g in range(rec.groups)]
         std = float(w.std())
         v = vectors_of(w, 1)
-        s_plain = solve_scale(lambda s: entropy_bits_per_weight(v, lat, s * std, u), bits)
-        s_comp = solve_scale(lambda s: entropy_of_points(compensated_points(w2, factors, lat, s * std, u), lat), bits)
+        s_plain = solve_scale(lambda s: coded_rate_bits_per_weight(v, lat, s * std, u), bits)
+        s_comp = solve_scale(lambda s: coded_rate_of_raw_points(compensated_points(w2, factors, lat, s * std, u), lat), bits)
         err = {}
         for name, s, pts in (("plain", s_plain, None),
                              ("compensated", s_comp, compensated_points(w2, factors, lat, s_comp * std, u))):

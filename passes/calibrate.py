@@ -318,7 +318,7 @@ def probe_scales(model: nn.Module, candidates: list[Candidate], config: Any, cal
         calib.allocation_note = "no allocation: the model's output on batch 0 has no tensor to compare"
         return
     free, fixed_bits, fixed_numel = [], 0.0, 0
-    from ..quantizer import entropy_bits_per_weight
+    from ..quantizer import coded_rate_bits_per_weight
 
     for cand in candidates:
         w, std = _layer_stats(cand)
@@ -332,7 +332,7 @@ def probe_scales(model: nn.Module, candidates: list[Candidate], config: Any, cal
             free.append((cand, w, std, lat, v, key, u))
         else:
             step = float(cand.step_value) * (1.0 if cand.step_kind == "step" else std)
-            fixed_bits += entropy_bits_per_weight(v, lat, step, u) * v.size
+            fixed_bits += coded_rate_bits_per_weight(v, lat, step, u) * v.size
             fixed_numel += v.size
     if not free:
         return

@@ -33,7 +33,7 @@ from ..dither import tensor_key
 from ..errors import ConfigError, PassError
 from ..lattice import get_lattice
 from ..param import DitheredLatticeParam
-from ..quantizer import entropy_bits_per_weight, entropy_of_points, quantize_array, raw_dither, vectors_of
+from ..quantizer import coded_rate_bits_per_weight, coded_rate_of_raw_points, quantize_array, raw_dither, vectors_of
 from .compensate import compensated_points, inverse_factor
 from .select import Candidate, Change, select_weights
 
@@ -205,7 +205,9 @@ def _layer_stats(cand: Candidate) -> tuple[np.ndarray, float]:
 def solve_relative_step(
     layers: list[tuple[np.ndarray, float, Any, np.ndarray]], fixed_bits: float, fixed_numel: int, target: float
 ) -> float:
-    """Find one relative step ``s`` (Δ_l = s·std_l) so the weighted mean entropy over all layers is ``target``.
+    """Find one relative step ``s`` (Δ_l = s·std_l) so the weighted mean estimated coded rate over all layers
+    (:func:`udnc_fx.quantizer.coded_rate_bits_per_weight`: index entropy for Z¹, and for vector lattices the smaller of
+    indices plus a table of points and table-free ``lattice-coords``) is ``target``.
 
     ``layers``: ``(vectors, std, lattice, u_raw)`` for each layer solved for; ``fixed_*``: the total bits and weights
     of layers with explicit steps. Entropy falls as the step grows; the search is on ``log s``.
@@ -217,7 +219,7 @@ def solve_relative_step(
 
     def mean_bits(s: float) -> float:
         bits = fixed_bits + sum(
-            entropy_bits_per_weight(v, lat, s * std, u) * v.size for v, std, lat, u in layers
+            coded_rate_bits_per_weight(v, lat, s * std, u) * v.size for v, std, lat, u in layers
         )
         return bits / total
 
@@ -352,8 +354,8 @@ def make_params(
 
     def bits_of(cand, lat, v, step) -> float:
         if id(cand) in comp:
-            return entropy_of_points(points_of(cand, lat, step, config.exact_zero), lat) * v.size
-        return entropy_bits_per_weight(v, lat, step, us[id(cand)]) * v.size
+            return coded_rate_of_raw_points(points_of(cand, lat, step, config.exact_zero), lat) * v.size
+        return coded_rate_bits_per_weight(v, lat, step, us[id(cand)]) * v.size
 
     to_solve = [p for p in prepared if p[0].step_kind == "target_bits"]
     if to_solve:

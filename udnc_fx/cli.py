@@ -112,7 +112,8 @@ def _inspect(args) -> int:
     for r in report["rows"]:
         if r["kind"] == "quantized":
             lat = f"{r['lattice']}{r['n']}" if r["lattice"] == "Z" else r["lattice"]
-            rows.append([r["name"], "x".join(map(str, r["shape"])), lat, str(r["codewords"]), str(r["coder"]),
+            k = f"coords ({r['layout']})" if r["codewords"] is None else str(r["codewords"])  # no table of points
+            rows.append([r["name"], "x".join(map(str, r["shape"])), lat, k, str(r["coder"]),
                          str(r["bytes"]), f"{r['bits_per_weight']:.3f}", f"{r['ratio']:.2f}x"])
     raw = [r for r in report["rows"] if r["kind"] == "raw"]
     rows.append(["(raw tensors)", f"{len(raw)} tensors", "", "", "", str(sum(r["bytes"] for r in raw)), "", ""])
@@ -134,10 +135,13 @@ def _inspect_onnx(path: str, *, as_json: bool) -> int:
     """List the dequantize subgraphs of an exported ONNX file and the sizes involved."""
     import os
 
-    from .export.runtime import default_sidecar_path, read_udnc_onnx
+    from .export.runtime import read_udnc_onnx, sidecar_candidates
 
     info = read_udnc_onnx(path)
-    sidecar = default_sidecar_path(path) if info.has_sidecar else None
+    sidecar = None
+    if info.has_sidecar:
+        candidates = sidecar_candidates(info)
+        sidecar = next((c for c in candidates if os.path.isfile(c)), candidates[0])
     init_bytes = {t.name: len(t.raw_data) or t.ByteSize() for t in info.model.graph.initializer}
     rows = []
     for spec in info.specs:
@@ -178,11 +182,9 @@ def _export(args) -> int:
     from .export import to_onnx
     from .io import load
 
-    if not args.self_contained and Path(args.out).with_suffix(".udnc").resolve() == Path(args.file).resolve():
-        raise ConfigError(
-            f"the sidecar {Path(args.out).with_suffix('.udnc')} would overwrite the input {args.file}: "
-            "choose another --out name"
-        )
+    from .export.files import check_replaceable
+
+    check_replaceable(args.out)  # before the model is built and loaded: a directory or a foreign file is refused
     model = _load_factory(args.model).eval()
     gm = load(args.file, model)
     shapes = []
@@ -230,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     steps.add_argument("--step", type=float, default=None, help="absolute step for every layer")
     steps.add_argument("--relative-step", type=float, default=None, help="step = value x std(W) per layer")
     comp.add_argument("--fallback", choices=["error", "module_swap"], default="error")
-    comp.add_argument("--coder", default=None, help="index coder (default range-context-v1; see udnc_fx.coding.available_coders)")
+    comp.add_argument("--coder", default=None, help="index coder (default ans-dither-v1, static ANS conditioned on the dither; see udnc_fx.coding.available_coders)")
     comp.add_argument("--raw-dtype", choices=["float32", "float16"], default="float32",
                       help="storage of uncompressed tensors (biases, norms)")
     comp.set_defaults(func=_compress)

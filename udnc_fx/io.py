@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from .coding.coders import get_coder
+from .coding.coders import DEFAULT_CODER, get_coder
 from .coding.container import (
     Container,
     QuantizedTensor,
@@ -35,9 +35,9 @@ from .quantizer import codebook_from_int
 __all__ = ["save", "load", "read_header", "size_report", "round_for_storage", "SAVE_CODER"]
 
 _NO_DITHER = "none"
-#: The index coder ``save`` uses by default: the backward-adaptive range coder with a per-row density context
-#: (``range-context-v1``; on a pruned layer 12 % smaller than ``range-adaptive-v1``, one byte larger elsewhere).
-SAVE_CODER = "range-context-v1"
+#: The index coder ``save`` uses by default: the one default of ``udnc_fx.coding`` (``ans-dither-v1``: static ANS
+#: with per-dither-bin tables), the same as ``QuantizedTensor``'s and the ONNX sidecar's.
+SAVE_CODER = DEFAULT_CODER
 #: Config fields ``load`` needs to rebuild the model (how to trace it); ``save`` stores only these by default.
 _LOAD_CONFIG_FIELDS = ("leaf_modules", "fallback")
 
@@ -87,6 +87,7 @@ def save(
     raw_float_dtype: str = "float32",
     codebook_float_dtype: str = "float32",
     full_config: bool = False,
+    progress: bool | None = None,
 ) -> int:
     """Write a compressed model (from :func:`udnc_fx.compress`, possibly fine-tuned) to a ``.udnc`` container.
 
@@ -100,6 +101,7 @@ def save(
     config's seed --, codebook, indices). The compression config is provenance, not needed to decode: by default
     only the fields :func:`load` uses (``leaf_modules``, ``fallback``) are stored, when not at their defaults;
     ``full_config=True`` stores the whole config (its non-default fields), about 50-100 bytes more.
+    ``progress`` draws a bar over the coded weights: ``None`` (default) on a terminal only, ``False`` never.
 
     Returns:
         The file size in bytes.
@@ -123,7 +125,9 @@ def save(
                 step=dlp.step,
                 key=0 if dlp.key is None else dlp.key,
                 dither=_NO_DITHER if dlp.key is None else DITHER_ID,
-                indices=dlp.indices.detach().cpu().numpy().astype(np.int64),
+                # the narrow stored dtype: the container widens one tensor at a time, so saving a large model
+                # never holds 8 bytes per weight for all of them at once
+                indices=dlp.indices.detach().cpu().numpy(),
                 codebook=dlp.codebook.detach().cpu().numpy().astype(np.float32),
                 codebook_int=dlp.codebook_int if untouched else None,
                 coder=coder,
@@ -137,7 +141,8 @@ def save(
         quantized=quantized, raw=raw, config=_compact_config(config, full_config), metadata={}, seed=config.seed
     )
     return write_container(
-        Path(path), container, raw_float_dtype=raw_float_dtype, codebook_float_dtype=codebook_float_dtype
+        Path(path), container, raw_float_dtype=raw_float_dtype, codebook_float_dtype=codebook_float_dtype,
+        progress=progress,
     )
 
 
@@ -209,15 +214,37 @@ def _params_from(container: Container) -> list[DitheredLatticeParam]:
     return dlps
 
 
-def load(path: str | Path, model: nn.Module) -> nn.Module:
+#: The header metadata key that marks an ONNX export's sidecar (``udnc_fx.export.runtime.SIDECAR_META_KEY``).
+_SIDECAR_MARK = "udnc_onnx"
+
+
+def _refuse_onnx_sidecar(path: str | Path) -> None:
+    """A sidecar holds only an ONNX export's indices and codebooks (no biases, no config): say what it is and which
+    ONNX file it belongs to, rather than a confusing mismatch with the model."""
+    metadata = read_header(Path(path)).get("metadata")
+    mark = metadata.get(_SIDECAR_MARK) if isinstance(metadata, dict) else None
+    if mark is None:
+        return
+    onnx_file = mark.get("onnx_file") if isinstance(mark, dict) else None
+    raise FormatError(
+        "onnx_sidecar",
+        f"{path} is the sidecar of the ONNX export {str(onnx_file)[:200]!r} (its weight indices only), not a model "
+        "container: open it with udnc_fx.export.load_onnx on that ONNX file, or load the .udnc file udnc_fx.save "
+        "wrote",
+    )
+
+
+def load(path: str | Path, model: nn.Module, *, progress: bool | None = None) -> nn.Module:
     """Rebuild the compressed model saved at ``path`` on ``model`` (an uncompressed model of the same
     architecture; it is deep-copied, never changed). Decoded weights equal the saved ones bit for bit.
+    ``progress`` draws a bar over the decoded weights: ``None`` (default) on a terminal only, ``False`` never.
 
     Raises:
-        FormatError: the file is malformed (any ``kind``), or ``model_mismatch`` when the model's layers, shapes
-            or other tensors do not match the file.
+        FormatError: the file is malformed (any ``kind``), ``model_mismatch`` when the model's layers, shapes
+            or other tensors do not match the file, or ``onnx_sidecar`` when it is an ONNX export's sidecar.
     """
-    container = read_container(Path(path))
+    _refuse_onnx_sidecar(path)
+    container = read_container(Path(path), progress=progress)
     try:
         config = CompressConfig.from_dict(container.config)
         if "seed" not in container.config:  # the file's key seed: saving the loaded model again derives the same keys
@@ -297,6 +324,7 @@ def size_report(path: str | Path, float_model: nn.Module | None = None) -> dict[
         numel = math.prod(entry["shape"])
         weights_float += 4 * numel
         weights_bytes += s["total"]
+        coords = entry["codebook"]["encoding"] == "lattice-coords"
         rows.append(
             {
                 "name": entry["fqn"],
@@ -304,7 +332,10 @@ def size_report(path: str | Path, float_model: nn.Module | None = None) -> dict[
                 "shape": entry["shape"],
                 "lattice": entry["lattice"],
                 "n": entry["n"],
-                "codewords": entry["indices"]["alphabet_size"],
+                # lattice-coords stores every vector's coordinates and no table: K is not in the file
+                "codewords": None if coords else entry["indices"]["alphabet_size"],
+                "codebook_encoding": entry["codebook"]["encoding"],
+                "layout": entry["codebook"].get("layout"),
                 "coder": entry["indices"]["coder"],
                 "bytes": s["total"],
                 "index_bytes": s["indices"],

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from udnc_fx.coding import lattice_coords as _lc
 from udnc_fx.errors import FormatError
 
 __all__ = [
@@ -61,7 +62,12 @@ __all__ = [
 ]
 
 MAGIC = b"\x89UDNC\r\n\x1a"
-FORMAT_VERSION = (1, 0)  # (major, minor) written by this module
+FORMAT_VERSION = (1, 2)  # (major, minor): the newest this module writes and reads
+#: Coders that need minor version 1 (dither-conditioned streams). A file using none of them is written as 1.0, the
+#: lowest version that reads it, so 1.0 readers keep reading what they can.
+_CODERS_SINCE_MINOR_1 = frozenset({"ans-dither-v1"})
+#: Codebook encodings that need minor version 2 (a file using one is written as 1.2; otherwise as above).
+_ENCODINGS_SINCE_MINOR_2 = frozenset({_lc.ENCODING})
 # magic, major, minor, header length H, payload length P, payload SHA-256, header SHA-256
 _DIGESTED = struct.Struct("<8sHHIQ32s")  # everything before the header digest, which covers it
 _PREAMBLE = struct.Struct("<8sHHIQ32s32s")
@@ -202,6 +208,29 @@ def _get_coder(name: str):
     return coder
 
 
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _bar(entries: list, desc: str, progress: bool | None):
+    """A terminal-only bar over the weights of ``entries`` (tqdm is imported only when one is drawn)."""
+    from udnc_fx.progress import progress_enabled
+
+    if not entries or not progress_enabled(progress):
+        return _NoBar()
+    from udnc_fx.progress import progress_bar
+
+    total = 0
+    for e in entries:
+        count = getattr(e, "count", None)
+        total += int(np.size(getattr(e, "indices", ())) if count is None else count) * int(getattr(e, "n", 1) or 1)
+    return progress_bar(total=total or None, desc=desc, unit="w", unit_scale=True, progress=True)
+
+
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, (np.integer, np.floating, np.bool_)):
         return obj.item()
@@ -301,44 +330,9 @@ def _non_members(lattice: str, c: np.ndarray) -> np.ndarray:
     return np.zeros(c.shape[0], dtype=bool)
 
 
-def _codebook_symbols(lattice: str, c: np.ndarray) -> np.ndarray:
-    """The ``(K, w)`` symbol rows of a ``lattice-int-coded`` codebook (docs/FORMAT.md); ``c`` holds lattice points
-    with every coordinate below 2^40 in magnitude, so nothing here overflows int64.
-
-    The parity constraints of D4 and E8 are taken out of the stream: they would cost the order-0 coder a bit or
-    more per row, and mixing E8's odd and even rows in one alphabet costs it about a third of the stream.
-    """
-    c = c.astype(np.int64, copy=False)
-    if lattice == "D4":
-        s = c.copy()
-        p = (c[:, 0] + c[:, 1] + c[:, 2]) & 1
-        s[:, 3] = (c[:, 3] - p) >> 1
-        return _zigzag_encode(s).astype(np.int64)
-    if lattice == "E8":
-        p = c[:, 0] & 1
-        h = (c - p[:, None]) >> 1
-        q = np.sum(h[:, :7], axis=1) & 1
-        h[:, 7] = (h[:, 7] - q) >> 1
-        return np.concatenate([p[:, None], _zigzag_encode(h).astype(np.int64)], axis=1)
-    return _zigzag_encode(c).astype(np.int64)
-
-
-def _codebook_from_symbols(lattice: str, s: np.ndarray, where: str) -> np.ndarray:
-    """Inverse of :func:`_codebook_symbols`; ``s`` is ``(K, w)`` with every symbol below 2^32."""
-    if lattice == "D4":
-        c = _zigzag_decode(s)
-        p = (c[:, 0] + c[:, 1] + c[:, 2]) & 1
-        c[:, 3] = 2 * c[:, 3] + p
-        return c
-    if lattice == "E8":
-        p = s[:, 0].astype(np.int64)
-        if p.size and int(p.max()) > 1:
-            raise FormatError("bad_value", f"{where}: an E8 row parity symbol is not 0 or 1")
-        h = _zigzag_decode(s[:, 1:])
-        q = np.sum(h[:, :7], axis=1) & 1
-        h[:, 7] = 2 * h[:, 7] + q
-        return 2 * h + p[:, None]
-    return _zigzag_decode(s)
+# The symbol rows are those of lattice-coords (one row per distinct point here, one per vector there).
+_codebook_symbols = _lc.point_symbols
+_codebook_from_symbols = _lc.points_from_symbols
 
 
 def _coded_row_symbols(lattice: str, n: int) -> int:
@@ -356,12 +350,27 @@ def _as_int(value: Any, what: str) -> int:
     return int(value)
 
 
+def _stream_context(coder: Any, key: int, dither: str, count: int, n: int) -> dict:
+    """``{"context": dither codes}`` for coders that condition on the dither (docs/FORMAT.md, *Dither context*);
+    ``{}`` for other coders and for tensors without the hash dither."""
+    if not getattr(coder, "accepts_context", False) or dither != FORMAT_DEFAULT_DITHER:
+        return {}
+    from udnc_fx.coding.ans import dither_codes
+
+    # A function, not the codes: a decoder hashes the dither only for streams that use it.
+    return {"context": lambda: dither_codes(key, count, n)}
+
+
 def _encode_stream(
-    coder_name: str, symbols: np.ndarray, alphabet_size: int, what: str, row_length: int | None = None
+    coder_name: str, symbols: np.ndarray, alphabet_size: int, what: str, row_length: int | None = None,
+    dither: tuple[int, str, int] | None = None,
 ) -> bytes:
-    """Code a stream; ``row_length`` (symbols per row of the weight) is handed to coders that model rows."""
+    """Code a stream; ``row_length`` (symbols per row of the weight) is handed to coders that model rows, the
+    dither ``(key, generator id, n)`` to coders that condition on it."""
     coder = _get_coder(coder_name)
     hint = {"row_length": row_length} if row_length and getattr(coder, "accepts_row_length", False) else {}
+    if dither is not None:
+        hint.update(_stream_context(coder, dither[0], dither[1], len(symbols), dither[2]))
     try:
         return bytes(coder.encode(np.ascontiguousarray(symbols, dtype=np.int64), alphabet_size, **hint))
     except FormatError:
@@ -496,7 +505,9 @@ def _encode_quantized(q: QuantizedTensor, codebook_float_dtype: str, max_element
         if not 0 <= zero_index < alphabet_size:
             raise FormatError("bad_value", f"{where}: zero_index {zero_index} outside [0, {alphabet_size})")
     _check_json_object(q.meta, f"{where}: meta")
-    indices_bytes = _encode_stream(q.coder, indices, alphabet_size, where, _row_length(shape, n, count))
+    indices_bytes = _encode_stream(
+        q.coder, indices, alphabet_size, where, _row_length(shape, n, count), (key, q.dither, n)
+    )
 
     entry: dict[str, Any] = {
         "fqn": q.fqn,
@@ -511,7 +522,63 @@ def _encode_quantized(q: QuantizedTensor, codebook_float_dtype: str, max_element
         "indices": {"coder": q.coder, "alphabet_size": alphabet_size, "count": count, "length": len(indices_bytes)},
         "codebook": codebook_entry,
     }
+    if q.codebook_int is not None:
+        coords = _encode_coords(q, indices, zero_index, key, n, where)
+        if coords is not None:
+            symbol_alphabet, coords_entry, coords_bytes = coords
+
+            def cost(cb: dict, payload: int) -> int:
+                return payload + len(_canonical_json(_compact_codebook(cb)))
+
+            # Measured, not guessed: the table of points is dropped only where that makes the file smaller.
+            if cost(coords_entry, len(coords_bytes)) < cost(codebook_entry, len(indices_bytes) + len(codebook_bytes)):
+                entry["zero_index"] = None
+                entry["indices"] = {
+                    "coder": q.coder, "alphabet_size": symbol_alphabet, "count": count, "length": len(coords_bytes)
+                }
+                entry["codebook"] = coords_entry
+                return entry, coords_bytes, b""
     return entry, indices_bytes, codebook_bytes
+
+
+def _encode_coords(
+    q: QuantizedTensor, indices: np.ndarray, zero_index: int | None, key: int, n: int, where: str
+) -> tuple[int, dict, bytes] | None:
+    """The ``lattice-coords`` form of a tensor whose (already validated) ``codebook_int`` holds lattice points:
+    ``(symbol alphabet, codebook entry, payload)``, or ``None`` where it cannot represent the tensor (a
+    ``zero_index`` that is not the point 0, symbols past the coder's alphabet)."""
+    cb_int = np.asarray(q.codebook_int).astype(np.int64)
+    exact_zero = zero_index is not None
+    if exact_zero:
+        if cb_int[zero_index].any():
+            return None
+        # Only the point 0 may decode to exact zeros, and the reader makes every vector at 0 do so: equal only if
+        # no other row is 0 (rows are distinct in a quantizer's codebook, but a caller's need not be).
+        if int((~cb_int.any(axis=1)).sum()) != 1:
+            return None
+    if cb_int.size and (int(cb_int.min()) <= -_lc.MAX_COORDINATE or int(cb_int.max()) >= _lc.MAX_COORDINATE):
+        return None  # far outside any quantizer's range; the symbol transforms would overflow
+    points = cb_int[np.asarray(indices, dtype=np.intp)]
+    # The reader rebuilds indices and codebook in the quantizer's order; use lattice-coords only where that gives
+    # back exactly these (a codebook with unused or reordered rows would come back different).
+    rebuilt_indices, rebuilt_points, _ = _lc.index_points(points)
+    if not (np.array_equal(rebuilt_points, cb_int) and np.array_equal(rebuilt_indices, indices)):
+        return None
+    coded = _lc.encode_points(
+        _get_coder(q.coder), points, q.lattice, n, key, q.dither == FORMAT_DEFAULT_DITHER, f"{where} coordinates"
+    )
+    if coded is None:
+        return None
+    alphabet, layout, payload = coded
+    cb_entry: dict[str, Any] = {"encoding": _lc.ENCODING, "layout": layout, "exact_zero": exact_zero, "length": 0}
+    return alphabet, cb_entry, payload
+
+
+def _points_bound(entry: dict) -> int:
+    """At most how many codebook rows an entry decodes to: K, or for ``lattice-coords`` one per vector."""
+    if entry["codebook"]["encoding"] == _lc.ENCODING:
+        return entry["indices"]["count"]
+    return entry["indices"]["alphabet_size"]
 
 
 def _encode_raw(r: RawTensor, raw_float_dtype: str) -> tuple[dict, bytes]:
@@ -551,8 +618,10 @@ def _compact_codebook(cb: dict) -> dict:
     out = dict(cb)
     out.pop("offset", None)
     encoding = out.get("encoding")
-    if encoding in _CODEBOOK_FLOAT_ENCODINGS or encoding == _LATTICE_INT:
+    if encoding in _CODEBOOK_FLOAT_ENCODINGS or encoding == _LATTICE_INT or encoding == _lc.ENCODING:
         out.pop("length", None)
+    if encoding == _lc.ENCODING and out.get("exact_zero") is False:
+        del out["exact_zero"]
     if encoding == _LATTICE_INT and out.get("width") == 1:
         del out["width"]
     if encoding == _LATTICE_INT_CODED and out.get("coder") == FORMAT_DEFAULT_CODEBOOK_CODER:
@@ -650,6 +719,7 @@ def encode_container(
     raw_float_dtype: str = "float32",
     codebook_float_dtype: str = "float32",
     max_elements: int = DEFAULT_MAX_ELEMENTS,
+    progress: bool | None = None,
 ) -> bytes:
     """Serialises ``container`` to the ``.udnc`` bytes (see ``docs/FORMAT.md``). Identical inputs give identical bytes.
 
@@ -662,6 +732,7 @@ def encode_container(
             always stored as they are.
         codebook_float_dtype: ``"float32"`` or ``"float16"`` for float codebooks (``codebook_int`` overrides it).
         max_elements: refuse to write what a default reader would refuse to read.
+        progress: a bar over the coded weights (``udnc_fx.progress``: ``None`` draws it on a terminal only).
 
     Returns:
         The file's bytes.
@@ -688,9 +759,11 @@ def encode_container(
     parts: list[bytes] = []
     total_elements = 0
     quantized_entries = []
+    bar = _bar(container.quantized, "coding", progress)
     for q in container.quantized:
         entry, indices_bytes, codebook_bytes = _encode_quantized(q, codebook_float_dtype, max_elements)
-        total_elements += _prod(entry["shape"], max_elements) + entry["indices"]["alphabet_size"] * entry["n"]
+        bar.update(entry["indices"]["count"] * entry["n"])
+        total_elements += _prod(entry["shape"], max_elements) + _points_bound(entry) * entry["n"]
         if entry["fqn"] in names:
             raise FormatError("bad_value", f"duplicate tensor name {entry['fqn']!r}")
         names.add(entry["fqn"])
@@ -705,6 +778,7 @@ def encode_container(
         names.add(entry["name"])
         parts.append(data)
         raw_entries.append(entry)
+    bar.close()
     if total_elements > max_elements:
         raise FormatError("bad_value", f"the container holds more than {max_elements} elements")
 
@@ -722,8 +796,12 @@ def encode_container(
     header_bytes = _canonical_json(_compact_header(header))
     if len(header_bytes) > MAX_HEADER_LENGTH:
         raise FormatError("bad_header", f"the header would be {len(header_bytes)} bytes (limit {MAX_HEADER_LENGTH})")
+    if any(e["codebook"]["encoding"] in _ENCODINGS_SINCE_MINOR_2 for e in quantized_entries):
+        minor = 2
+    else:
+        minor = 1 if any(e["indices"]["coder"] in _CODERS_SINCE_MINOR_1 for e in quantized_entries) else 0
     head = _DIGESTED.pack(
-        MAGIC, FORMAT_VERSION[0], FORMAT_VERSION[1], len(header_bytes), len(payload), hashlib.sha256(payload).digest()
+        MAGIC, FORMAT_VERSION[0], minor, len(header_bytes), len(payload), hashlib.sha256(payload).digest()
     )
     digest = hashlib.sha256(head + header_bytes).digest()
     return head + digest + header_bytes + payload
@@ -736,6 +814,7 @@ def write_container(
     raw_float_dtype: str = "float32",
     codebook_float_dtype: str = "float32",
     max_elements: int = DEFAULT_MAX_ELEMENTS,
+    progress: bool | None = None,
 ) -> int:
     """Writes ``container`` to a path (atomically) or to a binary file object.
 
@@ -751,6 +830,7 @@ def write_container(
         raw_float_dtype=raw_float_dtype,
         codebook_float_dtype=codebook_float_dtype,
         max_elements=max_elements,
+        progress=progress,
     )
     if hasattr(path_or_file, "write") and not isinstance(path_or_file, (str, bytes, os.PathLike)):
         path_or_file.write(data)
@@ -824,6 +904,8 @@ class _QEntry:
     indices: _Section
     codebook: _Section
     count: int = 0
+    layout: str | None = None  # lattice-coords only
+    exact_zero: bool = False  # lattice-coords only
 
     def resolved(self) -> dict:
         out = dict(self.raw)
@@ -838,6 +920,8 @@ class _QEntry:
             codebook["width"] = self.width
         elif self.encoding == _LATTICE_INT_CODED:
             codebook["coder"] = self.codebook_coder
+        elif self.encoding == _lc.ENCODING:
+            codebook.update(layout=self.layout, exact_zero=self.exact_zero)
         out["indices"], out["codebook"] = indices, codebook
         return out
 
@@ -956,7 +1040,8 @@ def _parse_quantized(obj: Any, i: int, file_coder: str, file_codebook: str) -> _
     alphabet_size = _get(ind, "alphabet_size", int, f"{where} indices")
     indices = _Section(f"{where} indices", _get(ind, "length", int, f"{where} indices"))
     encoding = _get(cb, "encoding", str, f"{where} codebook")
-    width = cb_alphabet = cb_coder = None
+    width = cb_alphabet = cb_coder = layout = None
+    exact_zero = False
     codebook = _Section(f"{where} codebook", 0)  # a derived length, set with the values
     if encoding == _LATTICE_INT:
         width = _get(cb, "width", int, f"{where} codebook", default=1)
@@ -964,11 +1049,15 @@ def _parse_quantized(obj: Any, i: int, file_coder: str, file_codebook: str) -> _
         cb_alphabet = _get(cb, "alphabet_size", int, f"{where} codebook")
         cb_coder = _get(cb, "coder", str, f"{where} codebook", default=FORMAT_DEFAULT_CODEBOOK_CODER)
         codebook.length = _get(cb, "length", int, f"{where} codebook")
+    elif encoding == _lc.ENCODING:
+        layout = _get(cb, "layout", str, f"{where} codebook")
+        exact_zero = _get(cb, "exact_zero", bool, f"{where} codebook", default=False)
     return _QEntry(
         raw=obj, fqn=fqn, shape=shape, lattice=lattice, n=n, step=step,
         key=None if key_text is None else int(key_text, 16), dither=dither,
         zero_index=zero_index, meta=meta, coder=coder, alphabet_size=alphabet_size, encoding=encoding,
         width=width, codebook_alphabet_size=cb_alphabet, codebook_coder=cb_coder, indices=indices, codebook=codebook,
+        layout=layout, exact_zero=exact_zero,
     )
 
 
@@ -1041,6 +1130,12 @@ def _check_quantized_values(q: _QEntry, max_elements: int) -> int:
         raise FormatError("bad_value", f"{where}: alphabet_size {k} (K must be >= 1)")
     if q.zero_index is not None and not 0 <= q.zero_index < k:
         raise FormatError("bad_value", f"{where}: zero_index {q.zero_index} outside [0, {k})")
+    if q.encoding == _lc.ENCODING:
+        # K is not stored: the reader rebuilds the distinct points, at most one per vector.
+        if q.zero_index is not None:
+            raise FormatError("bad_value", f"{where}: lattice-coords stores exact zeros as exact_zero, not zero_index")
+        _lc.check_layout(q.layout, where)
+        k = q.count
     elements = numel + k * q.n  # K·n can be far more than a coded codebook's bytes
     if elements > max_elements:
         raise FormatError("bad_value", f"{where}: decodes to more than {max_elements} elements")
@@ -1056,6 +1151,8 @@ def _check_quantized_values(q: _QEntry, max_elements: int) -> int:
                 "bad_value", f"{where}: codebook alphabet_size {q.codebook_alphabet_size} outside [1, 2^32]"
             )
         _get_coder(q.codebook_coder)
+    elif q.encoding == _lc.ENCODING:
+        q.codebook.length = 0
     else:
         raise FormatError("unknown_codec", f"{where}: unknown codebook encoding {q.encoding[:40]!r}")
     _get_coder(q.coder)
@@ -1182,10 +1279,12 @@ def _resolved(preamble: _Preamble, header: _Header) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _decode_stream(coder_name: str, data: bytes, count: int, alphabet_size: int, where: str) -> np.ndarray:
+def _decode_stream(
+    coder_name: str, data: bytes, count: int, alphabet_size: int, where: str, context: dict | None = None
+) -> np.ndarray:
     coder = _get_coder(coder_name)
     try:
-        out = coder.decode(data, count, alphabet_size)
+        out = coder.decode(data, count, alphabet_size, **(context or {}))
     except FormatError as exc:
         raise FormatError("bad_value", f"{where}: stream does not decode: {exc.message}") from exc
     except Exception as exc:  # a coder meeting bytes it did not write may fail in any way
@@ -1221,7 +1320,30 @@ def _decode_codebook(q: _QEntry, data: bytes) -> tuple[np.ndarray | None, np.nda
     return None, c
 
 
-def _decode(buffer: bytes | bytearray | memoryview, max_elements: int) -> Container:
+def _decode_coords(q: _QEntry, data: bytes) -> QuantizedTensor:
+    """A ``lattice-coords`` tensor: decode every vector's point, then rebuild indices and ``codebook_int`` in the
+    quantizer's order (``lattice_coords.index_points``)."""
+    points = _lc.decode_points(
+        _get_coder(q.coder), data, q.count, q.alphabet_size, q.layout, q.lattice, q.n, q.key,
+        q.dither == FORMAT_DEFAULT_DITHER, f"quantized tensor {q.fqn!r} coordinates",
+    )
+    if q.count == 0:
+        indices, codebook_int = np.zeros(0, np.int64), np.zeros((1, q.n), np.int64)
+    else:
+        indices, codebook_int, _ = _lc.index_points(points)
+    zero_index = None
+    if q.exact_zero:
+        hits = np.flatnonzero(~codebook_int.any(axis=1))
+        zero_index = int(hits[0]) if hits.size else None
+    k = codebook_int.shape[0]
+    return QuantizedTensor(
+        fqn=q.fqn, shape=q.shape, lattice=q.lattice, n=q.n, step=q.step, key=q.key, dither=q.dither,
+        indices=indices.astype(_narrow_index_dtype(k)), codebook=None, codebook_int=codebook_int, coder=q.coder,
+        zero_index=zero_index, meta=q.meta,
+    )
+
+
+def _decode(buffer: bytes | bytearray | memoryview, max_elements: int, progress: bool | None = None) -> Container:
     view = memoryview(buffer).cast("B")
     size = len(view)
     prefix = bytes(view[:PREAMBLE_SIZE])
@@ -1236,8 +1358,16 @@ def _decode(buffer: bytes | bytearray | memoryview, max_elements: int) -> Contai
         return bytes(payload[s.offset : s.offset + s.length])
 
     quantized = []
+    bar = _bar(header.quantized, "decoding", progress)
     for q in header.quantized:
-        indices = _decode_stream(q.coder, section_bytes(q.indices), q.count, q.alphabet_size, f"{q.fqn!r} indices")
+        bar.update(q.count * q.n)
+        if q.encoding == _lc.ENCODING:
+            quantized.append(_decode_coords(q, section_bytes(q.indices)))
+            continue
+        context = _stream_context(_get_coder(q.coder), q.key, q.dither, q.count, q.n)
+        indices = _decode_stream(
+            q.coder, section_bytes(q.indices), q.count, q.alphabet_size, f"{q.fqn!r} indices", context
+        )
         codebook, codebook_int = _decode_codebook(q, section_bytes(q.codebook))
         quantized.append(
             QuantizedTensor(
@@ -1246,6 +1376,7 @@ def _decode(buffer: bytes | bytearray | memoryview, max_elements: int) -> Contai
                 codebook_int=codebook_int, coder=q.coder, zero_index=q.zero_index, meta=q.meta,
             )
         )
+    bar.close()
     raws = []
     for r in header.raws:
         stored = np.frombuffer(section_bytes(r.data), dtype=_RAW_DTYPES[r.dtype])
@@ -1266,16 +1397,20 @@ def _guarded(fn, *args):
         raise FormatError("bad_value", f"unexpected {type(exc).__name__} while reading: {exc}") from exc
 
 
-def decode_container(data: bytes | bytearray | memoryview, *, max_elements: int = DEFAULT_MAX_ELEMENTS) -> Container:
+def decode_container(
+    data: bytes | bytearray | memoryview, *, max_elements: int = DEFAULT_MAX_ELEMENTS, progress: bool | None = None
+) -> Container:
     """Decodes ``.udnc`` bytes, with every check of ``docs/FORMAT.md``.
 
     Raises:
         FormatError: and no other exception, whatever the bytes.
     """
-    return _guarded(_decode, data, max_elements)
+    return _guarded(_decode, data, max_elements, progress)
 
 
-def read_container(path_or_bytes: Any, *, max_elements: int = DEFAULT_MAX_ELEMENTS) -> Container:
+def read_container(
+    path_or_bytes: Any, *, max_elements: int = DEFAULT_MAX_ELEMENTS, progress: bool | None = None
+) -> Container:
     """Reads a ``.udnc`` file (a path, bytes, or a binary file object) and decodes everything.
 
     Quantized tensors come back with ``indices`` in the narrowest unsigned dtype that holds K; float codebooks as
@@ -1287,6 +1422,7 @@ def read_container(path_or_bytes: Any, *, max_elements: int = DEFAULT_MAX_ELEMEN
         path_or_bytes: a path (str or ``os.PathLike``), ``bytes``/``bytearray``/``memoryview``, or a binary file.
         max_elements: refuse a file whose tensors and codebooks decode to more elements than this, in all
             (``bad_value``).
+        progress: a bar over the decoded weights (``udnc_fx.progress``: ``None`` draws it on a terminal only).
 
     Raises:
         FormatError: for any defect of the content (never another exception type for bad bytes). ``OSError``
@@ -1301,7 +1437,7 @@ def read_container(path_or_bytes: Any, *, max_elements: int = DEFAULT_MAX_ELEMEN
         data = path_or_bytes.read()
     else:
         raise TypeError(f"read_container needs a path, bytes or a binary file, got {type(path_or_bytes).__name__}")
-    return decode_container(data, max_elements=max_elements)
+    return decode_container(data, max_elements=max_elements, progress=progress)
 
 
 def read_header(path_or_bytes: Any, *, max_elements: int = DEFAULT_MAX_ELEMENTS) -> dict:
