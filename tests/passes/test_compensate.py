@@ -490,3 +490,28 @@ def test_diagonal_h_gives_plain_rounding(lattice, rows, blocks, seed, step):
     factor = lat.scale * step
     plain = lat.nearest_raw((W.reshape(-1, lat.dim) + (u_raw * factor).astype(np.float32).astype(np.float64)) / factor)
     assert np.array_equal(got, plain)
+
+
+@pytest.mark.parametrize("kind", ["conv1d", "reflect2d"])
+def test_compress_conv1d_and_padding_mode_match_reference(kind):
+    torch.manual_seed(2)
+    if kind == "conv1d":
+        conv = nn.Conv1d(3, 5, 3, padding=1, stride=1)
+        x = torch.randn(30, 3, 12)
+        x = x + 0.7 * x.roll(1, dims=2)
+        xp = F.pad(x, (1, 1))
+        cols = torch.stack([xp[b, :, t : t + 3].reshape(-1) for b in range(30) for t in range(12)])
+    else:
+        conv = nn.Conv2d(2, 4, 3, padding=1, padding_mode="reflect")
+        x = torch.randn(12, 2, 6, 6)
+        xp = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        cols = torch.stack([xp[b, :, r : r + 3, c : c + 3].reshape(-1)
+                            for b in range(12) for r in range(6) for c in range(6)])
+    cfg = CompressConfig(step=0.05, seed=3)
+    out = udnc_fx.compress(nn.Sequential(conv), cfg, calibration=[x])
+    (dlp,) = served_params(out)
+    W = conv.weight.detach().double().numpy().reshape(conv.out_channels, -1)
+    lat = get_lattice("Z", 1)
+    u_raw = raw_dither(tensor_key(3, "0.weight"), W.size, lat)
+    _, what = ls_reference(W, cols.double().numpy(), cfg.damping, lat, 0.05, u_raw)
+    np.testing.assert_allclose(dlp().detach().double().numpy().reshape(W.shape), what, atol=1e-6)
