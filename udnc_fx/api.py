@@ -66,6 +66,7 @@ def compress(
     was_training = target.training
     result = quantize(target, config)
     out = result.graph_module
+    _refuse_non_float32(out)
     compression_record(out)["trace"] = trace_note
     out.train(was_training)
     if example_inputs is not None:
@@ -81,6 +82,22 @@ def compress(
         finally:
             out.train(was_training)
     return out
+
+
+def _refuse_non_float32(model: nn.Module) -> None:
+    """A model whose weights are all float16/bfloat16/float64 would "compress" nothing (the format decodes weights
+    to float32: codebooks and the dither are float32 by contract, and serving a float32 weight to a float16 op fails)
+    and :func:`udnc_fx.save` would then refuse it: say so here, with the remedy. A model with some float32 layers
+    compresses those and records why the others were skipped."""
+    if served_params(model):
+        return
+    others = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()
+                     if p.is_floating_point() and p.dtype != torch.float32})
+    if others:
+        raise UnsupportedModelError(
+            f"no weight was compressed: the model's parameters are {', '.join(others)} and udnc-fx compresses "
+            "float32 weights only (they decode to float32 by format); convert the model with model.float() first"
+        )
 
 
 @dataclass
