@@ -273,7 +273,10 @@ def _params_from(container: Container) -> list[DitheredLatticeParam]:
         if q.dither not in (DITHER_ID, _NO_DITHER):
             raise FormatError("unknown_codec", f"{q.fqn}: unknown dither generator {q.dither!r}")
         if q.codebook is None:
-            codebook = codebook_from_int(q.codebook_int, lat.name, lat.dim, q.step)
+            with np.errstate(over="ignore", invalid="ignore"):  # overflow is refused just below
+                codebook = codebook_from_int(q.codebook_int, lat.name, lat.dim, q.step)
+            if not np.isfinite(codebook).all():  # huge coordinates times a huge step: no float32 weight
+                raise FormatError("bad_value", f"{q.fqn}: the integer codebook times the step overflows float32")
         else:
             codebook = np.asarray(q.codebook, dtype=np.float32)
         dlp = DitheredLatticeParam(
