@@ -400,7 +400,7 @@ class PeakMeter:
 
 def _classify(exc: BaseException) -> str:
     if isinstance(exc, FormatError):
-        if "unexpected" in exc.message:  # container.py's wrapper around an exception it did not expect
+        if exc.message.startswith("unexpected "):  # container.py's wrapper around an exception it did not expect
             return f"BUG:wrapped {exc.__cause__.__class__.__name__}"
         return f"FormatError:{exc.kind}"
     return f"BUG:{type(exc).__name__}"
@@ -521,6 +521,30 @@ def print_report(result: dict) -> None:
         print("  ", bug)
 
 
+def merge(results: list[dict]) -> dict:
+    """One report from several runs (different seeds): counts added, the worst cases kept."""
+    counts: dict[str, Counter] = defaultdict(Counter)
+    for r in results:
+        for kind, c in r["counts"].items():
+            counts[kind].update(c)
+    baseline = {}
+    for r in results:
+        for name, b in r["baseline"].items():
+            old = baseline.get(name, {"seconds": 0.0, "peak_bytes": 0})
+            baseline[name] = {k: max(old[k], b[k]) for k in old}
+    return {
+        "cases": sum(r["cases"] for r in results),
+        "seed": ",".join(str(r["seed"]) for r in results),
+        "files": results[0]["files"],
+        "baseline": baseline,
+        "counts": {k: dict(v) for k, v in counts.items()},
+        "bugs": [b for r in results for b in r["bugs"]],
+        "worst_memory": max((r["worst_memory"] for r in results), key=lambda w: w["bytes"]),
+        "worst_time": max((r["worst_time"] for r in results), key=lambda w: w["seconds"]),
+        "peak_measure": results[0]["peak_measure"],
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", type=int, default=2000)
@@ -530,7 +554,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-case-mb", type=float, default=256.0)
     parser.add_argument("--max-case-s", type=float, default=5.0)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--merge", type=Path, nargs="+", default=None,
+                        help="print the combined report of runs saved with --json (e.g. parallel seeds) and exit")
     args = parser.parse_args(argv)
+    if args.merge:
+        result = merge([json.loads(p.read_text()) for p in args.merge])
+        print_report(result)
+        return 1 if result["bugs"] else 0
     if args.mem_limit_mb:
         import resource
 
