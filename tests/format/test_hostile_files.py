@@ -360,3 +360,14 @@ def test_a_live_writers_temp_file_is_left_alone(tmp_path, saved):
     C.write_container(tmp_path / "model.udnc", read_container(data))
     assert os.path.exists(fresh)
     assert not os.path.exists(tmp)  # its writer is gone (lock released) and it is old: removed
+
+
+@pytest.mark.parametrize("what", ["read_header", "load", "size_report"])
+def test_a_fifo_or_device_is_refused_without_blocking(tmp_path, what):
+    fifo = tmp_path / "model.udnc"
+    os.mkfifo(fifo)  # opening it for reading would wait for a writer forever
+    for path in (fifo, "/dev/zero"):
+        fn = {"read_header": lambda: udnc_fx.read_header(path), "size_report": lambda: udnc_fx.size_report(path),
+              "load": lambda: udnc_fx.load(path, _net())}[what]
+        with pytest.raises(FormatError, match="not a regular file"):
+            fn()

@@ -27,6 +27,7 @@ import hashlib
 import json
 import math
 import os
+import stat
 import struct
 from collections import Counter
 from dataclasses import dataclass, field
@@ -1306,7 +1307,7 @@ def _read(source: Any, max_elements: int, max_header_length: int, check_header: 
         read_payload = lambda: view[PREAMBLE_SIZE + preamble.header_length :]  # noqa: E731
         handle = None
     else:
-        handle = open(source, "rb") if isinstance(source, (str, os.PathLike)) else source
+        handle = _open_regular(source) if isinstance(source, (str, os.PathLike)) else source
         if not hasattr(handle, "read"):
             raise TypeError(f"read_container needs a path, bytes or a binary file, got {type(source).__name__}")
         try:
@@ -1399,12 +1400,27 @@ def read_header(
     if isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
         view = memoryview(path_or_bytes).cast("B")
         return _guarded(_header_from_buffer, view, max_elements, max_header_length)
-    with open(path_or_bytes, "rb") as f:
+    with _open_regular(path_or_bytes) as f:
         size = os.fstat(f.fileno()).st_size
         prefix = f.read(PREAMBLE_SIZE)
         preamble = _guarded(_parse_preamble, prefix, size, max_header_length)
         header_bytes = f.read(preamble.header_length)
     return _guarded(lambda: _resolved(*_read_header_from(prefix, header_bytes, size, max_elements, max_header_length)))
+
+
+def _open_regular(path: Any):
+    """Opens ``path`` for reading only if it is a regular file: a FIFO would block the reader forever and a device
+    (``/dev/zero``) never ends. Opened non-blocking, checked, then switched back to blocking reads."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise FormatError("bad_value", f"{os.fspath(path)!s}: not a regular file")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _header_from_buffer(view: memoryview, max_elements: int, max_header_length: int) -> dict:
