@@ -371,3 +371,21 @@ def test_a_fifo_or_device_is_refused_without_blocking(tmp_path, what):
               "load": lambda: udnc_fx.load(path, _net())}[what]
         with pytest.raises(FormatError, match="not a regular file"):
             fn()
+
+
+@pytest.mark.parametrize("coder", ["huffman-static-v1", "bz2-v1", "zstd-v1", "range-context-v1"])
+def test_constant_stream_bombs_of_every_coder_are_refused_before_decoding(tmp_path, coder):
+    """Tiny valid files (a Huffman one-symbol table, a bz2 run) that decode to 2^22 indices."""
+    from udnc_fx.coding.coders import get_coder
+
+    count = 1 << 22
+    payload = get_coder(coder).encode(np.zeros(count, np.int64), 2)
+    header = {"coder": coder, "quantized": [{"fqn": "0.weight", "shape": [2048, 2048], "step": 0.1,
+                                             "indices": {"alphabet_size": 2, "length": len(payload)}}]}
+    data = _frame(json.dumps(header).encode(), payload + bytes(8))
+    assert len(read_container(data).quantized[0].indices) == count  # a valid file
+    path = tmp_path / "bomb.udnc"
+    path.write_bytes(data)
+    out, seconds, peak = _measured(lambda: udnc_fx.load(path, _net()))
+    assert isinstance(out, FormatError) and out.kind in ("bad_value", "model_mismatch"), out
+    assert peak < 8 << 20, f"{peak / 2**20:.1f} MiB"
