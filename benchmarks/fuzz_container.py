@@ -468,7 +468,7 @@ def fuzz(cases: int, seed: int = 0, *, progress: bool = False) -> dict:
                 counts[kind][f"{reader}={result.split(':')[0] if result != 'ok' else 'ok'}"] += 1
                 counts[kind][result] += 1
             counts[kind]["cases"] += 1
-            label = {"case": i, "class": kind, "file": name, "bytes": len(mutated)}
+            label = {"case": i, "class": kind, "file": name, "file_bytes": len(mutated)}
             if meter.peak > worst_mem["bytes"]:
                 worst_mem = {**label, "bytes": meter.peak, "outcome": outcome}
             if seconds > worst_time["seconds"]:
