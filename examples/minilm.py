@@ -34,7 +34,7 @@ def _parse(argv):
     p.add_argument("--finetune-epochs", type=int, default=None, help="codebook distillation epochs (default 0)")
     p.add_argument("--finetune-lr", type=float, default=3e-4)
     p.add_argument("--seed", type=int, default=0, help="dither seed")
-    p.add_argument("--out", default=None, help="keep minilm.udnc, minilm.onnx there (default: a temp dir, removed)")
+    p.add_argument("--out", default=None, help="keep minilm.udnc, minilm.onnx and its sidecar there (default: a temp dir, removed)")
     return p.parse_args(argv)
 
 
@@ -130,16 +130,19 @@ def main(argv=None) -> int:
         print(f"ONNX export skipped: {exc}")
     else:
         t = time.perf_counter()
+        saved = path.read_bytes()
         export = to_onnx(
             model, tuple(evaluation[n] for n in NAMES), out / "minilm.onnx", input_names=NAMES,
             output_names=["sentence_embedding"], dynamic_axes={n: {0: "batch", 1: "tokens"} for n in NAMES},
         )
+        assert path.read_bytes() == saved  # the sidecar has its own name: minilm.udnc is untouched
         session = load_onnx(export.onnx_path)
         got = session.run(None, {n: evaluation[n].numpy() for n in NAMES})[0]
         with torch.no_grad():
             gap = float((torch.from_numpy(got) - model(**evaluation)).abs().max())
         ort_fidelity = hf.embedding_fidelity(reference, torch.from_numpy(got))
-        print(f"ONNX: {export.onnx_bytes / 1e6:.2f} MB graph + {export.sidecar_bytes / 1e6:.2f} MB sidecar, "
+        print(f"ONNX: {export.onnx_bytes / 1e6:.2f} MB graph + {export.sidecar_bytes / 1e6:.2f} MB sidecar "
+              f"({Path(export.sidecar_path).name}), "
               f"exported and opened in {time.perf_counter() - t:.1f} s; onnxruntime vs torch max |diff| {gap:.2e}; "
               f"onnxruntime: {ort_fidelity}")
         assert gap < 1e-4

@@ -50,6 +50,7 @@ import numpy as np
 from ..dither import DITHER_ID
 from ..errors import ExportError, FormatError
 from ..lattice import _SQRT3, _SQRT3_2, get_lattice
+from . import files as _files
 from . import runtime as _rt
 from .runtime import FUNCTION_DOMAIN, NAME_PREFIX, ONNX_FORMAT_ID, SHARED_PREFIX, TensorSpec
 
@@ -454,7 +455,8 @@ class OnnxExport:
 
     Attributes:
         onnx_path: the ONNX file.
-        sidecar_path: the ``.udnc`` sidecar, or ``None`` when self-contained.
+        sidecar_path: the sidecar (``<onnx file>.<16 hex>.udnc``, beside the ONNX file), or ``None`` when
+            self-contained.
         tensors: fqns of the weights lowered to dequantize subgraphs.
         skipped: ``(fqn, reason)`` for compressed weights the exported graph does not use.
         onnx_bytes, sidecar_bytes: file sizes.
@@ -609,14 +611,22 @@ def to_onnx(
 
     Before: ``x → conv(weight = weight_q())`` with ``weight_q: DitheredLatticeParam``.
     After: ``model.onnx`` where ``conv1.weight`` is computed from ``udnc/conv1.weight/{indices,codebook,key}`` by
-    the graph (see the module docstring), plus, with ``sidecar=True``, ``model.udnc`` holding the indices and
-    codebooks entropy-coded.
+    the graph (see the module docstring), plus, with ``sidecar=True``, the sidecar ``model.onnx.<16 hex>.udnc``
+    holding the indices and codebooks entropy-coded (its name ends in the start of its SHA-256, which the ONNX
+    file records; ship the two files together).
+
+    Files: ``to_onnx`` never replaces a file it did not write. ``path`` may only be new or an earlier export of
+    ``to_onnx`` (whose sidecar is then removed once the new pair is in place); a model container saved as
+    ``model.udnc`` is never touched. The pair is written atomically: the new sidecar under its new name first, then
+    the ONNX file renamed into place, then the old sidecar removed, so an interruption at any moment leaves the old
+    export or the new one, complete and loadable (files an interrupted export left behind are removed by the next
+    export to the same path).
 
     Args:
         model: a model from :func:`udnc_fx.compress` (a GraphModule, or a module under the module-swap fallback).
             It is not changed.
         example_inputs: a tensor or a tuple of tensors to trace with.
-        path: the ``.onnx`` file to write. The sidecar goes next to it (``model.onnx`` → ``model.udnc``).
+        path: the ``.onnx`` file to write (new, or an earlier export). The sidecar goes next to it.
         sidecar: ``True``: the ONNX file holds no indices or codebooks (they are graph inputs that
             :func:`udnc_fx.export.load_onnx` fills from the sidecar). ``False``: a self-contained model (indices as
             uint8/int16/int32 initializers) that plain onnxruntime runs without this package.
@@ -629,7 +639,8 @@ def to_onnx(
 
     Raises:
         ExportError: the exporter cannot handle the model (the message names the op and module it reports), an
-            unsupported opset, or a weight the exporter transformed.
+            unsupported opset, a weight the exporter transformed, ``path`` is a directory or a file ``to_onnx`` did
+            not write, or the files cannot be written (the earlier export, if any, is then left as it was).
     """
     import onnx
     from onnx import TensorProto, helper
@@ -639,6 +650,7 @@ def to_onnx(
     if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
         raise ExportError(f"opset must be an integer >= {MIN_OPSET} (BitwiseXor), got {opset!r}")
     path = os.fspath(path)
+    _files.check_replaceable(path)  # fail before the slow work; checked again just before writing
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     dlps = served_params(model)
     for dlp in dlps:
@@ -698,16 +710,17 @@ def to_onnx(
         proto.functions.extend(_functions_for(b.functions_used, opset))
 
     table = _rt.tensors_json(specs)
-    content = _rt.content_sha256(graph, table)
+    content = _rt.content_sha256(proto, table)
     props = {_rt.KEY_FORMAT: ONNX_FORMAT_ID, _rt.KEY_TENSORS: table, _rt.KEY_CONTENT: content}
 
-    sidecar_path = None
+    pair_sidecar = None
     sidecar_bytes = 0
     if sidecar and specs:
-        sidecar_path = _rt.default_sidecar_path(path)
         data = _sidecar_bytes(dlps, specs, content, os.path.basename(path), coder)
-        props[_rt.KEY_SIDECAR] = os.path.basename(sidecar_path)
-        props[_rt.KEY_SIDECAR_SHA] = hashlib.sha256(data).hexdigest()
+        digest = hashlib.sha256(data).hexdigest()
+        pair_sidecar = (_files.sidecar_name(path, digest), data)
+        props[_rt.KEY_SIDECAR] = pair_sidecar[0]
+        props[_rt.KEY_SIDECAR_SHA] = digest
         sidecar_bytes = len(data)
     for k, v in props.items():
         entry = proto.metadata_props.add()
@@ -723,11 +736,10 @@ def to_onnx(
             f"the lowered model does not fit one ONNX protobuf ({exc}); export with sidecar=True, which keeps the "
             "indices out of the file"
         ) from exc
-    if sidecar_path is not None:
-        with open(sidecar_path, "wb") as f:
-            f.write(data)
-    with open(path, "wb") as f:
-        f.write(data_onnx)
+    old_sidecar = _files.check_replaceable(path)
+    sidecar_path = _files.write_pair(path, data_onnx, pair_sidecar, old_sidecar)
+    if sidecar_path is not None and not os.path.isabs(path):  # report it the way the caller named the ONNX file
+        sidecar_path = os.path.join(os.path.dirname(path), os.path.basename(sidecar_path))
     return OnnxExport(
         onnx_path=path,
         sidecar_path=sidecar_path,

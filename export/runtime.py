@@ -2,13 +2,16 @@
 
 An ONNX file written by :func:`udnc_fx.export.to_onnx` carries, in its ``metadata_props``:
 
-* ``udnc.format``: ``"udnc-onnx-v1"`` (this module refuses other values);
-* ``udnc.tensors``: a JSON list, one entry per compressed weight (see :class:`TensorSpec`);
-* ``udnc.content_sha256``: ``SHA-256(b"udnc-onnx-v1\\0" + tensors JSON + b"\\0" + graph bytes)``, the graph
-  serialised by protobuf (``GraphProto.SerializeToString(deterministic=True)``). It covers every node, initializer
-  and graph input, so an edit of the graph or of the tensor table after export is detected;
-* with a sidecar, ``udnc.sidecar`` (the sidecar's file name, looked for next to the ONNX file) and
-  ``udnc.sidecar_sha256`` (SHA-256 of the sidecar's bytes).
+* ``udnc.format``: ``"udnc-onnx-v2"`` (this module refuses other values; ``v1`` files, whose hash did not cover
+  the model-local functions, must be re-exported);
+* ``udnc.tensors``: a JSON list, one entry per compressed weight (see :class:`TensorSpec`), validated like the
+  container's header (finite positive steps, known lattices, consistent and bounded sizes);
+* ``udnc.content_sha256``: SHA-256 over ``b"udnc-onnx-v2\\0"`` and, each prefixed by its length (8 bytes, little
+  endian), the tensors JSON, the graph, every model-local function and the opset imports, each serialised by
+  protobuf (``SerializeToString(deterministic=True)``). It covers every node, initializer, graph input and
+  function body (the dither generator included), so an edit of anything that defines the weights is detected;
+* with a sidecar, ``udnc.sidecar`` (the sidecar's plain file name, ``<onnx file name>.<16 hex>.udnc``, read only
+  beside the ONNX file) and ``udnc.sidecar_sha256`` (SHA-256 of the sidecar's bytes).
 
 The sidecar is a ``.udnc`` container (``docs/FORMAT.md``) holding each weight's entropy-coded indices and its
 codebook; its metadata records ``{"udnc_onnx": {"format", "content_sha256", "onnx_file"}}``. The binding is
@@ -30,25 +33,27 @@ Two decode paths build the session (``load_onnx(decode=...)``):
 
 Measured with ``benchmarks/onnx_runtime.py`` (2 shared cores): ``"numpy"`` opens sessions in 1.1–8.7× the float
 model's time, ``"ort"`` in 9–46×, so ``"numpy"`` is the default. Both give bit-identical weights. This module needs
-NumPy, onnx and onnxruntime, not torch.
+NumPy, onnx and onnxruntime, and constriction for sidecars written with the default range coders; not torch. A
+missing one raises ``ImportError`` naming it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..dither import DITHER_ID
-from ..errors import ConfigError, ExportError, FormatError
+from ..errors import ConfigError, ExportError, FormatError, UdncError
 from ..lattice import get_lattice
 from ..quantizer import codebook_from_int
+from . import files as _files
+from .spec import MAX_ELEMENTS, NAME_PREFIX, TensorSpec, tensors_json  # noqa: F401 (re-exported)
 
 __all__ = [
     "ONNX_FORMAT_ID",
@@ -62,15 +67,13 @@ __all__ = [
     "DEFAULT_DECODE",
 ]
 
-ONNX_FORMAT_ID = "udnc-onnx-v1"
+ONNX_FORMAT_ID = "udnc-onnx-v2"
 KEY_FORMAT = "udnc.format"
 KEY_TENSORS = "udnc.tensors"
 KEY_CONTENT = "udnc.content_sha256"
 KEY_SIDECAR = "udnc.sidecar"
 KEY_SIDECAR_SHA = "udnc.sidecar_sha256"
 SIDECAR_META_KEY = "udnc_onnx"
-#: Names of everything the exporter adds start with this; each weight's subgraph with ``udnc/<fqn>/``.
-NAME_PREFIX = "udnc/"
 SHARED_PREFIX = "udnc/const/"
 #: Domain of the model-local functions (``Hash32``, ``Uniform24``, ``DitherRaw_<lattice>``).
 FUNCTION_DOMAIN = "udnc"
@@ -79,123 +82,33 @@ DECODE_PATHS = ("numpy", "ort")
 #: Measured by ``benchmarks/onnx_runtime.py``: NumPy decoding opens sessions 3-8x faster than letting onnxruntime
 #: fold the dequantize subgraphs.
 DEFAULT_DECODE = "numpy"
+_INDEX_ITEMSIZE = {"uint8": 1, "int16": 2, "int32": 4}
+_SHA = re.compile(r"[0-9a-f]{64}")
 
 
-@dataclass(frozen=True)
-class TensorSpec:
-    """One compressed weight as the ONNX file records it (an entry of ``udnc.tensors``).
+def require(package: str, why: str):
+    """Import ``package`` or raise an ``ImportError`` that names it and says what needs it."""
+    import importlib
 
-    Attributes:
-        fqn: the parameter's qualified name (``"conv1.weight"``).
-        aliases: other names of the same (tied) parameter.
-        output: the graph value the dequantize subgraph produces (the weight's initializer name before lowering).
-        shape: the weight's shape.
-        lattice, n, step: the quantizer.
-        key: the uint64 dither key, or ``None`` (no dither).
-        num_vectors: ``ceil(numel / n)``, the number of indices.
-        num_codewords: ``K``.
-        index_dtype: ``"uint8"``, ``"int16"`` or ``"int32"``.
-        zero_index: the index that decodes to exact 0, or ``None``.
-        indices, codebook: graph names of the index and float32 codebook tensors (initializers, or graph inputs
-            filled from the sidecar; the codebook is computed by the graph when ``codebook_int`` is set).
-        prefix: the name prefix of this weight's nodes and private initializers.
-        codebook_int: in a self-contained file, the initializer of the codewords' integer lattice coordinates
-            (int8/int16/int32, ``K × n``) the graph rebuilds ``codebook`` from, exactly as the quantizer made it;
-            ``None`` when the codebook is stored as float32 (fine-tuned codewords) or comes from the sidecar.
-    """
-
-    fqn: str
-    aliases: tuple[str, ...]
-    output: str
-    shape: tuple[int, ...]
-    lattice: str
-    n: int
-    step: float
-    key: int | None
-    num_vectors: int
-    num_codewords: int
-    index_dtype: str
-    zero_index: int | None
-    indices: str
-    codebook: str
-    prefix: str
-    codebook_int: str | None = None
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def factor(self) -> float:
-        """``lattice.scale * step`` (float64): raw dither → weight units, as every decoder computes it."""
-        return float(get_lattice(self.lattice, self.n).scale) * float(self.step)
-
-    def to_json(self) -> dict:
-        return {
-            "fqn": self.fqn,
-            "aliases": list(self.aliases),
-            "output": self.output,
-            "shape": list(self.shape),
-            "lattice": self.lattice,
-            "n": self.n,
-            "step": self.step,
-            "key": None if self.key is None else f"{self.key:016x}",
-            "dither": DITHER_ID,
-            "num_vectors": self.num_vectors,
-            "num_codewords": self.num_codewords,
-            "index_dtype": self.index_dtype,
-            "zero_index": self.zero_index,
-            "indices": self.indices,
-            "codebook": self.codebook,
-            "prefix": self.prefix,
-            "codebook_int": self.codebook_int,
-        }
-
-    @classmethod
-    def from_json(cls, obj: Any, where: str) -> TensorSpec:
-        try:
-            if obj.get("dither", DITHER_ID) != DITHER_ID:
-                raise FormatError("unsupported_version", f"{where}: unknown dither generator {obj['dither']!r}")
-            key = obj["key"]
-            spec = cls(
-                fqn=str(obj["fqn"]),
-                aliases=tuple(str(a) for a in obj["aliases"]),
-                output=str(obj["output"]),
-                shape=tuple(int(s) for s in obj["shape"]),
-                lattice=str(obj["lattice"]),
-                n=int(obj["n"]),
-                step=float(obj["step"]),
-                key=None if key is None else int(key, 16),
-                num_vectors=int(obj["num_vectors"]),
-                num_codewords=int(obj["num_codewords"]),
-                index_dtype=str(obj["index_dtype"]),
-                zero_index=None if obj["zero_index"] is None else int(obj["zero_index"]),
-                indices=str(obj["indices"]),
-                codebook=str(obj["codebook"]),
-                prefix=str(obj["prefix"]),
-                codebook_int=None if obj.get("codebook_int") is None else str(obj["codebook_int"]),
-            )
-            get_lattice(spec.lattice, spec.n)
-        except FormatError:
-            raise
-        except (KeyError, TypeError, ValueError, AttributeError, ConfigError) as exc:
-            raise FormatError("bad_header", f"{where}: malformed tensor entry: {exc!r}") from exc
-        if spec.index_dtype not in ("uint8", "int16", "int32"):
-            raise FormatError("bad_header", f"{where}: index dtype {spec.index_dtype!r}")
-        if spec.num_vectors != -(-spec.numel // spec.n) or not spec.prefix.startswith(NAME_PREFIX):
-            raise FormatError("bad_header", f"{where}: inconsistent tensor entry for {spec.fqn!r}")
-        return spec
+    try:
+        return importlib.import_module(package)
+    except ImportError as exc:
+        raise ImportError(
+            f"{why} needs the {package!r} package, which cannot be imported ({exc}); install it with "
+            f"`pip install {package}` (or `pip install udnc-fx[onnx]`)",
+            name=package,
+        ) from exc
 
 
-def tensors_json(specs: list[TensorSpec]) -> str:
-    return json.dumps([s.to_json() for s in specs], sort_keys=True, separators=(",", ":"))
-
-
-def content_sha256(graph, tensors: str) -> str:
-    """The hash that binds the graph, the tensor table and the sidecar (see the module docstring)."""
-    h = hashlib.sha256()
-    h.update(ONNX_FORMAT_ID.encode() + b"\0" + tensors.encode("utf-8") + b"\0")
-    h.update(graph.SerializeToString(deterministic=True))
+def content_sha256(model, tensors: str) -> str:
+    """The hash that binds the graph, its functions, the tensor table and the sidecar (see the module docstring):
+    everything that defines the weights but the model-level metadata, which holds the hash itself."""
+    h = hashlib.sha256(ONNX_FORMAT_ID.encode() + b"\0")
+    parts = [tensors.encode("utf-8"), model.graph.SerializeToString(deterministic=True)]
+    parts += [f.SerializeToString(deterministic=True) for f in model.functions]
+    parts += [o.SerializeToString(deterministic=True) for o in model.opset_import]
+    for part in parts:
+        h.update(len(part).to_bytes(8, "little") + part)
     return h.hexdigest()
 
 
@@ -218,21 +131,53 @@ class UdncOnnx:
 
 
 def _load_model(onnx_path):
-    import onnx
+    onnx = require("onnx", "reading an exported ONNX file")
     from google.protobuf.message import DecodeError
 
     path = os.fspath(onnx_path)
-    if not os.path.exists(path):
-        raise FormatError("missing_file", f"ONNX file {path} does not exist")
-    with open(path, "rb") as f:
-        data = f.read()
+    data = _files.read_regular_file(path, _files.MAX_FILE_BYTES, "ONNX file")
     try:
         model = onnx.load_from_string(data)
-    except (DecodeError, ValueError, RuntimeError) as exc:
+    except (DecodeError, ValueError, RuntimeError, TypeError) as exc:
         raise FormatError("bad_value", f"{path} is not a readable ONNX model: {exc}") from exc
     if not model.graph.node and not model.graph.output:
         raise FormatError("bad_value", f"{path} is not an ONNX model (no graph)")
     return model
+
+
+def _guarded(what: str, fn, *args, **kwargs):
+    """Run ``fn``; an exception that is not one of ours (or a missing package's ``ImportError``) comes from a
+    malformed file reaching a library (protobuf, onnx, NumPy) and becomes a ``FormatError`` saying so."""
+    try:
+        return fn(*args, **kwargs)
+    except (UdncError, ImportError, MemoryError):
+        raise
+    except Exception as exc:
+        raise FormatError("bad_value", f"{what}: malformed content ({type(exc).__name__}: {exc})") from exc
+
+
+def _external_tensors(graph) -> list[str]:
+    """Names of tensors in ``graph`` (initializers, node attributes, subgraphs) that point at external files."""
+    from onnx import TensorProto
+
+    found = [t.name for t in graph.initializer if t.data_location == TensorProto.EXTERNAL]
+    found += [t.values.name for t in graph.sparse_initializer if t.values.data_location == TensorProto.EXTERNAL]
+    for node in graph.node:
+        found += _external_in_attributes(node)
+    return found
+
+
+def _external_in_attributes(node) -> list[str]:
+    from onnx import TensorProto
+
+    found = []
+    for attr in node.attribute:
+        tensors = [attr.t] if attr.HasField("t") else []
+        tensors += list(attr.tensors)
+        found += [f"{node.name or node.op_type}.{attr.name}" for t in tensors if t.data_location == TensorProto.EXTERNAL]
+        for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+            found += _external_tensors(g)
+    return found
 
 
 def read_udnc_onnx(onnx_path) -> UdncOnnx:
@@ -241,15 +186,27 @@ def read_udnc_onnx(onnx_path) -> UdncOnnx:
     A plain ONNX file (no ``udnc.format``) comes back with no tensors.
 
     Raises:
-        FormatError: ``missing_file``, ``bad_value`` (not ONNX), ``unsupported_version``, ``bad_header``,
-            ``checksum_mismatch`` (edited after export).
+        FormatError: ``missing_file``, ``bad_value`` (not ONNX, not a regular file), ``unsupported_version``,
+            ``bad_header`` (a malformed tensor table or sidecar name), ``checksum_mismatch`` (edited after export).
+            No other exception type, whatever the file holds.
+        ImportError: ``onnx`` is not installed.
     """
     path = os.fspath(onnx_path)
+    return _guarded(path, _read_udnc_onnx, path)
+
+
+def _read_udnc_onnx(path: str) -> UdncOnnx:
     model = _load_model(path)
     props = _props(model)
     fmt = props.get(KEY_FORMAT)
     if fmt is None:
         return UdncOnnx(model, [], props, path)
+    if fmt == "udnc-onnx-v1":
+        raise FormatError(
+            "unsupported_version",
+            f"{path} was exported by an earlier udnc-fx (udnc-onnx-v1, whose content hash does not cover the dither "
+            "functions): export the model again with to_onnx",
+        )
     if fmt != ONNX_FORMAT_ID:
         raise FormatError(
             "unsupported_version", f"{path}: udnc.format is {fmt!r}; this version reads {ONNX_FORMAT_ID!r}"
@@ -257,7 +214,12 @@ def read_udnc_onnx(onnx_path) -> UdncOnnx:
     if KEY_TENSORS not in props or KEY_CONTENT not in props:
         raise FormatError("bad_header", f"{path}: udnc metadata incomplete (needs {KEY_TENSORS} and {KEY_CONTENT})")
     tensors = props[KEY_TENSORS]
-    actual = content_sha256(model.graph, tensors)
+    # to_onnx never writes external data; onnxruntime would read whatever path such a tensor names.
+    external = _external_tensors(model.graph) + [n for f in model.functions for node in f.node
+                                                 for n in _external_in_attributes(node)]
+    if external:
+        raise FormatError("bad_value", f"{path}: tensors {external[:5]} name external data files: refusing them")
+    actual = content_sha256(model, tensors)
     if actual != props[KEY_CONTENT]:
         raise FormatError(
             "checksum_mismatch",
@@ -271,6 +233,14 @@ def read_udnc_onnx(onnx_path) -> UdncOnnx:
     if not isinstance(entries, list):
         raise FormatError("bad_header", f"{path}: udnc.tensors must be a list")
     specs = [TensorSpec.from_json(e, f"{path}: udnc.tensors[{i}]") for i, e in enumerate(entries)]
+    for field_name in ("fqn", "output", "prefix", "indices", "codebook"):
+        values = [getattr(s, field_name) for s in specs]
+        if len(set(values)) != len(values):
+            raise FormatError("bad_header", f"{path}: udnc.tensors has two entries with the same {field_name}")
+    if KEY_SIDECAR in props:
+        _files.check_sidecar_name(props[KEY_SIDECAR], path)
+        if not _SHA.fullmatch(props.get(KEY_SIDECAR_SHA, "")):
+            raise FormatError("bad_header", f"{path}: {KEY_SIDECAR_SHA} is missing or not a SHA-256 hex digest")
     return UdncOnnx(model, specs, props, path)
 
 
@@ -279,48 +249,77 @@ def read_udnc_onnx(onnx_path) -> UdncOnnx:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def default_sidecar_path(onnx_path) -> str:
-    """``model.onnx`` → ``model.udnc``; any other name gets ``.udnc`` appended."""
-    path = os.fspath(onnx_path)
-    return path[: -len(".onnx")] + ".udnc" if path.endswith(".onnx") else path + ".udnc"
+def sidecar_candidates(info: UdncOnnx) -> list[str]:
+    """Where the sidecar of ``info`` is looked for: beside the ONNX file, under the name recorded at export, then
+    under the name an export to the ONNX file's current name would give it (the pair renamed together:
+    ``a.onnx`` + ``a.onnx.<h>.udnc`` → ``b.onnx`` + ``b.onnx.<h>.udnc``). Only plain file names are used."""
+    directory = os.path.dirname(os.path.abspath(info.path))
+    recorded = _files.check_sidecar_name(info.props[KEY_SIDECAR], info.path)
+    renamed = _files.sidecar_name(info.path, info.props[KEY_SIDECAR_SHA])
+    return [os.path.join(directory, name) for name in dict.fromkeys([recorded, renamed])]
+
+
+def max_sidecar_bytes(specs: list[TensorSpec]) -> int:
+    """The most bytes a sidecar for ``specs`` can need: every index and codeword stored raw, twice over (no coder
+    expands more), plus 4 KiB of header per tensor and 64 KiB for the rest. A larger file is refused unread."""
+    total = 1 << 16
+    for s in specs:
+        total += 2 * (s.num_vectors * _INDEX_ITEMSIZE[s.index_dtype] + 4 * s.num_codewords * s.n) + 4096
+    return total
+
+
+def _decode_sidecar(data: bytes, specs: list[TensorSpec], where: str):
+    """Decode the sidecar's bytes, bounded by what ``specs`` need; a coder's missing package is an ImportError."""
+    from ..coding.container import decode_container
+
+    limit = max(1, sum(s.numel + s.num_codewords * s.n for s in specs))
+    try:
+        return decode_container(data, max_elements=limit)
+    except FormatError as exc:
+        cause = exc.__cause__
+        while cause is not None and not isinstance(cause, ImportError):  # the coders wrap their errors too
+            cause = cause.__cause__
+        if isinstance(cause, ImportError):  # e.g. constriction for the range coders: not a corrupt file
+            package = (getattr(cause, "name", None) or "a coder's package").split(".")[0]
+            require(package, f"decoding the sidecar {where}")
+            raise ImportError(f"decoding the sidecar {where} needs {package!r}: {cause}", name=package) from cause
+        raise FormatError(exc.kind, f"sidecar {where}: {exc.message}") from exc
 
 
 def _read_sidecar(info: UdncOnnx, sidecar_path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Check the binding and decode ``{fqn: (indices, codebook)}`` from the sidecar."""
-    from ..coding.container import decode_container
+    from ..coding.container import read_header
 
     onnx_path = info.path
     if sidecar_path is None:
-        # The pair may have been renamed together (model.onnx + model.udnc → v2.onnx + v2.udnc): look for the
-        # ONNX file's own stem first, then for the name recorded at export. The binding check decides either way.
-        recorded = os.path.join(os.path.dirname(os.path.abspath(onnx_path)), info.props[KEY_SIDECAR])
-        candidates = list(dict.fromkeys([default_sidecar_path(onnx_path), recorded]))
-        sidecar_path = next((c for c in candidates if os.path.exists(c)), None)
+        candidates = sidecar_candidates(info)
+        sidecar_path = next((c for c in candidates if os.path.lexists(c)), None)
         if sidecar_path is None:
             raise FormatError(
                 "missing_sidecar",
                 f"{onnx_path} keeps its weight indices in a sidecar, but none of {candidates} exists "
-                "(copy the .udnc file next to the ONNX file or pass sidecar_path=)",
+                "(copy the sidecar next to the ONNX file or pass sidecar_path=)",
             )
     sidecar_path = os.fspath(sidecar_path)
-    if not os.path.exists(sidecar_path):
-        raise FormatError("missing_sidecar", f"sidecar {sidecar_path} for {onnx_path} does not exist")
-    with open(sidecar_path, "rb") as f:
-        data = f.read()
+    data = _files.read_regular_file(
+        sidecar_path, max_sidecar_bytes(info.specs), f"sidecar of {onnx_path}:", missing_kind="missing_sidecar"
+    )
     try:
-        container = decode_container(data)
+        header = read_header(data)
     except FormatError as exc:
         raise FormatError(exc.kind, f"sidecar {sidecar_path}: {exc.message}") from exc
-    binding = container.metadata.get(SIDECAR_META_KEY) if isinstance(container.metadata, dict) else None
+    metadata = header.get("metadata")
+    binding = metadata.get(SIDECAR_META_KEY) if isinstance(metadata, dict) else None
     recorded = info.props[KEY_CONTENT]
     if not isinstance(binding, dict) or binding.get("content_sha256") != recorded:
-        theirs = binding.get("onnx_file", "?") if isinstance(binding, dict) else "no ONNX export"
+        theirs = str(binding.get("onnx_file", "?"))[:200] if isinstance(binding, dict) else "no ONNX export"
         raise FormatError(
             "model_mismatch",
             f"sidecar {sidecar_path} does not belong to {onnx_path}: it was written for {theirs!r} "
             f"(content {str(binding.get('content_sha256') if isinstance(binding, dict) else None)[:16]}…), "
             f"this model's content is {recorded[:16]}…",
         )
+    # Checked before decoding: the decoder then only ever sees the bytes the exporter wrote.
     digest = hashlib.sha256(data).hexdigest()
     if digest != info.props.get(KEY_SIDECAR_SHA):
         raise FormatError(
@@ -328,6 +327,7 @@ def _read_sidecar(info: UdncOnnx, sidecar_path) -> dict[str, tuple[np.ndarray, n
             f"sidecar {sidecar_path} was modified after export (SHA-256 {digest[:16]}… != recorded "
             f"{str(info.props.get(KEY_SIDECAR_SHA))[:16]}… in {onnx_path})",
         )
+    container = _decode_sidecar(data, info.specs, sidecar_path)
     by_name = {q.fqn: q for q in container.quantized}
     out = {}
     for spec in info.specs:
@@ -433,6 +433,7 @@ def _workers(threads: int | None) -> int:
 def _prepare(onnx_path, sidecar_path, decode: str, decode_threads: int | None):
     """``(ModelProto, {name: decoded weight})``: with ``decode="numpy"`` the weights are declared as external
     initializers in the proto and returned separately; otherwise the dict is empty."""
+    require("onnx", "reading an exported ONNX file")
     from onnx import numpy_helper
 
     if decode not in DECODE_PATHS:
@@ -471,6 +472,8 @@ def _prepare(onnx_path, sidecar_path, decode: str, decode_threads: int | None):
 
     for spec in info.specs:
         idx, cb = data[spec.fqn]
+        if idx.dtype.kind not in "iu" or cb.dtype != np.float32:
+            raise FormatError("bad_value", f"{info.path}: indices or codebook of {spec.fqn!r} have the wrong dtype")
         if idx.shape != (spec.num_vectors,) or cb.shape != (spec.num_codewords, spec.n):
             raise FormatError("bad_value", f"{info.path}: indices or codebook of {spec.fqn!r} have the wrong shape")
         if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= spec.num_codewords):
@@ -527,10 +530,12 @@ def prepare_model(onnx_path, sidecar_path=None, *, decode: str = DEFAULT_DECODE,
     Raises:
         FormatError: see :func:`load_onnx`.
         ConfigError: an unknown ``decode``.
+        ImportError: ``onnx`` (or a sidecar coder's package) is not installed.
     """
+    require("onnx", "prepare_model")
     from onnx import numpy_helper
 
-    model, weights = _prepare(onnx_path, sidecar_path, decode, decode_threads)
+    model, weights = _guarded(os.fspath(onnx_path), _prepare, onnx_path, sidecar_path, decode, decode_threads)
     if weights:
         inits = [numpy_helper.from_array(weights[i.name], i.name) if i.name in weights else i
                  for i in model.graph.initializer]
@@ -582,14 +587,18 @@ def load_onnx(
     Raises:
         FormatError: ``missing_file`` / ``missing_sidecar``; ``checksum_mismatch`` (ONNX or sidecar edited after
             export); ``model_mismatch`` (a sidecar written for another export, or one given to a model that takes
-            none); ``unsupported_version``; ``bad_header``/``bad_value``; the container's own kinds for a damaged
-            sidecar. Each message names the file and, where it applies, the tensor.
+            none); ``unsupported_version``; ``bad_header``/``bad_value`` (a malformed tensor table, a recorded
+            sidecar name that is not a plain file name beside the ONNX file, a sidecar that is not a regular file
+            or is larger than the tensor table allows); the container's own kinds for a damaged sidecar. Each
+            message names the file and, where it applies, the tensor. Whatever the files hold, no exception
+            other than these and the two below escapes.
         ConfigError: an unknown ``decode`` or session option.
         ExportError: onnxruntime refused the model.
+        ImportError: a package this needs is missing, named in the message: ``onnx`` and ``onnxruntime`` always,
+            ``constriction`` for a sidecar whose indices use the range coders (the default). torch is not needed.
     """
-    import onnxruntime as ort
-
-    model, weights = _prepare(onnx_path, sidecar_path, decode, decode_threads)
+    ort = require("onnxruntime", "load_onnx")
+    model, weights = _guarded(os.fspath(onnx_path), _prepare, onnx_path, sidecar_path, decode, decode_threads)
     so = session_options(sess_options, **options)
     values = [ort.OrtValue.ortvalue_from_numpy(w) for w in weights.values()]
     if weights:
@@ -606,11 +615,12 @@ def load_onnx(
 
 
 def file_sizes(onnx_path) -> dict[str, int]:
-    """``{"onnx": bytes, "sidecar": bytes}`` of an export (sidecar 0 when self-contained)."""
+    """``{"onnx": bytes, "sidecar": bytes}`` of an export (sidecar 0 when self-contained or not found)."""
     info = _props(_load_model(onnx_path))
     size = Path(onnx_path).stat().st_size
     side = 0
     if KEY_SIDECAR in info:
-        p = Path(os.path.dirname(os.path.abspath(onnx_path))) / info[KEY_SIDECAR]
-        side = p.stat().st_size if p.exists() else 0
+        name = _files.check_sidecar_name(info[KEY_SIDECAR], onnx_path)
+        p = Path(os.path.dirname(os.path.abspath(onnx_path))) / name
+        side = p.stat().st_size if p.is_file() else 0
     return {"onnx": size, "sidecar": side}

@@ -139,10 +139,13 @@ def _inspect_onnx(path: str, *, as_json: bool) -> int:
     """List the dequantize subgraphs of an exported ONNX file and the sizes involved."""
     import os
 
-    from .export.runtime import default_sidecar_path, read_udnc_onnx
+    from .export.runtime import read_udnc_onnx, sidecar_candidates
 
     info = read_udnc_onnx(path)
-    sidecar = default_sidecar_path(path) if info.has_sidecar else None
+    sidecar = None
+    if info.has_sidecar:
+        candidates = sidecar_candidates(info)
+        sidecar = next((c for c in candidates if os.path.isfile(c)), candidates[0])
     init_bytes = {t.name: len(t.raw_data) or t.ByteSize() for t in info.model.graph.initializer}
     rows = []
     for spec in info.specs:
@@ -183,11 +186,9 @@ def _export(args) -> int:
     from .export import to_onnx
     from .io import load
 
-    if not args.self_contained and Path(args.out).with_suffix(".udnc").resolve() == Path(args.file).resolve():
-        raise ConfigError(
-            f"the sidecar {Path(args.out).with_suffix('.udnc')} would overwrite the input {args.file}: "
-            "choose another --out name"
-        )
+    from .export.files import check_replaceable
+
+    check_replaceable(args.out)  # before the model is built and loaded: a directory or a foreign file is refused
     model = _load_factory(args.model).eval()
     gm = load(args.file, model)
     shapes = []
@@ -235,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     steps.add_argument("--step", type=float, default=None, help="absolute step for every layer")
     steps.add_argument("--relative-step", type=float, default=None, help="step = value x std(W) per layer")
     comp.add_argument("--fallback", choices=["error", "module_swap"], default="error")
-    comp.add_argument("--coder", default=None, help="index coder (default range-context-v1; see udnc_fx.coding.available_coders)")
+    comp.add_argument("--coder", default=None, help="index coder (default ans-dither-v1, static ANS conditioned on the dither; see udnc_fx.coding.available_coders)")
     comp.add_argument("--raw-dtype", choices=["float32", "float16"], default="float32",
                       help="storage of uncompressed tensors (biases, norms)")
     comp.set_defaults(func=_compress)

@@ -40,7 +40,8 @@ class FormatError(UdncError):
     """A container or sidecar is malformed. ``kind`` names the failure for programs.
 
     Kinds: ``bad_magic``, ``unsupported_version``, ``truncated``, ``bad_header``, ``bad_offsets``,
-    ``checksum_mismatch``, ``model_mismatch``, ``bad_value``, ``unknown_codec``, ``corrupt_payload``, ``missing_file``, ``missing_sidecar``.
+    ``checksum_mismatch``, ``model_mismatch``, ``bad_value``, ``unknown_codec``, ``corrupt_payload``, ``missing_file``, ``missing_sidecar``, ``onnx_sidecar`` (an ONNX
+    export's sidecar given where a model container is expected).
     """
 
     def __init__(self, kind: str, message: str):

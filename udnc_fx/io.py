@@ -12,7 +12,7 @@ import torch
 from torch import fx, nn
 
 from .coding import limits
-from .coding.coders import get_coder
+from .coding.coders import DEFAULT_CODER, get_coder
 from .coding.container import (
     Container,
     QuantizedTensor,
@@ -36,9 +36,9 @@ from .quantizer import codebook_from_int
 __all__ = ["save", "load", "read_header", "size_report", "round_for_storage", "SAVE_CODER"]
 
 _NO_DITHER = "none"
-#: The index coder ``save`` uses by default: the backward-adaptive range coder with a per-row density context
-#: (``range-context-v1``; on a pruned layer 12 % smaller than ``range-adaptive-v1``, one byte larger elsewhere).
-SAVE_CODER = "range-context-v1"
+#: The index coder ``save`` uses by default: the one default of ``udnc_fx.coding`` (``ans-dither-v1``: static ANS
+#: with per-dither-bin tables), the same as ``QuantizedTensor``'s and the ONNX sidecar's.
+SAVE_CODER = DEFAULT_CODER
 #: Config fields ``load`` needs to rebuild the model (how to trace it); ``save`` stores only these by default.
 _LOAD_CONFIG_FIELDS = ("leaf_modules", "fallback")
 
@@ -88,6 +88,7 @@ def save(
     raw_float_dtype: str = "float32",
     codebook_float_dtype: str = "float32",
     full_config: bool = False,
+    progress: bool | None = None,
 ) -> int:
     """Write a compressed model (from :func:`udnc_fx.compress`, possibly fine-tuned) to a ``.udnc`` container.
 
@@ -101,6 +102,7 @@ def save(
     config's seed --, codebook, indices). The compression config is provenance, not needed to decode: by default
     only the fields :func:`load` uses (``leaf_modules``, ``fallback``) are stored, when not at their defaults;
     ``full_config=True`` stores the whole config (its non-default fields), about 50-100 bytes more.
+    ``progress`` draws a bar over the coded weights: ``None`` (default) on a terminal only, ``False`` never.
 
     Returns:
         The file size in bytes.
@@ -124,7 +126,9 @@ def save(
                 step=dlp.step,
                 key=0 if dlp.key is None else dlp.key,
                 dither=_NO_DITHER if dlp.key is None else DITHER_ID,
-                indices=dlp.indices.detach().cpu().numpy().astype(np.int64),
+                # the narrow stored dtype: the container widens one tensor at a time, so saving a large model
+                # never holds 8 bytes per weight for all of them at once
+                indices=dlp.indices.detach().cpu().numpy(),
                 codebook=dlp.codebook.detach().cpu().numpy().astype(np.float32),
                 codebook_int=dlp.codebook_int if untouched else None,
                 coder=coder,
@@ -138,7 +142,8 @@ def save(
         quantized=quantized, raw=raw, config=_compact_config(config, full_config), metadata={}, seed=config.seed
     )
     return write_container(
-        Path(path), container, raw_float_dtype=raw_float_dtype, codebook_float_dtype=codebook_float_dtype
+        Path(path), container, raw_float_dtype=raw_float_dtype, codebook_float_dtype=codebook_float_dtype,
+        progress=progress,
     )
 
 
@@ -296,13 +301,34 @@ def _params_from(container: Container) -> list[DitheredLatticeParam]:
     return dlps
 
 
-def load(path: str | Path, model: nn.Module) -> nn.Module:
+#: The header metadata key that marks an ONNX export's sidecar (``udnc_fx.export.runtime.SIDECAR_META_KEY``).
+_SIDECAR_MARK = "udnc_onnx"
+
+
+def _refuse_onnx_sidecar(header: dict, path: str | Path) -> None:
+    """A sidecar holds only an ONNX export's indices and codebooks (no biases, no config): say what it is and which
+    ONNX file it belongs to, rather than a confusing mismatch with the model. ``header``: the file's, resolved."""
+    metadata = header.get("metadata")
+    mark = metadata.get(_SIDECAR_MARK) if isinstance(metadata, dict) else None
+    if mark is None:
+        return
+    onnx_file = mark.get("onnx_file") if isinstance(mark, dict) else None
+    raise FormatError(
+        "onnx_sidecar",
+        f"{path} is the sidecar of the ONNX export {str(onnx_file)[:200]!r} (its weight indices only), not a model "
+        "container: open it with udnc_fx.export.load_onnx on that ONNX file, or load the .udnc file udnc_fx.save "
+        "wrote",
+    )
+
+
+def load(path: str | Path, model: nn.Module, *, progress: bool | None = None) -> nn.Module:
     """Rebuild the compressed model saved at ``path`` on ``model`` (an uncompressed model of the same
     architecture; it is deep-copied, never changed). Decoded weights equal the saved ones bit for bit.
+    ``progress`` draws a bar over the decoded weights: ``None`` (default) on a terminal only, ``False`` never.
 
     Raises:
-        FormatError: the file is malformed (any ``kind``), or ``model_mismatch`` when the model's layers, shapes
-            or other tensors do not match the file.
+        FormatError: the file is malformed (any ``kind``), ``model_mismatch`` when the model's layers, shapes
+            or other tensors do not match the file, or ``onnx_sidecar`` when it is an ONNX export's sidecar.
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"load() needs the float model to load onto, an nn.Module; got {type(model).__name__}")
@@ -312,6 +338,7 @@ def load(path: str | Path, model: nn.Module) -> nn.Module:
     def check(header: dict) -> None:
         # Runs on the validated header, before the payload is read: everything the file declares is held against
         # the model, so decoding does only the work a valid file of this model needs.
+        _refuse_onnx_sidecar(header, path)
         config = _config_from(header["config"], header["seed"])
         work = copy.deepcopy(model)
         trace_note = "torch.fx symbolic trace"
@@ -330,6 +357,7 @@ def load(path: str | Path, model: nn.Module) -> nn.Module:
         max_elements=2 * (model_bytes + limits.ALPHABET_SLACK * 8 * tensors) + 1,
         max_header_length=limits.header_allowance(tensors),
         check_header=check,
+        progress=progress,
     )
     config, target, trace_note = traced["config"], traced["target"], traced["trace_note"]
     dlps = _params_from(container)

@@ -26,15 +26,25 @@ def test_compress_inspect_export_roundtrip(tmp_path):
     _run(["export", "m.udnc", "--model", "udnc_fx.demo:DigitsCNN", "--example-shape", "1x1x8x8", "--out", "x.onnx"],
          tmp_path)
     listing, _ = _run(["inspect", "x.onnx"], tmp_path)
-    assert "4 dequantize subgraphs" in listing and "x.udnc" in listing
+    sidecar = next(p.name for p in tmp_path.glob("x.onnx.*.udnc"))
+    assert "4 dequantize subgraphs" in listing and sidecar in listing
 
 
-def test_export_refuses_to_overwrite_its_input(tmp_path):
+def test_export_never_touches_the_input_container(tmp_path):
+    """The natural names (m.udnc in, m.onnx out) work and leave m.udnc as it was; exporting onto the input itself
+    or onto a directory is refused before any work, and leaves no file behind (issue 15)."""
     _run(["compress", "udnc_fx.demo:DigitsCNN", "--out", "m.udnc"], tmp_path)
     before = (tmp_path / "m.udnc").read_bytes()
-    _, err = _run(["export", "m.udnc", "--model", "udnc_fx.demo:DigitsCNN", "--example-shape", "1x1x8x8",
-                   "--out", "m.onnx"], tmp_path, expect=2)
-    assert "would overwrite" in err and (tmp_path / "m.udnc").read_bytes() == before
+    export = ["export", "m.udnc", "--model", "udnc_fx.demo:DigitsCNN", "--example-shape", "1x1x8x8", "--out"]
+    _run(export + ["m.onnx"], tmp_path)
+    assert (tmp_path / "m.udnc").read_bytes() == before
+    _, err = _run(export + ["m.udnc"], tmp_path, expect=2)
+    assert "refusing to replace" in err and (tmp_path / "m.udnc").read_bytes() == before
+    (tmp_path / "outdir").mkdir()
+    listing = sorted(p.name for p in tmp_path.iterdir())
+    _, err = _run(export + ["outdir"], tmp_path, expect=2)
+    assert "is a directory" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == listing and not list((tmp_path / "outdir").iterdir())
 
 
 @pytest.mark.parametrize(

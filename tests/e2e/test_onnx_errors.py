@@ -31,25 +31,32 @@ def exported(tmp_path_factory):
     return {"a": _export(d, "a", seed=0), "b": _export(d, "b", seed=1), "self": _export(d, "self", sidecar=False)}
 
 
+def _side(onnx_path):
+    """The sidecar an export records (a plain name beside it), or None."""
+    props = {p.key: p.value for p in onnx.load(str(onnx_path)).metadata_props}
+    return onnx_path.parent / props["udnc.sidecar"] if "udnc.sidecar" in props else None
+
+
 def _copy(src, tmp_path, name="model"):
     dst = tmp_path / f"{name}.onnx"
     shutil.copy(src, dst)
-    side = src.with_suffix(".udnc")
-    if side.exists():
-        shutil.copy(side, dst.with_suffix(".udnc"))
+    side = _side(src)
+    if side is not None:
+        shutil.copy(side, tmp_path / side.name)  # under its recorded name
     return dst
 
 
 def test_sidecar_of_another_export(exported, tmp_path):
     path = _copy(exported["a"], tmp_path)
-    shutil.copy(exported["b"].with_suffix(".udnc"), path.with_suffix(".udnc"))
+    side = _side(path)
+    shutil.copy(_side(exported["b"]), side)
     with pytest.raises(FormatError) as info:
         load_onnx(path)
     assert info.value.kind == "model_mismatch"
-    assert "model.udnc" in str(info.value) and "b.onnx" in str(info.value) and "model.onnx" in str(info.value)
+    assert side.name in str(info.value) and "b.onnx" in str(info.value) and "model.onnx" in str(info.value)
     # the same through an explicit sidecar_path
     with pytest.raises(FormatError) as info:
-        load_onnx(exported["a"], exported["b"].with_suffix(".udnc"))
+        load_onnx(exported["a"], _side(exported["b"]))
     assert info.value.kind == "model_mismatch"
 
 
@@ -59,7 +66,7 @@ def test_missing_sidecar(exported, tmp_path):
     with pytest.raises(FormatError) as info:
         load_onnx(path)
     assert info.value.kind == "missing_sidecar"
-    assert "a.udnc" in str(info.value) and "lonely.onnx" in str(info.value)
+    assert _side(exported["a"]).name in str(info.value) and "lonely.onnx" in str(info.value)
     with pytest.raises(FormatError, match="missing_sidecar"):
         load_onnx(path, tmp_path / "nowhere.udnc")
 
@@ -91,13 +98,13 @@ def test_tensor_table_edited(exported, tmp_path):
 
 def test_sidecar_edited_after_export(exported, tmp_path):
     path = _copy(exported["a"], tmp_path)
-    side = path.with_suffix(".udnc")
+    side = _side(path)
     data = bytearray(side.read_bytes())
     data[-3] ^= 0x40
     side.write_bytes(bytes(data))
     with pytest.raises(FormatError) as info:
         load_onnx(path)
-    assert info.value.kind in ("checksum_mismatch", "bad_value") and "model.udnc" in str(info.value)
+    assert info.value.kind in ("checksum_mismatch", "bad_value") and side.name in str(info.value)
 
 
 def test_sidecar_rewritten_with_same_binding(exported, tmp_path):
@@ -106,7 +113,7 @@ def test_sidecar_rewritten_with_same_binding(exported, tmp_path):
     from udnc_fx.coding.container import decode_container, encode_container
 
     path = _copy(exported["a"], tmp_path)
-    side = path.with_suffix(".udnc")
+    side = _side(path)
     container = decode_container(side.read_bytes())
     q = container.quantized[0]
     q.indices = q.indices.copy()
@@ -119,7 +126,7 @@ def test_sidecar_rewritten_with_same_binding(exported, tmp_path):
 
 def test_sidecar_given_to_self_contained(exported):
     with pytest.raises(FormatError, match="model_mismatch.*self-contained"):
-        load_onnx(exported["self"], exported["a"].with_suffix(".udnc"))
+        load_onnx(exported["self"], _side(exported["a"]))
 
 
 def test_unsupported_format_version(exported, tmp_path):
@@ -162,7 +169,7 @@ def test_op_the_exporter_cannot_handle(tmp_path):
     with pytest.raises(ExportError) as info:
         to_onnx(gm, torch.randn(2, 8), tmp_path / "m.onnx")
     assert "aten::cummax" in str(info.value) and "opset 18" in str(info.value)
-    assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "m.udnc").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_opset_too_old(tmp_path):

@@ -45,7 +45,9 @@ __all__ = [
     "empirical_entropy_bits",
 ]
 
-DEFAULT_CODER = "range-adaptive-v1"
+#: The index coder new files use (save, QuantizedTensor, the ONNX sidecar): static ANS conditioned on the dither,
+#: defined in ``udnc_fx.coding.ans`` (registered when ``udnc_fx.coding`` is imported).
+DEFAULT_CODER = "ans-dither-v1"
 
 # The byte-oriented coders pack symbols in at most 4 bytes.
 _MAX_ALPHABET = 1 << 32

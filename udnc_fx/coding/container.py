@@ -69,7 +69,10 @@ __all__ = [
 ]
 
 MAGIC = b"\x89UDNC\r\n\x1a"
-FORMAT_VERSION = (1, 0)  # (major, minor) written by this module
+FORMAT_VERSION = (1, 1)  # (major, minor): the newest this module writes and reads
+#: Coders that need minor version 1 (dither-conditioned streams). A file using none of them is written as 1.0, the
+#: lowest version that reads it, so 1.0 readers keep reading what they can.
+_CODERS_SINCE_MINOR_1 = frozenset({"ans-dither-v1"})
 # magic, major, minor, header length H, payload length P, payload SHA-256, header SHA-256
 _DIGESTED = struct.Struct("<8sHHIQ32s")  # everything before the header digest, which covers it
 _PREAMBLE = struct.Struct("<8sHHIQ32s32s")
@@ -207,6 +210,29 @@ def _get_coder(name: str):
     if coder is None:
         raise FormatError("unknown_codec", f"unknown coder {name!r}")
     return coder
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _bar(entries: list, desc: str, progress: bool | None):
+    """A terminal-only bar over the weights of ``entries`` (tqdm is imported only when one is drawn)."""
+    from udnc_fx.progress import progress_enabled
+
+    if not entries or not progress_enabled(progress):
+        return _NoBar()
+    from udnc_fx.progress import progress_bar
+
+    total = 0
+    for e in entries:
+        count = getattr(e, "count", None)
+        total += int(np.size(getattr(e, "indices", ())) if count is None else count) * int(getattr(e, "n", 1) or 1)
+    return progress_bar(total=total or None, desc=desc, unit="w", unit_scale=True, progress=True)
 
 
 def _json_default(obj: Any) -> Any:
@@ -363,12 +389,27 @@ def _as_int(value: Any, what: str) -> int:
     return int(value)
 
 
+def _stream_context(coder: Any, key: int, dither: str, count: int, n: int) -> dict:
+    """``{"context": dither codes}`` for coders that condition on the dither (docs/FORMAT.md, *Dither context*);
+    ``{}`` for other coders and for tensors without the hash dither."""
+    if not getattr(coder, "accepts_context", False) or dither != FORMAT_DEFAULT_DITHER:
+        return {}
+    from udnc_fx.coding.ans import dither_codes
+
+    # A function, not the codes: a decoder hashes the dither only for streams that use it.
+    return {"context": lambda: dither_codes(key, count, n)}
+
+
 def _encode_stream(
-    coder_name: str, symbols: np.ndarray, alphabet_size: int, what: str, row_length: int | None = None
+    coder_name: str, symbols: np.ndarray, alphabet_size: int, what: str, row_length: int | None = None,
+    dither: tuple[int, str, int] | None = None,
 ) -> bytes:
-    """Code a stream; ``row_length`` (symbols per row of the weight) is handed to coders that model rows."""
+    """Code a stream; ``row_length`` (symbols per row of the weight) is handed to coders that model rows, the
+    dither ``(key, generator id, n)`` to coders that condition on it."""
     coder = _get_coder(coder_name)
     hint = {"row_length": row_length} if row_length and getattr(coder, "accepts_row_length", False) else {}
+    if dither is not None:
+        hint.update(_stream_context(coder, dither[0], dither[1], len(symbols), dither[2]))
     try:
         return bytes(coder.encode(np.ascontiguousarray(symbols, dtype=np.int64), alphabet_size, **hint))
     except FormatError:
@@ -507,7 +548,9 @@ def _encode_quantized(q: QuantizedTensor, codebook_float_dtype: str, max_element
         if not 0 <= zero_index < alphabet_size:
             raise FormatError("bad_value", f"{where}: zero_index {zero_index} outside [0, {alphabet_size})")
     _check_json_object(q.meta, f"{where}: meta")
-    indices_bytes = _encode_stream(q.coder, indices, alphabet_size, where, _row_length(shape, n, count))
+    indices_bytes = _encode_stream(
+        q.coder, indices, alphabet_size, where, _row_length(shape, n, count), (key, q.dither, n)
+    )
 
     entry: dict[str, Any] = {
         "fqn": q.fqn,
@@ -661,6 +704,7 @@ def encode_container(
     raw_float_dtype: str = "float32",
     codebook_float_dtype: str = "float32",
     max_elements: int = DEFAULT_MAX_ELEMENTS,
+    progress: bool | None = None,
 ) -> bytes:
     """Serialises ``container`` to the ``.udnc`` bytes (see ``docs/FORMAT.md``). Identical inputs give identical bytes.
 
@@ -673,6 +717,7 @@ def encode_container(
             always stored as they are.
         codebook_float_dtype: ``"float32"`` or ``"float16"`` for float codebooks (``codebook_int`` overrides it).
         max_elements: refuse to write what a default reader would refuse to read.
+        progress: a bar over the coded weights (``udnc_fx.progress``: ``None`` draws it on a terminal only).
 
     Returns:
         The file's bytes.
@@ -699,8 +744,10 @@ def encode_container(
     parts: list[bytes] = []
     total_elements = 0
     quantized_entries = []
+    bar = _bar(container.quantized, "coding", progress)
     for q in container.quantized:
         entry, indices_bytes, codebook_bytes = _encode_quantized(q, codebook_float_dtype, max_elements)
+        bar.update(entry["indices"]["count"] * entry["n"])
         total_elements += _prod(entry["shape"], max_elements) + entry["indices"]["alphabet_size"] * entry["n"]
         if entry["fqn"] in names:
             raise FormatError("bad_value", f"duplicate tensor name {entry['fqn']!r}")
@@ -716,6 +763,7 @@ def encode_container(
         names.add(entry["name"])
         parts.append(data)
         raw_entries.append(entry)
+    bar.close()
     if total_elements > max_elements:
         raise FormatError("bad_value", f"the container holds more than {max_elements} elements")
 
@@ -733,8 +781,9 @@ def encode_container(
     header_bytes = _canonical_json(_compact_header(header))
     if len(header_bytes) > MAX_HEADER_LENGTH:
         raise FormatError("bad_header", f"the header would be {len(header_bytes)} bytes (limit {MAX_HEADER_LENGTH})")
+    minor = 1 if any(e["indices"]["coder"] in _CODERS_SINCE_MINOR_1 for e in quantized_entries) else 0
     head = _DIGESTED.pack(
-        MAGIC, FORMAT_VERSION[0], FORMAT_VERSION[1], len(header_bytes), len(payload), hashlib.sha256(payload).digest()
+        MAGIC, FORMAT_VERSION[0], minor, len(header_bytes), len(payload), hashlib.sha256(payload).digest()
     )
     digest = hashlib.sha256(head + header_bytes).digest()
     return head + digest + header_bytes + payload
@@ -747,6 +796,7 @@ def write_container(
     raw_float_dtype: str = "float32",
     codebook_float_dtype: str = "float32",
     max_elements: int = DEFAULT_MAX_ELEMENTS,
+    progress: bool | None = None,
 ) -> int:
     """Writes ``container`` to a path (atomically) or to a binary file object.
 
@@ -762,6 +812,7 @@ def write_container(
         raw_float_dtype=raw_float_dtype,
         codebook_float_dtype=codebook_float_dtype,
         max_elements=max_elements,
+        progress=progress,
     )
     if hasattr(path_or_file, "write") and not isinstance(path_or_file, (str, bytes, os.PathLike)):
         path_or_file.write(data)
@@ -1216,10 +1267,12 @@ def _resolved(preamble: _Preamble, header: _Header) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _decode_stream(coder_name: str, data: bytes, count: int, alphabet_size: int, where: str) -> np.ndarray:
+def _decode_stream(
+    coder_name: str, data: bytes, count: int, alphabet_size: int, where: str, context: dict | None = None
+) -> np.ndarray:
     coder = _get_coder(coder_name)
     try:
-        out = coder.decode(data, count, alphabet_size)
+        out = coder.decode(data, count, alphabet_size, **(context or {}))
     except FormatError as exc:
         raise FormatError("bad_value", f"{where}: stream does not decode: {exc.message}") from exc
     except Exception as exc:  # a coder meeting bytes it did not write may fail in any way
@@ -1256,7 +1309,9 @@ def _decode_codebook(q: _QEntry, data: bytes) -> tuple[np.ndarray | None, np.nda
 
 
 
-def _decode_payload(preamble: _Preamble, header: _Header, payload: memoryview) -> Container:
+def _decode_payload(
+    preamble: _Preamble, header: _Header, payload: memoryview, progress: bool | None = None
+) -> Container:
     if hashlib.sha256(payload).digest() != preamble.payload_sha256:
         raise FormatError("checksum_mismatch", "the payload digest does not match (payload damaged)")
 
@@ -1264,8 +1319,13 @@ def _decode_payload(preamble: _Preamble, header: _Header, payload: memoryview) -
         return bytes(payload[s.offset : s.offset + s.length])
 
     quantized = []
+    bar = _bar(header.quantized, "decoding", progress)
     for q in header.quantized:
-        indices = _decode_stream(q.coder, section_bytes(q.indices), q.count, q.alphabet_size, f"{q.fqn!r} indices")
+        bar.update(q.count * q.n)
+        context = _stream_context(_get_coder(q.coder), q.key, q.dither, q.count, q.n)
+        indices = _decode_stream(
+            q.coder, section_bytes(q.indices), q.count, q.alphabet_size, f"{q.fqn!r} indices", context
+        )
         codebook, codebook_int = _decode_codebook(q, section_bytes(q.codebook))
         quantized.append(
             QuantizedTensor(
@@ -1274,6 +1334,7 @@ def _decode_payload(preamble: _Preamble, header: _Header, payload: memoryview) -
                 codebook_int=codebook_int, coder=q.coder, zero_index=q.zero_index, meta=q.meta,
             )
         )
+    bar.close()
     raws = []
     for r in header.raws:
         stored = np.frombuffer(section_bytes(r.data), dtype=_RAW_DTYPES[r.dtype])
@@ -1294,7 +1355,9 @@ def _guarded(fn, *args):
         raise FormatError("bad_value", f"unexpected {type(exc).__name__} while reading: {exc}") from exc
 
 
-def _read(source: Any, max_elements: int, max_header_length: int, check_header: Any) -> Container:
+def _read(
+    source: Any, max_elements: int, max_header_length: int, check_header: Any, progress: bool | None = None
+) -> Container:
     """Preamble and header first (bounded by ``max_header_length``), then ``check_header`` on the resolved header,
     and only then the payload: a caller that knows what the file must hold refuses it before anything is decoded
     (or, for a path, before the payload is even read)."""
@@ -1314,7 +1377,7 @@ def _read(source: Any, max_elements: int, max_header_length: int, check_header: 
             size = os.fstat(handle.fileno()).st_size - handle.tell()
         except (AttributeError, OSError, ValueError):  # a file object without a descriptor: read it whole
             data = handle.read()
-            return _read(data, max_elements, max_header_length, check_header)
+            return _read(data, max_elements, max_header_length, check_header, progress)
         prefix = handle.read(PREAMBLE_SIZE)
         preamble = _guarded(_parse_preamble, prefix, size, max_header_length)
         header_bytes = handle.read(preamble.header_length)
@@ -1326,7 +1389,7 @@ def _read(source: Any, max_elements: int, max_header_length: int, check_header: 
         payload = read_payload()
         if len(payload) != preamble.payload_length:
             raise FormatError("truncated", f"the payload is {preamble.payload_length} bytes, read {len(payload)}")
-        return _guarded(_decode_payload, preamble, header, payload)
+        return _guarded(_decode_payload, preamble, header, payload, progress)
     finally:
         if handle is not None and handle is not source:
             handle.close()
@@ -1338,13 +1401,14 @@ def decode_container(
     max_elements: int = DEFAULT_MAX_ELEMENTS,
     max_header_length: int = DEFAULT_MAX_HEADER_LENGTH,
     check_header: Any = None,
+    progress: bool | None = None,
 ) -> Container:
     """Decodes ``.udnc`` bytes, with every check of ``docs/FORMAT.md``. Arguments as :func:`read_container`.
 
     Raises:
         FormatError: and no other exception, whatever the bytes.
     """
-    return _read(data, max_elements, max_header_length, check_header)
+    return _read(data, max_elements, max_header_length, check_header, progress)
 
 
 def read_container(
@@ -1353,6 +1417,7 @@ def read_container(
     max_elements: int = DEFAULT_MAX_ELEMENTS,
     max_header_length: int = DEFAULT_MAX_HEADER_LENGTH,
     check_header: Any = None,
+    progress: bool | None = None,
 ) -> Container:
     """Reads a ``.udnc`` file (a path, bytes, or a binary file object) and decodes everything.
 
@@ -1373,12 +1438,13 @@ def read_container(
             ``MAX_HEADER_LENGTH``.
         check_header: called with the resolved header (as :func:`read_header` returns it) after every header check
             and before the payload is read; it raises to refuse the file. Its exceptions propagate unchanged.
+        progress: a bar over the decoded weights (``udnc_fx.progress``: ``None`` draws it on a terminal only).
 
     Raises:
         FormatError: for any defect of the content (never another exception type for bad bytes). ``OSError``
             for a file that cannot be opened.
     """
-    return _read(path_or_bytes, max_elements, max_header_length, check_header)
+    return _read(path_or_bytes, max_elements, max_header_length, check_header, progress)
 
 
 def read_header(
