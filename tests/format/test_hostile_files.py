@@ -250,12 +250,10 @@ def test_loading_onto_a_model_of_another_dtype_is_a_model_mismatch(tmp_path, sav
 
 def test_load_checks_before_decoding(tmp_path, saved, monkeypatch):
     """The model check runs on the header: a mismatched file never reaches a decoder."""
-    from udnc_fx.coding import coders
-
     data, model = saved
     calls = []
-    original = coders.Coder.decode
-    monkeypatch.setattr(coders.Coder, "decode", lambda self, *a: calls.append(self.name) or original(self, *a))
+    original = C._decode_stream  # every index stream and coded codebook goes through it
+    monkeypatch.setattr(C, "_decode_stream", lambda *a, **kw: calls.append(a[0]) or original(*a, **kw))
     path = tmp_path / "m.udnc"
     path.write_bytes(data)
     udnc_fx.load(path, model)
