@@ -32,7 +32,7 @@ from ..dither import tensor_key
 from ..errors import ConfigError, PassError
 from ..lattice import get_lattice
 from ..param import DitheredLatticeParam
-from ..quantizer import entropy_bits_per_weight, quantize_array, raw_dither, vectors_of
+from ..quantizer import coded_rate_bits_per_weight, quantize_array, raw_dither, vectors_of
 from .select import Candidate, Change, select_weights
 
 __all__ = ["PassResult", "quantize", "install", "padded_conv", "ServeWeight", "solve_relative_step"]
@@ -193,7 +193,9 @@ def _layer_stats(cand: Candidate) -> tuple[np.ndarray, float]:
 def solve_relative_step(
     layers: list[tuple[np.ndarray, float, Any, np.ndarray]], fixed_bits: float, fixed_numel: int, target: float
 ) -> float:
-    """Find one relative step ``s`` (Δ_l = s·std_l) so the weighted mean entropy over all layers is ``target``.
+    """Find one relative step ``s`` (Δ_l = s·std_l) so the weighted mean estimated coded rate over all layers
+    (:func:`udnc_fx.quantizer.coded_rate_bits_per_weight`: index entropy for Z¹, and for vector lattices the smaller of
+    indices plus a table of points and table-free ``lattice-coords``) is ``target``.
 
     ``layers``: ``(vectors, std, lattice, u_raw)`` for each layer solved for; ``fixed_*``: the total bits and weights
     of layers with explicit steps. Entropy falls as the step grows; the search is on ``log s``.
@@ -205,7 +207,7 @@ def solve_relative_step(
 
     def mean_bits(s: float) -> float:
         bits = fixed_bits + sum(
-            entropy_bits_per_weight(v, lat, s * std, u) * v.size for v, std, lat, u in layers
+            coded_rate_bits_per_weight(v, lat, s * std, u) * v.size for v, std, lat, u in layers
         )
         return bits / total
 
@@ -275,7 +277,7 @@ def make_params(candidates: list[Candidate], config: CompressConfig) -> list[Dit
         fixed_bits = fixed_numel = 0
         for cand, w, std, lat, v, key in prepared:
             if cand.step_kind != "target_bits":
-                fixed_bits += entropy_bits_per_weight(v, lat, cand.step, raw_dither(key, v.shape[0], lat)) * v.size
+                fixed_bits += coded_rate_bits_per_weight(v, lat, cand.step, raw_dither(key, v.shape[0], lat)) * v.size
                 fixed_numel += v.size
         s = solve_relative_step(
             [(p[4], p[2], p[3], us[id(p[0])]) for p in to_solve], fixed_bits, fixed_numel, target

@@ -111,6 +111,8 @@ class LayerReport:
     entropy_bits: float
     sqnr_db: float | None
     numel: int
+    #: estimated coded rate (bits/weight) of the stored form: what ``target_bits`` solves for (``rate_bits``)
+    rate_bits: float = math.nan
 
 
 @dataclass
@@ -130,6 +132,12 @@ class InspectReport:
         total = self.total_weights
         return sum(r.entropy_bits * r.numel for r in self.layers) / total if total else 0.0
 
+    @property
+    def mean_rate_bits(self) -> float:
+        """Weighted mean of the layers' estimated coded rates: what ``target_bits`` aims at."""
+        total = self.total_weights
+        return sum(r.rate_bits * r.numel for r in self.layers) / total if total else 0.0
+
     def to_dict(self) -> dict:
         return {
             "layers": [asdict(r) for r in self.layers],
@@ -137,6 +145,7 @@ class InspectReport:
             "trace": self.trace,
             "total_weights": self.total_weights,
             "mean_entropy_bits": self.mean_entropy_bits,
+            "mean_rate_bits": self.mean_rate_bits,
         }
 
     def to_json(self, **kwargs) -> str:
@@ -196,6 +205,7 @@ def inspect(model: nn.Module) -> InspectReport:
                 entropy_bits=dlp.entropy_bits(),
                 sqnr_db=None if sqnr is None else float(sqnr),
                 numel=dlp.numel,
+                rate_bits=dlp.rate_bits(),
             )
         )
     record = compression_record(model) or {}

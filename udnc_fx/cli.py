@@ -113,10 +113,10 @@ def _inspect(args) -> int:
     for r in report["rows"]:
         if r["kind"] == "quantized":
             lat = f"{r['lattice']}{r['n']}" if r["lattice"] == "Z" else r["lattice"]
+            k = f"coords ({r['layout']})" if r["codewords"] is None else str(r["codewords"])  # no table of points
             bits = "-" if r["bits_per_weight"] is None else f"{r['bits_per_weight']:.3f}"
             ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}x"
-            rows.append([r["name"], "x".join(map(str, r["shape"])), lat, str(r["codewords"]), str(r["coder"]),
-                         str(r["bytes"]), bits, ratio])
+            rows.append([r["name"], "x".join(map(str, r["shape"])), lat, k, str(r["coder"]), str(r["bytes"]), bits, ratio])
     raw = [r for r in report["rows"] if r["kind"] == "raw"]
     rows.append(["(raw tensors)", f"{len(raw)} tensors", "", "", "", str(sum(r["bytes"] for r in raw)), "", ""])
     rows.append(["(preamble + shared header)", "", "", "", "", str(report["shared_bytes"]), "", ""])

@@ -425,6 +425,7 @@ def size_report(path: str | Path, float_model: nn.Module | None = None) -> dict[
         numel = math.prod(entry["shape"])
         weights_float += 4 * numel
         weights_bytes += s["total"]
+        coords = entry["codebook"]["encoding"] == "lattice-coords"
         rows.append(
             {
                 "name": entry["fqn"],
@@ -432,7 +433,10 @@ def size_report(path: str | Path, float_model: nn.Module | None = None) -> dict[
                 "shape": entry["shape"],
                 "lattice": entry["lattice"],
                 "n": entry["n"],
-                "codewords": entry["indices"]["alphabet_size"],
+                # lattice-coords stores every vector's coordinates and no table: K is not in the file
+                "codewords": None if coords else entry["indices"]["alphabet_size"],
+                "codebook_encoding": entry["codebook"]["encoding"],
+                "layout": entry["codebook"].get("layout"),
                 "coder": entry["indices"]["coder"],
                 "bytes": s["total"],
                 "index_bytes": s["indices"],

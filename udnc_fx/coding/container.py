@@ -42,6 +42,7 @@ from udnc_fx.coding.limits import (
     max_index_alphabet,
 )
 from udnc_fx.coding.tempfiles import create_temp, remove_stale_temps
+from udnc_fx.coding import lattice_coords as _lc
 from udnc_fx.errors import FormatError
 
 __all__ = [
@@ -69,10 +70,12 @@ __all__ = [
 ]
 
 MAGIC = b"\x89UDNC\r\n\x1a"
-FORMAT_VERSION = (1, 1)  # (major, minor): the newest this module writes and reads
+FORMAT_VERSION = (1, 2)  # (major, minor): the newest this module writes and reads
 #: Coders that need minor version 1 (dither-conditioned streams). A file using none of them is written as 1.0, the
 #: lowest version that reads it, so 1.0 readers keep reading what they can.
 _CODERS_SINCE_MINOR_1 = frozenset({"ans-dither-v1"})
+#: Codebook encodings that need minor version 2 (a file using one is written as 1.2; otherwise as above).
+_ENCODINGS_SINCE_MINOR_2 = frozenset({_lc.ENCODING})
 # magic, major, minor, header length H, payload length P, payload SHA-256, header SHA-256
 _DIGESTED = struct.Struct("<8sHHIQ32s")  # everything before the header digest, which covers it
 _PREAMBLE = struct.Struct("<8sHHIQ32s32s")
@@ -334,44 +337,9 @@ def _non_members(lattice: str, c: np.ndarray) -> np.ndarray:
     return np.zeros(c.shape[0], dtype=bool)
 
 
-def _codebook_symbols(lattice: str, c: np.ndarray) -> np.ndarray:
-    """The ``(K, w)`` symbol rows of a ``lattice-int-coded`` codebook (docs/FORMAT.md); ``c`` holds lattice points
-    with every coordinate below 2^40 in magnitude, so nothing here overflows int64.
-
-    The parity constraints of D4 and E8 are taken out of the stream: they would cost the order-0 coder a bit or
-    more per row, and mixing E8's odd and even rows in one alphabet costs it about a third of the stream.
-    """
-    c = c.astype(np.int64, copy=False)
-    if lattice == "D4":
-        s = c.copy()
-        p = (c[:, 0] + c[:, 1] + c[:, 2]) & 1
-        s[:, 3] = (c[:, 3] - p) >> 1
-        return _zigzag_encode(s).astype(np.int64)
-    if lattice == "E8":
-        p = c[:, 0] & 1
-        h = (c - p[:, None]) >> 1
-        q = np.sum(h[:, :7], axis=1) & 1
-        h[:, 7] = (h[:, 7] - q) >> 1
-        return np.concatenate([p[:, None], _zigzag_encode(h).astype(np.int64)], axis=1)
-    return _zigzag_encode(c).astype(np.int64)
-
-
-def _codebook_from_symbols(lattice: str, s: np.ndarray, where: str) -> np.ndarray:
-    """Inverse of :func:`_codebook_symbols`; ``s`` is ``(K, w)`` with every symbol below 2^32."""
-    if lattice == "D4":
-        c = _zigzag_decode(s)
-        p = (c[:, 0] + c[:, 1] + c[:, 2]) & 1
-        c[:, 3] = 2 * c[:, 3] + p
-        return c
-    if lattice == "E8":
-        p = s[:, 0].astype(np.int64)
-        if p.size and int(p.max()) > 1:
-            raise FormatError("bad_value", f"{where}: an E8 row parity symbol is not 0 or 1")
-        h = _zigzag_decode(s[:, 1:])
-        q = np.sum(h[:, :7], axis=1) & 1
-        h[:, 7] = 2 * h[:, 7] + q
-        return 2 * h + p[:, None]
-    return _zigzag_decode(s)
+# The symbol rows are those of lattice-coords (one row per distinct point here, one per vector there).
+_codebook_symbols = _lc.point_symbols
+_codebook_from_symbols = _lc.points_from_symbols
 
 
 def _coded_row_symbols(lattice: str, n: int) -> int:
@@ -565,7 +533,63 @@ def _encode_quantized(q: QuantizedTensor, codebook_float_dtype: str, max_element
         "indices": {"coder": q.coder, "alphabet_size": alphabet_size, "count": count, "length": len(indices_bytes)},
         "codebook": codebook_entry,
     }
+    if q.codebook_int is not None:
+        coords = _encode_coords(q, indices, zero_index, key, n, where)
+        if coords is not None:
+            symbol_alphabet, coords_entry, coords_bytes = coords
+
+            def cost(cb: dict, payload: int) -> int:
+                return payload + len(_canonical_json(_compact_codebook(cb)))
+
+            # Measured, not guessed: the table of points is dropped only where that makes the file smaller.
+            if cost(coords_entry, len(coords_bytes)) < cost(codebook_entry, len(indices_bytes) + len(codebook_bytes)):
+                entry["zero_index"] = None
+                entry["indices"] = {
+                    "coder": q.coder, "alphabet_size": symbol_alphabet, "count": count, "length": len(coords_bytes)
+                }
+                entry["codebook"] = coords_entry
+                return entry, coords_bytes, b""
     return entry, indices_bytes, codebook_bytes
+
+
+def _encode_coords(
+    q: QuantizedTensor, indices: np.ndarray, zero_index: int | None, key: int, n: int, where: str
+) -> tuple[int, dict, bytes] | None:
+    """The ``lattice-coords`` form of a tensor whose (already validated) ``codebook_int`` holds lattice points:
+    ``(symbol alphabet, codebook entry, payload)``, or ``None`` where it cannot represent the tensor (a
+    ``zero_index`` that is not the point 0, symbols past the coder's alphabet)."""
+    cb_int = np.asarray(q.codebook_int).astype(np.int64)
+    exact_zero = zero_index is not None
+    if exact_zero:
+        if cb_int[zero_index].any():
+            return None
+        # Only the point 0 may decode to exact zeros, and the reader makes every vector at 0 do so: equal only if
+        # no other row is 0 (rows are distinct in a quantizer's codebook, but a caller's need not be).
+        if int((~cb_int.any(axis=1)).sum()) != 1:
+            return None
+    if cb_int.size and (int(cb_int.min()) <= -_lc.MAX_COORDINATE or int(cb_int.max()) >= _lc.MAX_COORDINATE):
+        return None  # far outside any quantizer's range; the symbol transforms would overflow
+    points = cb_int[np.asarray(indices, dtype=np.intp)]
+    # The reader rebuilds indices and codebook in the quantizer's order; use lattice-coords only where that gives
+    # back exactly these (a codebook with unused or reordered rows would come back different).
+    rebuilt_indices, rebuilt_points, _ = _lc.index_points(points)
+    if not (np.array_equal(rebuilt_points, cb_int) and np.array_equal(rebuilt_indices, indices)):
+        return None
+    coded = _lc.encode_points(
+        _get_coder(q.coder), points, q.lattice, n, key, q.dither == FORMAT_DEFAULT_DITHER, f"{where} coordinates"
+    )
+    if coded is None:
+        return None
+    alphabet, layout, payload = coded
+    cb_entry: dict[str, Any] = {"encoding": _lc.ENCODING, "layout": layout, "exact_zero": exact_zero, "length": 0}
+    return alphabet, cb_entry, payload
+
+
+def _points_bound(entry: dict) -> int:
+    """At most how many codebook rows an entry decodes to: K, or for ``lattice-coords`` one per vector."""
+    if entry["codebook"]["encoding"] == _lc.ENCODING:
+        return entry["indices"]["count"]
+    return entry["indices"]["alphabet_size"]
 
 
 def _encode_raw(r: RawTensor, raw_float_dtype: str) -> tuple[dict, bytes]:
@@ -605,8 +629,10 @@ def _compact_codebook(cb: dict) -> dict:
     out = dict(cb)
     out.pop("offset", None)
     encoding = out.get("encoding")
-    if encoding in _CODEBOOK_FLOAT_ENCODINGS or encoding == _LATTICE_INT:
+    if encoding in _CODEBOOK_FLOAT_ENCODINGS or encoding == _LATTICE_INT or encoding == _lc.ENCODING:
         out.pop("length", None)
+    if encoding == _lc.ENCODING and out.get("exact_zero") is False:
+        del out["exact_zero"]
     if encoding == _LATTICE_INT and out.get("width") == 1:
         del out["width"]
     if encoding == _LATTICE_INT_CODED and out.get("coder") == FORMAT_DEFAULT_CODEBOOK_CODER:
@@ -748,7 +774,7 @@ def encode_container(
     for q in container.quantized:
         entry, indices_bytes, codebook_bytes = _encode_quantized(q, codebook_float_dtype, max_elements)
         bar.update(entry["indices"]["count"] * entry["n"])
-        total_elements += _prod(entry["shape"], max_elements) + entry["indices"]["alphabet_size"] * entry["n"]
+        total_elements += _prod(entry["shape"], max_elements) + _points_bound(entry) * entry["n"]
         if entry["fqn"] in names:
             raise FormatError("bad_value", f"duplicate tensor name {entry['fqn']!r}")
         names.add(entry["fqn"])
@@ -781,7 +807,10 @@ def encode_container(
     header_bytes = _canonical_json(_compact_header(header))
     if len(header_bytes) > MAX_HEADER_LENGTH:
         raise FormatError("bad_header", f"the header would be {len(header_bytes)} bytes (limit {MAX_HEADER_LENGTH})")
-    minor = 1 if any(e["indices"]["coder"] in _CODERS_SINCE_MINOR_1 for e in quantized_entries) else 0
+    if any(e["codebook"]["encoding"] in _ENCODINGS_SINCE_MINOR_2 for e in quantized_entries):
+        minor = 2
+    else:
+        minor = 1 if any(e["indices"]["coder"] in _CODERS_SINCE_MINOR_1 for e in quantized_entries) else 0
     head = _DIGESTED.pack(
         MAGIC, FORMAT_VERSION[0], minor, len(header_bytes), len(payload), hashlib.sha256(payload).digest()
     )
@@ -880,6 +909,8 @@ class _QEntry:
     indices: _Section
     codebook: _Section
     count: int = 0
+    layout: str | None = None  # lattice-coords only
+    exact_zero: bool = False  # lattice-coords only
 
     def resolved(self) -> dict:
         out = dict(self.raw)
@@ -894,6 +925,8 @@ class _QEntry:
             codebook["width"] = self.width
         elif self.encoding == _LATTICE_INT_CODED:
             codebook["coder"] = self.codebook_coder
+        elif self.encoding == _lc.ENCODING:
+            codebook.update(layout=self.layout, exact_zero=self.exact_zero)
         out["indices"], out["codebook"] = indices, codebook
         return out
 
@@ -1012,7 +1045,8 @@ def _parse_quantized(obj: Any, i: int, file_coder: str, file_codebook: str) -> _
     alphabet_size = _get(ind, "alphabet_size", int, f"{where} indices")
     indices = _Section(f"{where} indices", _get(ind, "length", int, f"{where} indices"))
     encoding = _get(cb, "encoding", str, f"{where} codebook")
-    width = cb_alphabet = cb_coder = None
+    width = cb_alphabet = cb_coder = layout = None
+    exact_zero = False
     codebook = _Section(f"{where} codebook", 0)  # a derived length, set with the values
     if encoding == _LATTICE_INT:
         width = _get(cb, "width", int, f"{where} codebook", default=1)
@@ -1020,11 +1054,15 @@ def _parse_quantized(obj: Any, i: int, file_coder: str, file_codebook: str) -> _
         cb_alphabet = _get(cb, "alphabet_size", int, f"{where} codebook")
         cb_coder = _get(cb, "coder", str, f"{where} codebook", default=FORMAT_DEFAULT_CODEBOOK_CODER)
         codebook.length = _get(cb, "length", int, f"{where} codebook")
+    elif encoding == _lc.ENCODING:
+        layout = _get(cb, "layout", str, f"{where} codebook")
+        exact_zero = _get(cb, "exact_zero", bool, f"{where} codebook", default=False)
     return _QEntry(
         raw=obj, fqn=fqn, shape=shape, lattice=lattice, n=n, step=step,
         key=None if key_text is None else int(key_text, 16), dither=dither,
         zero_index=zero_index, meta=meta, coder=coder, alphabet_size=alphabet_size, encoding=encoding,
         width=width, codebook_alphabet_size=cb_alphabet, codebook_coder=cb_coder, indices=indices, codebook=codebook,
+        layout=layout, exact_zero=exact_zero,
     )
 
 
@@ -1106,13 +1144,22 @@ def _check_quantized_values(q: _QEntry, max_elements: int) -> int:
     k = q.alphabet_size
     if k < 1:
         raise FormatError("bad_value", f"{where}: alphabet_size {k} (K must be >= 1)")
-    if k > max_index_alphabet(q.count):  # an adaptive model's work grows with K whatever the stream holds
+    # an adaptive model's work grows with its alphabet whatever the stream holds; lattice-coords streams hold w
+    # symbols per vector
+    symbols = q.count * _coded_row_symbols(q.lattice, q.n) if q.encoding == _lc.ENCODING else q.count
+    if k > max_index_alphabet(symbols):
         raise FormatError(
             "bad_value",
-            f"{where}: alphabet_size {k} is more than the {max_index_alphabet(q.count)} allowed for {q.count} indices",
+            f"{where}: alphabet_size {k} is more than the {max_index_alphabet(symbols)} allowed for {symbols} symbols",
         )
     if q.zero_index is not None and not 0 <= q.zero_index < k:
         raise FormatError("bad_value", f"{where}: zero_index {q.zero_index} outside [0, {k})")
+    if q.encoding == _lc.ENCODING:
+        # K is not stored: the reader rebuilds the distinct points, at most one per vector.
+        if q.zero_index is not None:
+            raise FormatError("bad_value", f"{where}: lattice-coords stores exact zeros as exact_zero, not zero_index")
+        _lc.check_layout(q.layout, where)
+        k = q.count
     elements = numel + k * q.n  # K·n can be far more than a coded codebook's bytes
     if elements > max_elements:
         raise FormatError("bad_value", f"{where}: decodes to more than {max_elements} elements")
@@ -1135,6 +1182,8 @@ def _check_quantized_values(q: _QEntry, max_elements: int) -> int:
                 f"{max_codebook_alphabet(symbols)} allowed for {symbols} symbols",
             )
         _get_coder(q.codebook_coder)
+    elif q.encoding == _lc.ENCODING:
+        q.codebook.length = 0
     else:
         raise FormatError("unknown_codec", f"{where}: unknown codebook encoding {q.encoding[:40]!r}")
     _get_coder(q.coder)
@@ -1308,6 +1357,28 @@ def _decode_codebook(q: _QEntry, data: bytes) -> tuple[np.ndarray | None, np.nda
     return None, c
 
 
+def _decode_coords(q: _QEntry, data: bytes) -> QuantizedTensor:
+    """A ``lattice-coords`` tensor: decode every vector's point, then rebuild indices and ``codebook_int`` in the
+    quantizer's order (``lattice_coords.index_points``)."""
+    points = _lc.decode_points(
+        _get_coder(q.coder), data, q.count, q.alphabet_size, q.layout, q.lattice, q.n, q.key,
+        q.dither == FORMAT_DEFAULT_DITHER, f"quantized tensor {q.fqn!r} coordinates",
+    )
+    if q.count == 0:
+        indices, codebook_int = np.zeros(0, np.int64), np.zeros((1, q.n), np.int64)
+    else:
+        indices, codebook_int, _ = _lc.index_points(points)
+    zero_index = None
+    if q.exact_zero:
+        hits = np.flatnonzero(~codebook_int.any(axis=1))
+        zero_index = int(hits[0]) if hits.size else None
+    k = codebook_int.shape[0]
+    return QuantizedTensor(
+        fqn=q.fqn, shape=q.shape, lattice=q.lattice, n=q.n, step=q.step, key=q.key, dither=q.dither,
+        indices=indices.astype(_narrow_index_dtype(k)), codebook=None, codebook_int=codebook_int, coder=q.coder,
+        zero_index=zero_index, meta=q.meta,
+    )
+
 
 def _decode_payload(
     preamble: _Preamble, header: _Header, payload: memoryview, progress: bool | None = None
@@ -1322,6 +1393,9 @@ def _decode_payload(
     bar = _bar(header.quantized, "decoding", progress)
     for q in header.quantized:
         bar.update(q.count * q.n)
+        if q.encoding == _lc.ENCODING:
+            quantized.append(_decode_coords(q, section_bytes(q.indices)))
+            continue
         context = _stream_context(_get_coder(q.coder), q.key, q.dither, q.count, q.n)
         indices = _decode_stream(
             q.coder, section_bytes(q.indices), q.count, q.alphabet_size, f"{q.fqn!r} indices", context
