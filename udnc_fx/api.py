@@ -135,6 +135,7 @@ def compress(
         trial_config = config if seed == config.seed else config.replace(seed=seed)
         target, trace_note = _traced_copy(model, trial_config)
         out = quantize(target, trial_config, calibration=calib).graph_module
+        _refuse_non_float32(out)
         compression_record(out)["trace"] = trace_note
         out.train(was_training)
         if len(seeds) > 1:
@@ -188,6 +189,22 @@ def _calibration_summary(record: dict, calib: Calibration | None, trials: list[d
         summary["score_spread"] = [min(scores), statistics.median(scores), max(scores)]
     summary["used_for"] = used
     return summary
+
+
+def _refuse_non_float32(model: nn.Module) -> None:
+    """A model whose weights are all float16/bfloat16/float64 would "compress" nothing (the format decodes weights
+    to float32: codebooks and the dither are float32 by contract, and serving a float32 weight to a float16 op fails)
+    and :func:`udnc_fx.save` would then refuse it: say so here, with the remedy. A model with some float32 layers
+    compresses those and records why the others were skipped."""
+    if served_params(model):
+        return
+    others = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()
+                     if p.is_floating_point() and p.dtype != torch.float32})
+    if others:
+        raise UnsupportedModelError(
+            f"no weight was compressed: the model's parameters are {', '.join(others)} and udnc-fx compresses "
+            "float32 weights only (they decode to float32 by format); convert the model with model.float() first"
+        )
 
 
 @dataclass

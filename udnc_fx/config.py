@@ -78,8 +78,13 @@ def _override_key(key: Any) -> str:
     if key.startswith("re:"):
         try:
             re.compile(key[3:])
-        except re.error as exc:
-            raise ConfigError(f"override pattern {key!r} is not a valid regular expression: {exc}") from None
+        # re.error for bad syntax; OverflowError for a repeat count past the engine's limit (a{99999999999});
+        # RecursionError for groups nested a few thousand deep: all of them mean "not a usable pattern".
+        except (re.error, OverflowError, RecursionError, ValueError) as exc:
+            shown = key if len(key) <= 80 else key[:77] + "..."
+            raise ConfigError(
+                f"override pattern {shown!r} is not a valid regular expression: {type(exc).__name__}: {exc}"
+            ) from None
     return key
 
 

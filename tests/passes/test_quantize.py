@@ -674,18 +674,26 @@ def test_module_swap_fallback_quantizes_the_same_layers_without_a_graph():
         torch.testing.assert_close(out, leafed(x))
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_non_float32_weights_are_left_float_with_a_reason(dtype):
-    # the decoded weight is float32: serving it to a float64/bfloat16 op would fail at run time
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_a_model_without_float32_weights_is_refused_at_compress(dtype):
+    # the decoded weight is float32: serving it to a float64/bfloat16 op would fail at run time, and a model that
+    # "compressed" nothing used to fail only later, in save()
     torch.manual_seed(0)
     model = MLP().to(dtype)
-    x = torch.randn(3, 12, dtype=dtype)
-    gm = udnc_fx.compress(model, CompressConfig(step=0.05), example_inputs=(x,))
-    assert decisions(gm) == {"quantized": set(), "shared": set(), "skipped": {"fc1.weight", "fc2.weight"}}
-    assert all("only float32" in c["reason"] for c in udnc_fx.inspect(gm).changes)
-    assert torch.equal(gm(x), model(x))
+    with pytest.raises(udnc_fx.UnsupportedModelError, match=r"model\.float\(\)"):
+        udnc_fx.compress(model, CompressConfig(step=0.05))
     with pytest.raises(udnc_fx.PassError, match="float32"):
         udnc_fx.compress(model, CompressConfig(step=0.05, strict=True))
+
+
+def test_non_float32_layers_of_a_float32_model_are_left_float_with_a_reason():
+    torch.manual_seed(0)
+    model = MLP()
+    model.fc2.to(torch.float64)
+    gm = udnc_fx.compress(model, CompressConfig(step=0.05))
+    assert decisions(gm)["quantized"] == {"fc1.weight"}
+    assert "fc2.weight" in decisions(gm)["skipped"]
+    assert any("only float32" in c["reason"] for c in udnc_fx.inspect(gm).changes if c["fqn"] == "fc2.weight")
 
 
 def test_module_swap_is_not_used_when_the_model_traces():

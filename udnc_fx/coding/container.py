@@ -27,7 +27,7 @@ import hashlib
 import json
 import math
 import os
-import secrets
+import stat
 import struct
 from collections import Counter
 from dataclasses import dataclass, field
@@ -35,6 +35,13 @@ from typing import Any
 
 import numpy as np
 
+from udnc_fx.coding.limits import (
+    DEFAULT_MAX_HEADER_LENGTH,
+    MAX_HEADER_LENGTH,
+    max_codebook_alphabet,
+    max_index_alphabet,
+)
+from udnc_fx.coding.tempfiles import create_temp, remove_stale_temps
 from udnc_fx.coding import lattice_coords as _lc
 from udnc_fx.errors import FormatError
 
@@ -43,6 +50,7 @@ __all__ = [
     "FORMAT_VERSION",
     "PREAMBLE_SIZE",
     "MAX_HEADER_LENGTH",
+    "DEFAULT_MAX_HEADER_LENGTH",
     "DEFAULT_MAX_ELEMENTS",
     "LATTICE_DIMENSIONS",
     "DEFAULT_CODER",
@@ -73,7 +81,6 @@ _DIGESTED = struct.Struct("<8sHHIQ32s")  # everything before the header digest, 
 _PREAMBLE = struct.Struct("<8sHHIQ32s32s")
 PREAMBLE_SIZE = _PREAMBLE.size  # 88
 _DIGESTED_PREAMBLE = _DIGESTED.size  # 56
-MAX_HEADER_LENGTH = 64 << 20
 #: Default cap on the elements a container may decode to (all tensors and codebooks together). An entropy-coded
 #: stream can be far smaller than what it decodes to, so the file's length alone cannot bound the allocation.
 DEFAULT_MAX_ELEMENTS = 1 << 32
@@ -484,6 +491,10 @@ def _encode_quantized(q: QuantizedTensor, codebook_float_dtype: str, max_element
         codebook_entry = {"encoding": encoding, "length": len(codebook_bytes)}
     if alphabet_size < 1:
         raise FormatError("bad_value", f"{where}: the codebook is empty (K = 0)")
+    if alphabet_size > max_index_alphabet(count):
+        raise FormatError(
+            "bad_value", f"{where}: {alphabet_size} codewords for {count} indices (at most {max_index_alphabet(count)})"
+        )
     if numel + alphabet_size * n > max_elements:
         raise FormatError("bad_value", f"{where}: the tensor and its codebook hold more than {max_elements} elements")
 
@@ -837,14 +848,8 @@ def write_container(
         return len(data)
     path = os.fspath(path_or_file)
     directory, base = os.path.split(os.path.abspath(path))
-    while True:
-        tmp = os.path.join(directory, f".{base}.{secrets.token_hex(6)}.tmp")
-        try:
-            # os.open with mode 0o666 lets the umask decide the permissions, as a plain open() would.
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-            break
-        except FileExistsError:  # pragma: no cover - 48 random bits
-            continue
+    remove_stale_temps(directory, base)  # full-size leftovers of a save that was killed before its rename
+    fd, tmp = create_temp(directory, base)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -1091,10 +1096,21 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite_float(text: str) -> float:
+    # 1e400 is valid JSON syntax but no float64: Python reads it as inf, which nothing downstream can print back
+    # as JSON (``udnc inspect --json`` wrote ``Infinity``). The writer never produces one (allow_nan=False).
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:40]} is outside float64's range")
+    return value
+
+
 def _parse_header_json(header_bytes: bytes) -> dict:
     try:
         text = header_bytes.decode("utf-8")
-        obj = json.loads(text, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
+        obj = json.loads(
+            text, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant, parse_float=_finite_float
+        )
     except Exception as exc:  # UnicodeDecodeError, JSONDecodeError, ValueError, RecursionError
         raise _bad(f"the header is not valid JSON: {exc}") from exc
     if not isinstance(obj, dict):
@@ -1128,6 +1144,14 @@ def _check_quantized_values(q: _QEntry, max_elements: int) -> int:
     k = q.alphabet_size
     if k < 1:
         raise FormatError("bad_value", f"{where}: alphabet_size {k} (K must be >= 1)")
+    # an adaptive model's work grows with its alphabet whatever the stream holds; lattice-coords streams hold w
+    # symbols per vector
+    symbols = q.count * _coded_row_symbols(q.lattice, q.n) if q.encoding == _lc.ENCODING else q.count
+    if k > max_index_alphabet(symbols):
+        raise FormatError(
+            "bad_value",
+            f"{where}: alphabet_size {k} is more than the {max_index_alphabet(symbols)} allowed for {symbols} symbols",
+        )
     if q.zero_index is not None and not 0 <= q.zero_index < k:
         raise FormatError("bad_value", f"{where}: zero_index {q.zero_index} outside [0, {k})")
     if q.encoding == _lc.ENCODING:
@@ -1149,6 +1173,13 @@ def _check_quantized_values(q: _QEntry, max_elements: int) -> int:
         if not 1 <= q.codebook_alphabet_size <= _MAX_CODED_ALPHABET:
             raise FormatError(
                 "bad_value", f"{where}: codebook alphabet_size {q.codebook_alphabet_size} outside [1, 2^32]"
+            )
+        symbols = k * _coded_row_symbols(q.lattice, q.n)
+        if q.codebook_alphabet_size > max_codebook_alphabet(symbols):  # the writer's own limit
+            raise FormatError(
+                "bad_value",
+                f"{where}: codebook alphabet_size {q.codebook_alphabet_size} is more than the "
+                f"{max_codebook_alphabet(symbols)} allowed for {symbols} symbols",
             )
         _get_coder(q.codebook_coder)
     elif q.encoding == _lc.ENCODING:
@@ -1230,7 +1261,7 @@ class _Preamble:
     payload_sha256: bytes
 
 
-def _parse_preamble(prefix: bytes, file_size: int) -> _Preamble:
+def _parse_preamble(prefix: bytes, file_size: int, max_header_length: int = DEFAULT_MAX_HEADER_LENGTH) -> _Preamble:
     """Checks the preamble up to the header's presence in the file (the header digest comes next)."""
     if prefix[: len(MAGIC)] != MAGIC[: len(prefix)]:
         raise FormatError("bad_magic", "not a .udnc file (bad magic bytes)")
@@ -1244,6 +1275,12 @@ def _parse_preamble(prefix: bytes, file_size: int) -> _Preamble:
         )
     if not 1 <= header_length <= MAX_HEADER_LENGTH:
         raise _bad(f"header length {header_length} outside [1, {MAX_HEADER_LENGTH}]")
+    if header_length > max_header_length:
+        raise FormatError(
+            "bad_value",
+            f"the header is {header_length} bytes, more than this reader's limit of {max_header_length} "
+            "(max_header_length)",
+        )
     if PREAMBLE_SIZE + header_length > file_size:
         raise FormatError(
             "truncated", f"the file is {file_size} bytes; its header needs {PREAMBLE_SIZE + header_length}"
@@ -1252,9 +1289,9 @@ def _parse_preamble(prefix: bytes, file_size: int) -> _Preamble:
 
 
 def _read_header_from(
-    prefix: bytes, header_bytes: bytes, file_size: int, max_elements: int
+    prefix: bytes, header_bytes: bytes, file_size: int, max_elements: int, max_header_length: int = MAX_HEADER_LENGTH
 ) -> tuple[_Preamble, _Header]:
-    preamble = _parse_preamble(prefix, file_size)
+    preamble = _parse_preamble(prefix, file_size, max_header_length)
     if hashlib.sha256(prefix[:_DIGESTED_PREAMBLE] + header_bytes).digest() != prefix[_DIGESTED_PREAMBLE:PREAMBLE_SIZE]:
         raise FormatError("checksum_mismatch", "the header digest does not match (header or preamble damaged)")
     available = file_size - PREAMBLE_SIZE - len(header_bytes)
@@ -1343,14 +1380,9 @@ def _decode_coords(q: _QEntry, data: bytes) -> QuantizedTensor:
     )
 
 
-def _decode(buffer: bytes | bytearray | memoryview, max_elements: int, progress: bool | None = None) -> Container:
-    view = memoryview(buffer).cast("B")
-    size = len(view)
-    prefix = bytes(view[:PREAMBLE_SIZE])
-    preamble = _parse_preamble(prefix, size)
-    header_end = PREAMBLE_SIZE + preamble.header_length
-    _, header = _read_header_from(prefix, bytes(view[PREAMBLE_SIZE:header_end]), size, max_elements)
-    payload = view[header_end:]
+def _decode_payload(
+    preamble: _Preamble, header: _Header, payload: memoryview, progress: bool | None = None
+) -> Container:
     if hashlib.sha256(payload).digest() != preamble.payload_sha256:
         raise FormatError("checksum_mismatch", "the payload digest does not match (payload damaged)")
 
@@ -1397,19 +1429,69 @@ def _guarded(fn, *args):
         raise FormatError("bad_value", f"unexpected {type(exc).__name__} while reading: {exc}") from exc
 
 
-def decode_container(
-    data: bytes | bytearray | memoryview, *, max_elements: int = DEFAULT_MAX_ELEMENTS, progress: bool | None = None
+def _read(
+    source: Any, max_elements: int, max_header_length: int, check_header: Any, progress: bool | None = None
 ) -> Container:
-    """Decodes ``.udnc`` bytes, with every check of ``docs/FORMAT.md``.
+    """Preamble and header first (bounded by ``max_header_length``), then ``check_header`` on the resolved header,
+    and only then the payload: a caller that knows what the file must hold refuses it before anything is decoded
+    (or, for a path, before the payload is even read)."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        view = memoryview(source).cast("B")
+        size = len(view)
+        prefix = bytes(view[:PREAMBLE_SIZE])
+        preamble = _guarded(_parse_preamble, prefix, size, max_header_length)
+        header_bytes = bytes(view[PREAMBLE_SIZE : PREAMBLE_SIZE + preamble.header_length])
+        read_payload = lambda: view[PREAMBLE_SIZE + preamble.header_length :]  # noqa: E731
+        handle = None
+    else:
+        handle = _open_regular(source) if isinstance(source, (str, os.PathLike)) else source
+        if not hasattr(handle, "read"):
+            raise TypeError(f"read_container needs a path, bytes or a binary file, got {type(source).__name__}")
+        try:
+            size = os.fstat(handle.fileno()).st_size - handle.tell()
+        except (AttributeError, OSError, ValueError):  # a file object without a descriptor: read it whole
+            data = handle.read()
+            return _read(data, max_elements, max_header_length, check_header, progress)
+        prefix = handle.read(PREAMBLE_SIZE)
+        preamble = _guarded(_parse_preamble, prefix, size, max_header_length)
+        header_bytes = handle.read(preamble.header_length)
+        read_payload = lambda: memoryview(handle.read(size - PREAMBLE_SIZE - preamble.header_length))  # noqa: E731
+    try:
+        _, header = _guarded(_read_header_from, prefix, header_bytes, size, max_elements, max_header_length)
+        if check_header is not None:  # outside _guarded: the caller's own errors (model_mismatch...) pass as they are
+            check_header(_guarded(_resolved, preamble, header))
+        payload = read_payload()
+        if len(payload) != preamble.payload_length:
+            raise FormatError("truncated", f"the payload is {preamble.payload_length} bytes, read {len(payload)}")
+        return _guarded(_decode_payload, preamble, header, payload, progress)
+    finally:
+        if handle is not None and handle is not source:
+            handle.close()
+
+
+def decode_container(
+    data: bytes | bytearray | memoryview,
+    *,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+    max_header_length: int = DEFAULT_MAX_HEADER_LENGTH,
+    check_header: Any = None,
+    progress: bool | None = None,
+) -> Container:
+    """Decodes ``.udnc`` bytes, with every check of ``docs/FORMAT.md``. Arguments as :func:`read_container`.
 
     Raises:
         FormatError: and no other exception, whatever the bytes.
     """
-    return _guarded(_decode, data, max_elements, progress)
+    return _read(data, max_elements, max_header_length, check_header, progress)
 
 
 def read_container(
-    path_or_bytes: Any, *, max_elements: int = DEFAULT_MAX_ELEMENTS, progress: bool | None = None
+    path_or_bytes: Any,
+    *,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+    max_header_length: int = DEFAULT_MAX_HEADER_LENGTH,
+    check_header: Any = None,
+    progress: bool | None = None,
 ) -> Container:
     """Reads a ``.udnc`` file (a path, bytes, or a binary file object) and decodes everything.
 
@@ -1418,33 +1500,35 @@ def read_container(
     ``codebook_int`` (int64) with ``codebook=None``. Raw tensors come back in their stored dtype, except float32
     tensors stored as float16, which come back as float32. Arrays are writable copies.
 
+    An entropy-coded stream can legitimately be far smaller than what it decodes to (a constant stream costs a few
+    bytes), so the file's size cannot bound the work; a caller that knows what the file must hold (a model) passes
+    ``check_header`` and tight limits, and the payload is neither read nor decoded unless the header passes.
+
     Args:
         path_or_bytes: a path (str or ``os.PathLike``), ``bytes``/``bytearray``/``memoryview``, or a binary file.
         max_elements: refuse a file whose tensors and codebooks decode to more elements than this, in all
             (``bad_value``).
+        max_header_length: refuse a header longer than this many bytes (``bad_value``); the format allows up to
+            ``MAX_HEADER_LENGTH``.
+        check_header: called with the resolved header (as :func:`read_header` returns it) after every header check
+            and before the payload is read; it raises to refuse the file. Its exceptions propagate unchanged.
         progress: a bar over the decoded weights (``udnc_fx.progress``: ``None`` draws it on a terminal only).
 
     Raises:
         FormatError: for any defect of the content (never another exception type for bad bytes). ``OSError``
             for a file that cannot be opened.
     """
-    if isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
-        data = path_or_bytes
-    elif isinstance(path_or_bytes, (str, os.PathLike)):
-        with open(path_or_bytes, "rb") as f:
-            data = f.read()
-    elif hasattr(path_or_bytes, "read"):
-        data = path_or_bytes.read()
-    else:
-        raise TypeError(f"read_container needs a path, bytes or a binary file, got {type(path_or_bytes).__name__}")
-    return decode_container(data, max_elements=max_elements, progress=progress)
+    return _read(path_or_bytes, max_elements, max_header_length, check_header, progress)
 
 
-def read_header(path_or_bytes: Any, *, max_elements: int = DEFAULT_MAX_ELEMENTS) -> dict:
+def read_header(
+    path_or_bytes: Any, *, max_elements: int = DEFAULT_MAX_ELEMENTS, max_header_length: int = DEFAULT_MAX_HEADER_LENGTH
+) -> dict:
     """Reads and checks the preamble and the header only; the payload is neither read nor decoded.
 
     Every header-level check of ``docs/FORMAT.md`` is made (digest, types, values, layout, that the file is as
-    long as the preamble says); the payload digest and the decoding of streams are not.
+    long as the preamble says); the payload digest and the decoding of streams are not. The work is linear in the
+    header's length, which ``max_header_length`` caps (default 4 MiB; ``bad_value`` beyond).
 
     Returns:
         The header *resolved*: the stored JSON (unknown keys kept) with every omitted key filled with its default
@@ -1455,20 +1539,35 @@ def read_header(path_or_bytes: Any, *, max_elements: int = DEFAULT_MAX_ELEMENTS)
     """
     if isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
         view = memoryview(path_or_bytes).cast("B")
-        return _guarded(_header_from_buffer, view, max_elements)
-    with open(path_or_bytes, "rb") as f:
+        return _guarded(_header_from_buffer, view, max_elements, max_header_length)
+    with _open_regular(path_or_bytes) as f:
         size = os.fstat(f.fileno()).st_size
         prefix = f.read(PREAMBLE_SIZE)
-        preamble = _guarded(_parse_preamble, prefix, size)
+        preamble = _guarded(_parse_preamble, prefix, size, max_header_length)
         header_bytes = f.read(preamble.header_length)
-    return _guarded(lambda: _resolved(*_read_header_from(prefix, header_bytes, size, max_elements)))
+    return _guarded(lambda: _resolved(*_read_header_from(prefix, header_bytes, size, max_elements, max_header_length)))
 
 
-def _header_from_buffer(view: memoryview, max_elements: int) -> dict:
+def _open_regular(path: Any):
+    """Opens ``path`` for reading only if it is a regular file: a FIFO would block the reader forever and a device
+    (``/dev/zero``) never ends. Opened non-blocking, checked, then switched back to blocking reads."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise FormatError("bad_value", f"{os.fspath(path)!s}: not a regular file")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _header_from_buffer(view: memoryview, max_elements: int, max_header_length: int) -> dict:
     prefix = bytes(view[:PREAMBLE_SIZE])
-    preamble = _parse_preamble(prefix, len(view))
+    preamble = _parse_preamble(prefix, len(view), max_header_length)
     header_bytes = bytes(view[PREAMBLE_SIZE : PREAMBLE_SIZE + preamble.header_length])
-    return _resolved(*_read_header_from(prefix, header_bytes, len(view), max_elements))
+    return _resolved(*_read_header_from(prefix, header_bytes, len(view), max_elements, max_header_length))
 
 
 def _unresolve_raw(header: dict) -> dict:
@@ -1501,11 +1600,15 @@ def section_sizes(header: dict) -> dict:
     """
     if not isinstance(header, dict):
         raise _bad("section_sizes needs a header dict")
-    parsed = _guarded(_validate_header, _unresolve_raw(header), DEFAULT_MAX_ELEMENTS)
-    stored = _guarded(lambda: _compact_header(parsed.resolved()))
+    return _guarded(_section_sizes, header)
+
+
+def _section_sizes(header: dict) -> dict:
+    parsed = _validate_header(_unresolve_raw(header), DEFAULT_MAX_ELEMENTS)
+    stored = _compact_header(parsed.resolved())
     header_length = header.get("header_length")
     if isinstance(header_length, bool) or not isinstance(header_length, int):
-        header_length = _guarded(lambda: len(_canonical_json(stored)))
+        header_length = len(_canonical_json(stored))
     tensors: dict[str, dict[str, Any]] = {}
     attributed = 0
     for entries, compact in ((parsed.quantized, stored.get("quantized", [])), (parsed.raws, stored.get("raw", []))):

@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from udnc_fx.coding.limits import max_index_alphabet
+
 from udnc_fx.errors import ConfigError, FormatError
 
 __all__ = [
@@ -232,6 +234,8 @@ def encode_points(
     symbols = vector_symbols(lattice, points)
     alphabet = int(symbols.max()) + 1 if symbols.size else 1
     if alphabet > int(getattr(coder, "max_alphabet_size", 0) or 0):
+        return None
+    if alphabet > max_index_alphabet(symbols.size):  # readers refuse it (coding.limits): use a codebook instead
         return None
     codes = _context_codes(coder, key, dither_ok, count, n, lattice)
     ctx = None if codes is None else codes()
