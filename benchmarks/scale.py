@@ -94,6 +94,21 @@ def worker(phase: str, size: str, lattice: str, n: int, path: Path) -> dict:
     base_rss = _rss_bytes()
     base_peak = _peak_bytes()
     out = {"phase": phase, "size": size, "lattice": lattice, "n": n, "weights": weights}
+    if phase == "safetensors":  # the float model's own checkpoint, for scale: save then load, same process
+        from safetensors.torch import load_file, save_file
+
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        target = path.with_suffix(".safetensors")
+        t0 = time.perf_counter()
+        save_file(state, str(target))
+        t1 = time.perf_counter()
+        back = load_file(str(target))
+        t2 = time.perf_counter()
+        del back
+        target.unlink(missing_ok=True)
+        out.update(save_s=t1 - t0, load_s=t2 - t1, seconds=t2 - t0, base_rss=base_rss, peak=_peak_bytes(),
+                   base_peak=base_peak)
+        return out
     if phase == "compress":
         cfg = udnc_fx.CompressConfig(lattice=lattice, n=n, relative_step=RELATIVE_STEP, seed=0)
         t0 = time.perf_counter()
@@ -137,7 +152,11 @@ def run(sizes: list[str], lattices: list[tuple[str, int, list[str]]], log=C.log)
             comp = run_one("compress", size, lattice, n, path)
             dec = run_one("decompress", size, lattice, n, path) if "error" not in comp else {"error": "skipped"}
             path.unlink(missing_ok=True)
-            rows.append({"compress": comp, "decompress": dec})
+            ref = run_one("safetensors", size, lattice, n, path)
+            rows.append({"compress": comp, "decompress": dec, "safetensors": ref})
+            if "error" not in ref:
+                log(f"  [scale] {size} safetensors: save {ref['save_s']:.2f} s, load {ref['load_s']:.2f} s, "
+                    f"peak {ref['peak'] / 2**20:.0f} MiB")
             label = f"Z{n}" if lattice == "Z" else lattice
             if "error" in comp or "error" in dec:
                 log(f"  [scale] {size} {label}: error {comp.get('error') or dec.get('error')}")
@@ -173,6 +192,12 @@ def report(res: dict) -> str:
             "size of the step's process minus its resident size just before the step (imports and the float model "
             "already loaded), per weight; the float32 weights themselves are 4 B/w.", "",
             C.md_table(head, rows)]
+    ref_rows = [[f"{r['safetensors']['weights']:,}", f"{r['safetensors']['save_s']:.2f}",
+                 f"{r['safetensors']['load_s']:.2f}", f"{r['safetensors']['peak'] / 2**20:.0f}"]
+                for r in res["rows"] if "safetensors" in r and "error" not in r["safetensors"]]
+    if ref_rows:
+        text += ["", "`safetensors` (save_file then load_file of the same float model, same machine, same run):", "",
+                 C.md_table(["weights", "save s", "load s", "peak RSS MiB"], ref_rows)]
     return "\n".join(text)
 
 
@@ -186,7 +211,8 @@ def plan(quick: bool) -> tuple[list[str], list]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--worker", choices=["compress", "decompress"])
+    parser.add_argument("--worker", choices=["compress", "decompress", "safetensors"])
+    parser.add_argument("--sizes", nargs="*", default=None, help="only these sizes (Z1), e.g. 1e8")
     parser.add_argument("--size")
     parser.add_argument("--lattice", default="Z")
     parser.add_argument("--n", type=int, default=1)
@@ -196,6 +222,8 @@ def main(argv=None) -> int:
         print(json.dumps(worker(args.worker, args.size, args.lattice, args.n, args.path)))
         return 0
     sizes, lattices = plan(args.quick)
+    if args.sizes:
+        sizes, lattices = args.sizes, [("Z", 1, args.sizes)]
     res = run(sizes, lattices)
     C.OUT.mkdir(parents=True, exist_ok=True)
     (C.OUT / "scale.json").write_text(json.dumps(res, indent=1))

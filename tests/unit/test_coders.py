@@ -11,7 +11,7 @@ import pytest
 from udnc_fx.coding import DEFAULT_CODER, Coder, available_coders, empirical_entropy_bits, get_coder
 from udnc_fx.errors import ConfigError, FormatError
 
-ALL = ["bz2-v1", "huffman-static-v1", "lzma-v1", "range-adaptive-v1", "range-context-v1", "zlib-v1", "zstd-v1"]
+ALL = ["ans-dither-v1", "bz2-v1", "huffman-static-v1", "lzma-v1", "range-adaptive-v1", "range-context-v1", "zlib-v1", "zstd-v1"]
 
 
 def laplace_stream(n: int, scale: float, k: int, seed: int = 0) -> np.ndarray:
@@ -33,7 +33,7 @@ def compact(stream: np.ndarray) -> tuple[np.ndarray, int]:
 
 def test_registry():
     assert available_coders() == ALL
-    assert DEFAULT_CODER == "range-adaptive-v1"
+    assert DEFAULT_CODER == "ans-dither-v1"
     for name in ALL:
         coder = get_coder(name)
         assert isinstance(coder, Coder) and coder.name == name
@@ -171,8 +171,12 @@ def test_truncated_trailing_and_mismatched_payloads(name):
             coder.decode(bad, stream.size, 300)
         assert info.value.kind in ("truncated", "corrupt_payload")
     # A payload read with the wrong count must not silently pass for the byte-exact layouts. (A range coder cannot
-    # tell where its symbols end; a Huffman body's zero padding may itself read as a code of zeros.)
-    if name not in ("range-adaptive-v1", "range-context-v1", "huffman-static-v1"):
+    # tell where its symbols end; a Huffman body's zero padding may itself read as a code of zeros; an ANS coder
+    # emptied by its last symbol reads further symbols of zero weight from nothing: only a short count is caught.)
+    if name == "ans-dither-v1":
+        with pytest.raises(FormatError):
+            coder.decode(data, stream.size - 1, 300)
+    if name not in ("range-adaptive-v1", "range-context-v1", "huffman-static-v1", "ans-dither-v1"):
         for count in (stream.size - 1, stream.size + 1):
             with pytest.raises(FormatError):
                 coder.decode(data, count, 300)
@@ -198,6 +202,7 @@ def test_huge_count_does_not_escape_as_memory_error():
 # (zlib 1.2.13, zstd 1.5.7, liblzma, libbz2 seen when these were pinned): decoding the pinned bytes must still work.
 GOLDEN_STREAM = np.array([0, 1, 2, 3, 2, 1, 0, 0, 0, 5, 7, 7, 1, 2, 0, 0], np.int64)
 GOLDEN = {
+    "ans-dither-v1": "0008036b4402133014493d5e6e00",  # b = 0; m = 8 counts packed 2 bits each; 2 words
     "bz2-v1": "01425a6839314159265359207218ba00000240007a80200021a6d08300012312bb2ef177245385090207218ba0",
     "huffman-static-v1": "060202020444431ba40fd980",
     "lzma-v1": "015d00100000ffffffffffffffff00000052500a317812b4aa8a543926e3819be9bffe250800",
@@ -409,3 +414,65 @@ def test_range_coder_matches_documented_model(n, scale, k):
     ideal = reference_adaptive_cost_bits(stream, k)
     # A range coder with 32-bit words adds at most a couple of words (flush) and a tiny per-symbol loss.
     assert ideal - 1 <= payload_bits <= ideal * 1.0005 + 8 * 2 + 64, (payload_bits, ideal)
+
+
+# -- every coder consumes its payload exactly (issue 15) -----------------------------------------------------------
+# A rule for any registered coder, present or future: the count comes from the header, and a payload decoded for
+# far more or fewer symbols than it holds, or with its last bytes gone, must be refused, never "succeed" with
+# invented or dropped symbols. (A range coder's final flush carries some slack: the last symbol or two, and a few
+# symbols more, can decode from the same words. The container bounds the count by the model's shapes.)
+
+
+def _exactness_stream(name: str) -> tuple[np.ndarray, int, bytes]:
+    rng = np.random.default_rng(15)
+    k = 37
+    stream = rng.integers(0, k, 5000)
+    coder = get_coder(name)
+    hint = {"row_length": 50} if getattr(coder, "accepts_row_length", False) else {}
+    return stream, k, coder.encode(stream, k, **hint)
+
+
+@pytest.mark.parametrize("name", available_coders())
+@pytest.mark.parametrize("delta", [-1000, -100, -17, -1, 1000, 5000])
+def test_a_payload_decoded_for_another_count_is_refused(name, delta):
+    stream, k, payload = _exactness_stream(name)
+    coder = get_coder(name)
+    if delta == -1 and name.startswith(("range-", "ans-")):
+        pytest.skip("within an arithmetic coder's final-state slack (the count is not in its stream)")
+    with pytest.raises(FormatError):
+        coder.decode(payload, stream.size + delta, k)
+
+
+@pytest.mark.parametrize("name", ["range-adaptive-v1", "range-context-v1"])
+def test_range_payload_for_fewer_symbols_is_refused(name):
+    stream, k, payload = _exactness_stream(name)
+    for fewer in (17, 100, 4999):
+        with pytest.raises(FormatError, match="exactly"):
+            get_coder(name).decode(payload, stream.size - fewer, k)
+
+
+@pytest.mark.parametrize("name", ["range-adaptive-v1", "range-context-v1"])
+def test_range_payload_without_its_last_word_is_refused(name):
+    """Dropping the last 32-bit word and fixing the word count used to change symbols silently."""
+    from udnc_fx.coding.coders import _read_varint, _varint
+
+    rng = np.random.default_rng(3)
+    coder = get_coder(name)
+    for trial in range(20):
+        k = int(rng.integers(2, 40))
+        stream = rng.integers(0, k, 3000)
+        payload = coder.encode(stream, k)
+        head = 1 if name == "range-context-v1" else 0  # mode byte (flat mode: no row hint)
+        words, pos = _read_varint(memoryview(payload), head)
+        shortened = payload[:head] + _varint(words - 1) + payload[pos:-4]
+        with pytest.raises(FormatError):
+            coder.decode(shortened, stream.size, k)
+
+
+@pytest.mark.parametrize("name", available_coders())
+def test_a_payload_missing_its_last_byte_or_with_one_more_is_refused(name):
+    stream, k, payload = _exactness_stream(name)
+    coder = get_coder(name)
+    for bad in (payload[:-1], payload + b"\0"):
+        with pytest.raises(FormatError):
+            coder.decode(bad, stream.size, k)

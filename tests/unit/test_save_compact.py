@@ -47,14 +47,16 @@ def test_save_writes_the_short_header_and_loads_bit_exact(tmp_path, seed):
     path = tmp_path / "m.udnc"
     size = udnc_fx.save(gm, path)
     header = stored_header(path)
-    # no coder, no config; the untouched codebooks are integer coordinates, named once for the file
-    assert set(header) == ({"quantized", "raw", "codebook_encoding"} | ({"seed"} if seed else set()))
+    # no config; the coder (not the format's 1.0 default) and the untouched codebooks' integer coordinates are
+    # named once for the file
+    assert set(header) == ({"quantized", "raw", "codebook_encoding", "coder"} | ({"seed"} if seed else set()))
+    assert header["coder"] == udnc_fx.io.SAVE_CODER == "ans-dither-v1"
     assert header.get("seed", 0) == seed and header["codebook_encoding"] == "lattice-int"
     for entry in header["quantized"]:
         assert set(entry) == {"fqn", "shape", "step", "indices", "zero_index"}  # key, lattice, codebook: defaults
     assert header["raw"] == [["conv1.bias", [16]], ["conv2.bias", [32]], ["fc1.bias", [64]], ["fc2.bias", [10]]]
     resolved = udnc_fx.read_header(path)
-    assert {q["indices"]["coder"] for q in resolved["quantized"]} == {"range-context-v1"}
+    assert {q["indices"]["coder"] for q in resolved["quantized"]} == {"ans-dither-v1"}
     loaded = udnc_fx.load(path, fold_batchnorm(DigitsCNN()).eval())
     x = torch.rand(5, 1, 8, 8)
     assert torch.equal(loaded(x), gm(x))
@@ -64,7 +66,7 @@ def test_save_writes_the_short_header_and_loads_bit_exact(tmp_path, seed):
 def test_context_coder_beats_the_flat_coder_on_a_pruned_model(tmp_path):
     pruned, config = pruned_model(unit_scales=True)
     gm = udnc_fx.compress(pruned, config)
-    udnc_fx.save(gm, tmp_path / "a.udnc")
+    udnc_fx.save(gm, tmp_path / "a.udnc", coder="range-context-v1")
     udnc_fx.save(gm, tmp_path / "b.udnc", coder="range-adaptive-v1")
     assert stored_header(tmp_path / "b.udnc")["coder"] == "range-adaptive-v1"  # named once, for every entry
     context, flat = (

@@ -7,5 +7,6 @@ from udnc_fx.coding.coders import (
     empirical_entropy_bits,
     get_coder,
 )
+from udnc_fx.coding import ans as _ans  # noqa: E402,F401 -- registers ans-dither-v1
 
 __all__ = ["Coder", "DEFAULT_CODER", "available_coders", "empirical_entropy_bits", "get_coder"]

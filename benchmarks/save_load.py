@@ -1,0 +1,122 @@
+"""all-MiniLM-L6-v2 save and load, side by side: udnc-fx per index coder, zlib level 1, NNCodec (one run).
+
+One process compresses MiniLM once (``transformer_config(target_bits=...)``, Z¹, dithered), then, interleaved and
+repeated (the best of ``--repeats`` is kept: the machine is shared), times
+
+* ``udnc_fx.save`` / ``udnc_fx.load`` with each index coder (the file's bytes are reported too),
+* ``zlib.compress(level=1)`` / ``zlib.decompress`` of the model's float32 bytes: a machine-independent yardstick,
+* NNCodec 2.1.3's ``compress`` / ``decompress`` of the float state dict (single thread, in its own venv, see
+  ``nncodec_env.py``), when its venv is available (``--nncodec-qp``; skipped with a note otherwise).
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/save_load.py [--bits 3.75] [--repeats 3] [--no-nncodec]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import udnc_fx  # noqa: E402
+
+CODERS = ["ans-dither-v1", "range-context-v1"]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bits", type=float, default=3.75)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-nncodec", action="store_true")
+    parser.add_argument("--nncodec-qp", type=int, default=-34)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from udnc_fx.hf import drop_pooler, load_minilm, transformer_config
+
+    model = drop_pooler(load_minilm()).eval()
+    state = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
+    floats = b"".join(a.tobytes() for a in state.values())
+    print(f"MiniLM: {sum(a.size for a in state.values())} float32 values, {len(floats)} bytes; torch threads 1, "
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}", flush=True)
+    start = time.perf_counter()
+    gm = udnc_fx.compress(model, transformer_config(target_bits=args.bits))
+    print(f"compress (target {args.bits} bits/weight): {time.perf_counter() - start:.2f} s", flush=True)
+
+    rows: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(args.repeats):
+            t = time.perf_counter()
+            packed = zlib.compress(floats, 1)
+            t1 = time.perf_counter()
+            zlib.decompress(packed)
+            t2 = time.perf_counter()
+            row = rows.setdefault("zlib-1 (float32 bytes)", {"bytes": len(packed), "save": [], "load": []})
+            row["save"].append(t1 - t)
+            row["load"].append(t2 - t1)
+            for coder in CODERS:
+                path = Path(tmp) / f"{coder}.udnc"
+                if path.exists():
+                    path.unlink()
+                t = time.perf_counter()
+                size = udnc_fx.save(gm, path, coder=coder, progress=False)
+                t1 = time.perf_counter()
+                loaded = udnc_fx.load(path, model, progress=False)
+                t2 = time.perf_counter()
+                row = rows.setdefault(f"udnc-fx {coder}", {"bytes": size, "save": [], "load": []})
+                row["save"].append(t1 - t)
+                row["load"].append(t2 - t1)
+                del loaded
+        if not args.no_nncodec:
+            rows.update(run_nncodec(state, args.nncodec_qp, Path(tmp)))
+            # the yardstick again, right after NNCodec (the machine is shared: the best of all zlib runs is kept)
+            t = time.perf_counter()
+            packed = zlib.compress(floats, 1)
+            t1 = time.perf_counter()
+            zlib.decompress(packed)
+            rows["zlib-1 (float32 bytes)"]["save"].append(t1 - t)
+            rows["zlib-1 (float32 bytes)"]["load"].append(time.perf_counter() - t1)
+    base = rows["zlib-1 (float32 bytes)"]
+    zc, zd = min(base["save"]), min(base["load"])
+    print("\n| method | bytes | save / encode s | load / decode s | save / zlib-1 compress | load / zlib-1 decompress |")
+    print("|---|---|---|---|---|---|")
+    for name, row in rows.items():
+        if "note" in row:
+            print(f"| {name} | {row['note']} | | | | |")
+            continue
+        s, d = min(row["save"]), min(row["load"])
+        print(f"| {name} | {row['bytes']} | {s:.2f} | {d:.2f} | {s / zc:.3f} | {d / zd:.3f} |")
+    return 0
+
+
+def run_nncodec(state: dict[str, np.ndarray], qp: int, tmp: Path) -> dict:
+    import nncodec_env
+
+    if not (nncodec_env.VENV / "bin" / "python").exists():
+        return {"NNCodec 2.1.3": {"note": "venv not set up (python -c 'import nncodec_env; nncodec_env.ensure_venv()')"}}
+    params = tmp / "params.npz"
+    out = tmp / "nncodec"
+    nncodec_env.save_params_npz(params, state)
+    cmd = [str(nncodec_env.python()), str(nncodec_env.WORKER), str(params), str(out), f"--qps={qp}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
+    if proc.returncode:
+        return {"NNCodec 2.1.3": {"note": f"worker failed: {proc.stderr[-300:]!r}"}}
+    summary = json.loads((out / "summary.json").read_text())
+    run = summary["runs"][0]
+    return {f"NNCodec 2.1.3 (qp {qp})": {"bytes": run["bitstream_bytes"], "save": [run["encode_s"]],
+                                          "load": [run["decode_s"]]}}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,591 @@
+"""``ans-dither-v1``: static two-pass ANS coding of index streams, conditioned on the dither (NumPy + constriction).
+
+Why: the universal quantizer's rate is ``H(K | U)``, not ``H(K)``. The decoder regenerates each weight's dither
+before it decodes the weight's index, so the index can be coded with ``P(k | u)``. Splitting the stream into ``B``
+bins of the dither value and giving each bin its own static table captures that gain (FINDINGS.md: 8 bins get all
+of it on synthetic Z¹ sources; the 38k-parameter CNN's 8-bin conditional entropy is 0.92x its order-0 entropy at
+1.5 bits/weight). The coder picks ``B`` per stream by the exact byte cost, tables included, so the side information
+is only paid where it pays (``B = 1`` otherwise). Decoding is a handful of vectorised ``constriction`` calls per
+2^16 symbols: no per-symbol or per-block Python.
+
+**Context.** ``dither_codes(key, count, n)`` gives each index (lattice vector ``j``) a 4-bit code: the top 4 bits of
+the dither generator's hash ``h`` for element ``j·n`` (the vector's first coordinate; ``udnc_fx.dither``), i.e.
+``floor(16·r)`` for that coordinate's uniform variate ``r``. For ``Z^n`` that is a bin of the first coordinate of the
+dither itself (``u = r − round(r)``: the bins of ``r`` are those of ``u``, rotated by half a period). For ``A2``,
+``D4`` and ``E8`` the dither is ``x − Q(x)`` with ``x = r ⊙ box``: ``r`` is a function of the dither (up to a
+measure-zero boundary), and the code is a bin of its first box coordinate. A stream with ``B = 2^b`` bins uses the
+code's top ``b`` bits. Undithered tensors have no context and always ``B = 1``.
+
+**Row classes.** Pruning leaves output units (rows) of very different density, which no per-weight context sees.
+A stream may carry a class label per row (``C`` classes; the writer labels a row by its density of symbols other
+than the most frequent one, in ``C`` equal steps), coded first; the context of index ``j`` is then
+``label(j // L) · B + bin(j)``. The writer uses it only where it is smaller.
+
+**Payload** (``count == 0`` or ``alphabet_size == 1``: zero bytes). ``varint`` is unsigned LEB128 (``coders.py``):
+
+1. a mode byte: bits 0–2 ``b`` in ``0..4`` (``B = 2^b`` dither bins), bit 3 the row flag, other bits zero;
+2. with the row flag: ``L`` (varint, ``1 <= L < count``: the row length; ``R = ceil(count / L)`` rows), ``C``
+   (varint, ``2 <= C <= 16``, ``C · B <= 256``) and the label table (a table as below over ``C`` symbols, with
+   ``1 <= m <= C``);
+3. for each context ``i = 0..C·B-1`` (``C = 1`` without the row flag), its table: ``m_i`` (varint,
+   ``0 <= m_i <= K``; ``0`` exactly when the context holds no symbols; ``m_i = 1`` means every symbol of it is
+   ``0`` and nothing of it is coded). When ``m_i >= 2``, the counts ``q_0..q_{m_i-1}`` (``q_{m_i-1} > 0``,
+   ``0 < Q = Σq <= 2^32``) follow in one of three forms, after a form byte ``f``: ``f = 0``, dense: ``m_i`` varints
+   ``q_j``; ``f = 1``, sparse: a varint ``u`` (``1..m_i``), ``u`` varint gaps giving the positions of the non-zero
+   counts (the first gap is the first position, each next one the distance to the previous position minus one;
+   the last position must be ``m_i − 1``), then those ``u`` counts (each ``> 0``); ``f = 1 + w`` with ``w`` in
+   ``1..32``, packed: ``m_i`` fields of ``w`` bits, least significant bit first, in ``ceil(m_i·w/8)`` bytes whose
+   padding bits are zero;
+4. ``W`` (varint) then ``W`` little-endian 32-bit words: one ``constriction.stream.stack.AnsCoder`` stream (32-bit
+   words, 24-bit precision), ending exactly at the end of the payload.
+
+The model of a bin with ``m >= 2`` is pure integer arithmetic (``T = 2^24``, ``F = T − m``, ``C_j = Σ_{l<j} q_l``):
+``left_j = floor(C_j · F / Q) + j`` for ``j = 0..m`` (so ``left_m = T``), symbol ``j`` has probability
+``(left_{j+1} − left_j) / T >= 1/T``. It is handed to constriction as ``Categorical(left_{j+1} − left_j − 1,
+perfect=False)``, whose fast quantization reproduces exactly these integers (its scale is ``(T − m) / F = 1``).
+
+**Order.** The ``R`` row labels come first (when the label table has ``m >= 2``; ``m = 1``: every label is 0).
+Then the symbols, in segments of ``2^16`` consecutive stream positions; within a segment, context by context in
+ascending order, and within a context in stream order. The ANS stream is a stack: the writer pushes the segments
+and contexts in reverse (``encode_reverse``), the labels last, so the reader pops them in that order. After the
+last symbol the reader's coder must be empty (the payload was consumed exactly).
+
+Bad payloads raise :class:`~udnc_fx.errors.FormatError` before anything large is allocated: a bad mode byte,
+``L``, ``C`` or label table, ``m_i > K``, a table for an empty context or none for a full one, non-canonical or out-of-range tables, a stream
+claiming more symbols than its words can hold (each symbol of a bin costs at least ``−log2(max_j p_j)`` bits),
+words missing or trailing, a coder not empty at the end.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from udnc_fx import dither as _dither
+from udnc_fx.coding.coders import (
+    Coder,
+    _as_format_error,
+    _check_decode_args,
+    _check_symbols,
+    _read_varint,
+    _read_varints,
+    _register,
+    _varint,
+    _varints,
+)
+from udnc_fx.errors import ConfigError, FormatError
+
+__all__ = ["AnsDitherCoder", "CONTEXT_BITS", "SEGMENT", "dither_codes", "table_model"]
+
+#: Bits of dither context per symbol (the code is in ``[0, 2**CONTEXT_BITS)``); a stream uses its top ``b <= 4``.
+CONTEXT_BITS = 4
+#: Stream positions per segment (a format constant: it fixes the coding order).
+SEGMENT = 1 << 16
+_PRECISION = 24
+_TOTAL = 1 << _PRECISION
+_MAX_Q = 1 << 32
+# Table precisions the writer tries (bits of the largest quantized count); None = exact counts.
+# Bit widths the writer tries for quantized tables (the largest count becomes 2**w - 1); None = exact counts.
+_TABLE_WIDTHS = (2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, None)
+_DENSE, _SPARSE = 0, 1  # table form tags; 2 + w - 1 for bit-packed counts of width w in 1..32
+_MAX_WIDTH = 32
+_HASH_CHUNK = 1 << 16  # elements per hashing step: the temporaries stay in cache
+
+
+def dither_codes(key: int, count: int, n: int) -> np.ndarray:
+    """The 4-bit dither code of each of ``count`` lattice vectors of dimension ``n`` under dither ``key``.
+
+    ``code_j = h(key, j·n) >> 28``: the top bits of the hash behind the first coordinate of vector ``j``'s dither
+    (``udnc_fx.dither``'s generator, bit-exact everywhere). Computed in chunks so the hash's temporaries stay small.
+
+    Raises:
+        ConfigError: if ``count · n`` exceeds the dither's 32-bit counter.
+    """
+    count, n = int(count), int(n)
+    if count < 0 or n < 1 or count * n > _dither.MAX_COUNT:
+        raise ConfigError(f"dither codes for {count} vectors of dimension {n} exceed the 32-bit counter")
+    a, b = _dither.key_words(key)
+    out = np.empty(count, np.uint8)
+    ua, ub, shift = np.uint32(a), np.uint32(b), np.uint32(32 - CONTEXT_BITS)
+    step = _HASH_CHUNK * n
+    base = np.arange(0, step, n, dtype=np.uint64).astype(np.uint32)  # j·n < 2**32: exact
+    h = np.empty_like(base)
+    for start in range(0, count, _HASH_CHUNK):
+        size = min(count - start, _HASH_CHUNK)
+        hv = h[:size]
+        np.add(base[:size], np.uint32((start * n) & 0xFFFFFFFF), out=hv)
+        hv ^= ua
+        _dither._fmix32_np(hv)
+        hv ^= ub
+        _dither._fmix32_np(hv)
+        np.right_shift(hv, shift, out=hv)
+        out[start : start + size] = hv
+    return out
+
+
+def table_model(q: np.ndarray) -> np.ndarray:
+    """The integer model of a table ``q`` (length ``m >= 2``): the ``m`` probabilities out of ``2**24``, each >= 1.
+
+    ``left_j = floor(C_j · (2^24 − m) / Q) + j`` with ``C_j`` the prefix sums of ``q`` and ``Q`` their total; exact
+    in int64 because ``Q <= 2**32`` and ``2^24 − m < 2^24``.
+    """
+    q = np.asarray(q, np.int64)
+    m = q.size
+    cum = np.zeros(m + 1, np.int64)
+    np.cumsum(q, out=cum[1:])
+    free = _TOTAL - m
+    left = cum * free // int(cum[-1]) + np.arange(m + 1, dtype=np.int64)
+    return np.diff(left)
+
+
+def _constriction():
+    import constriction  # noqa: PLC0415 -- optional at import time: only this coder needs it
+
+    return constriction
+
+
+def _categorical(weights: np.ndarray):
+    # weights - 1 sum to exactly 2**24 - m, so constriction's fast rule has scale 1 and keeps them (module doc).
+    return _constriction().stream.model.Categorical((weights - 1).astype(np.float64), perfect=False)
+
+
+def _quantize_counts(counts: np.ndarray, width: int | None) -> np.ndarray:
+    """Counts scaled so the largest is ``2**width - 1`` (non-zero counts stay non-zero); exact when they fit."""
+    top = int(counts.max())
+    if width is None or top < 1 << width:
+        return counts.astype(np.int64)
+    scaled = np.floor(counts * (((1 << width) - 1) / top) + 0.5).astype(np.int64)
+    return np.where(counts > 0, np.maximum(scaled, 1), 0)
+
+
+def _varint_bytes(values: np.ndarray) -> int:
+    v = np.asarray(values, np.int64)
+    nbytes = np.ones(v.size, np.int64)
+    for j in range(1, 10):
+        nbytes += v >= (1 << (7 * j))
+    return int(nbytes.sum())
+
+
+def _pack_bits(values: np.ndarray, width: int) -> bytes:
+    """``values`` (each < 2**width) as ``width``-bit fields, least significant bit first, zero-padded to a byte."""
+    bits = (values[:, None].astype(np.uint64) >> np.arange(width, dtype=np.uint64)) & np.uint64(1)
+    return np.packbits(bits.astype(np.uint8).reshape(-1), bitorder="little").tobytes()
+
+
+def _table_forms(q: np.ndarray) -> list[tuple[int, int]]:
+    """``(tag, byte cost)`` of each form that can hold ``q`` (``m >= 2``), the tag byte included."""
+    pos = np.flatnonzero(q)
+    gaps = np.diff(pos, prepend=-1) - 1
+    width = max(1, int(q.max()).bit_length())
+    forms = [(_DENSE, 1 + _varint_bytes(q)),
+             (_SPARSE, 1 + _varint_bytes(np.array([pos.size])) + _varint_bytes(gaps) + _varint_bytes(q[pos]))]
+    if width <= _MAX_WIDTH:
+        forms.append((1 + width, 1 + -(-q.size * width // 8)))
+    return forms
+
+
+def _table_bytes(q: np.ndarray) -> bytes:
+    """A table's bytes: ``m``, then for ``m >= 2`` the shortest form (the first on a tie)."""
+    head = _varint(q.size)
+    if q.size < 2:
+        return head
+    tag = min(_table_forms(q), key=lambda f: f[1])[0]
+    if tag == _DENSE:
+        return head + bytes([tag]) + _varints(q)
+    if tag == _SPARSE:
+        pos = np.flatnonzero(q)
+        gaps = np.diff(pos, prepend=-1) - 1
+        return head + bytes([tag]) + _varint(pos.size) + _varints(gaps) + _varints(q[pos])
+    return head + bytes([tag]) + _pack_bits(q, tag - 1)
+
+
+def _table_cost(q: np.ndarray) -> int:
+    """``len(_table_bytes(q))`` without building the bytes."""
+    return _varint_bytes(np.array([q.size])) + min(c for _, c in _table_forms(q))
+
+
+def _best_table(counts: np.ndarray) -> tuple[np.ndarray, float]:
+    """The table of a bin (``q``, trailing zeros trimmed) minimising table bytes + coded bits/8, and that cost."""
+    used = np.flatnonzero(counts)
+    if used.size == 0:
+        return np.zeros(0, np.int64), 1.0  # m = 0: one byte
+    m = int(used[-1]) + 1
+    if m == 1:
+        return np.ones(1, np.int64), 1.0
+    counts = counts[:m]
+    best: tuple[np.ndarray, float] | None = None
+    for width in _TABLE_WIDTHS:
+        q = _quantize_counts(counts, width)
+        probs = table_model(q)
+        bits = float(np.sum(counts * (_PRECISION - np.log2(probs))))
+        cost = _table_cost(q) + bits / 8
+        if best is None or cost < best[1]:
+            best = (q, cost)
+        if width is None or int(counts.max()) < 1 << width:
+            break  # wider fields give the same exact counts
+    assert best is not None
+    return best
+
+
+def _varint_lengths(values: np.ndarray) -> np.ndarray:
+    """Bytes of each value's varint, element-wise (values >= 0)."""
+    out = np.ones(values.shape, np.int64)
+    top = int(values.max()) if values.size else 0
+    for j in range(1, 10):
+        if top < 1 << (7 * j):
+            break
+        out += values >= (1 << (7 * j))
+    return out
+
+
+def _best_tables(counts: np.ndarray) -> tuple[list[np.ndarray], float]:
+    """:func:`_best_table` for every row of ``counts`` (contexts × symbols) at once: the tables and their total cost.
+
+    Vectorised over contexts: a stream with row classes and dither bins weighs hundreds of candidate tables, and
+    choosing them one by one in Python made saving a small model take seconds.
+    """
+    counts = counts.astype(np.int64)
+    rows, m = counts.shape
+    nonzero = counts > 0
+    used = np.where(nonzero.any(axis=1), m - np.argmax(nonzero[:, ::-1], axis=1), 0)  # m_i: trailing zeros trimmed
+    top = counts.max(axis=1)
+    positions = np.arange(m)
+    inside = positions[None, :] < used[:, None]
+    # sparse form: each non-zero count's distance to the previous one, minus one
+    last_before = np.maximum.accumulate(np.where(nonzero, positions, -1), axis=1)
+    gaps = positions - np.concatenate([np.full((rows, 1), -1), last_before[:, :-1]], axis=1) - 1
+    gap_bytes = np.where(nonzero, _varint_lengths(gaps), 0).sum(axis=1)
+    head = _varint_lengths(used) + 1 + 0.0  # m and the form byte
+    best_cost = np.full(rows, np.inf)
+    best_q = np.zeros_like(counts)
+    free = (_TOTAL - used)[:, None]
+    for width in _TABLE_WIDTHS:
+        if width is None:
+            q = counts
+        else:
+            scaled = np.floor(counts * (((1 << width) - 1) / np.maximum(top, 1))[:, None] + 0.5).astype(np.int64)
+            q = np.where((top < 1 << width)[:, None], counts, np.where(nonzero, np.maximum(scaled, 1), 0))
+        cum = np.zeros((rows, m + 1), np.int64)
+        np.cumsum(q, axis=1, out=cum[:, 1:])
+        left = cum * free // np.maximum(cum[:, -1:], 1) + np.arange(m + 1)
+        probs = np.where(inside, np.diff(left, axis=1), 1)
+        bits = (counts * (_PRECISION - np.log2(np.maximum(probs, 1)))).sum(axis=1)
+        q_lengths = _varint_lengths(q)
+        dense = np.where(inside, q_lengths, 0).sum(axis=1)
+        sparse = _varint_lengths(nonzero.sum(axis=1)) + gap_bytes + np.where(nonzero, q_lengths, 0).sum(axis=1)
+        bit_width = np.maximum(1, np.floor(np.log2(np.maximum(q.max(axis=1), 1))).astype(np.int64) + 1)
+        packed = np.where(bit_width <= _MAX_WIDTH, (used * bit_width + 7) // 8, np.inf)
+        cost = head + np.minimum(np.minimum(dense, sparse), packed) + bits / 8
+        better = cost < best_cost
+        best_cost = np.where(better, cost, best_cost)
+        best_q[better] = q[better]
+        if width is None or bool(np.all(top < 1 << width)):
+            break  # wider fields give the same exact counts
+    best_cost = np.where(used <= 1, 1.0, best_cost)  # m = 0 or 1: the m varint alone
+    tables = [best_q[i, : used[i]] if used[i] >= 2 else np.ones(int(used[i]), np.int64) for i in range(rows)]
+    return tables, float(best_cost.sum())
+
+
+def _group(symbols: np.ndarray, bins: np.ndarray | None, nbins: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symbols of one segment sorted by bin (stable) and each bin's count."""
+    if bins is None or nbins == 1:
+        return symbols, np.array([symbols.size], np.int64)
+    order = np.argsort(bins, kind="stable")  # radix sort on uint8
+    return symbols[order], np.bincount(bins, minlength=nbins)
+
+
+def _row_labels(arr: np.ndarray, row_length: int, classes: int) -> np.ndarray:
+    """The writer's row classes: each row's density of symbols other than the most frequent one, in ``classes``
+    equal steps (``floor(classes · k / (len + 1))``), so empty and full rows land in the first and last class."""
+    zero = int(np.argmax(np.bincount(arr)))
+    starts = np.arange(0, arr.size, row_length)
+    nonzero = np.add.reduceat((arr != zero).astype(np.int64), starts)
+    lengths = np.diff(np.append(starts, arr.size))
+    return (classes * nonzero // (lengths + 1)).astype(np.uint8)
+
+
+def _label_cost(labels: np.ndarray, classes: int) -> tuple[np.ndarray, float]:
+    return _best_table(np.bincount(labels, minlength=classes))
+
+
+class AnsDitherCoder(Coder):
+    """Static two-pass ANS with per-context tables (the format is in this module's docstring).
+
+    Contexts are the dither bin of each index and, optionally, a class label of its row (row density: pruning leaves
+    output units of very different density). ``encode(symbols, K, context=codes, row_length=L)`` and
+    ``decode(data, n, K, context=codes)`` take the 4-bit dither codes of :func:`dither_codes` (``None`` for an
+    undithered tensor: then only one bin), or a function of no arguments that returns them: the decoder calls it
+    only when the stream is conditioned on the dither (``b > 0``), so other streams never pay for hashing it. The
+    row length is a writer's hint (the payload records it). Supports ``1 <= K <= 2**24 - 2``.
+    """
+
+    name = "ans-dither-v1"
+    max_alphabet_size = _TOTAL - 2
+    #: ``encode``/``decode`` take ``context=`` (the container passes the tensor's dither codes).
+    accepts_context = True
+    #: ``encode`` takes ``row_length=`` (the container passes the weight's index symbols per row).
+    accepts_row_length = True
+    _ROW_FLAG = 0x08
+    _ROW_CLASSES = (2, 4, 8)
+    _MAX_ROW = (1 << 32) - 1
+
+    # -- encode ------------------------------------------------------------------------------------------------
+
+    def encode(self, symbols: np.ndarray, alphabet_size: int, *, context: Any = None,
+               row_length: int | None = None) -> bytes:
+        arr, k = _check_symbols(symbols, alphabet_size, self.max_alphabet_size)
+        n = arr.size
+        if n == 0 or k == 1:
+            return b""
+        codes = self._check_context(context, n, ConfigError)
+        if row_length is not None and not (isinstance(row_length, (int, np.integer)) and 1 <= row_length < n):
+            row_length = None  # a hint: rows of one symbol or of the whole stream carry nothing
+        bits, classes, labels, tables, label_q = self._choose(arr, codes, row_length)
+        ctx = self._contexts(codes, bits, labels, row_length, n)
+        out = bytearray([bits | (self._ROW_FLAG if classes else 0)])
+        if classes:
+            out += _varint(row_length) + _varint(classes) + _table_bytes(label_q)
+        models: list[Any] = []
+        for q in tables:
+            out += _table_bytes(q)
+            models.append(_categorical(table_model(q)) if q.size >= 2 else None)
+        encoder = _constriction().stream.stack.AnsCoder()
+        sym32 = arr.astype(np.int32)
+        nctx = len(tables)
+        for start in reversed(range(0, n, SEGMENT)):
+            stop = min(n, start + SEGMENT)
+            grouped, per_ctx = _group(sym32[start:stop], None if ctx is None else ctx[start:stop], nctx)
+            ends = np.cumsum(per_ctx)
+            for i in reversed(range(nctx)):
+                if models[i] is not None and per_ctx[i]:
+                    encoder.encode_reverse(grouped[ends[i] - per_ctx[i] : ends[i]], models[i])
+        if classes and label_q.size >= 2:  # pushed last: the reader pops the row labels first
+            encoder.encode_reverse(labels.astype(np.int32), _categorical(table_model(label_q)))
+        words = np.asarray(encoder.get_compressed(), dtype="<u4")
+        out += _varint(words.size)
+        out += words.tobytes()
+        return bytes(out)
+
+    @staticmethod
+    def _contexts(codes, bits: int, labels, row_length, n: int) -> np.ndarray | None:
+        """Each symbol's context ``label · 2^b + bin`` (uint8), or None for a single context."""
+        if bits == 0 and labels is None:
+            return None
+        ctx = np.zeros(n, np.uint8) if bits == 0 else codes >> np.uint8(CONTEXT_BITS - bits)
+        if labels is not None:
+            ctx = ctx + (np.repeat(labels, row_length)[:n] << np.uint8(bits))
+        return ctx
+
+    def _choose(self, arr: np.ndarray, codes: np.ndarray | None, row_length: int | None):
+        """``(b, classes, labels, tables, label table)`` of least total cost; ties keep fewer contexts."""
+        m = int(arr.max()) + 1
+        room = 4 * arr.size + (1 << 16)
+        max_bits = CONTEXT_BITS if codes is not None and m << CONTEXT_BITS <= room else 0
+        base = codes.astype(np.intp) if max_bits else np.zeros(arr.size, np.intp)
+        best: tuple | None = None
+        options: list[tuple[int, np.ndarray | None]] = [(0, None)]
+        if row_length is not None:
+            options += [(c, _row_labels(arr, row_length, c)) for c in self._ROW_CLASSES if (m * c) << max_bits <= room]
+        for classes, labels in options:
+            index = base.copy()
+            label_cost = 0.0
+            label_q = None
+            if labels is not None:
+                index += np.repeat(labels.astype(np.intp), row_length)[: arr.size] << CONTEXT_BITS
+                label_q, label_cost = _label_cost(labels, classes)
+                label_cost += 2  # row length and class count varints, about
+            index *= m
+            index += arr
+            groups = max(classes, 1) << CONTEXT_BITS
+            joint = np.bincount(index, minlength=groups * m).reshape(max(classes, 1), 1 << CONTEXT_BITS, m)
+            del index
+            previous = math.inf
+            for bits in range(max_bits + 1):
+                merged = joint.reshape(max(classes, 1), 1 << bits, -1, m).sum(axis=2).reshape(-1, m)
+                tables, tables_cost = _best_tables(merged)
+                cost = 1 + label_cost + tables_cost
+                if best is None or cost < best[0]:
+                    best = (cost, bits, classes, labels, tables, label_q)
+                if cost >= previous:
+                    break  # more bins stopped paying: the gain shrinks and the tables grow with every bit
+                previous = cost
+        assert best is not None
+        return best[1:]
+
+    # -- decode ------------------------------------------------------------------------------------------------
+
+    def decode(self, data: bytes, count: int, alphabet_size: int, *, context: Any = None) -> np.ndarray:
+        """Decode ``count`` symbols with the same dither ``context`` the writer had; see :meth:`Coder.decode`."""
+        view, n, k = _check_decode_args(data, count, alphabet_size, self.max_alphabet_size)
+        try:
+            out = self._decode_with(view, n, k, context)
+        except MemoryError as exc:
+            raise FormatError("bad_value", f"{self.name}: cannot allocate {n} symbols") from exc
+        except BaseException as exc:  # noqa: BLE001 -- constriction raises assorted types; see _as_format_error
+            raise _as_format_error(exc, self.name)
+        if out.shape != (n,) or (n and (int(out.min()) < 0 or int(out.max()) >= k)):
+            raise FormatError("corrupt_payload", f"{self.name}: decoded symbols outside [0, {k})")
+        return out
+
+    def _decode(self, view: memoryview, n: int, k: int) -> np.ndarray:
+        return self._decode_with(view, n, k, None)
+
+    def _check_context(self, context: Any, n: int, error: type) -> np.ndarray | None:
+        if context is None:
+            return None
+        codes = np.asarray(context() if callable(context) else context)
+        if codes.shape != (n,) or codes.dtype.kind not in "iu":
+            message = f"{self.name}: context must be {n} integer dither codes, got {codes.dtype} {codes.shape}"
+            raise (FormatError("bad_value", message) if error is FormatError else ConfigError(message))
+        if n and (int(codes.min()) < 0 or int(codes.max()) >= 1 << CONTEXT_BITS):
+            message = f"{self.name}: dither codes must be in [0, {1 << CONTEXT_BITS})"
+            raise (FormatError("bad_value", message) if error is FormatError else ConfigError(message))
+        return codes.astype(np.uint8, copy=False)
+
+    def _decode_with(self, view: memoryview, n: int, k: int, context: Any) -> np.ndarray:
+        if n == 0 or k == 1:
+            if len(view):
+                raise FormatError("corrupt_payload", f"{self.name}: {len(view)} bytes for a stream that needs none")
+            return np.zeros(n, np.int64)
+        if not len(view):
+            raise FormatError("truncated", f"{self.name}: empty payload for {n} symbols")
+        mode = view[0]
+        bits, rows_mode = mode & 0x07, bool(mode & self._ROW_FLAG)
+        if bits > CONTEXT_BITS or mode & ~(0x07 | self._ROW_FLAG):
+            raise FormatError("corrupt_payload", f"{self.name}: mode byte {mode:#x} (at most {CONTEXT_BITS} bits)")
+        if bits and context is None:
+            raise FormatError("bad_value", f"{self.name}: the stream is dither-conditioned but the tensor has no dither")
+        pos = 1
+        classes, row_length, rows, label_probs = 1, n, 1, None
+        min_bits = 0.0
+        if rows_mode:
+            row_length, pos = _read_varint(view, pos)
+            classes, pos = _read_varint(view, pos)
+            if not 1 <= row_length < n or not 2 <= classes <= 16 or classes << bits > 256:
+                raise FormatError("corrupt_payload", f"{self.name}: row length {row_length} / {classes} row classes")
+            rows = -(-n // row_length)
+            label_m, pos = _read_varint(view, pos)
+            if not 1 <= label_m <= classes:
+                raise FormatError("corrupt_payload", f"{self.name}: row label table of {label_m} symbols")
+            if label_m >= 2:
+                label_q, pos = self._read_table(view, pos, label_m, -1)
+                label_probs = table_model(label_q)
+                min_bits += rows * (_PRECISION - math.log2(int(label_probs.max())))
+        nctx = classes << bits
+        tables: list[np.ndarray | None] = []
+        sizes = []
+        for i in range(nctx):
+            m, pos = _read_varint(view, pos)
+            if m > k:
+                raise FormatError("corrupt_payload", f"{self.name}: context {i} table has {m} symbols (alphabet {k})")
+            sizes.append(m)
+            if m < 2:
+                tables.append(None)
+                continue
+            q, pos = self._read_table(view, pos, m, i)
+            tables.append(table_model(q))
+        words, pos = _read_varint(view, pos)
+        if len(view) - pos != 4 * words:
+            raise FormatError(
+                "truncated" if len(view) - pos < 4 * words else "corrupt_payload",
+                f"{self.name}: {len(view) - pos} bytes after the tables, {4 * words} expected",
+            )
+        # Every symbol costs at least -log2(max p) bits of its context; checked against the words (an ANS stream
+        # holds at most 32 bits per word plus the two words of its initial state) before anything sized by n.
+        # Without row labels the per-context counts are known now; with them, after the labels are decoded.
+        coder = None
+        if words:
+            coder = _constriction().stream.stack.AnsCoder(np.frombuffer(view[pos:], dtype="<u4").astype(np.uint32))
+        if min_bits * (1 - 1e-9) > 32 * words + 64:
+            raise FormatError("corrupt_payload", f"{self.name}: {rows} row labels cannot fit in {words} words")
+        labels = None
+        if rows_mode:
+            if label_probs is None:
+                labels = np.zeros(rows, np.uint8)
+            else:
+                if coder is None:
+                    raise FormatError("truncated", f"{self.name}: no coded words for the row labels")
+                labels = np.asarray(coder.decode(_categorical(label_probs), rows), np.uint8)
+        codes = None if bits == 0 else self._check_context(context, n, FormatError)
+        ctx = self._contexts(codes, bits, labels, row_length, n)
+        totals = np.array([n], np.int64) if ctx is None else np.bincount(ctx, minlength=nctx).astype(np.int64)
+        if totals.size > nctx:
+            raise FormatError("corrupt_payload", f"{self.name}: row label outside its {classes} classes")
+        for i, (m, probs) in enumerate(zip(sizes, tables)):
+            if (m == 0) != (totals[i] == 0):
+                raise FormatError("corrupt_payload", f"{self.name}: context {i} table does not match its symbols")
+            if probs is not None:
+                min_bits += float(totals[i]) * (_PRECISION - math.log2(int(probs.max())))
+        if min_bits * (1 - 1e-9) > 32 * words + 64:
+            raise FormatError("corrupt_payload", f"{self.name}: {n} symbols cannot fit in {words} words")
+        models = [None if probs is None else _categorical(probs) for probs in tables]
+
+        out = np.zeros(n, np.int64)
+        for start in range(0, n, SEGMENT):
+            stop = min(n, start + SEGMENT)
+            seg = None if ctx is None else ctx[start:stop]
+            per_ctx = np.array([stop - start]) if seg is None else np.bincount(seg, minlength=nctx)
+            parts = []
+            for i in range(nctx):
+                c = int(per_ctx[i])
+                if not c:
+                    continue
+                if models[i] is None:
+                    parts.append(np.zeros(c, np.int32))  # m = 1: all zeros
+                    continue
+                if coder is None:
+                    raise FormatError("truncated", f"{self.name}: no coded words for context {i}")
+                parts.append(np.asarray(coder.decode(models[i], c), np.int32))
+            grouped = np.concatenate(parts) if len(parts) > 1 else parts[0]
+            if seg is None:
+                out[start:stop] = grouped
+            else:
+                out[start:stop][np.argsort(seg, kind="stable")] = grouped  # a view: no offset array
+        if coder is not None and not coder.is_empty():
+            raise FormatError("corrupt_payload", f"{self.name}: words left over after the last symbol")
+        return out
+
+    def _read_table(self, view: memoryview, pos: int, m: int, i: int) -> tuple[np.ndarray, int]:
+        """The counts of bin ``i`` (``m >= 2`` entries), validated; allocates at most ``m <= K`` entries."""
+        if pos >= len(view):
+            raise FormatError("truncated", f"{self.name}: payload ends before bin {i}'s table")
+        tag = view[pos]
+        pos += 1
+        if tag == _DENSE:
+            q, pos = _read_varints(view, pos, m)
+        elif tag == _SPARSE:
+            u, pos = _read_varint(view, pos)
+            if not 1 <= u <= m:
+                raise FormatError("corrupt_payload", f"{self.name}: bin {i} table lists {u} of its {m} counts")
+            gaps, pos = _read_varints(view, pos, u)
+            values, pos = _read_varints(view, pos, u)
+            if int(values.min()) <= 0 or int(gaps.min()) < 0 or int(gaps.max()) >= m:
+                raise FormatError("corrupt_payload", f"{self.name}: bin {i} sparse table out of range")
+            where = np.cumsum(gaps + 1) - 1
+            if int(where[-1]) != m - 1:
+                raise FormatError("corrupt_payload", f"{self.name}: bin {i} sparse table does not end at {m - 1}")
+            q = np.zeros(m, np.int64)
+            q[where] = values
+        elif tag <= 1 + _MAX_WIDTH:
+            width = tag - 1
+            nbytes = -(-m * width // 8)
+            if pos + nbytes > len(view):
+                raise FormatError("truncated", f"{self.name}: payload ends inside bin {i}'s table")
+            bits = np.unpackbits(np.frombuffer(view[pos : pos + nbytes], np.uint8), bitorder="little")
+            if bits[m * width :].any():
+                raise FormatError("corrupt_payload", f"{self.name}: bin {i} table has non-zero padding bits")
+            fields = bits[: m * width].reshape(m, width).astype(np.int64)
+            q = fields @ (np.int64(1) << np.arange(width, dtype=np.int64))
+            pos += nbytes
+        else:
+            raise FormatError("corrupt_payload", f"{self.name}: bin {i} table has unknown form {tag}")
+        # Values are < 2**63 (varints), so the int64 sum can only overflow past 2**32 with many entries: check both.
+        if int(q.min()) < 0 or q[-1] == 0 or int(q.max()) > _MAX_Q or int(q.sum()) > _MAX_Q:
+            raise FormatError("corrupt_payload", f"{self.name}: bin {i} table is not canonical or sums past 2**32")
+        return q, pos
+
+
+
+_register(AnsDitherCoder())
