@@ -328,6 +328,8 @@ class AnsDitherCoder(Coder):
     accepts_context = True
     #: ``encode`` takes ``row_length=`` (the container passes the weight's index symbols per row).
     accepts_row_length = True
+    #: ``decode`` takes ``dtype=`` (the container passes the narrow index dtype it keeps).
+    accepts_dtype = True
     _ROW_FLAG = 0x08
     _ROW_CLASSES = (2, 4, 8)
     _MAX_ROW = (1 << 32) - 1
