@@ -386,21 +386,31 @@ class AnsDitherCoder(Coder):
         m = int(arr.max()) + 1
         room = 4 * arr.size + (1 << 16)
         max_bits = CONTEXT_BITS if codes is not None and m << CONTEXT_BITS <= room else 0
-        base = codes.astype(np.intp) if max_bits else np.zeros(arr.size, np.intp)
         best: tuple | None = None
         options: list[tuple[int, np.ndarray | None]] = [(0, None)]
         if row_length is not None:
             options += [(c, _row_labels(arr, row_length, c)) for c in self._ROW_CLASSES if (m * c) << max_bits <= room]
+        # The joint index (label · 2^4 + code) · m + symbol, built once without the labels in the narrowest integer
+        # that holds it (int32 almost always: half the memory traffic of intp); each row-class option adds its
+        # labels row by row through a broadcast view instead of repeating them to the stream's length.
+        top = (max(c for c, _ in options) or 1) << CONTEXT_BITS
+        key_dtype = np.int32 if top * m <= np.iinfo(np.int32).max else np.int64
+        base = arr.astype(key_dtype)
+        if max_bits:
+            base += codes.astype(key_dtype) * key_dtype(m)
+        full = arr.size // row_length if row_length else 0
         for classes, labels in options:
-            index = base.copy()
             label_cost = 0.0
             label_q = None
+            index = base
             if labels is not None:
-                index += np.repeat(labels.astype(np.intp), row_length)[: arr.size] << CONTEXT_BITS
+                shift = labels.astype(key_dtype) * key_dtype(m << CONTEXT_BITS)
+                index = np.empty_like(base)
+                np.add(base[: full * row_length].reshape(full, row_length), shift[:full, None],
+                       out=index[: full * row_length].reshape(full, row_length))
+                np.add(base[full * row_length :], shift[full:full + 1], out=index[full * row_length :])
                 label_q, label_cost = _label_cost(labels, classes)
                 label_cost += 2  # row length and class count varints, about
-            index *= m
-            index += arr
             groups = max(classes, 1) << CONTEXT_BITS
             joint = np.bincount(index, minlength=groups * m).reshape(max(classes, 1), 1 << CONTEXT_BITS, m)
             del index
