@@ -285,3 +285,21 @@ def test_decode_into_a_narrow_dtype_and_in_chunks_gives_the_same_symbols(step, m
     with pytest.raises(ConfigError):
         CODER.decode(data, stream.size, k, context=codes, dtype=np.float32)
 
+
+
+@pytest.mark.parametrize("trim", [0, 100])  # a last row shorter than the others, or none
+def test_chosen_tables_are_the_best_tables_of_the_coded_contexts(trim):
+    """The writer's joint (row class, dither code, symbol) counts are those of the contexts it codes with."""
+    from udnc_fx.coding.ans import _best_tables
+
+    stream, k, codes = row_stream()
+    stream, codes = stream[: stream.size - trim], codes[: codes.size - trim]
+    bits, classes, labels, tables, _ = CODER._choose(stream, codes, 512)
+    assert classes and bits  # both the row and the dither paths are exercised
+    ctx = CODER._contexts(codes, bits, labels, 512, stream.size).astype(np.int64)
+    m = int(stream.max()) + 1
+    counts = np.bincount(ctx * m + stream, minlength=(classes << bits) * m).reshape(-1, m)
+    expected, _ = _best_tables(counts)
+    assert len(tables) == len(expected)
+    for got, want in zip(tables, expected):
+        np.testing.assert_array_equal(got, want)
