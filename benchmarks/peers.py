@@ -188,7 +188,7 @@ def minilm_task() -> Task:
         udnc_fields={"include_embeddings": True, "fallback": "module_swap"}, reload_each=False,
     )
     task.extra.update(sentences=len(sentences), st_agreement=agreement, calibration_batch=batch_of(calibration),
-                      embed=embed)
+                      embed=embed, tokenizer=st.tokenizer)
     return task
 
 

@@ -8,15 +8,16 @@ chosen for a few nominal rates (high-resolution rule ``Δ = 2^(h(X) − R)`` on 
 * ``D / (G Δ²)``: ≈ 1 for every source, because the dithered error is uniform over the Voronoi cell whatever the
   source (the universality of randomized quantization);
 * ``H0``: order-0 empirical entropy of the codeword indices, per sample;
-* coded: the bytes of ``get_coder("range-adaptive-v1").encode(indices, K)``, per sample, plus the codebook as the
-  ``.udnc`` container stores it (its codebook section: integer lattice coordinates, fixed-width or entropy-coded,
-  whichever is smaller) and the tensor's header entry;
+* coded: the real file's share for the tensor, per sample: the ``.udnc`` container written with the project's
+  default coder (``ans-dither-v1``), which keeps the smaller of an explicit table (indices plus integer lattice
+  coordinates of the distinct points) and ``lattice-coords`` (every vector's coordinates, no table), plus the
+  tensor's header entry; ``coded idx`` is the explicit form's index stream alone (same coder, unconditioned);
 * ``SLB = h(X) − ½·log2(2πe·D)``: the Shannon lower bound on R(D) at the measured D (tight for the Gaussian).
 
 The gap coded − SLB should sit near the lattice's space-filling loss ``½·log2(2πe·G)`` plus the coder's overhead,
 as long as the codebook is small beside the index stream. When the number of distinct lattice points approaches
-the number of vectors (high rates with n = 4, 8: each vector is then its own codeword) the explicit codebook costs
-more than the indices save; the ``K / vectors`` column shows when.
+the number of vectors (high rates with n = 4, 8: each vector is then its own codeword) the file drops the table and
+stores coordinates (``encoding`` column); the ``K / vectors`` column shows when.
 
     .venv/bin/python benchmarks/theory.py [--quick] [--samples N] [--rates 1,2,3,4,5,6]
 """
@@ -38,7 +39,7 @@ import _common as C  # noqa: E402
 
 LATTICES = [("Z", 1), ("A2", 2), ("D4", 4), ("E8", 8)]
 SOURCES = ["gaussian", "laplacian", "student-t3"]
-CODER = "range-adaptive-v1"
+CODER = "ans-dither-v1"
 LOG2E = 1.0 / math.log(2.0)
 
 
@@ -92,22 +93,24 @@ def measure(x: np.ndarray, h: float, lattice: str, n: int, rate: float, key: int
     distortion = float(np.mean((decoded - x) ** 2))
     k = int(q.codebook.shape[0])
     coder = get_coder(CODER)
-    index_bytes = len(coder.encode(q.indices, k)) if k > 1 else 0
+    index_bytes = len(coder.encode(q.indices, k)) if k > 1 else 0  # explicit form's index stream, unconditioned
     h0 = empirical_entropy_bits(q.indices, k) / count
     container = Container(quantized=[QuantizedTensor(
         fqn="x", shape=(count,), lattice=lat.name, n=lat.dim, step=step, key=key, dither=DITHER_ID,
         indices=q.indices, codebook=q.codebook, codebook_int=q.codebook_int, coder=CODER)])
     blob = encode_container(container)
-    sizes = section_sizes(read_header(blob))["tensors"]["x"]
+    header = read_header(blob)
+    sizes = section_sizes(header)["tensors"]["x"]
     slb = h - 0.5 * math.log2(2 * math.pi * math.e * distortion)
     coded_idx = 8 * index_bytes / count
-    coded_total = 8 * (index_bytes + sizes["codebook"] + sizes["header"]) / count
+    coded_total = 8 * sizes["total"] / count  # the real file: whichever form the writer kept
     return {
         "lattice": lat.label, "n": lat.dim, "G": lat.G, "nominal_rate": rate, "step": step,
         "D": distortion, "D_over_G_step2": distortion / (lat.G * step * step),
         "K": k, "vectors": int(q.indices.size), "H0": h0, "coded_indices": coded_idx,
         "codebook_bits": 8 * sizes["codebook"] / count, "header_bits": 8 * sizes["header"] / count,
-        "coded_total": coded_total, "container_index_bytes_equal": sizes["indices"] == index_bytes,
+        "file_index_bits": 8 * sizes["indices"] / count, "encoding": header["quantized"][0]["codebook"]["encoding"],
+        "coded_total": coded_total,
         "slb": slb, "gap_total": coded_total - slb, "gap_indices": coded_idx - slb, "gap_H0": h0 - slb,
         "space_filling_loss": space_filling_loss(lat.G), "low_rate_term": 0.5 * math.log2(1 + distortion),
         "seconds": time.perf_counter() - t0,
@@ -149,25 +152,25 @@ def report(res: dict, out_dir: Path) -> str:
     lines = [f"Samples per source: {res['samples']:,} (i.i.d., unit variance); coder `{res['coder']}`; bits are per "
              f"sample. Space-filling loss ½·log2(2πe·G), from each lattice's G: "
              + ", ".join(f"{k} {v:.3f}" for k, v in res["space_filling"].items()) + " bits.", ""]
-    head = ["source", "lattice", "R nominal", "D", "D/(GΔ²)", "H0", "coded idx", "+ codebook", "= coded",
+    head = ["source", "lattice", "R nominal", "D", "D/(GΔ²)", "H0", "coded idx", "encoding", "file", "= coded",
             "SLB", "gap coded−SLB", "gap idx−SLB", "space-filling loss", "space-filling + ½·log2(1+D)", "K / vectors"]
     rows = []
     for r in res["rows"]:
         rows.append([r["source"], r["lattice"], f"{r['nominal_rate']:g}", f"{r['D']:.4g}",
                      f"{r['D_over_G_step2']:.3f}", f"{r['H0']:.3f}", f"{r['coded_indices']:.3f}",
-                     f"{r['codebook_bits'] + r['header_bits']:.3f}", f"{r['coded_total']:.3f}", f"{r['slb']:.3f}",
+                     r["encoding"], f"{r['file_index_bits']:.3f} + {r['codebook_bits'] + r['header_bits']:.3f}",
+                     f"{r['coded_total']:.3f}", f"{r['slb']:.3f}",
                      f"**{r['gap_total']:.3f}**", f"{r['gap_indices']:.3f}", f"{r['space_filling_loss']:.3f}",
                      f"{r['space_filling_loss'] + r['low_rate_term']:.3f}", f"{r['K'] / r['vectors']:.3f}"])
     lines.append(C.md_table(head, rows))
     lines += ["", "How to read it: *gap coded−SLB* is what the real file costs above the bound (indices, codebook and "
               "header entry). With the dither known to the decoder, an ideal coder of the indices would be within "
               "½·log2(2πe·G) + ½·log2(1+D/σ²) of R(D) for the Gaussian (the second term is the low-rate penalty of "
-              "adding the quantization noise to the signal; it vanishes at high rate). The coder here models the "
-              "indices without the dither (order-0, adaptive), which costs H(Y) − H(Y|U) ≥ 0 more at low rates. "
-              "Where *K / vectors* is not small the index statistics are not learnable from this many samples: the "
-              "codebook then carries most of the information and H0 is no rate estimate."]
-    if not all(r["container_index_bytes_equal"] for r in res["rows"]):
-        lines.append("\n- Note: for some rows the container's index section differed from the coder's direct output.")
+              "adding the quantization noise to the signal; it vanishes at high rate). *file* is the tensor's stream "
+              "section + codebook section and header entry; with `lattice-coords` there is no codebook and the "
+              "stream holds every vector's coordinates (one static table per coordinate or one shared, with dither "
+              "bins where they pay). Where *K / vectors* is not small, H0 and *coded idx* are no rate estimate (each "
+              "vector is its own codeword and the explicit table would carry the information)."]
     png = out_dir / "theory.png"
     if _plot(res, png):
         lines += ["", f"![gap to the Shannon lower bound]({png.name})"]

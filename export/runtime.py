@@ -272,7 +272,8 @@ def _decode_sidecar(data: bytes, specs: list[TensorSpec], where: str):
     """Decode the sidecar's bytes, bounded by what ``specs`` need; a coder's missing package is an ImportError."""
     from ..coding.container import decode_container
 
-    limit = max(1, sum(s.numel + s.num_codewords * s.n for s in specs))
+    # A lattice-coords tensor stores no K: the reader bounds its codebook by one row per vector.
+    limit = max(1, sum(s.numel + max(s.num_codewords, s.num_vectors) * s.n for s in specs))
     try:
         return decode_container(data, max_elements=limit)
     except FormatError as exc:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -32,10 +33,20 @@ from ..dither import tensor_key
 from ..errors import ConfigError, PassError
 from ..lattice import get_lattice
 from ..param import DitheredLatticeParam
-from ..quantizer import entropy_bits_per_weight, quantize_array, raw_dither, vectors_of
+from ..quantizer import coded_rate_bits_per_weight, coded_rate_of_raw_points, quantize_array, raw_dither, vectors_of
+from .compensate import compensated_points, inverse_factor
 from .select import Candidate, Change, select_weights
 
-__all__ = ["PassResult", "quantize", "install", "padded_conv", "ServeWeight", "solve_relative_step"]
+__all__ = [
+    "PassResult",
+    "quantize",
+    "install",
+    "padded_conv",
+    "ServeWeight",
+    "solve_relative_step",
+    "solve_scale",
+    "make_params",
+]
 
 _META_KEY = "udnc"
 
@@ -172,7 +183,8 @@ def install(model: nn.Module, candidates: list[Candidate], dlps: list[DitheredLa
                 fq,
                 "quantized",
                 f"{dlp.lattice}{dlp.n if dlp.lattice == 'Z' else ''} step={dlp.step:.4g} K={dlp.num_codewords} "
-                f"{dlp.entropy_bits():.3f} bits/weight via {', '.join(sorted(set(how)))}",
+                f"{dlp.entropy_bits():.3f} bits/weight via {', '.join(sorted(set(how)))}"
+                + (f"; {cand.extra['rounding']}" if cand.extra.get("rounding") else ""),
             )
         )
         for o, a in cand.owners[1:]:
@@ -193,7 +205,9 @@ def _layer_stats(cand: Candidate) -> tuple[np.ndarray, float]:
 def solve_relative_step(
     layers: list[tuple[np.ndarray, float, Any, np.ndarray]], fixed_bits: float, fixed_numel: int, target: float
 ) -> float:
-    """Find one relative step ``s`` (Δ_l = s·std_l) so the weighted mean entropy over all layers is ``target``.
+    """Find one relative step ``s`` (Δ_l = s·std_l) so the weighted mean estimated coded rate over all layers
+    (:func:`udnc_fx.quantizer.coded_rate_bits_per_weight`: index entropy for Z¹, and for vector lattices the smaller of
+    indices plus a table of points and table-free ``lattice-coords``) is ``target``.
 
     ``layers``: ``(vectors, std, lattice, u_raw)`` for each layer solved for; ``fixed_*``: the total bits and weights
     of layers with explicit steps. Entropy falls as the step grows; the search is on ``log s``.
@@ -205,10 +219,19 @@ def solve_relative_step(
 
     def mean_bits(s: float) -> float:
         bits = fixed_bits + sum(
-            entropy_bits_per_weight(v, lat, s * std, u) * v.size for v, std, lat, u in layers
+            coded_rate_bits_per_weight(v, lat, s * std, u) * v.size for v, std, lat, u in layers
         )
         return bits / total
 
+    return solve_scale(mean_bits, target)
+
+
+def solve_scale(mean_bits: Callable[[float], float], target: float) -> float:
+    """The ``s`` in [1e-4, 1e3] where the decreasing function ``mean_bits(s)`` equals ``target`` (within 0.1 %).
+
+    Raises:
+        ConfigError: the target is outside what ``mean_bits`` reaches on that range.
+    """
     # Safeguarded secant on x = log s instead of plain bisection (why: each evaluation quantizes every layer, ~0.8 s
     # on all-MiniLM-L6-v2's 22.7M weights, and bisection needed ~13 of them). High-rate theory gives the first
     # moves (one bit per weight per halving of the step); once the target is bracketed, secant steps are kept at
@@ -248,10 +271,54 @@ def solve_relative_step(
     return math.exp(0.5 * (fine[0] + coarse[0]))
 
 
-def make_params(candidates: list[Candidate], config: CompressConfig) -> list[DitheredLatticeParam]:
-    """Resolve every candidate's step and quantize it (validating all layers before anything is changed)."""
+def _compensation_factors(cand: Candidate, lat, calibration: Any, config: CompressConfig):
+    """``(factors, note)`` for a candidate: per-group Cholesky factors of ``H⁻¹`` when compensated rounding applies
+    (cached on ``calibration``: they do not depend on the seed), else ``(None, why plain rounding)``."""
+    if calibration is None:
+        return None, None
+    if not config.compensate:
+        return None, "plain rounding (compensate=False)"
+    if cand.fqn in calibration.fallback:
+        return None, f"plain rounding: {calibration.fallback[cand.fqn]}"
+    rec = calibration.inputs.get(cand.fqn)
+    if rec is None:
+        return None, "plain rounding: not calibrated"
+    if rec.d % lat.dim:
+        return None, f"plain rounding: a row of {rec.d} weights does not split into {lat.dim}-vectors"
+    cache = calibration.__dict__.setdefault("_factors", {})
+    key = (cand.fqn, config.damping)
+    if key not in cache:
+        factors, notes = [], []
+        for g in range(rec.groups):
+            U, note = inverse_factor(rec.hessian(g), config.damping)
+            if U is None:
+                factors = None
+                notes = [note]
+                break
+            factors.append(U)
+            if note:
+                notes.append(note)
+        cache[key] = (factors, "; ".join(sorted(set(notes))))
+    factors, note = cache[key]
+    if factors is None:
+        return None, f"plain rounding: {note}"
+    how = f"compensated rounding (H from {rec.rows} input rows{', ' + note if note else ''})"
+    return factors, how
+
+
+def make_params(
+    candidates: list[Candidate], config: CompressConfig, calibration: Any = None
+) -> list[DitheredLatticeParam]:
+    """Resolve every candidate's step and quantize it (validating all layers before anything is changed).
+
+    With ``calibration`` (:class:`udnc_fx.passes.calibrate.Calibration`), layers with a known input second moment
+    are rounded with error compensation (:mod:`udnc_fx.passes.compensate`), ``target_bits`` is met by the indices
+    that rounding really produces, and, when ``calibration.scales`` holds an allocation, each layer's step is
+    ``c·scale_l`` instead of ``s·std_l``. Each candidate's ``extra["rounding"]`` says how it was rounded.
+    """
     stats = [_layer_stats(c) for c in candidates]
     prepared = []
+    comp: dict[int, tuple[np.ndarray, list[np.ndarray]]] = {}  # id(cand) -> (w as rows × d, factors)
     for cand, (w, std) in zip(candidates, stats):
         lat = get_lattice(cand.lattice, cand.n)
         v = vectors_of(w, lat.dim)
@@ -267,27 +334,67 @@ def make_params(candidates: list[Candidate], config: CompressConfig) -> list[Dit
             )
         elif cand.step_kind == "relative_step":
             cand.step = float(cand.step_value) * std
+        factors, how = _compensation_factors(cand, lat, calibration, config)
+        if how is not None:
+            cand.extra["rounding"] = how
+        if factors is not None:
+            comp[id(cand)] = (w.reshape(w.shape[0], -1), factors)
         prepared.append((cand, w, std, lat, v, key))
+    us = {id(p[0]): raw_dither(p[5], p[4].shape[0], p[3]) for p in prepared}
+    last_points: dict[int, tuple[float, np.ndarray]] = {}  # the latest compensated rounding of each layer
+
+    def points_of(cand, lat, step, exact_zero) -> np.ndarray:
+        cached = last_points.get(id(cand))
+        if cached is not None and cached[0] == step:
+            return cached[1]
+        w2, factors = comp[id(cand)]
+        pts = compensated_points(w2, factors, lat, step, us[id(cand)], exact_zero=exact_zero)
+        last_points[id(cand)] = (step, pts)
+        return pts
+
+    def bits_of(cand, lat, v, step) -> float:
+        if id(cand) in comp:
+            return coded_rate_of_raw_points(points_of(cand, lat, step, config.exact_zero), lat) * v.size
+        return coded_rate_bits_per_weight(v, lat, step, us[id(cand)]) * v.size
+
     to_solve = [p for p in prepared if p[0].step_kind == "target_bits"]
     if to_solve:
         target = config.effective_target_bits
-        us = {id(p[0]): raw_dither(p[5], p[4].shape[0], p[3]) for p in to_solve}
         fixed_bits = fixed_numel = 0
         for cand, w, std, lat, v, key in prepared:
             if cand.step_kind != "target_bits":
-                fixed_bits += entropy_bits_per_weight(v, lat, cand.step, raw_dither(key, v.shape[0], lat)) * v.size
+                fixed_bits += bits_of(cand, lat, v, cand.step)
                 fixed_numel += v.size
-        s = solve_relative_step(
-            [(p[4], p[2], p[3], us[id(p[0])]) for p in to_solve], fixed_bits, fixed_numel, target
-        )
+        scales = {id(p[0]): p[2] for p in to_solve}
+        allocated = calibration is not None and calibration.scales is not None
+        if allocated:
+            for p in to_solve:
+                scales[id(p[0])] = calibration.scales.get(p[0].fqn, p[2])
+            # keep the common factor near a relative step (the solver searches [1e-4, 1e3])
+            norm = math.exp(sum(math.log(scales[id(p[0])] / p[2]) for p in to_solve) / len(to_solve))
+            scales = {k: v / norm for k, v in scales.items()}
+        total = fixed_numel + sum(p[4].size for p in to_solve)
+
+        def mean_bits(s: float) -> float:
+            bits = fixed_bits + sum(bits_of(p[0], p[3], p[4], s * scales[id(p[0])]) for p in to_solve)
+            return bits / total
+
+        s = solve_scale(mean_bits, target)
         for p in to_solve:
-            p[0].step = s * p[2]
-            p[0].extra["relative_step"] = s
+            p[0].step = s * scales[id(p[0])]
+            p[0].extra["relative_step"] = p[0].step / p[2]
     dlps = []
     for cand, w, std, lat, v, key in prepared:
-        u_raw = us.get(id(cand)) if to_solve else None  # the solver's dither, not generated a second time
+        raw_points = points_of(cand, lat, cand.step, config.exact_zero) if id(cand) in comp else None
         q = quantize_array(
-            w, lattice=lat.name, n=lat.dim, step=cand.step, key=key, exact_zero=config.exact_zero, u_raw=u_raw
+            w,
+            lattice=lat.name,
+            n=lat.dim,
+            step=cand.step,
+            key=key,
+            exact_zero=config.exact_zero,
+            u_raw=us[id(cand)],
+            raw_points=raw_points,
         )
         decoded = q.decode(w.size).astype(np.float64)
         err = float(((decoded - w.reshape(-1)) ** 2).sum())
@@ -312,9 +419,12 @@ def make_params(candidates: list[Candidate], config: CompressConfig) -> list[Dit
     return dlps
 
 
-def quantize(model: nn.Module, config: CompressConfig) -> PassResult:
+def quantize(model: nn.Module, config: CompressConfig, *, calibration: Any = None) -> PassResult:
     """Quantize the selected weights of ``model`` (a traced ``GraphModule``, or a plain module for the
     module-swap fallback) in place, and record every decision.
+
+    ``calibration`` (from :func:`udnc_fx.passes.calibrate.collect_inputs` on this same model) turns on
+    error-compensating rounding where a layer's input second moment is known; see :func:`make_params`.
 
     Raises:
         ConfigError: bad weights (NaN/Inf, empty, constant with a relative step) or an unreachable target rate;
@@ -325,7 +435,7 @@ def quantize(model: nn.Module, config: CompressConfig) -> PassResult:
     candidates, changes = select_weights(model, config, gm)
     if config.strict and changes:
         raise PassError("strict mode: " + "; ".join(f"{c.fqn}: {c.reason}" for c in changes))
-    dlps = make_params(candidates, config)
+    dlps = make_params(candidates, config, calibration)
     changes = install(model, candidates, dlps) + changes
     record = {"config": config, "changes": changes}
     if gm is not None:

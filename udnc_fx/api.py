@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import statistics
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -13,9 +14,13 @@ from torch import fx, nn
 
 from .config import CompressConfig
 from .errors import ConfigError, UnsupportedModelError
+from .passes.allocate import _first_tensor
+from .passes.calibrate import Calibration, as_batches, collect_inputs, probe_scales, run_batch
 from .passes.materialize import served_params
 from .passes.quantize import quantize
+from .passes.select import select_weights
 from .passes.trace import trace_model
+from .progress import progress_bar
 
 __all__ = ["compress", "inspect", "LayerReport", "InspectReport", "compression_record"]
 
@@ -27,26 +32,90 @@ def compression_record(model: nn.Module) -> dict[str, Any] | None:
     return getattr(model, "_udnc_record", None)
 
 
+def _traced_copy(model: nn.Module, config: CompressConfig) -> tuple[nn.Module, str]:
+    work = copy.deepcopy(model)  # fx.symbolic_trace shares submodules with the original: never touch the user's
+    try:
+        return trace_model(work, leaf_modules=config.leaf_modules), "torch.fx symbolic trace"
+    except UnsupportedModelError as exc:
+        if config.fallback != "module_swap":
+            raise
+        return work, f"module-swap fallback (no graph): {exc}"
+
+
+def _calibrate(model: nn.Module, config: CompressConfig, batches: list) -> Calibration:
+    """Layer inputs (and, by default, a probed step allocation) from the calibration batches, on a float copy."""
+    target, _ = _traced_copy(model, config)
+    gm = target if isinstance(target, fx.GraphModule) else None
+    candidates, _ = select_weights(target, config, gm)
+    calib = collect_inputs(target, candidates, batches)
+    if config.allocate and config.step_mode == "target_bits":
+        probe_scales(target, candidates, config, calib)
+    elif config.allocate:
+        calib.allocation_note = f"no allocation: the config fixes the steps ({config.step_mode})"
+    return calib
+
+
+def _score(out: nn.Module, config: CompressConfig, calib: Calibration | None) -> float:
+    """Lower is better: ``score_fn(out)``, else the mean squared output change over the calibration batches."""
+    was_training = out.training
+    out.eval()
+    try:
+        with torch.no_grad():
+            if config.score_fn is not None:
+                value = config.score_fn(out)
+                try:
+                    value = float(value)
+                except (TypeError, ValueError):
+                    raise ConfigError(f"score_fn must return a number, got {type(value).__name__}") from None
+                if not math.isfinite(value):
+                    raise ConfigError(f"score_fn returned {value}: it must be a finite number (lower is better)")
+                return value
+            total = 0.0
+            for batch, reference in zip(calib.batches, calib.outputs):
+                if reference is None:
+                    raise ConfigError("seed_trials: the model's output has no tensor to compare; give a score_fn")
+                test = _first_tensor(run_batch(out, batch)).detach().to(torch.float64)
+                total += float(((test - reference) ** 2).mean())
+            return total / len(calib.batches)
+    finally:
+        out.train(was_training)
+
+
 def compress(
-    model: nn.Module, config: CompressConfig | None = None, *, example_inputs: Any = None
+    model: nn.Module,
+    config: CompressConfig | None = None,
+    *,
+    example_inputs: Any = None,
+    calibration: Any = None,
 ) -> nn.Module:
     """Compress ``model``'s Conv/Linear weights with randomized lattice quantization.
 
     The model is deep-copied first (never changed), traced with torch.fx, and each selected weight is replaced by a
     ``DitheredLatticeParam`` feeding the original op. Every decision is recorded (see :func:`inspect`).
 
+    With ``calibration``, the batches run once through the float model (hooks on the selected layers) and are used
+    for: error-compensating rounding of every Linear/Conv1d/Conv2d weight whose inputs were seen (``compensate``;
+    the others get plain dithered rounding, recorded), a step allocation by measured sensitivity when the goal is
+    ``target_bits`` (``allocate``; probe on the first batch), and the choice among ``seed_trials`` dither seeds.
+    The file format and the decoder are the same either way.
+
     Args:
         model: any ``nn.Module``.
         config: a :class:`CompressConfig` (default: Z^1, target 3 bits/weight, seed 0).
         example_inputs: optional tuple of inputs; when given, the compressed model is run once on them to check
             that it executes (errors surface here rather than at first use).
+        calibration: optional iterable of batches (a list, a DataLoader...), each a tensor, a tuple of positional
+            inputs or a mapping of keyword inputs (what ``model(*batch)`` / ``model(**batch)`` / ``model(batch)``
+            takes). A few hundred samples (images, or sentences' tokens) are plenty.
 
     Returns:
         An ``fx.GraphModule``; under ``fallback="module_swap"`` with an untraceable model, the deep-copied module
         with its weights served by parametrizations (no graph).
 
     Raises:
-        ConfigError: invalid settings or weights (NaN/Inf, empty layers, unreachable target rate).
+        ConfigError: invalid settings or weights (NaN/Inf, empty layers, unreachable target rate), calibration
+            batches that do not fit the model (naming the batch and the layer), ``seed_trials > 1`` with neither
+            calibration nor ``score_fn``.
         UnsupportedModelError: the model cannot be traced and no fallback was asked for.
     """
     config = CompressConfig() if config is None else config
@@ -54,20 +123,32 @@ def compress(
         raise ConfigError(f"config must be a CompressConfig, got {type(config).__name__}")
     if not isinstance(model, nn.Module):
         raise UnsupportedModelError(f"compress() needs an nn.Module, got {type(model).__name__}")
-    work = copy.deepcopy(model)  # fx.symbolic_trace shares submodules with the original: never touch the user's
-    trace_note = "torch.fx symbolic trace"
-    try:
-        target: nn.Module = trace_model(work, leaf_modules=config.leaf_modules)
-    except UnsupportedModelError as exc:
-        if config.fallback != "module_swap":
-            raise
-        target = work
-        trace_note = f"module-swap fallback (no graph): {exc}"
-    was_training = target.training
-    result = quantize(target, config)
-    out = result.graph_module
-    compression_record(out)["trace"] = trace_note
-    out.train(was_training)
+    batches = as_batches(calibration) if calibration is not None else None
+    if config.seed_trials > 1 and batches is None and config.score_fn is None:
+        raise ConfigError("seed_trials > 1 needs calibration batches or a score_fn to choose the seed by")
+    calib = _calibrate(model, config, batches) if batches is not None else None
+    was_training = model.training
+    best = None
+    trials: list[dict] = []
+    seeds = [(config.seed + i) % 2**64 for i in range(config.seed_trials)]
+    for seed in progress_bar(seeds, desc="seed trials", unit="seed") if len(seeds) > 1 else seeds:
+        trial_config = config if seed == config.seed else config.replace(seed=seed)
+        target, trace_note = _traced_copy(model, trial_config)
+        out = quantize(target, trial_config, calibration=calib).graph_module
+        _refuse_non_float32(out)
+        compression_record(out)["trace"] = trace_note
+        out.train(was_training)
+        if len(seeds) > 1:
+            score = _score(out, trial_config, calib)
+            trials.append({"seed": seed, "score": score})
+            if best is None or score < best[0]:
+                best = (score, out)
+        else:
+            best = (None, out)
+    out = best[1]
+    record = compression_record(out)
+    if calib is not None or trials:
+        record["calibration"] = _calibration_summary(record, calib, trials, config)
     if example_inputs is not None:
         args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
         # A trial run must not change the result: in train mode it would update BatchNorm running statistics
@@ -83,6 +164,49 @@ def compress(
     return out
 
 
+def _calibration_summary(record: dict, calib: Calibration | None, trials: list[dict], config) -> dict:
+    """What the calibration was used for, as stored in the record and shown by :func:`inspect`."""
+    used = []
+    summary: dict[str, Any] = {"batches": 0 if calib is None else len(calib.batches)}
+    if calib is not None:
+        rounding = [c for c in record["changes"] if c.action == "quantized"]
+        compensated = [c.fqn for c in rounding if "; compensated rounding" in c.reason]
+        summary["compensated_layers"] = compensated
+        summary["plain_layers"] = [c.fqn for c in rounding if "; plain rounding" in c.reason]
+        if compensated:
+            used.append(f"error-compensating rounding of {len(compensated)} of {len(rounding)} layers")
+        if calib.scales is not None:
+            used.append("step allocation by measured sensitivity")
+        if calib.allocation_note:
+            summary["allocation"] = calib.allocation_note
+    if trials:
+        scores = [t["score"] for t in trials]
+        chosen = min(trials, key=lambda t: t["score"])
+        what = "score_fn" if config.score_fn is not None else "calibration output error"
+        used.append(f"seed choice among {len(trials)} seeds by {what}")
+        summary["seed_trials"] = trials
+        summary["chosen_seed"] = chosen["seed"]
+        summary["score_spread"] = [min(scores), statistics.median(scores), max(scores)]
+    summary["used_for"] = used
+    return summary
+
+
+def _refuse_non_float32(model: nn.Module) -> None:
+    """A model whose weights are all float16/bfloat16/float64 would "compress" nothing (the format decodes weights
+    to float32: codebooks and the dither are float32 by contract, and serving a float32 weight to a float16 op fails)
+    and :func:`udnc_fx.save` would then refuse it: say so here, with the remedy. A model with some float32 layers
+    compresses those and records why the others were skipped."""
+    if served_params(model):
+        return
+    others = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()
+                     if p.is_floating_point() and p.dtype != torch.float32})
+    if others:
+        raise UnsupportedModelError(
+            f"no weight was compressed: the model's parameters are {', '.join(others)} and udnc-fx compresses "
+            "float32 weights only (they decode to float32 by format); convert the model with model.float() first"
+        )
+
+
 @dataclass
 class LayerReport:
     fqn: str
@@ -94,6 +218,8 @@ class LayerReport:
     entropy_bits: float
     sqnr_db: float | None
     numel: int
+    #: estimated coded rate (bits/weight) of the stored form: what ``target_bits`` solves for (``rate_bits``)
+    rate_bits: float = math.nan
 
 
 @dataclass
@@ -103,6 +229,7 @@ class InspectReport:
     layers: list[LayerReport]
     changes: list[dict]
     trace: str | None
+    calibration: dict | None = None
 
     @property
     def total_weights(self) -> int:
@@ -113,13 +240,21 @@ class InspectReport:
         total = self.total_weights
         return sum(r.entropy_bits * r.numel for r in self.layers) / total if total else 0.0
 
+    @property
+    def mean_rate_bits(self) -> float:
+        """Weighted mean of the layers' estimated coded rates: what ``target_bits`` aims at."""
+        total = self.total_weights
+        return sum(r.rate_bits * r.numel for r in self.layers) / total if total else 0.0
+
     def to_dict(self) -> dict:
         return {
             "layers": [asdict(r) for r in self.layers],
             "changes": self.changes,
             "trace": self.trace,
+            "calibration": self.calibration,
             "total_weights": self.total_weights,
             "mean_entropy_bits": self.mean_entropy_bits,
+            "mean_rate_bits": self.mean_rate_bits,
         }
 
     def to_json(self, **kwargs) -> str:
@@ -157,6 +292,21 @@ class InspectReport:
             lines += [f"skipped {c['fqn']}: {c['reason']}" for c in skipped]
         if self.trace:
             lines.append(f"traced by: {self.trace}")
+        if self.calibration:
+            cal = self.calibration
+            used = "; ".join(cal.get("used_for") or []) or "nothing (no layer could use it)"
+            lines.append(f"calibration ({cal.get('batches', 0)} batches) used for: {used}")
+            if cal.get("allocation"):
+                lines.append(f"  {cal['allocation']}")
+            for fqn in cal.get("plain_layers", []):
+                reason = next((c["reason"] for c in self.changes if c["fqn"] == fqn), "")
+                lines.append(f"  {fqn}: {reason.split('; ', 1)[-1]}")
+            if cal.get("seed_trials"):
+                lo, med, hi = cal["score_spread"]
+                lines.append(
+                    f"  seed {cal['chosen_seed']} kept of {len(cal['seed_trials'])}: score min {lo:.4g}, "
+                    f"median {med:.4g}, max {hi:.4g}"
+                )
         return "\n".join(lines)
 
 
@@ -179,8 +329,9 @@ def inspect(model: nn.Module) -> InspectReport:
                 entropy_bits=dlp.entropy_bits(),
                 sqnr_db=None if sqnr is None else float(sqnr),
                 numel=dlp.numel,
+                rate_bits=dlp.rate_bits(),
             )
         )
     record = compression_record(model) or {}
     changes = [c.to_dict() for c in record.get("changes", [])]
-    return InspectReport(rows, changes, record.get("trace"))
+    return InspectReport(rows, changes, record.get("trace"), record.get("calibration"))

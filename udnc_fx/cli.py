@@ -105,15 +105,18 @@ def _inspect(args) -> int:
     header = read_header(path)
     report = size_report(path)
     if args.json:
-        print(json.dumps({"header": header, "sizes": report}, indent=2))
+        # allow_nan=False: the output must be JSON; the reader refuses non-finite numbers, so this never fires
+        print(json.dumps({"header": header, "sizes": report}, indent=2, allow_nan=False))
         return 0
     head = ["tensor", "shape", "lattice", "K", "coder", "bytes", "bits/w", "ratio"]
     rows = []
     for r in report["rows"]:
         if r["kind"] == "quantized":
             lat = f"{r['lattice']}{r['n']}" if r["lattice"] == "Z" else r["lattice"]
-            rows.append([r["name"], "x".join(map(str, r["shape"])), lat, str(r["codewords"]), str(r["coder"]),
-                         str(r["bytes"]), f"{r['bits_per_weight']:.3f}", f"{r['ratio']:.2f}x"])
+            k = f"coords ({r['layout']})" if r["codewords"] is None else str(r["codewords"])  # no table of points
+            bits = "-" if r["bits_per_weight"] is None else f"{r['bits_per_weight']:.3f}"
+            ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}x"
+            rows.append([r["name"], "x".join(map(str, r["shape"])), lat, k, str(r["coder"]), str(r["bytes"]), bits, ratio])
     raw = [r for r in report["rows"] if r["kind"] == "raw"]
     rows.append(["(raw tensors)", f"{len(raw)} tensors", "", "", "", str(sum(r["bytes"] for r in raw)), "", ""])
     rows.append(["(preamble + shared header)", "", "", "", "", str(report["shared_bytes"]), "", ""])
@@ -123,10 +126,12 @@ def _inspect(args) -> int:
     for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
     print(f"\nfile: {report['file_bytes']} bytes")
+    weights_ratio = "-" if report["weights_ratio"] is None else f"{report['weights_ratio']:.2f}x"
+    file_ratio = "-" if report["file_ratio"] is None else f"{report['file_ratio']:.2f}x"
     print(f"compressed weights only: {report['weights_float_bytes']} float32 bytes -> {report['weights_bytes']} bytes "
-          f"(indices + codebooks + their header entries) = {report['weights_ratio']:.2f}x")
+          f"(indices + codebooks + their header entries) = {weights_ratio}")
     print(f"whole file: {report['all_float_bytes']} float32 bytes of every stored tensor -> {report['file_bytes']} "
-          f"bytes = {report['file_ratio']:.2f}x")
+          f"bytes = {file_ratio}")
     return 0
 
 

@@ -78,8 +78,13 @@ def _override_key(key: Any) -> str:
     if key.startswith("re:"):
         try:
             re.compile(key[3:])
-        except re.error as exc:
-            raise ConfigError(f"override pattern {key!r} is not a valid regular expression: {exc}") from None
+        # re.error for bad syntax; OverflowError for a repeat count past the engine's limit (a{99999999999});
+        # RecursionError for groups nested a few thousand deep: all of them mean "not a usable pattern".
+        except (re.error, OverflowError, RecursionError, ValueError) as exc:
+            shown = key if len(key) <= 80 else key[:77] + "..."
+            raise ConfigError(
+                f"override pattern {shown!r} is not a valid regular expression: {type(exc).__name__}: {exc}"
+            ) from None
     return key
 
 
@@ -128,6 +133,15 @@ class CompressConfig:
         fallback: ``"error"`` (an untraceable model raises ``UnsupportedModelError``) or ``"module_swap"``
             (quantize the same layers without a graph).
         strict: turn every skip into a ``PassError``.
+        compensate: with ``calibration`` given to :func:`udnc_fx.compress`, round each calibrated Linear/Conv
+            weight with error compensation (GPTQ-style, dither kept); False: plain dithered rounding everywhere.
+        allocate: with ``calibration`` and a ``target_bits`` goal, spread the bits over layers by measured
+            sensitivity (a probe on the first calibration batch); False: one relative step for every layer.
+        damping: ``λ`` added to ``H``'s diagonal as a fraction of its mean (compensated rounding), in (0, 1].
+        seed_trials: how many dither seeds to try (``seed``, ``seed + 1``, ...); the one whose compressed model is
+            closest to the float model on the calibration batches (or has the lowest ``score_fn``) is kept. 1..256.
+        score_fn: ``score_fn(compressed_model) -> float``, lower is better (return ``-accuracy`` for an accuracy),
+            used by ``seed_trials`` instead of the calibration output error. Recorded by name only.
     """
 
     version: int = CONFIG_VERSION
@@ -148,8 +162,14 @@ class CompressConfig:
     leaf_modules: tuple[Any, ...] = ()
     fallback: str = "error"
     strict: bool = False
+    compensate: bool = True
+    allocate: bool = True
+    damping: float = 0.01
+    seed_trials: int = 1
+    score_fn: Callable[[Any], float] | None = None
 
     DEFAULT_TARGET_BITS = 3.0
+    MAX_SEED_TRIALS = 256
 
     def __post_init__(self):
         if self.version != CONFIG_VERSION:
@@ -181,6 +201,27 @@ class CompressConfig:
             raise ConfigError(f"min_numel must be an integer >= 1, got {self.min_numel!r}")
         if self.fallback not in ("error", "module_swap"):
             raise ConfigError(f"fallback must be 'error' or 'module_swap', got {self.fallback!r}")
+        for name in ("compensate", "allocate"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if (
+            isinstance(self.damping, bool)
+            or not isinstance(self.damping, (int, float))
+            or not math.isfinite(self.damping)
+            or not 0 < self.damping <= 1
+        ):
+            raise ConfigError(f"damping must be a number in (0, 1], got {self.damping!r}")
+        if (
+            isinstance(self.seed_trials, bool)
+            or not isinstance(self.seed_trials, int)
+            or not 1 <= self.seed_trials <= self.MAX_SEED_TRIALS
+        ):
+            raise ConfigError(
+                f"seed_trials must be an integer in [1, {self.MAX_SEED_TRIALS}] (each trial compresses the model "
+                f"once more), got {self.seed_trials!r}"
+            )
+        if self.score_fn is not None and not callable(self.score_fn):
+            raise ConfigError("score_fn must be callable as score_fn(compressed_model) -> float")
         if self.filter_fn is not None and not callable(self.filter_fn):
             raise ConfigError("filter_fn must be callable as filter_fn(module, fqn) -> bool")
         if not isinstance(self.leaf_modules, (tuple, list)) or not all(
@@ -248,7 +289,7 @@ class CompressConfig:
             value = getattr(self, f.name)
             if f.name == "overrides":
                 value = {k: (None if v is None else v.to_dict()) for k, v in value.items()}
-            elif f.name == "filter_fn":
+            elif f.name in ("filter_fn", "score_fn"):
                 value = None if value is None else getattr(value, "__qualname__", "<callable>")
             elif f.name in ("leaf_modules", "extra_layer_types"):
                 value = [v if isinstance(v, str) else v.__name__ for v in value]
@@ -259,7 +300,7 @@ class CompressConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> CompressConfig:
-        """Inverse of :meth:`to_dict` (a recorded ``filter_fn`` cannot be restored and is dropped)."""
+        """Inverse of :meth:`to_dict` (a recorded ``filter_fn`` or ``score_fn`` cannot be restored and is dropped)."""
         if not isinstance(data, Mapping):
             raise ConfigError(f"a config must be a mapping, got {type(data).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
@@ -268,6 +309,7 @@ class CompressConfig:
             raise ConfigError(f"unknown config keys: {sorted(unknown)}")
         kwargs = dict(data)
         kwargs.pop("filter_fn", None)
+        kwargs.pop("score_fn", None)
         if "overrides" in kwargs:
             raw = kwargs["overrides"]
             if not isinstance(raw, Mapping):

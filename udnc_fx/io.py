@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
+from .coding import limits
 from .coding.coders import DEFAULT_CODER, get_coder
 from .coding.container import (
     Container,
@@ -184,6 +185,89 @@ def _mismatch(message: str) -> FormatError:
     return FormatError("model_mismatch", message)
 
 
+def _aliases(meta: Any, fqn: str) -> tuple[str, ...]:
+    """``meta.aliases`` of a stored entry: the other names of a tied weight, a list of strings."""
+    aliases = meta.get("aliases", []) if isinstance(meta, dict) else None
+    if not isinstance(aliases, list) or not all(isinstance(a, str) and a for a in aliases):
+        raise FormatError("bad_value", f"{fqn}: meta.aliases must be a list of names, got {str(aliases)[:80]}")
+    return tuple(aliases)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _config_from(stored: Any, seed: Any) -> CompressConfig:
+    """The stored config, or FormatError: a hostile one may fail in any way (types, patterns that overflow)."""
+    try:
+        config = CompressConfig.from_dict(stored)
+        if "seed" not in stored:  # the file's key seed: saving the loaded model again derives the same keys
+            config = config.replace(seed=seed)
+    except Exception as exc:  # ConfigError, TypeError, OverflowError, RecursionError, ...
+        raise FormatError("bad_header", f"the stored config is invalid: {type(exc).__name__}: {exc}") from None
+    return config
+
+
+def _model_limits(model: nn.Module) -> tuple[int, int]:
+    """``(tensors, bytes)`` of everything a file of ``model`` can hold (parameters and buffers, tied ones once)."""
+    seen, tensors, nbytes = set(), 0, 0
+    for t in model.state_dict(keep_vars=True).values():
+        if id(t) not in seen:
+            seen.add(id(t))
+            tensors += 1
+            nbytes += t.numel() * t.element_size()
+    return tensors, nbytes
+
+
+def _check_header_against(header: dict, target: nn.Module, tensors: int, model_bytes: int) -> None:
+    """Every name, shape and dtype the file declares must be the model's, and its sizes those a file of this model
+    can have -- checked on the header, before a single stream is decoded (a 191-byte file may declare 2^28
+    elements: the model, not the file, bounds what decoding may cost)."""
+    allowed = limits.payload_allowance(model_bytes, tensors)
+    if header["payload_length"] > allowed:
+        raise _mismatch(f"the payload is {header['payload_length']} bytes; a file of this model holds at most {allowed}")
+    params: dict[str, torch.nn.Parameter] = {}
+    for name, p in target.named_parameters(remove_duplicate=False):
+        params.setdefault(name, p)
+    owners = _param_owners(target)
+    compressed_ids = set()
+    for entry in header["quantized"]:
+        fqn = entry["fqn"]
+        p = params.get(fqn)
+        if p is None:
+            raise _mismatch(f"the model has no parameter {fqn!r} (the file compresses it)")
+        if tuple(p.shape) != tuple(entry["shape"]):
+            raise _mismatch(f"{fqn}: the model's shape {tuple(p.shape)} differs from the file's {tuple(entry['shape'])}")
+        if p.dtype != torch.float32:
+            raise _mismatch(f"{fqn}: the model's parameter is {_dtype_name(p.dtype)}; the file decodes it to float32")
+        if id(p) in compressed_ids:
+            raise _mismatch(f"{fqn}: the file compresses the same parameter twice")
+        compressed_ids.add(id(p))
+        names = [f"{o}.{a}" if o else a for o, a in owners[id(p)]]
+        aliases = _aliases(entry.get("meta"), fqn)
+        if sorted(n for n in names if n != fqn) != sorted(aliases):
+            raise _mismatch(f"{fqn}: the model ties it to {names}, the file to {[fqn, *aliases]}")
+    expected, seen = {}, set()
+    for name, t in target.state_dict(keep_vars=True).items():
+        if id(t) in seen or ".parametrizations." in name:  # as _raw_state: what save stores
+            continue
+        seen.add(id(t))
+        if id(t) not in compressed_ids:
+            expected[name] = t
+    stored = {r["name"]: r for r in header["raw"]}
+    missing = sorted(set(expected) - set(stored))
+    extra = sorted(set(stored) - set(expected))
+    if missing or extra:
+        raise _mismatch(f"tensors differ: missing from the file {missing[:5]}, not in the model {extra[:5]}")
+    for name, t in expected.items():
+        r = stored[name]
+        if tuple(r["shape"]) != tuple(t.shape):
+            raise _mismatch(f"{name}: the model's shape {tuple(t.shape)} differs from the file's {tuple(r['shape'])}")
+        dtype = r.get("source_dtype") or r["dtype"]
+        if dtype != _dtype_name(t.dtype):
+            raise _mismatch(f"{name}: the model's tensor is {_dtype_name(t.dtype)}, the file stores {dtype}")
+
+
 def _params_from(container: Container) -> list[DitheredLatticeParam]:
     dlps = []
     for q in container.quantized:
@@ -194,7 +278,10 @@ def _params_from(container: Container) -> list[DitheredLatticeParam]:
         if q.dither not in (DITHER_ID, _NO_DITHER):
             raise FormatError("unknown_codec", f"{q.fqn}: unknown dither generator {q.dither!r}")
         if q.codebook is None:
-            codebook = codebook_from_int(q.codebook_int, lat.name, lat.dim, q.step)
+            with np.errstate(over="ignore", invalid="ignore"):  # overflow is refused just below
+                codebook = codebook_from_int(q.codebook_int, lat.name, lat.dim, q.step)
+            if not np.isfinite(codebook).all():  # huge coordinates times a huge step: no float32 weight
+                raise FormatError("bad_value", f"{q.fqn}: the integer codebook times the step overflows float32")
         else:
             codebook = np.asarray(q.codebook, dtype=np.float32)
         dlp = DitheredLatticeParam(
@@ -208,7 +295,7 @@ def _params_from(container: Container) -> list[DitheredLatticeParam]:
             key=None if q.dither == _NO_DITHER else q.key,
             zero_index=q.zero_index,
             fqn=q.fqn,
-            aliases=tuple(q.meta.get("aliases", ())),
+            aliases=_aliases(q.meta, q.fqn),
             codebook_int=q.codebook_int,
         )
         dlps.append(dlp)
@@ -219,10 +306,10 @@ def _params_from(container: Container) -> list[DitheredLatticeParam]:
 _SIDECAR_MARK = "udnc_onnx"
 
 
-def _refuse_onnx_sidecar(path: str | Path) -> None:
+def _refuse_onnx_sidecar(header: dict, path: str | Path) -> None:
     """A sidecar holds only an ONNX export's indices and codebooks (no biases, no config): say what it is and which
-    ONNX file it belongs to, rather than a confusing mismatch with the model."""
-    metadata = read_header(Path(path)).get("metadata")
+    ONNX file it belongs to, rather than a confusing mismatch with the model. ``header``: the file's, resolved."""
+    metadata = header.get("metadata")
     mark = metadata.get(_SIDECAR_MARK) if isinstance(metadata, dict) else None
     if mark is None:
         return
@@ -244,22 +331,36 @@ def load(path: str | Path, model: nn.Module, *, progress: bool | None = None) ->
         FormatError: the file is malformed (any ``kind``), ``model_mismatch`` when the model's layers, shapes
             or other tensors do not match the file, or ``onnx_sidecar`` when it is an ONNX export's sidecar.
     """
-    _refuse_onnx_sidecar(path)
-    container = read_container(Path(path), progress=progress)
-    try:
-        config = CompressConfig.from_dict(container.config)
-        if "seed" not in container.config:  # the file's key seed: saving the loaded model again derives the same keys
-            config = config.replace(seed=container.seed)
-    except (ConfigError, TypeError) as exc:
-        raise FormatError("bad_header", f"the stored config is invalid: {exc}") from None
-    work = copy.deepcopy(model)
-    trace_note = "torch.fx symbolic trace"
-    try:
-        target: nn.Module = trace_model(work, leaf_modules=config.leaf_modules)
-    except UnsupportedModelError as exc:
-        if config.fallback != "module_swap":
-            raise
-        target, trace_note = work, f"module-swap fallback (no graph): {exc}"
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"load() needs the float model to load onto, an nn.Module; got {type(model).__name__}")
+    tensors, model_bytes = _model_limits(model)
+    traced: dict[str, Any] = {}
+
+    def check(header: dict) -> None:
+        # Runs on the validated header, before the payload is read: everything the file declares is held against
+        # the model, so decoding does only the work a valid file of this model needs.
+        _refuse_onnx_sidecar(header, path)
+        config = _config_from(header["config"], header["seed"])
+        work = copy.deepcopy(model)
+        trace_note = "torch.fx symbolic trace"
+        try:
+            target: nn.Module = trace_model(work, leaf_modules=config.leaf_modules)
+        except UnsupportedModelError as exc:
+            if config.fallback != "module_swap":
+                raise
+            target, trace_note = work, f"module-swap fallback (no graph): {exc}"
+        _check_header_against(header, target, tensors, model_bytes)
+        traced.update(config=config, target=target, trace_note=trace_note)
+
+    # Elements: the model's tensors (shapes are checked to be the model's) plus codebooks (K <= count + slack).
+    container = read_container(
+        Path(path),
+        max_elements=2 * (model_bytes + limits.ALPHABET_SLACK * 8 * tensors) + 1,
+        max_header_length=limits.header_allowance(tensors),
+        check_header=check,
+        progress=progress,
+    )
+    config, target, trace_note = traced["config"], traced["target"], traced["trace_note"]
     dlps = _params_from(container)
     owners = _param_owners(target)
     params = {}
@@ -325,6 +426,7 @@ def size_report(path: str | Path, float_model: nn.Module | None = None) -> dict[
         numel = math.prod(entry["shape"])
         weights_float += 4 * numel
         weights_bytes += s["total"]
+        coords = entry["codebook"]["encoding"] == "lattice-coords"
         rows.append(
             {
                 "name": entry["fqn"],
@@ -332,13 +434,17 @@ def size_report(path: str | Path, float_model: nn.Module | None = None) -> dict[
                 "shape": entry["shape"],
                 "lattice": entry["lattice"],
                 "n": entry["n"],
-                "codewords": entry["indices"]["alphabet_size"],
+                # lattice-coords stores every vector's coordinates and no table: K is not in the file
+                "codewords": None if coords else entry["indices"]["alphabet_size"],
+                "codebook_encoding": entry["codebook"]["encoding"],
+                "layout": entry["codebook"].get("layout"),
                 "coder": entry["indices"]["coder"],
                 "bytes": s["total"],
                 "index_bytes": s["indices"],
                 "codebook_bytes": s["codebook"],
-                "bits_per_weight": 8 * s["total"] / numel,
-                "ratio": 4 * numel / s["total"],
+                # None for an empty tensor (nothing to divide by); a file may hold one
+                "bits_per_weight": 8 * s["total"] / numel if numel else None,
+                "ratio": 4 * numel / s["total"] if s["total"] else None,
             }
         )
     for entry in header["raw"]:
@@ -355,5 +461,5 @@ def size_report(path: str | Path, float_model: nn.Module | None = None) -> dict[
         "weights_bytes": weights_bytes,
         "weights_ratio": weights_float / weights_bytes if weights_bytes else None,
         "all_float_bytes": weights_float + raw_float,
-        "file_ratio": (weights_float + raw_float) / file_bytes,
+        "file_ratio": (weights_float + raw_float) / file_bytes if file_bytes else None,
     }

@@ -16,7 +16,17 @@ from . import dither as _dither
 from .errors import ConfigError
 from .lattice import Lattice, get_lattice
 
-__all__ = ["QuantizedArray", "quantize_array", "codebook_from_int", "raw_dither", "entropy_bits_per_weight", "vectors_of"]
+__all__ = [
+    "QuantizedArray",
+    "quantize_array",
+    "codebook_from_int",
+    "raw_dither",
+    "entropy_bits_per_weight",
+    "coded_rate_bits_per_weight",
+    "rate_bits_of_points",
+    "coded_rate_of_raw_points",
+    "vectors_of",
+]
 
 
 @dataclass
@@ -143,6 +153,11 @@ def _lattice_points(v: np.ndarray, dither32: np.ndarray, lat: Lattice, factor: f
     return lat.nearest_raw((v + dither32.astype(np.float64)) / factor)
 
 
+def coded_rate_of_raw_points(raw_points: np.ndarray, lat: Lattice) -> float:
+    """:func:`rate_bits_of_points` of raw lattice points ``(num_vectors, n)`` chosen by any rounding rule."""
+    return rate_bits_of_points(lat.to_int(raw_points), lat.name)
+
+
 def entropy_bits_per_weight(
     v: np.ndarray, lat: Lattice, step: float, u_raw: np.ndarray
 ) -> float:
@@ -151,6 +166,38 @@ def entropy_bits_per_weight(
     dither32 = (u_raw * factor).astype(np.float32)
     points = lat.to_int(_lattice_points(v, dither32, lat, factor))
     return _entropy_from_counts(_count_rows(points)) / lat.dim
+
+
+def rate_bits_of_points(points: np.ndarray, lattice: str) -> float:
+    """Estimated coded rate (bits per weight) of integer lattice points ``(m, n)`` as the container stores them.
+
+    The writer keeps the smaller of an explicit table (indices plus a coded table of the ``K`` distinct points) and
+    ``lattice-coords`` (every vector's coordinates, no table). Estimated here as ``min(H(k) + K·Hc / m, Hc) / n``
+    with ``H(k)`` the order-0 entropy of the indices and ``Hc`` the sum of the per-coordinate order-0 entropies of
+    the ``lattice-coords`` symbols (a table row costs about a coded vector). For ``Z¹`` both are ``H(k)``. Unlike
+    ``H(k)/n``, this does not saturate at ``log2(m)/n`` when every vector is its own point, so every target is
+    reachable with every lattice.
+    """
+    from udnc_fx.coding.lattice_coords import coordinate_entropy_bits
+
+    m, n = points.shape
+    if m == 0:
+        return 0.0
+    counts = _count_rows(points)
+    h_joint = _entropy_from_counts(counts)
+    if n == 1:
+        return h_joint
+    h_coords = coordinate_entropy_bits(points, lattice)
+    return min(h_joint + counts.size * h_coords / m, h_coords) / n
+
+
+def coded_rate_bits_per_weight(v: np.ndarray, lat: Lattice, step: float, u_raw: np.ndarray) -> float:
+    """:func:`rate_bits_of_points` of the points ``v`` (num_vectors × n) would get at ``step``: what ``target_bits``
+    solves for."""
+    factor = float(lat.scale) * float(step)
+    dither32 = (u_raw * factor).astype(np.float32)
+    points = lat.to_int(_lattice_points(v, dither32, lat, factor))
+    return rate_bits_of_points(points, lat.name)
 
 
 def quantize_array(
@@ -162,6 +209,7 @@ def quantize_array(
     key: int | None,
     exact_zero: bool = False,
     u_raw: np.ndarray | None = None,
+    raw_points: np.ndarray | None = None,
 ) -> QuantizedArray:
     """Quantize ``values`` with the randomized lattice quantizer.
 
@@ -172,6 +220,8 @@ def quantize_array(
         key: the dither key (``None``: no dither, deterministic rounding).
         exact_zero: make the lattice point 0 decode to exactly 0 (pruned weights stay 0).
         u_raw: precomputed :func:`raw_dither` (speeds up repeated calls).
+        raw_points: the lattice points (raw coordinates, ``num_vectors × n``) already chosen by another rounding
+            rule (error-compensating rounding); ``values`` then only gives the shape. Default: nearest to ``v + u``.
 
     Raises:
         ConfigError: non-finite values or step, or an unknown lattice.
@@ -186,7 +236,10 @@ def quantize_array(
         u_raw = raw_dither(key, v.shape[0], lat)
     factor = float(lat.scale) * float(step)
     dither32 = (u_raw * factor).astype(np.float32)
-    raw = _lattice_points(v, dither32, lat, factor)
+    if raw_points is None:
+        raw = _lattice_points(v, dither32, lat, factor)
+    else:
+        raw = np.asarray(raw_points, dtype=np.float64).reshape(v.shape)
     points = lat.to_int(raw)
     uniq_points, inverse, counts = _unique_rows(points)
     # Most frequent codeword first (helps byte-oriented coders); ties broken by the integer coordinates.

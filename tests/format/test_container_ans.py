@@ -50,7 +50,10 @@ def minor_version(data: bytes) -> int:
 def test_every_lattice_round_trips_bit_exact(lattice, n, exact_zero, step):
     q = quantized("layer.weight", lattice, n, step, exact_zero=exact_zero)
     data = encode_container(Container([q], [RawTensor("b", np.ones(3, np.float32))]))
-    assert minor_version(data) == 1 and encode_container(Container([q], [RawTensor("b", np.ones(3, np.float32))])) == data
+    assert encode_container(Container([q], [RawTensor("b", np.ones(3, np.float32))])) == data
+    # 1.2 exactly when the points are stored as coordinates (lattice-coords), else 1.1 (the ans-dither-v1 coder)
+    coords = read_header(data)["quantized"][0]["codebook"]["encoding"] == "lattice-coords"
+    assert minor_version(data) == (2 if coords else 1)
     back = decode_container(data).quantized[0]
     np.testing.assert_array_equal(back.indices, q.indices)
     assert back.coder == "ans-dither-v1" and back.zero_index == q.zero_index
@@ -58,6 +61,7 @@ def test_every_lattice_round_trips_bit_exact(lattice, n, exact_zero, step):
 
 def test_conditioning_pays_at_low_rate_and_costs_nothing_at_high_rate():
     def index_bytes(q):
+        q.codebook_int = None  # a float codebook: the index stream is stored (never lattice-coords)
         return read_header(encode_container(Container([q])))["quantized"][0]["indices"]["length"]
 
     for step, better in ((3.5, True), (0.02, False)):

@@ -414,3 +414,65 @@ def test_range_coder_matches_documented_model(n, scale, k):
     ideal = reference_adaptive_cost_bits(stream, k)
     # A range coder with 32-bit words adds at most a couple of words (flush) and a tiny per-symbol loss.
     assert ideal - 1 <= payload_bits <= ideal * 1.0005 + 8 * 2 + 64, (payload_bits, ideal)
+
+
+# -- every coder consumes its payload exactly (issue 15) -----------------------------------------------------------
+# A rule for any registered coder, present or future: the count comes from the header, and a payload decoded for
+# far more or fewer symbols than it holds, or with its last bytes gone, must be refused, never "succeed" with
+# invented or dropped symbols. (A range coder's final flush carries some slack: the last symbol or two, and a few
+# symbols more, can decode from the same words. The container bounds the count by the model's shapes.)
+
+
+def _exactness_stream(name: str) -> tuple[np.ndarray, int, bytes]:
+    rng = np.random.default_rng(15)
+    k = 37
+    stream = rng.integers(0, k, 5000)
+    coder = get_coder(name)
+    hint = {"row_length": 50} if getattr(coder, "accepts_row_length", False) else {}
+    return stream, k, coder.encode(stream, k, **hint)
+
+
+@pytest.mark.parametrize("name", available_coders())
+@pytest.mark.parametrize("delta", [-1000, -100, -17, -1, 1000, 5000])
+def test_a_payload_decoded_for_another_count_is_refused(name, delta):
+    stream, k, payload = _exactness_stream(name)
+    coder = get_coder(name)
+    if delta == -1 and name.startswith(("range-", "ans-")):
+        pytest.skip("within an arithmetic coder's final-state slack (the count is not in its stream)")
+    with pytest.raises(FormatError):
+        coder.decode(payload, stream.size + delta, k)
+
+
+@pytest.mark.parametrize("name", ["range-adaptive-v1", "range-context-v1"])
+def test_range_payload_for_fewer_symbols_is_refused(name):
+    stream, k, payload = _exactness_stream(name)
+    for fewer in (17, 100, 4999):
+        with pytest.raises(FormatError, match="exactly"):
+            get_coder(name).decode(payload, stream.size - fewer, k)
+
+
+@pytest.mark.parametrize("name", ["range-adaptive-v1", "range-context-v1"])
+def test_range_payload_without_its_last_word_is_refused(name):
+    """Dropping the last 32-bit word and fixing the word count used to change symbols silently."""
+    from udnc_fx.coding.coders import _read_varint, _varint
+
+    rng = np.random.default_rng(3)
+    coder = get_coder(name)
+    for trial in range(20):
+        k = int(rng.integers(2, 40))
+        stream = rng.integers(0, k, 3000)
+        payload = coder.encode(stream, k)
+        head = 1 if name == "range-context-v1" else 0  # mode byte (flat mode: no row hint)
+        words, pos = _read_varint(memoryview(payload), head)
+        shortened = payload[:head] + _varint(words - 1) + payload[pos:-4]
+        with pytest.raises(FormatError):
+            coder.decode(shortened, stream.size, k)
+
+
+@pytest.mark.parametrize("name", available_coders())
+def test_a_payload_missing_its_last_byte_or_with_one_more_is_refused(name):
+    stream, k, payload = _exactness_stream(name)
+    coder = get_coder(name)
+    for bad in (payload[:-1], payload + b"\0"):
+        with pytest.raises(FormatError):
+            coder.decode(bad, stream.size, k)

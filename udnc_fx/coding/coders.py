@@ -464,6 +464,22 @@ class ZstdCoder(ByteCompressorCoder):
         return dctx.decompress(body_bytes, allow_extra_data=False)
 
 
+def _check_consumed(mirror, words: np.ndarray, name: str) -> None:
+    """Insist that the decoded symbols are exactly what ``words`` encode: re-encoding them (``mirror`` was fed every
+    block with the model it was decoded with) must give the same words back.
+
+    A range decoder reading past its input pretends the missing words are zeros, and one that stops early leaves
+    words unread: without this check a payload decoded for more or fewer symbols than it holds, or with its last
+    word dropped, "succeeds" with wrong symbols. Re-encoding costs one native call per block, next to nothing
+    beside the model updates.
+    """
+    again = mirror.get_compressed()
+    if again.shape != words.shape or not np.array_equal(again.astype(np.uint32, copy=False), words):
+        raise FormatError(
+            "corrupt_payload", f"{name}: the stream does not hold exactly the declared symbols (not consumed exactly)"
+        )
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Backward-adaptive range coder (the default)
 # --------------------------------------------------------------------------------------------------------------
@@ -624,16 +640,20 @@ class RangeAdaptiveCoder(Coder):
         model = _AdaptiveModel(k)
         words = np.frombuffer(view[pos:], "<u4").astype(np.uint32)
         decoder = constriction.stream.queue.RangeDecoder(words)
+        mirror = constriction.stream.queue.RangeEncoder()
         start = 0
         while start < n:
             end = min(n, start + model.next_block_length())
-            block = decoder.decode(categorical(model.probabilities(), perfect=False), end - start)
+            probabilities = categorical(model.probabilities(), perfect=False)
+            block = decoder.decode(probabilities, end - start)
             block = np.asarray(block, np.int64)
             if block.shape != (end - start,) or (block.size and (block.min() < 0 or block.max() >= k)):
                 raise FormatError("corrupt_payload", f"{self.name}: decoder returned invalid symbols")
+            mirror.encode(block.astype(np.int32), probabilities)
             out[start:end] = block
             model.update(block)
             start = end
+        _check_consumed(mirror, words, self.name)
         return out
 
 
@@ -733,7 +753,8 @@ class RangeContextCoder(Coder):
             pos = end
 
     @staticmethod
-    def _decode_adaptive(decoder, n: int, k: int, what: str) -> np.ndarray:
+    def _decode_adaptive(decoder, n: int, k: int, what: str, mirror) -> np.ndarray:
+        """Decode ``n`` symbols with the adaptive model, re-encoding each block into ``mirror`` (exactness check)."""
         import constriction
 
         categorical = constriction.stream.model.Categorical
@@ -742,9 +763,11 @@ class RangeContextCoder(Coder):
         start = 0
         while start < n:
             end = min(n, start + model.next_block_length())
-            block = np.asarray(decoder.decode(categorical(model.probabilities(), perfect=False), end - start), np.int64)
+            probabilities = categorical(model.probabilities(), perfect=False)
+            block = np.asarray(decoder.decode(probabilities, end - start), np.int64)
             if block.shape != (end - start,) or (block.size and (block.min() < 0 or block.max() >= k)):
                 raise FormatError("corrupt_payload", f"range-context-v1: {what}: invalid symbols")
+            mirror.encode(block.astype(np.int32), probabilities)
             out[start:end] = block
             model.update(block)
             start = end
@@ -835,15 +858,19 @@ class RangeContextCoder(Coder):
 
         categorical = constriction.stream.model.Categorical
         rows, lens = self._row_layout(n, min(length, n))
-        decoder = constriction.stream.queue.RangeDecoder(np.frombuffer(view[pos:], "<u4").astype(np.uint32))
-        bits = self._decode_adaptive(decoder, rows, length.bit_length() + 1, "row counts")
+        words = np.frombuffer(view[pos:], "<u4").astype(np.uint32)
+        decoder = constriction.stream.queue.RangeDecoder(words)
+        mirror = constriction.stream.queue.RangeEncoder()
+        bits = self._decode_adaptive(decoder, rows, length.bit_length() + 1, "row counts", mirror)
         nlow = np.maximum(bits - 1, 0)
         counts = np.where(bits > 0, np.left_shift(1, np.maximum(bits - 1, 0)), 0).astype(np.int64)
         total_low = int(nlow.sum())
         if total_low:
-            low = np.asarray(decoder.decode(categorical(self._HALF, perfect=False), total_low), np.int64)
+            half = categorical(self._HALF, perfect=False)
+            low = np.asarray(decoder.decode(half, total_low), np.int64)
             if low.shape != (total_low,) or int(low.min()) < 0 or int(low.max()) > 1:
                 raise FormatError("corrupt_payload", f"{self.name}: invalid count bits")
+            mirror.encode(low.astype(np.int32), half)
             owner = np.repeat(np.arange(rows), nlow)
             j = np.arange(total_low) - np.repeat(np.cumsum(nlow) - nlow, nlow)
             counts += np.bincount(owner, weights=low << (nlow[owner] - 1 - j), minlength=rows).astype(np.int64)
@@ -861,6 +888,7 @@ class RangeContextCoder(Coder):
                 part = np.asarray(decoder.decode(family, probs), np.int64)
                 if part.shape != (total,) or int(part.min()) < 0 or int(part.max()) > 1:
                     raise FormatError("corrupt_payload", f"{self.name}: invalid mask symbols")
+                mirror.encode(part.astype(np.int32), family, probs)
                 parts.append(part)
             mask = np.concatenate(parts)
             ones = np.add.reduceat(mask, np.cumsum(lens[mixed]) - lens[mixed])
@@ -873,8 +901,9 @@ class RangeContextCoder(Coder):
             if k == 2:
                 out[nonzero] = 1 - zero
             else:
-                rest = self._decode_adaptive(decoder, m, k - 1, "non-zero symbols")
+                rest = self._decode_adaptive(decoder, m, k - 1, "non-zero symbols", mirror)
                 out[nonzero] = rest + (rest >= zero)
+        _check_consumed(mirror, words, self.name)
         return out
 
 

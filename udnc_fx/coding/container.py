@@ -27,7 +27,7 @@ import hashlib
 import json
 import math
 import os
-import secrets
+import stat
 import struct
 from collections import Counter
 from dataclasses import dataclass, field
@@ -35,6 +35,14 @@ from typing import Any
 
 import numpy as np
 
+from udnc_fx.coding.limits import (
+    DEFAULT_MAX_HEADER_LENGTH,
+    MAX_HEADER_LENGTH,
+    max_codebook_alphabet,
+    max_index_alphabet,
+)
+from udnc_fx.coding.tempfiles import create_temp, remove_stale_temps
+from udnc_fx.coding import lattice_coords as _lc
 from udnc_fx.errors import FormatError
 
 __all__ = [
@@ -42,6 +50,7 @@ __all__ = [
     "FORMAT_VERSION",
     "PREAMBLE_SIZE",
     "MAX_HEADER_LENGTH",
+    "DEFAULT_MAX_HEADER_LENGTH",
     "DEFAULT_MAX_ELEMENTS",
     "LATTICE_DIMENSIONS",
     "DEFAULT_CODER",
@@ -61,16 +70,17 @@ __all__ = [
 ]
 
 MAGIC = b"\x89UDNC\r\n\x1a"
-FORMAT_VERSION = (1, 1)  # (major, minor): the newest this module writes and reads
+FORMAT_VERSION = (1, 2)  # (major, minor): the newest this module writes and reads
 #: Coders that need minor version 1 (dither-conditioned streams). A file using none of them is written as 1.0, the
 #: lowest version that reads it, so 1.0 readers keep reading what they can.
 _CODERS_SINCE_MINOR_1 = frozenset({"ans-dither-v1"})
+#: Codebook encodings that need minor version 2 (a file using one is written as 1.2; otherwise as above).
+_ENCODINGS_SINCE_MINOR_2 = frozenset({_lc.ENCODING})
 # magic, major, minor, header length H, payload length P, payload SHA-256, header SHA-256
 _DIGESTED = struct.Struct("<8sHHIQ32s")  # everything before the header digest, which covers it
 _PREAMBLE = struct.Struct("<8sHHIQ32s32s")
 PREAMBLE_SIZE = _PREAMBLE.size  # 88
 _DIGESTED_PREAMBLE = _DIGESTED.size  # 56
-MAX_HEADER_LENGTH = 64 << 20
 #: Default cap on the elements a container may decode to (all tensors and codebooks together). An entropy-coded
 #: stream can be far smaller than what it decodes to, so the file's length alone cannot bound the allocation.
 DEFAULT_MAX_ELEMENTS = 1 << 32
@@ -327,44 +337,9 @@ def _non_members(lattice: str, c: np.ndarray) -> np.ndarray:
     return np.zeros(c.shape[0], dtype=bool)
 
 
-def _codebook_symbols(lattice: str, c: np.ndarray) -> np.ndarray:
-    """The ``(K, w)`` symbol rows of a ``lattice-int-coded`` codebook (docs/FORMAT.md); ``c`` holds lattice points
-    with every coordinate below 2^40 in magnitude, so nothing here overflows int64.
-
-    The parity constraints of D4 and E8 are taken out of the stream: they would cost the order-0 coder a bit or
-    more per row, and mixing E8's odd and even rows in one alphabet costs it about a third of the stream.
-    """
-    c = c.astype(np.int64, copy=False)
-    if lattice == "D4":
-        s = c.copy()
-        p = (c[:, 0] + c[:, 1] + c[:, 2]) & 1
-        s[:, 3] = (c[:, 3] - p) >> 1
-        return _zigzag_encode(s).astype(np.int64)
-    if lattice == "E8":
-        p = c[:, 0] & 1
-        h = (c - p[:, None]) >> 1
-        q = np.sum(h[:, :7], axis=1) & 1
-        h[:, 7] = (h[:, 7] - q) >> 1
-        return np.concatenate([p[:, None], _zigzag_encode(h).astype(np.int64)], axis=1)
-    return _zigzag_encode(c).astype(np.int64)
-
-
-def _codebook_from_symbols(lattice: str, s: np.ndarray, where: str) -> np.ndarray:
-    """Inverse of :func:`_codebook_symbols`; ``s`` is ``(K, w)`` with every symbol below 2^32."""
-    if lattice == "D4":
-        c = _zigzag_decode(s)
-        p = (c[:, 0] + c[:, 1] + c[:, 2]) & 1
-        c[:, 3] = 2 * c[:, 3] + p
-        return c
-    if lattice == "E8":
-        p = s[:, 0].astype(np.int64)
-        if p.size and int(p.max()) > 1:
-            raise FormatError("bad_value", f"{where}: an E8 row parity symbol is not 0 or 1")
-        h = _zigzag_decode(s[:, 1:])
-        q = np.sum(h[:, :7], axis=1) & 1
-        h[:, 7] = 2 * h[:, 7] + q
-        return 2 * h + p[:, None]
-    return _zigzag_decode(s)
+# The symbol rows are those of lattice-coords (one row per distinct point here, one per vector there).
+_codebook_symbols = _lc.point_symbols
+_codebook_from_symbols = _lc.points_from_symbols
 
 
 def _coded_row_symbols(lattice: str, n: int) -> int:
@@ -516,6 +491,10 @@ def _encode_quantized(q: QuantizedTensor, codebook_float_dtype: str, max_element
         codebook_entry = {"encoding": encoding, "length": len(codebook_bytes)}
     if alphabet_size < 1:
         raise FormatError("bad_value", f"{where}: the codebook is empty (K = 0)")
+    if alphabet_size > max_index_alphabet(count):
+        raise FormatError(
+            "bad_value", f"{where}: {alphabet_size} codewords for {count} indices (at most {max_index_alphabet(count)})"
+        )
     if numel + alphabet_size * n > max_elements:
         raise FormatError("bad_value", f"{where}: the tensor and its codebook hold more than {max_elements} elements")
 
@@ -554,7 +533,63 @@ def _encode_quantized(q: QuantizedTensor, codebook_float_dtype: str, max_element
         "indices": {"coder": q.coder, "alphabet_size": alphabet_size, "count": count, "length": len(indices_bytes)},
         "codebook": codebook_entry,
     }
+    if q.codebook_int is not None:
+        coords = _encode_coords(q, indices, zero_index, key, n, where)
+        if coords is not None:
+            symbol_alphabet, coords_entry, coords_bytes = coords
+
+            def cost(cb: dict, payload: int) -> int:
+                return payload + len(_canonical_json(_compact_codebook(cb)))
+
+            # Measured, not guessed: the table of points is dropped only where that makes the file smaller.
+            if cost(coords_entry, len(coords_bytes)) < cost(codebook_entry, len(indices_bytes) + len(codebook_bytes)):
+                entry["zero_index"] = None
+                entry["indices"] = {
+                    "coder": q.coder, "alphabet_size": symbol_alphabet, "count": count, "length": len(coords_bytes)
+                }
+                entry["codebook"] = coords_entry
+                return entry, coords_bytes, b""
     return entry, indices_bytes, codebook_bytes
+
+
+def _encode_coords(
+    q: QuantizedTensor, indices: np.ndarray, zero_index: int | None, key: int, n: int, where: str
+) -> tuple[int, dict, bytes] | None:
+    """The ``lattice-coords`` form of a tensor whose (already validated) ``codebook_int`` holds lattice points:
+    ``(symbol alphabet, codebook entry, payload)``, or ``None`` where it cannot represent the tensor (a
+    ``zero_index`` that is not the point 0, symbols past the coder's alphabet)."""
+    cb_int = np.asarray(q.codebook_int).astype(np.int64)
+    exact_zero = zero_index is not None
+    if exact_zero:
+        if cb_int[zero_index].any():
+            return None
+        # Only the point 0 may decode to exact zeros, and the reader makes every vector at 0 do so: equal only if
+        # no other row is 0 (rows are distinct in a quantizer's codebook, but a caller's need not be).
+        if int((~cb_int.any(axis=1)).sum()) != 1:
+            return None
+    if cb_int.size and (int(cb_int.min()) <= -_lc.MAX_COORDINATE or int(cb_int.max()) >= _lc.MAX_COORDINATE):
+        return None  # far outside any quantizer's range; the symbol transforms would overflow
+    points = cb_int[np.asarray(indices, dtype=np.intp)]
+    # The reader rebuilds indices and codebook in the quantizer's order; use lattice-coords only where that gives
+    # back exactly these (a codebook with unused or reordered rows would come back different).
+    rebuilt_indices, rebuilt_points, _ = _lc.index_points(points)
+    if not (np.array_equal(rebuilt_points, cb_int) and np.array_equal(rebuilt_indices, indices)):
+        return None
+    coded = _lc.encode_points(
+        _get_coder(q.coder), points, q.lattice, n, key, q.dither == FORMAT_DEFAULT_DITHER, f"{where} coordinates"
+    )
+    if coded is None:
+        return None
+    alphabet, layout, payload = coded
+    cb_entry: dict[str, Any] = {"encoding": _lc.ENCODING, "layout": layout, "exact_zero": exact_zero, "length": 0}
+    return alphabet, cb_entry, payload
+
+
+def _points_bound(entry: dict) -> int:
+    """At most how many codebook rows an entry decodes to: K, or for ``lattice-coords`` one per vector."""
+    if entry["codebook"]["encoding"] == _lc.ENCODING:
+        return entry["indices"]["count"]
+    return entry["indices"]["alphabet_size"]
 
 
 def _encode_raw(r: RawTensor, raw_float_dtype: str) -> tuple[dict, bytes]:
@@ -594,8 +629,10 @@ def _compact_codebook(cb: dict) -> dict:
     out = dict(cb)
     out.pop("offset", None)
     encoding = out.get("encoding")
-    if encoding in _CODEBOOK_FLOAT_ENCODINGS or encoding == _LATTICE_INT:
+    if encoding in _CODEBOOK_FLOAT_ENCODINGS or encoding == _LATTICE_INT or encoding == _lc.ENCODING:
         out.pop("length", None)
+    if encoding == _lc.ENCODING and out.get("exact_zero") is False:
+        del out["exact_zero"]
     if encoding == _LATTICE_INT and out.get("width") == 1:
         del out["width"]
     if encoding == _LATTICE_INT_CODED and out.get("coder") == FORMAT_DEFAULT_CODEBOOK_CODER:
@@ -737,7 +774,7 @@ def encode_container(
     for q in container.quantized:
         entry, indices_bytes, codebook_bytes = _encode_quantized(q, codebook_float_dtype, max_elements)
         bar.update(entry["indices"]["count"] * entry["n"])
-        total_elements += _prod(entry["shape"], max_elements) + entry["indices"]["alphabet_size"] * entry["n"]
+        total_elements += _prod(entry["shape"], max_elements) + _points_bound(entry) * entry["n"]
         if entry["fqn"] in names:
             raise FormatError("bad_value", f"duplicate tensor name {entry['fqn']!r}")
         names.add(entry["fqn"])
@@ -770,7 +807,10 @@ def encode_container(
     header_bytes = _canonical_json(_compact_header(header))
     if len(header_bytes) > MAX_HEADER_LENGTH:
         raise FormatError("bad_header", f"the header would be {len(header_bytes)} bytes (limit {MAX_HEADER_LENGTH})")
-    minor = 1 if any(e["indices"]["coder"] in _CODERS_SINCE_MINOR_1 for e in quantized_entries) else 0
+    if any(e["codebook"]["encoding"] in _ENCODINGS_SINCE_MINOR_2 for e in quantized_entries):
+        minor = 2
+    else:
+        minor = 1 if any(e["indices"]["coder"] in _CODERS_SINCE_MINOR_1 for e in quantized_entries) else 0
     head = _DIGESTED.pack(
         MAGIC, FORMAT_VERSION[0], minor, len(header_bytes), len(payload), hashlib.sha256(payload).digest()
     )
@@ -808,14 +848,8 @@ def write_container(
         return len(data)
     path = os.fspath(path_or_file)
     directory, base = os.path.split(os.path.abspath(path))
-    while True:
-        tmp = os.path.join(directory, f".{base}.{secrets.token_hex(6)}.tmp")
-        try:
-            # os.open with mode 0o666 lets the umask decide the permissions, as a plain open() would.
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-            break
-        except FileExistsError:  # pragma: no cover - 48 random bits
-            continue
+    remove_stale_temps(directory, base)  # full-size leftovers of a save that was killed before its rename
+    fd, tmp = create_temp(directory, base)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -875,6 +909,8 @@ class _QEntry:
     indices: _Section
     codebook: _Section
     count: int = 0
+    layout: str | None = None  # lattice-coords only
+    exact_zero: bool = False  # lattice-coords only
 
     def resolved(self) -> dict:
         out = dict(self.raw)
@@ -889,6 +925,8 @@ class _QEntry:
             codebook["width"] = self.width
         elif self.encoding == _LATTICE_INT_CODED:
             codebook["coder"] = self.codebook_coder
+        elif self.encoding == _lc.ENCODING:
+            codebook.update(layout=self.layout, exact_zero=self.exact_zero)
         out["indices"], out["codebook"] = indices, codebook
         return out
 
@@ -1007,7 +1045,8 @@ def _parse_quantized(obj: Any, i: int, file_coder: str, file_codebook: str) -> _
     alphabet_size = _get(ind, "alphabet_size", int, f"{where} indices")
     indices = _Section(f"{where} indices", _get(ind, "length", int, f"{where} indices"))
     encoding = _get(cb, "encoding", str, f"{where} codebook")
-    width = cb_alphabet = cb_coder = None
+    width = cb_alphabet = cb_coder = layout = None
+    exact_zero = False
     codebook = _Section(f"{where} codebook", 0)  # a derived length, set with the values
     if encoding == _LATTICE_INT:
         width = _get(cb, "width", int, f"{where} codebook", default=1)
@@ -1015,11 +1054,15 @@ def _parse_quantized(obj: Any, i: int, file_coder: str, file_codebook: str) -> _
         cb_alphabet = _get(cb, "alphabet_size", int, f"{where} codebook")
         cb_coder = _get(cb, "coder", str, f"{where} codebook", default=FORMAT_DEFAULT_CODEBOOK_CODER)
         codebook.length = _get(cb, "length", int, f"{where} codebook")
+    elif encoding == _lc.ENCODING:
+        layout = _get(cb, "layout", str, f"{where} codebook")
+        exact_zero = _get(cb, "exact_zero", bool, f"{where} codebook", default=False)
     return _QEntry(
         raw=obj, fqn=fqn, shape=shape, lattice=lattice, n=n, step=step,
         key=None if key_text is None else int(key_text, 16), dither=dither,
         zero_index=zero_index, meta=meta, coder=coder, alphabet_size=alphabet_size, encoding=encoding,
         width=width, codebook_alphabet_size=cb_alphabet, codebook_coder=cb_coder, indices=indices, codebook=codebook,
+        layout=layout, exact_zero=exact_zero,
     )
 
 
@@ -1053,10 +1096,21 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite_float(text: str) -> float:
+    # 1e400 is valid JSON syntax but no float64: Python reads it as inf, which nothing downstream can print back
+    # as JSON (``udnc inspect --json`` wrote ``Infinity``). The writer never produces one (allow_nan=False).
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:40]} is outside float64's range")
+    return value
+
+
 def _parse_header_json(header_bytes: bytes) -> dict:
     try:
         text = header_bytes.decode("utf-8")
-        obj = json.loads(text, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
+        obj = json.loads(
+            text, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant, parse_float=_finite_float
+        )
     except Exception as exc:  # UnicodeDecodeError, JSONDecodeError, ValueError, RecursionError
         raise _bad(f"the header is not valid JSON: {exc}") from exc
     if not isinstance(obj, dict):
@@ -1090,8 +1144,22 @@ def _check_quantized_values(q: _QEntry, max_elements: int) -> int:
     k = q.alphabet_size
     if k < 1:
         raise FormatError("bad_value", f"{where}: alphabet_size {k} (K must be >= 1)")
+    # an adaptive model's work grows with its alphabet whatever the stream holds; lattice-coords streams hold w
+    # symbols per vector
+    symbols = q.count * _coded_row_symbols(q.lattice, q.n) if q.encoding == _lc.ENCODING else q.count
+    if k > max_index_alphabet(symbols):
+        raise FormatError(
+            "bad_value",
+            f"{where}: alphabet_size {k} is more than the {max_index_alphabet(symbols)} allowed for {symbols} symbols",
+        )
     if q.zero_index is not None and not 0 <= q.zero_index < k:
         raise FormatError("bad_value", f"{where}: zero_index {q.zero_index} outside [0, {k})")
+    if q.encoding == _lc.ENCODING:
+        # K is not stored: the reader rebuilds the distinct points, at most one per vector.
+        if q.zero_index is not None:
+            raise FormatError("bad_value", f"{where}: lattice-coords stores exact zeros as exact_zero, not zero_index")
+        _lc.check_layout(q.layout, where)
+        k = q.count
     elements = numel + k * q.n  # K·n can be far more than a coded codebook's bytes
     if elements > max_elements:
         raise FormatError("bad_value", f"{where}: decodes to more than {max_elements} elements")
@@ -1106,7 +1174,16 @@ def _check_quantized_values(q: _QEntry, max_elements: int) -> int:
             raise FormatError(
                 "bad_value", f"{where}: codebook alphabet_size {q.codebook_alphabet_size} outside [1, 2^32]"
             )
+        symbols = k * _coded_row_symbols(q.lattice, q.n)
+        if q.codebook_alphabet_size > max_codebook_alphabet(symbols):  # the writer's own limit
+            raise FormatError(
+                "bad_value",
+                f"{where}: codebook alphabet_size {q.codebook_alphabet_size} is more than the "
+                f"{max_codebook_alphabet(symbols)} allowed for {symbols} symbols",
+            )
         _get_coder(q.codebook_coder)
+    elif q.encoding == _lc.ENCODING:
+        q.codebook.length = 0
     else:
         raise FormatError("unknown_codec", f"{where}: unknown codebook encoding {q.encoding[:40]!r}")
     _get_coder(q.coder)
@@ -1184,7 +1261,7 @@ class _Preamble:
     payload_sha256: bytes
 
 
-def _parse_preamble(prefix: bytes, file_size: int) -> _Preamble:
+def _parse_preamble(prefix: bytes, file_size: int, max_header_length: int = DEFAULT_MAX_HEADER_LENGTH) -> _Preamble:
     """Checks the preamble up to the header's presence in the file (the header digest comes next)."""
     if prefix[: len(MAGIC)] != MAGIC[: len(prefix)]:
         raise FormatError("bad_magic", "not a .udnc file (bad magic bytes)")
@@ -1198,6 +1275,12 @@ def _parse_preamble(prefix: bytes, file_size: int) -> _Preamble:
         )
     if not 1 <= header_length <= MAX_HEADER_LENGTH:
         raise _bad(f"header length {header_length} outside [1, {MAX_HEADER_LENGTH}]")
+    if header_length > max_header_length:
+        raise FormatError(
+            "bad_value",
+            f"the header is {header_length} bytes, more than this reader's limit of {max_header_length} "
+            "(max_header_length)",
+        )
     if PREAMBLE_SIZE + header_length > file_size:
         raise FormatError(
             "truncated", f"the file is {file_size} bytes; its header needs {PREAMBLE_SIZE + header_length}"
@@ -1206,9 +1289,9 @@ def _parse_preamble(prefix: bytes, file_size: int) -> _Preamble:
 
 
 def _read_header_from(
-    prefix: bytes, header_bytes: bytes, file_size: int, max_elements: int
+    prefix: bytes, header_bytes: bytes, file_size: int, max_elements: int, max_header_length: int = MAX_HEADER_LENGTH
 ) -> tuple[_Preamble, _Header]:
-    preamble = _parse_preamble(prefix, file_size)
+    preamble = _parse_preamble(prefix, file_size, max_header_length)
     if hashlib.sha256(prefix[:_DIGESTED_PREAMBLE] + header_bytes).digest() != prefix[_DIGESTED_PREAMBLE:PREAMBLE_SIZE]:
         raise FormatError("checksum_mismatch", "the header digest does not match (header or preamble damaged)")
     available = file_size - PREAMBLE_SIZE - len(header_bytes)
@@ -1278,14 +1361,32 @@ def _decode_codebook(q: _QEntry, data: bytes) -> tuple[np.ndarray | None, np.nda
     return None, c
 
 
-def _decode(buffer: bytes | bytearray | memoryview, max_elements: int, progress: bool | None = None) -> Container:
-    view = memoryview(buffer).cast("B")
-    size = len(view)
-    prefix = bytes(view[:PREAMBLE_SIZE])
-    preamble = _parse_preamble(prefix, size)
-    header_end = PREAMBLE_SIZE + preamble.header_length
-    _, header = _read_header_from(prefix, bytes(view[PREAMBLE_SIZE:header_end]), size, max_elements)
-    payload = view[header_end:]
+def _decode_coords(q: _QEntry, data: bytes) -> QuantizedTensor:
+    """A ``lattice-coords`` tensor: decode every vector's point, then rebuild indices and ``codebook_int`` in the
+    quantizer's order (``lattice_coords.index_points``)."""
+    points = _lc.decode_points(
+        _get_coder(q.coder), data, q.count, q.alphabet_size, q.layout, q.lattice, q.n, q.key,
+        q.dither == FORMAT_DEFAULT_DITHER, f"quantized tensor {q.fqn!r} coordinates",
+    )
+    if q.count == 0:
+        indices, codebook_int = np.zeros(0, np.int64), np.zeros((1, q.n), np.int64)
+    else:
+        indices, codebook_int, _ = _lc.index_points(points)
+    zero_index = None
+    if q.exact_zero:
+        hits = np.flatnonzero(~codebook_int.any(axis=1))
+        zero_index = int(hits[0]) if hits.size else None
+    k = codebook_int.shape[0]
+    return QuantizedTensor(
+        fqn=q.fqn, shape=q.shape, lattice=q.lattice, n=q.n, step=q.step, key=q.key, dither=q.dither,
+        indices=indices.astype(_narrow_index_dtype(k)), codebook=None, codebook_int=codebook_int, coder=q.coder,
+        zero_index=zero_index, meta=q.meta,
+    )
+
+
+def _decode_payload(
+    preamble: _Preamble, header: _Header, payload: memoryview, progress: bool | None = None
+) -> Container:
     if hashlib.sha256(payload).digest() != preamble.payload_sha256:
         raise FormatError("checksum_mismatch", "the payload digest does not match (payload damaged)")
 
@@ -1296,6 +1397,9 @@ def _decode(buffer: bytes | bytearray | memoryview, max_elements: int, progress:
     bar = _bar(header.quantized, "decoding", progress)
     for q in header.quantized:
         bar.update(q.count * q.n)
+        if q.encoding == _lc.ENCODING:
+            quantized.append(_decode_coords(q, section_bytes(q.indices)))
+            continue
         context = _stream_context(_get_coder(q.coder), q.key, q.dither, q.count, q.n)
         index_dtype = _narrow_index_dtype(q.alphabet_size)
         indices = _decode_stream(
@@ -1330,19 +1434,69 @@ def _guarded(fn, *args):
         raise FormatError("bad_value", f"unexpected {type(exc).__name__} while reading: {exc}") from exc
 
 
-def decode_container(
-    data: bytes | bytearray | memoryview, *, max_elements: int = DEFAULT_MAX_ELEMENTS, progress: bool | None = None
+def _read(
+    source: Any, max_elements: int, max_header_length: int, check_header: Any, progress: bool | None = None
 ) -> Container:
-    """Decodes ``.udnc`` bytes, with every check of ``docs/FORMAT.md``.
+    """Preamble and header first (bounded by ``max_header_length``), then ``check_header`` on the resolved header,
+    and only then the payload: a caller that knows what the file must hold refuses it before anything is decoded
+    (or, for a path, before the payload is even read)."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        view = memoryview(source).cast("B")
+        size = len(view)
+        prefix = bytes(view[:PREAMBLE_SIZE])
+        preamble = _guarded(_parse_preamble, prefix, size, max_header_length)
+        header_bytes = bytes(view[PREAMBLE_SIZE : PREAMBLE_SIZE + preamble.header_length])
+        read_payload = lambda: view[PREAMBLE_SIZE + preamble.header_length :]  # noqa: E731
+        handle = None
+    else:
+        handle = _open_regular(source) if isinstance(source, (str, os.PathLike)) else source
+        if not hasattr(handle, "read"):
+            raise TypeError(f"read_container needs a path, bytes or a binary file, got {type(source).__name__}")
+        try:
+            size = os.fstat(handle.fileno()).st_size - handle.tell()
+        except (AttributeError, OSError, ValueError):  # a file object without a descriptor: read it whole
+            data = handle.read()
+            return _read(data, max_elements, max_header_length, check_header, progress)
+        prefix = handle.read(PREAMBLE_SIZE)
+        preamble = _guarded(_parse_preamble, prefix, size, max_header_length)
+        header_bytes = handle.read(preamble.header_length)
+        read_payload = lambda: memoryview(handle.read(size - PREAMBLE_SIZE - preamble.header_length))  # noqa: E731
+    try:
+        _, header = _guarded(_read_header_from, prefix, header_bytes, size, max_elements, max_header_length)
+        if check_header is not None:  # outside _guarded: the caller's own errors (model_mismatch...) pass as they are
+            check_header(_guarded(_resolved, preamble, header))
+        payload = read_payload()
+        if len(payload) != preamble.payload_length:
+            raise FormatError("truncated", f"the payload is {preamble.payload_length} bytes, read {len(payload)}")
+        return _guarded(_decode_payload, preamble, header, payload, progress)
+    finally:
+        if handle is not None and handle is not source:
+            handle.close()
+
+
+def decode_container(
+    data: bytes | bytearray | memoryview,
+    *,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+    max_header_length: int = DEFAULT_MAX_HEADER_LENGTH,
+    check_header: Any = None,
+    progress: bool | None = None,
+) -> Container:
+    """Decodes ``.udnc`` bytes, with every check of ``docs/FORMAT.md``. Arguments as :func:`read_container`.
 
     Raises:
         FormatError: and no other exception, whatever the bytes.
     """
-    return _guarded(_decode, data, max_elements, progress)
+    return _read(data, max_elements, max_header_length, check_header, progress)
 
 
 def read_container(
-    path_or_bytes: Any, *, max_elements: int = DEFAULT_MAX_ELEMENTS, progress: bool | None = None
+    path_or_bytes: Any,
+    *,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+    max_header_length: int = DEFAULT_MAX_HEADER_LENGTH,
+    check_header: Any = None,
+    progress: bool | None = None,
 ) -> Container:
     """Reads a ``.udnc`` file (a path, bytes, or a binary file object) and decodes everything.
 
@@ -1351,33 +1505,35 @@ def read_container(
     ``codebook_int`` (int64) with ``codebook=None``. Raw tensors come back in their stored dtype, except float32
     tensors stored as float16, which come back as float32. Arrays are writable copies.
 
+    An entropy-coded stream can legitimately be far smaller than what it decodes to (a constant stream costs a few
+    bytes), so the file's size cannot bound the work; a caller that knows what the file must hold (a model) passes
+    ``check_header`` and tight limits, and the payload is neither read nor decoded unless the header passes.
+
     Args:
         path_or_bytes: a path (str or ``os.PathLike``), ``bytes``/``bytearray``/``memoryview``, or a binary file.
         max_elements: refuse a file whose tensors and codebooks decode to more elements than this, in all
             (``bad_value``).
+        max_header_length: refuse a header longer than this many bytes (``bad_value``); the format allows up to
+            ``MAX_HEADER_LENGTH``.
+        check_header: called with the resolved header (as :func:`read_header` returns it) after every header check
+            and before the payload is read; it raises to refuse the file. Its exceptions propagate unchanged.
         progress: a bar over the decoded weights (``udnc_fx.progress``: ``None`` draws it on a terminal only).
 
     Raises:
         FormatError: for any defect of the content (never another exception type for bad bytes). ``OSError``
             for a file that cannot be opened.
     """
-    if isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
-        data = path_or_bytes
-    elif isinstance(path_or_bytes, (str, os.PathLike)):
-        with open(path_or_bytes, "rb") as f:
-            data = f.read()
-    elif hasattr(path_or_bytes, "read"):
-        data = path_or_bytes.read()
-    else:
-        raise TypeError(f"read_container needs a path, bytes or a binary file, got {type(path_or_bytes).__name__}")
-    return decode_container(data, max_elements=max_elements, progress=progress)
+    return _read(path_or_bytes, max_elements, max_header_length, check_header, progress)
 
 
-def read_header(path_or_bytes: Any, *, max_elements: int = DEFAULT_MAX_ELEMENTS) -> dict:
+def read_header(
+    path_or_bytes: Any, *, max_elements: int = DEFAULT_MAX_ELEMENTS, max_header_length: int = DEFAULT_MAX_HEADER_LENGTH
+) -> dict:
     """Reads and checks the preamble and the header only; the payload is neither read nor decoded.
 
     Every header-level check of ``docs/FORMAT.md`` is made (digest, types, values, layout, that the file is as
-    long as the preamble says); the payload digest and the decoding of streams are not.
+    long as the preamble says); the payload digest and the decoding of streams are not. The work is linear in the
+    header's length, which ``max_header_length`` caps (default 4 MiB; ``bad_value`` beyond).
 
     Returns:
         The header *resolved*: the stored JSON (unknown keys kept) with every omitted key filled with its default
@@ -1388,20 +1544,35 @@ def read_header(path_or_bytes: Any, *, max_elements: int = DEFAULT_MAX_ELEMENTS)
     """
     if isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
         view = memoryview(path_or_bytes).cast("B")
-        return _guarded(_header_from_buffer, view, max_elements)
-    with open(path_or_bytes, "rb") as f:
+        return _guarded(_header_from_buffer, view, max_elements, max_header_length)
+    with _open_regular(path_or_bytes) as f:
         size = os.fstat(f.fileno()).st_size
         prefix = f.read(PREAMBLE_SIZE)
-        preamble = _guarded(_parse_preamble, prefix, size)
+        preamble = _guarded(_parse_preamble, prefix, size, max_header_length)
         header_bytes = f.read(preamble.header_length)
-    return _guarded(lambda: _resolved(*_read_header_from(prefix, header_bytes, size, max_elements)))
+    return _guarded(lambda: _resolved(*_read_header_from(prefix, header_bytes, size, max_elements, max_header_length)))
 
 
-def _header_from_buffer(view: memoryview, max_elements: int) -> dict:
+def _open_regular(path: Any):
+    """Opens ``path`` for reading only if it is a regular file: a FIFO would block the reader forever and a device
+    (``/dev/zero``) never ends. Opened non-blocking, checked, then switched back to blocking reads."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise FormatError("bad_value", f"{os.fspath(path)!s}: not a regular file")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _header_from_buffer(view: memoryview, max_elements: int, max_header_length: int) -> dict:
     prefix = bytes(view[:PREAMBLE_SIZE])
-    preamble = _parse_preamble(prefix, len(view))
+    preamble = _parse_preamble(prefix, len(view), max_header_length)
     header_bytes = bytes(view[PREAMBLE_SIZE : PREAMBLE_SIZE + preamble.header_length])
-    return _resolved(*_read_header_from(prefix, header_bytes, len(view), max_elements))
+    return _resolved(*_read_header_from(prefix, header_bytes, len(view), max_elements, max_header_length))
 
 
 def _unresolve_raw(header: dict) -> dict:
@@ -1434,11 +1605,15 @@ def section_sizes(header: dict) -> dict:
     """
     if not isinstance(header, dict):
         raise _bad("section_sizes needs a header dict")
-    parsed = _guarded(_validate_header, _unresolve_raw(header), DEFAULT_MAX_ELEMENTS)
-    stored = _guarded(lambda: _compact_header(parsed.resolved()))
+    return _guarded(_section_sizes, header)
+
+
+def _section_sizes(header: dict) -> dict:
+    parsed = _validate_header(_unresolve_raw(header), DEFAULT_MAX_ELEMENTS)
+    stored = _compact_header(parsed.resolved())
     header_length = header.get("header_length")
     if isinstance(header_length, bool) or not isinstance(header_length, int):
-        header_length = _guarded(lambda: len(_canonical_json(stored)))
+        header_length = len(_canonical_json(stored))
     tensors: dict[str, dict[str, Any]] = {}
     attributed = 0
     for entries, compact in ((parsed.quantized, stored.get("quantized", [])), (parsed.raws, stored.get("raw", []))):

@@ -1,0 +1,354 @@
+"""``lattice-coords``: lattice points coded by their integer coordinates, with no per-layer table of points.
+
+Why: at 2+ bits/weight nearly every vector of an ``A2``/``D4``/``E8``/``Z^n`` (n > 1) tensor is its own codeword,
+so an explicit codebook costs as much as the indices into it and ``Z¹`` wins everywhere. Coding each vector's
+coordinates with models shared by all vectors (one table per coordinate, or one for all) costs no table of points
+at all; the lattice structure is kept by taking the parity constraints out of the symbols (docs/FORMAT.md,
+*lattice-coords*):
+
+* ``Z^n``: ``n`` zigzagged coordinates; ``A2`` (``(a, b)`` in its basis): ``a + (b >> 1)`` and ``b``, zigzagged;
+* ``D4``: the first three coordinates, then ``(c3 − p) >> 1`` with ``p`` the parity of ``c0 + c1 + c2`` (the
+  last coordinate's parity is implied);
+* ``E8 = D8 ∪ (D8 + ½)`` (stored doubled, ``c = 2x``): the coset bit ``p = c0 & 1``, then ``h = (c − p) >> 1``
+  (a ``D8`` point) coded like ``D4``: seven free coordinates and the last one halved.
+
+These are the symbol rows of ``lattice-int-coded`` codebooks (:func:`point_symbols`), applied to every vector
+instead of every distinct point, except for ``A2`` (:func:`vector_symbols`: ``a + (b >> 1)`` instead of ``a``).
+
+**Streams.** The ``(count, w)`` symbols are coded with the tensor's index coder as one stream in vector order
+(``interleaved``: ``count·w`` symbols, one shared model) or as ``w`` streams, one per symbol column (``split``:
+``w`` models; the payload starts with the byte lengths of the first ``w − 1`` streams as varints). The writer codes
+both and keeps the smaller. A coder that conditions on the dither (``ans-dither-v1``) gets, for the symbol of
+coordinate ``i`` of vector ``j``, the 4-bit code of dither element ``j·n + i``
+(``dither_codes(key, count·n, 1)``); the ``E8`` coset bit gets coordinate 0's. In ``split`` streams, the symbols
+whose distribution shifts with a parity the reader already knows (``D4``'s halved last coordinate, ``E8``'s ``D8``
+coordinates) take that parity in the context's top bits (:func:`_split_context`).
+
+**Reading** rebuilds what the quantizer held in memory: the distinct points, most frequent first with ties broken
+by the integer coordinates (:func:`index_points`, the order of :func:`udnc_fx.quantizer.quantize_array`), and each
+vector's index into them; so a saved and loaded model has the same indices and codebook, and decodes bit for bit.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from udnc_fx.coding.limits import max_index_alphabet
+
+from udnc_fx.errors import ConfigError, FormatError
+
+__all__ = [
+    "ENCODING",
+    "LAYOUTS",
+    "point_symbols",
+    "points_from_symbols",
+    "symbol_width",
+    "index_points",
+    "encode_points",
+    "decode_points",
+]
+
+ENCODING = "lattice-coords"
+#: The two stream layouts (docs/FORMAT.md); the writer keeps the smaller.
+LAYOUTS = ("interleaved", "split")
+#: Symbols per vector; ``None``: the dimension (``Z^n``).
+_ROW_SYMBOLS = {"Z": None, "A2": 2, "D4": 4, "E8": 9}
+#: Coordinates must stay below this in magnitude so no symbol transform overflows int64.
+MAX_COORDINATE = 1 << 40
+
+
+def _zigzag_encode(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.int64, copy=False)
+    return ((x << 1) ^ (x >> 63)).view(np.uint64)
+
+
+def _zigzag_decode(z: np.ndarray) -> np.ndarray:
+    z = z.astype(np.uint64, copy=False)
+    return ((z >> np.uint64(1)).view(np.int64)) ^ -((z & np.uint64(1)).view(np.int64))
+
+
+def symbol_width(lattice: str, n: int) -> int:
+    """Symbols per lattice vector (``w``): ``n`` for ``Z^n``, 2 for ``A2``, 4 for ``D4``, 9 for ``E8``."""
+    return _ROW_SYMBOLS[lattice] or n
+
+
+def _dither_columns(lattice: str, n: int) -> np.ndarray:
+    """For each symbol column, the coordinate whose dither code is its context (``E8``'s coset bit: coordinate 0)."""
+    if lattice == "E8":
+        return np.array([0, *range(8)], dtype=np.intp)
+    return np.arange(n, dtype=np.intp)
+
+
+def point_symbols(lattice: str, c: np.ndarray) -> np.ndarray:
+    """The ``(m, w)`` int64 symbol rows of integer lattice points ``c`` (``(m, n)``, ``|c| < 2**40``).
+
+    The parity constraints of ``D4`` and ``E8`` are taken out of the stream: they would cost an order-0 coder a bit
+    or more per row, and mixing ``E8``'s two cosets in one alphabet costs it about a third of the stream.
+    """
+    c = c.astype(np.int64, copy=False)
+    if lattice == "D4":
+        s = c.copy()
+        p = (c[:, 0] + c[:, 1] + c[:, 2]) & 1
+        s[:, 3] = (c[:, 3] - p) >> 1
+        return _zigzag_encode(s).astype(np.int64)
+    if lattice == "E8":
+        p = c[:, 0] & 1
+        h = (c - p[:, None]) >> 1
+        q = np.sum(h[:, :7], axis=1) & 1
+        h[:, 7] = (h[:, 7] - q) >> 1
+        return np.concatenate([p[:, None], _zigzag_encode(h).astype(np.int64)], axis=1)
+    return _zigzag_encode(c).astype(np.int64)
+
+
+def points_from_symbols(lattice: str, s: np.ndarray, where: str) -> np.ndarray:
+    """Inverse of :func:`point_symbols`; ``s`` is ``(m, w)`` with every symbol below ``2**32``.
+
+    Raises:
+        FormatError: (``bad_value``) an ``E8`` coset symbol other than 0 or 1.
+    """
+    s = s.astype(np.uint64, copy=False)
+    if lattice == "D4":
+        c = _zigzag_decode(s)
+        p = (c[:, 0] + c[:, 1] + c[:, 2]) & 1
+        c[:, 3] = 2 * c[:, 3] + p
+        return c
+    if lattice == "E8":
+        p = s[:, 0].astype(np.int64)
+        if p.size and int(p.max()) > 1:
+            raise FormatError("bad_value", f"{where}: an E8 coset (row parity) symbol is not 0 or 1")
+        h = _zigzag_decode(s[:, 1:])
+        q = np.sum(h[:, :7], axis=1) & 1
+        h[:, 7] = 2 * h[:, 7] + q
+        return 2 * h + p[:, None]
+    return _zigzag_decode(s)
+
+
+def vector_symbols(lattice: str, c: np.ndarray) -> np.ndarray:
+    """The ``(m, w)`` symbols ``lattice-coords`` codes for points ``c``: :func:`point_symbols`, except ``A2``, whose
+    ``(a, b)`` (point ``(a + b/2, b·√3/2)``) becomes ``(zz(a + (b >> 1)), zz(b))``: ``a + (b >> 1)`` is the point's
+    first coordinate rounded down, nearly independent of ``b``, where ``a`` itself is not (measured on a Gaussian
+    source at 3 bits/weight: the two marginal entropies sum to 3.137 bits/weight with ``a``, 3.039 with
+    ``a + (b >> 1)``, against a joint entropy of 3.032)."""
+    if lattice == "A2":
+        c = c.astype(np.int64, copy=False)
+        return _zigzag_encode(np.stack([c[:, 0] + (c[:, 1] >> 1), c[:, 1]], axis=1)).astype(np.int64)
+    return point_symbols(lattice, c)
+
+
+def points_from_vector_symbols(lattice: str, s: np.ndarray, where: str) -> np.ndarray:
+    """Inverse of :func:`vector_symbols` (symbols below ``2**32``)."""
+    if lattice == "A2":
+        c = _zigzag_decode(s.astype(np.uint64, copy=False))
+        c[:, 0] -= c[:, 1] >> 1
+        return c
+    return points_from_symbols(lattice, s, where)
+
+
+def index_points(points: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(indices, codebook_int, counts)`` of integer points ``(m, n)``: the distinct points most frequent first,
+    ties broken by the coordinates (lexicographically), as :func:`udnc_fx.quantizer.quantize_array` orders them."""
+    from udnc_fx.quantizer import _unique_rows  # lazy: the quantizer is not needed to read other encodings
+
+    points = np.ascontiguousarray(points, dtype=np.int64)
+    n = points.shape[1]
+    uniq, inverse, counts = _unique_rows(points)
+    order = np.lexsort(tuple(uniq[:, j] for j in range(n - 1, -1, -1)) + (-counts,))
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)
+    return rank[inverse.reshape(-1)].astype(np.int64), uniq[order], counts[order].astype(np.int64)
+
+
+def _context_codes(coder: Any, key: int, dither_ok: bool, count: int, n: int, lattice: str):
+    """A function giving the ``(count, w)`` dither codes of the symbols, or ``None`` (no conditioning)."""
+    if not getattr(coder, "accepts_context", False) or not dither_ok:
+        return None
+    from udnc_fx.coding.ans import dither_codes
+
+    cols = _dither_columns(lattice, n)
+
+    def codes() -> np.ndarray:
+        return dither_codes(key, count * n, 1).reshape(count, n)[:, cols]
+
+    return codes
+
+
+def _parity_bits(lattice: str, i: int, symbols: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The parity bits column ``i`` of a ``split`` stream is conditioned on, from columns ``< i`` only (so the
+    reader has them): ``D4`` column 3: ``p = (c_0 + c_1 + c_2) & 1``; ``E8`` columns 1-7: the coset bit ``p``;
+    ``E8`` column 8: ``p`` and ``q = (h_0 + … + h_6) & 1``. Other columns: none. Why: the halved last coordinate
+    and the ``D8`` coordinates of the two ``E8`` cosets are shifted by half a step depending on these bits, which
+    costs order-0 models ~0.01-0.03 bit/weight at 3 bits/weight."""
+    if lattice == "D4" and i == 3:
+        return ((_zigzag_decode(symbols[:, :3]).sum(axis=1) & 1).astype(np.uint8),)
+    if lattice == "E8" and 1 <= i <= 7:
+        return (symbols[:, 0].astype(np.uint8),)
+    if lattice == "E8" and i == 8:
+        q = (_zigzag_decode(symbols[:, 1:8]).sum(axis=1) & 1).astype(np.uint8)
+        return symbols[:, 0].astype(np.uint8), q
+    return ()
+
+
+def _split_context(lattice: str, i: int, symbols: np.ndarray, dither: np.ndarray | None) -> np.ndarray | None:
+    """The 4-bit context codes of column ``i`` of a ``split`` stream: its parity bits (:func:`_parity_bits`) in the
+    top bits, then the top bits of the symbol's dither code (0 for an undithered tensor); ``None`` when there is
+    neither (the stream is then unconditioned)."""
+    bits = _parity_bits(lattice, i, symbols)
+    if not bits:
+        return None if dither is None else np.ascontiguousarray(dither[:, i])
+    code = np.zeros(symbols.shape[0], np.uint8) if dither is None else dither[:, i] >> np.uint8(len(bits))
+    for k, b in enumerate(bits):
+        code = code | (b << np.uint8(3 - k))
+    return np.ascontiguousarray(code, dtype=np.uint8)
+
+
+def _call_encode(coder: Any, symbols: np.ndarray, alphabet: int, context: Any, what: str) -> bytes:
+    hint = {} if context is None else {"context": context}
+    try:
+        return bytes(coder.encode(np.ascontiguousarray(symbols, dtype=np.int64), alphabet, **hint))
+    except FormatError:
+        raise
+    except Exception as exc:
+        raise FormatError("bad_value", f"{what}: coder {coder.name!r} failed to encode: {exc}") from exc
+
+
+def encode_points(
+    coder: Any, points: np.ndarray, lattice: str, n: int, key: int, dither_ok: bool, what: str,
+    layouts: tuple[str, ...] = LAYOUTS,
+) -> tuple[int, str, bytes] | None:
+    """Code the ``(count, n)`` integer lattice points of a tensor; returns ``(alphabet_size, layout, payload)`` of
+    the smaller layout, or ``None`` when the symbols do not fit the coder's alphabet (then use a codebook).
+
+    Args:
+        coder: the index coder (a registered :class:`~udnc_fx.coding.coders.Coder`).
+        points: int64 ``(count, n)``, lattice points (membership is the caller's check).
+        lattice, n: the lattice.
+        key, dither_ok: the dither key and whether it is the hash dither (the coder may condition on it).
+        what: names the tensor in errors.
+        layouts: the layouts to try (default both; the smaller wins, ties keep ``interleaved``).
+    """
+    count = points.shape[0]
+    if count and (int(points.min()) <= -MAX_COORDINATE or int(points.max()) >= MAX_COORDINATE):
+        return None
+    symbols = vector_symbols(lattice, points)
+    alphabet = int(symbols.max()) + 1 if symbols.size else 1
+    if alphabet > int(getattr(coder, "max_alphabet_size", 0) or 0):
+        return None
+    if alphabet > max_index_alphabet(symbols.size):  # readers refuse it (coding.limits): use a codebook instead
+        return None
+    codes = _context_codes(coder, key, dither_ok, count, n, lattice)
+    ctx = None if codes is None else codes()
+    w = symbols.shape[1]
+    best: tuple[int, str, bytes] | None = None
+    if "interleaved" in layouts:
+        data = _call_encode(coder, symbols.ravel(), alphabet, None if ctx is None else ctx.ravel(), what)
+        best = (alphabet, "interleaved", data)
+    if "split" in layouts:
+        from udnc_fx.coding.coders import _varint
+
+        conditioned = getattr(coder, "accepts_context", False)
+        streams = [
+            _call_encode(
+                coder, symbols[:, i], alphabet, _split_context(lattice, i, symbols, ctx) if conditioned else None, what
+            )
+            for i in range(w)
+        ]
+        data = b"".join(_varint(len(s)) for s in streams[:-1]) + b"".join(streams)
+        if best is None or len(data) < len(best[2]):  # ties keep the single stream
+            best = (alphabet, "split", data)
+    return best
+
+
+def _call_decode(coder: Any, data: bytes, count: int, alphabet: int, context: Any, what: str) -> np.ndarray:
+    hint = {} if context is None else {"context": context}
+    try:
+        out = coder.decode(data, count, alphabet, **hint)
+    except FormatError as exc:
+        raise FormatError("bad_value", f"{what}: stream does not decode: {exc.message}") from exc
+    except Exception as exc:  # a coder meeting bytes it did not write may fail in any way
+        raise FormatError("bad_value", f"{what}: stream does not decode: {type(exc).__name__}: {exc}") from exc
+    out = np.asarray(out)
+    if out.dtype.kind not in "iu" or out.shape != (count,):
+        raise FormatError("bad_value", f"{what}: the coder returned the wrong number or type of symbols")
+    if count and (int(out.min()) < 0 or int(out.max()) >= alphabet):
+        raise FormatError("bad_value", f"{what}: decoded symbols outside [0, {alphabet})")
+    return out
+
+
+def decode_points(
+    coder: Any, data: bytes, count: int, alphabet: int, layout: str, lattice: str, n: int, key: int,
+    dither_ok: bool, what: str,
+) -> np.ndarray:
+    """Inverse of :func:`encode_points`: the int64 ``(count, n)`` points.
+
+    The caller has checked ``layout`` and bounded ``count`` and ``alphabet``; every failure here is a
+    :class:`~udnc_fx.errors.FormatError` (``bad_value`` for streams that do not decode, ``truncated`` /
+    ``corrupt_payload`` for a damaged ``split`` length prefix).
+    """
+    from udnc_fx.coding.coders import _read_varint
+
+    w = symbol_width(lattice, n)
+    codes = _context_codes(coder, key, dither_ok, count, n, lattice)
+    if layout == "interleaved":
+        ctx = None if codes is None else (lambda: codes().ravel())
+        flat = _call_decode(coder, data, count * w, alphabet, ctx, what)
+        symbols = flat.reshape(count, w)
+    elif layout == "split":
+        view = memoryview(data)
+        pos, lengths = 0, []
+        for _ in range(w - 1):
+            length, pos = _read_varint(view, pos)
+            lengths.append(length)
+        rest = len(view) - pos
+        if sum(lengths) > rest:
+            raise FormatError("truncated", f"{what}: split streams claim {sum(lengths)} bytes, {rest} present")
+        lengths.append(rest - sum(lengths))
+        symbols = np.zeros((count, w), dtype=np.int64)
+        cache: list[np.ndarray] = []
+        conditioned = getattr(coder, "accepts_context", False)
+
+        def column(i: int):
+            # A function: the coder hashes the dither only for streams that use their context.
+            def ctx() -> np.ndarray | None:
+                if codes is not None and not cache:
+                    cache.append(codes())
+                return _split_context(lattice, i, symbols, cache[0] if cache else None)
+
+            if not conditioned or (codes is None and not _parity_bits(lattice, i, symbols[:0])):
+                return None
+            return ctx
+
+        for i, length in enumerate(lengths):
+            symbols[:, i] = _call_decode(coder, bytes(view[pos : pos + length]), count, alphabet, column(i), what)
+            pos += length
+            if lattice == "E8" and i == 0 and count and int(symbols[:, 0].max()) > 1:  # before it is a context
+                raise FormatError("bad_value", f"{what}: an E8 coset (row parity) symbol is not 0 or 1")
+    else:  # pragma: no cover - the header check rejects other layouts first
+        raise FormatError("unknown_codec", f"{what}: unknown layout {layout[:40]!r}")
+    return points_from_vector_symbols(lattice, symbols, what)
+
+
+def check_layout(layout: Any, what: str) -> str:
+    """``layout`` if it is one of :data:`LAYOUTS`, else ``FormatError('unknown_codec')``."""
+    if layout not in LAYOUTS:
+        raise FormatError("unknown_codec", f"{what}: unknown lattice-coords layout {str(layout)[:40]!r}")
+    return layout
+
+
+def coordinate_entropy_bits(points: np.ndarray, lattice: str) -> float:
+    """Sum over symbol columns of the columns' empirical order-0 entropies, in bits per vector: the rate a
+    ``split`` ``lattice-coords`` stream approaches without dither conditioning (the solver's estimate)."""
+    if points.shape[0] == 0:
+        return 0.0
+    symbols = vector_symbols(lattice, points)
+    total = 0.0
+    m = symbols.shape[0]
+    for i in range(symbols.shape[1]):
+        col = symbols[:, i]
+        if int(col.max()) >= 1 << 26:
+            raise ConfigError("coordinates too large for the entropy estimate (step far too small)")
+        c = np.bincount(col)
+        p = c[c > 0] / m
+        total -= float((p * np.log2(p)).sum())
+    return total
