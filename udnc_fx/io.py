@@ -294,7 +294,8 @@ def _params_from(container: Container) -> list[DitheredLatticeParam]:
         else:
             codebook = np.asarray(q.codebook, dtype=np.float32)
         dlp = DitheredLatticeParam(
-            torch.from_numpy(np.asarray(q.indices, dtype=np.int64)),
+            # uint8 (K <= 256) is the dtype the parameter keeps: no copy; wider unsigned ones go through int64 as before
+            torch.from_numpy(q.indices if q.indices.dtype == np.uint8 else np.asarray(q.indices, dtype=np.int64)),
             torch.from_numpy(codebook.copy()),
             shape=tuple(q.shape),
             lattice=lat.name,

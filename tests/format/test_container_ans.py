@@ -143,3 +143,13 @@ def test_golden_1_1_bytes():
     assert entry["indices"]["offset"] == 0 and data[payload_start] > 0  # the index stream uses dither bins
     assert f"{len(data)}:{hashlib.sha256(data).hexdigest()}" == GOLDEN_1_1
     np.testing.assert_array_equal(decode_container(data).quantized[0].indices, golden_1_1().quantized[0].indices)
+
+
+@pytest.mark.parametrize("step", [0.3, 0.002])  # K <= 256 (uint8) and K > 256 (uint16)
+def test_indices_decode_straight_into_the_narrow_dtype(step):
+    """The reader asks ans-dither-v1 for the narrow dtype it keeps (no int64 copy): same values as written."""
+    q = quantized("w", "Z", 1, step, shape=(300, 250))
+    back = decode_container(encode_container(Container([q]))).quantized[0]
+    k = int(q.indices.max()) + 1
+    assert back.indices.dtype == (np.uint8 if k <= 256 else np.uint16)
+    np.testing.assert_array_equal(back.indices, q.indices)

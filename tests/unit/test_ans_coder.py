@@ -261,3 +261,45 @@ def test_vectorised_table_choice_matches_the_one_table_rule():
         assert cost == pytest.approx(sum(c for _, c in reference))
         for got, (want, _) in zip(tables, reference):
             np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("step", [0.05, 1.0, 3.0])  # one context (fine step) and dither-conditioned streams
+def test_decode_into_a_narrow_dtype_and_in_chunks_gives_the_same_symbols(step, monkeypatch):
+    """``dtype=`` (what the container asks for) and chunked single-context decoding change no symbol."""
+    stream, k, codes = dithered_z1(3 * SEGMENT + 17, step)
+    data = CODER.encode(stream, k, context=codes)
+    reference = CODER.decode(data, stream.size, k, context=codes)
+    assert reference.dtype == np.int64 and np.array_equal(reference, stream)
+    narrow = np.uint8 if k <= 256 else np.uint16
+    out = CODER.decode(data, stream.size, k, context=codes, dtype=narrow)
+    assert out.dtype == narrow and np.array_equal(out, stream)
+    import udnc_fx.coding.ans as ans
+
+    monkeypatch.setattr(ans, "_DECODE_CHUNK", 1000)  # many calls of one model pop the same symbols as one
+    assert np.array_equal(CODER.decode(data, stream.size, k, context=codes, dtype=np.int32), stream)
+    if k > 2:
+        with pytest.raises(ConfigError):
+            CODER.decode(data, stream.size, k, context=codes, dtype=np.dtype(np.bool_))
+    with pytest.raises(ConfigError):
+        CODER.decode(data, stream.size, 300, context=codes, dtype=np.uint8)  # 299 does not fit a byte
+    with pytest.raises(ConfigError):
+        CODER.decode(data, stream.size, k, context=codes, dtype=np.float32)
+
+
+
+@pytest.mark.parametrize("trim", [0, 100])  # a last row shorter than the others, or none
+def test_chosen_tables_are_the_best_tables_of_the_coded_contexts(trim):
+    """The writer's joint (row class, dither code, symbol) counts are those of the contexts it codes with."""
+    from udnc_fx.coding.ans import _best_tables
+
+    stream, k, codes = row_stream()
+    stream, codes = stream[: stream.size - trim], codes[: codes.size - trim]
+    bits, classes, labels, tables, _ = CODER._choose(stream, codes, 512)
+    assert classes and bits  # both the row and the dither paths are exercised
+    ctx = CODER._contexts(codes, bits, labels, 512, stream.size).astype(np.int64)
+    m = int(stream.max()) + 1
+    counts = np.bincount(ctx * m + stream, minlength=(classes << bits) * m).reshape(-1, m)
+    expected, _ = _best_tables(counts)
+    assert len(tables) == len(expected)
+    for got, want in zip(tables, expected):
+        np.testing.assert_array_equal(got, want)

@@ -92,6 +92,7 @@ _TABLE_WIDTHS = (2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, None)
 _DENSE, _SPARSE = 0, 1  # table form tags; 2 + w - 1 for bit-packed counts of width w in 1..32
 _MAX_WIDTH = 32
 _HASH_CHUNK = 1 << 16  # elements per hashing step: the temporaries stay in cache
+_DECODE_CHUNK = 1 << 20  # symbols per decode call of a single-context stream: bounds the int32 temporary
 
 
 def dither_codes(key: int, count: int, n: int) -> np.ndarray:
@@ -327,6 +328,8 @@ class AnsDitherCoder(Coder):
     accepts_context = True
     #: ``encode`` takes ``row_length=`` (the container passes the weight's index symbols per row).
     accepts_row_length = True
+    #: ``decode`` takes ``dtype=`` (the container passes the narrow index dtype it keeps).
+    accepts_dtype = True
     _ROW_FLAG = 0x08
     _ROW_CLASSES = (2, 4, 8)
     _MAX_ROW = (1 << 32) - 1
@@ -383,21 +386,31 @@ class AnsDitherCoder(Coder):
         m = int(arr.max()) + 1
         room = 4 * arr.size + (1 << 16)
         max_bits = CONTEXT_BITS if codes is not None and m << CONTEXT_BITS <= room else 0
-        base = codes.astype(np.intp) if max_bits else np.zeros(arr.size, np.intp)
         best: tuple | None = None
         options: list[tuple[int, np.ndarray | None]] = [(0, None)]
         if row_length is not None:
             options += [(c, _row_labels(arr, row_length, c)) for c in self._ROW_CLASSES if (m * c) << max_bits <= room]
+        # The joint index (label · 2^4 + code) · m + symbol, built once without the labels in the narrowest integer
+        # that holds it (int32 almost always: half the memory traffic of intp); each row-class option adds its
+        # labels row by row through a broadcast view instead of repeating them to the stream's length.
+        top = (max(c for c, _ in options) or 1) << CONTEXT_BITS
+        key_dtype = np.int32 if top * m <= np.iinfo(np.int32).max else np.int64
+        base = arr.astype(key_dtype)
+        if max_bits:
+            base += codes.astype(key_dtype) * key_dtype(m)
+        full = arr.size // row_length if row_length else 0
         for classes, labels in options:
-            index = base.copy()
             label_cost = 0.0
             label_q = None
+            index = base
             if labels is not None:
-                index += np.repeat(labels.astype(np.intp), row_length)[: arr.size] << CONTEXT_BITS
+                shift = labels.astype(key_dtype) * key_dtype(m << CONTEXT_BITS)
+                index = np.empty_like(base)
+                np.add(base[: full * row_length].reshape(full, row_length), shift[:full, None],
+                       out=index[: full * row_length].reshape(full, row_length))
+                np.add(base[full * row_length :], shift[full:full + 1], out=index[full * row_length :])
                 label_q, label_cost = _label_cost(labels, classes)
                 label_cost += 2  # row length and class count varints, about
-            index *= m
-            index += arr
             groups = max(classes, 1) << CONTEXT_BITS
             joint = np.bincount(index, minlength=groups * m).reshape(max(classes, 1), 1 << CONTEXT_BITS, m)
             del index
@@ -416,11 +429,23 @@ class AnsDitherCoder(Coder):
 
     # -- decode ------------------------------------------------------------------------------------------------
 
-    def decode(self, data: bytes, count: int, alphabet_size: int, *, context: Any = None) -> np.ndarray:
-        """Decode ``count`` symbols with the same dither ``context`` the writer had; see :meth:`Coder.decode`."""
+    def decode(self, data: bytes, count: int, alphabet_size: int, *, context: Any = None,
+               dtype: Any = np.int64) -> np.ndarray:
+        """Decode ``count`` symbols with the same dither ``context`` the writer had; see :meth:`Coder.decode`.
+
+        ``dtype`` is the integer dtype of the result (int64 by default, as every coder returns); it must hold
+        ``alphabet_size - 1``. The container asks for the narrow dtype it keeps, which saves a wide copy and makes
+        the reordering scatter write a byte per symbol instead of eight.
+
+        Raises:
+            ConfigError: if ``dtype`` is not an integer dtype that holds ``alphabet_size - 1``.
+        """
         view, n, k = _check_decode_args(data, count, alphabet_size, self.max_alphabet_size)
+        out_dtype = np.dtype(dtype)
+        if out_dtype.kind not in "iu" or np.iinfo(out_dtype).max < k - 1:
+            raise ConfigError(f"{self.name}: cannot decode an alphabet of {k} into {out_dtype}")
         try:
-            out = self._decode_with(view, n, k, context)
+            out = self._decode_with(view, n, k, context, out_dtype)
         except MemoryError as exc:
             raise FormatError("bad_value", f"{self.name}: cannot allocate {n} symbols") from exc
         except BaseException as exc:  # noqa: BLE001 -- constriction raises assorted types; see _as_format_error
@@ -430,7 +455,7 @@ class AnsDitherCoder(Coder):
         return out
 
     def _decode(self, view: memoryview, n: int, k: int) -> np.ndarray:
-        return self._decode_with(view, n, k, None)
+        return self._decode_with(view, n, k, None, np.dtype(np.int64))
 
     def _check_context(self, context: Any, n: int, error: type) -> np.ndarray | None:
         if context is None:
@@ -444,11 +469,11 @@ class AnsDitherCoder(Coder):
             raise (FormatError("bad_value", message) if error is FormatError else ConfigError(message))
         return codes.astype(np.uint8, copy=False)
 
-    def _decode_with(self, view: memoryview, n: int, k: int, context: Any) -> np.ndarray:
+    def _decode_with(self, view: memoryview, n: int, k: int, context: Any, out_dtype: np.dtype) -> np.ndarray:
         if n == 0 or k == 1:
             if len(view):
                 raise FormatError("corrupt_payload", f"{self.name}: {len(view)} bytes for a stream that needs none")
-            return np.zeros(n, np.int64)
+            return np.zeros(n, out_dtype)
         if not len(view):
             raise FormatError("truncated", f"{self.name}: empty payload for {n} symbols")
         mode = view[0]
@@ -510,9 +535,13 @@ class AnsDitherCoder(Coder):
                 labels = np.asarray(coder.decode(_categorical(label_probs), rows), np.uint8)
         codes = None if bits == 0 else self._check_context(context, n, FormatError)
         ctx = self._contexts(codes, bits, labels, row_length, n)
-        totals = np.array([n], np.int64) if ctx is None else np.bincount(ctx, minlength=nctx).astype(np.int64)
-        if totals.size > nctx:
+        if ctx is not None and int(ctx.max()) >= nctx:
             raise FormatError("corrupt_payload", f"{self.name}: row label outside its {classes} classes")
+        # Symbols per (segment, context): the decode calls' sizes, counted once; their column sums are the totals.
+        seg_counts = None if ctx is None else np.stack(
+            [np.bincount(ctx[start : start + SEGMENT], minlength=nctx) for start in range(0, n, SEGMENT)]
+        )
+        totals = np.array([n], np.int64) if seg_counts is None else seg_counts.sum(axis=0, dtype=np.int64)
         for i, (m, probs) in enumerate(zip(sizes, tables)):
             if (m == 0) != (totals[i] == 0):
                 raise FormatError("corrupt_payload", f"{self.name}: context {i} table does not match its symbols")
@@ -521,30 +550,49 @@ class AnsDitherCoder(Coder):
         if min_bits * (1 - 1e-9) > 32 * words + 64:
             raise FormatError("corrupt_payload", f"{self.name}: {n} symbols cannot fit in {words} words")
         models = [None if probs is None else _categorical(probs) for probs in tables]
+        out = self._decode_symbols(coder, models, ctx, seg_counts, n, out_dtype)
+        if coder is not None and not coder.is_empty():
+            raise FormatError("corrupt_payload", f"{self.name}: words left over after the last symbol")
+        return out
 
-        out = np.zeros(n, np.int64)
-        for start in range(0, n, SEGMENT):
+    def _decode_symbols(self, coder, models: list, ctx: np.ndarray | None, seg_counts: np.ndarray | None, n: int,
+                        dtype: np.dtype) -> np.ndarray:
+        """Pop the ``n`` symbols (module doc, *Order*) into stream order, as ``dtype``.
+
+        Why this shape: the decode calls return int32; each segment's are copied once into a context-grouped buffer
+        of the output dtype (narrow: the container keeps uint8 for K <= 256), then one scatter through the segment's
+        stable uint8 argsort (NumPy radix-sorts 8-bit keys: O(segment)) puts them in stream order.
+        """
+        out = np.empty(n, dtype)
+        if ctx is None:  # one context: consecutive segments use one model, so chunked calls pop the same symbols
+            if models[0] is None:
+                out[:] = 0
+                return out
+            if coder is None:
+                raise FormatError("truncated", f"{self.name}: no coded words for context 0")
+            for start in range(0, n, _DECODE_CHUNK):
+                stop = min(n, start + _DECODE_CHUNK)
+                out[start:stop] = coder.decode(models[0], stop - start)
+            return out
+        grouped = np.empty(min(n, SEGMENT), dtype)
+        for s, row in enumerate(seg_counts.tolist()):
+            start = s * SEGMENT
             stop = min(n, start + SEGMENT)
-            seg = None if ctx is None else ctx[start:stop]
-            per_ctx = np.array([stop - start]) if seg is None else np.bincount(seg, minlength=nctx)
-            parts = []
-            for i in range(nctx):
-                c = int(per_ctx[i])
+            pos = 0
+            for i, c in enumerate(row):
                 if not c:
                     continue
                 if models[i] is None:
-                    parts.append(np.zeros(c, np.int32))  # m = 1: all zeros
-                    continue
-                if coder is None:
+                    grouped[pos : pos + c] = 0  # m = 1: all zeros
+                elif coder is None:
                     raise FormatError("truncated", f"{self.name}: no coded words for context {i}")
-                parts.append(np.asarray(coder.decode(models[i], c), np.int32))
-            grouped = np.concatenate(parts) if len(parts) > 1 else parts[0]
-            if seg is None:
-                out[start:stop] = grouped
+                else:
+                    grouped[pos : pos + c] = coder.decode(models[i], c)  # values < m <= K: the cast is exact
+                pos += c
+            if pos == row[int(ctx[start])]:  # a single context in this segment: already in stream order
+                out[start:stop] = grouped[:pos]
             else:
-                out[start:stop][np.argsort(seg, kind="stable")] = grouped  # a view: no offset array
-        if coder is not None and not coder.is_empty():
-            raise FormatError("corrupt_payload", f"{self.name}: words left over after the last symbol")
+                out[start:stop][np.argsort(ctx[start:stop], kind="stable")] = grouped[:pos]
         return out
 
     def _read_table(self, view: memoryview, pos: int, m: int, i: int) -> tuple[np.ndarray, int]:

@@ -1317,11 +1317,15 @@ def _resolved(preamble: _Preamble, header: _Header) -> dict:
 
 
 def _decode_stream(
-    coder_name: str, data: bytes, count: int, alphabet_size: int, where: str, context: dict | None = None
+    coder_name: str, data: bytes, count: int, alphabet_size: int, where: str, context: dict | None = None,
+    dtype: Any = None,
 ) -> np.ndarray:
     coder = _get_coder(coder_name)
+    kwargs = dict(context or {})
+    if dtype is not None and getattr(coder, "accepts_dtype", False):
+        kwargs["dtype"] = dtype  # decoded straight into the dtype kept: no int64 copy of the stream
     try:
-        out = coder.decode(data, count, alphabet_size, **(context or {}))
+        out = coder.decode(data, count, alphabet_size, **kwargs)
     except FormatError as exc:
         raise FormatError("bad_value", f"{where}: stream does not decode: {exc.message}") from exc
     except Exception as exc:  # a coder meeting bytes it did not write may fail in any way
@@ -1397,14 +1401,15 @@ def _decode_payload(
             quantized.append(_decode_coords(q, section_bytes(q.indices)))
             continue
         context = _stream_context(_get_coder(q.coder), q.key, q.dither, q.count, q.n)
+        index_dtype = _narrow_index_dtype(q.alphabet_size)
         indices = _decode_stream(
-            q.coder, section_bytes(q.indices), q.count, q.alphabet_size, f"{q.fqn!r} indices", context
+            q.coder, section_bytes(q.indices), q.count, q.alphabet_size, f"{q.fqn!r} indices", context, index_dtype
         )
         codebook, codebook_int = _decode_codebook(q, section_bytes(q.codebook))
         quantized.append(
             QuantizedTensor(
                 fqn=q.fqn, shape=q.shape, lattice=q.lattice, n=q.n, step=q.step, key=q.key, dither=q.dither,
-                indices=indices.astype(_narrow_index_dtype(q.alphabet_size)), codebook=codebook,
+                indices=indices.astype(index_dtype, copy=False), codebook=codebook,
                 codebook_int=codebook_int, coder=q.coder, zero_index=q.zero_index, meta=q.meta,
             )
         )
