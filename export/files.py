@@ -21,9 +21,9 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import secrets
 import stat
 
+from ..coding.tempfiles import create_temp, fsync_dir
 from ..errors import ExportError, FormatError
 
 __all__ = ["sidecar_name", "check_sidecar_name", "read_regular_file", "write_pair", "check_replaceable"]
@@ -109,28 +109,9 @@ def _checkpoint(step: str) -> None:
     """Called between the steps of :func:`write_pair`; the tests replace it to kill the writer at each step."""
 
 
-def _fsync_dir(directory: str) -> None:
-    try:  # make renames durable; not every platform lets us open a directory
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_temp(directory: str, base: str, data: bytes) -> str:
     """A new, fsync'ed temporary file ``.<base>.<hex>.tmp`` in ``directory`` holding ``data``."""
-    while True:
-        tmp = os.path.join(directory, f".{base}.{secrets.token_hex(6)}.tmp")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-            break
-        except FileExistsError:  # pragma: no cover - 48 random bits
-            continue
+    fd, tmp = create_temp(directory, base)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -267,7 +248,7 @@ def write_pair(path, onnx_data: bytes, sidecar: tuple[str, bytes] | None, old_si
                     _unlink_quietly(tmp)
                     raise
                 created = sidecar_path
-                _fsync_dir(directory)
+                fsync_dir(directory)
             _checkpoint("sidecar")
         tmp = _write_temp(directory, base, onnx_data)
         _checkpoint("onnx-temp")
@@ -276,7 +257,7 @@ def write_pair(path, onnx_data: bytes, sidecar: tuple[str, bytes] | None, old_si
         except BaseException:
             _unlink_quietly(tmp)
             raise
-        _fsync_dir(directory)
+        fsync_dir(directory)
         _checkpoint("onnx")
     except OSError as exc:
         if created is not None:  # the old ONNX file is still in place and does not name it

@@ -278,7 +278,7 @@ def test_the_writer_keeps_the_smaller_codebook_encoding():
             q = big_codebook_container(lattice, k=k, seed=k).quantized[0]
             chosen = encode_container(Container([q], [], {}, {}))
             c = q.codebook_int.astype(np.int64)
-            z = C._zigzag_encode(c)
+            z = C._lc.zigzag_encode(c)
             width = next(w for w in (1, 2, 4, 8) if int(z.max()) < 1 << (8 * w))
             fixed_object = C._compact_codebook({"encoding": "lattice-int", "width": width})
             fixed = width * c.size + len(C._canonical_json(fixed_object))

@@ -41,7 +41,7 @@ from udnc_fx.coding.limits import (
     max_codebook_alphabet,
     max_index_alphabet,
 )
-from udnc_fx.coding.tempfiles import create_temp, remove_stale_temps
+from udnc_fx.coding.tempfiles import create_temp, fsync_dir, remove_stale_temps
 from udnc_fx.coding import lattice_coords as _lc
 from udnc_fx.errors import FormatError
 
@@ -302,16 +302,6 @@ def _narrow_index_dtype(alphabet_size: int) -> np.dtype:
     return np.dtype(np.uint64)
 
 
-def _zigzag_encode(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.int64, copy=False)
-    return ((x << 1) ^ (x >> 63)).view(np.uint64)
-
-
-def _zigzag_decode(z: np.ndarray) -> np.ndarray:
-    z = z.astype(np.uint64, copy=False)
-    return ((z >> np.uint64(1)).view(np.int64)) ^ -((z & np.uint64(1)).view(np.int64))
-
-
 def _default_n(lattice: str) -> int:
     return LATTICE_DIMENSIONS[lattice][0]
 
@@ -407,7 +397,7 @@ def _encode_int_codebook(q: QuantizedTensor, n: int, where: str) -> tuple[int, d
         row = int(np.flatnonzero(bad)[0])
         raise FormatError("bad_value", f"{where}: codebook_int row {row} {c[row].tolist()} is not a {q.lattice} point")
     alphabet_size = c.shape[0]
-    z = _zigzag_encode(c)
+    z = _lc.zigzag_encode(c)
     zmax = int(z.max()) if z.size else 0
     width = next(w for w in (1, 2, 4, 8) if zmax < 1 << (8 * w))
     best = ({"encoding": _LATTICE_INT, "width": width}, z.astype(_INT_WIDTHS[width]).tobytes())
@@ -862,17 +852,7 @@ def write_container(
         except FileNotFoundError:
             pass
         raise
-    try:  # make the rename itself durable; not every platform lets us open a directory
-        dir_fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover
-        pass
-    else:
-        try:
-            os.fsync(dir_fd)
-        except OSError:  # pragma: no cover
-            pass
-        finally:
-            os.close(dir_fd)
+    fsync_dir(directory)  # make the rename itself durable
     return len(data)
 
 
@@ -1350,7 +1330,7 @@ def _decode_codebook(q: _QEntry, data: bytes) -> tuple[np.ndarray | None, np.nda
         codebook = np.frombuffer(data, dtype=_CODEBOOK_FLOAT_ENCODINGS[q.encoding]).astype(np.float32)
         return codebook.reshape(k, n), None
     if q.encoding == _LATTICE_INT:
-        c = _zigzag_decode(np.frombuffer(data, dtype=_INT_WIDTHS[q.width])).reshape(k, n)
+        c = _lc.zigzag_decode(np.frombuffer(data, dtype=_INT_WIDTHS[q.width])).reshape(k, n)
     else:
         w = _coded_row_symbols(q.lattice, n)
         symbols = _decode_stream(q.codebook_coder, data, k * w, q.codebook_alphabet_size, where)

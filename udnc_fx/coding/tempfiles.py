@@ -97,3 +97,17 @@ def remove_stale_temps(directory: str, base: str) -> list[str]:
         except OSError:
             continue
     return removed
+
+
+def fsync_dir(directory: str) -> None:
+    """Make renames in ``directory`` durable (best effort: not every platform lets us open a directory)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
