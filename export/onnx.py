@@ -50,6 +50,7 @@ import numpy as np
 from ..dither import DITHER_ID
 from ..errors import ExportError, FormatError
 from ..lattice import _SQRT3, _SQRT3_2, get_lattice
+from ..progress import progress_bar
 from . import files as _files
 from . import runtime as _rt
 from .runtime import FUNCTION_DOMAIN, NAME_PREFIX, ONNX_FORMAT_ID, SHARED_PREFIX, TensorSpec
@@ -612,6 +613,7 @@ def to_onnx(
     dynamic_axes: dict | None = None,
     coder: str | None = None,
     decoded: bool = False,
+    progress: bool | None = None,
 ) -> OnnxExport:
     """Export a compressed model to ONNX, each compressed weight lowered to a dequantize subgraph.
 
@@ -644,6 +646,7 @@ def to_onnx(
             fast as the float model (onnxruntime need not fold decode subgraphs at session start, which for the
             compact self-contained file costs seconds and gigabytes on a model of ~10M weights). Outputs equal
             the compressed model's.
+        progress: a bar over the weights being lowered: ``None`` (default) on a terminal only, ``False`` never.
 
     Returns:
         :class:`OnnxExport`.
@@ -685,7 +688,8 @@ def to_onnx(
     specs: list[TensorSpec] = []
     lowered: dict[int, TensorSpec] = {}
     extra_inputs = []
-    for init_name, dlp in found.items():
+    for init_name, dlp in progress_bar(found.items(), total=len(found), desc="lowering weights", unit="weight",
+                                       progress=progress):
         if id(dlp) in lowered:  # a tied weight the exporter kept twice: alias the first subgraph
             # (outside the tensor's prefix: with decode="numpy" the alias then reads the decoded initializer)
             b.op(f"{NAME_PREFIX[:-1]}-alias/", "Identity", [lowered[id(dlp)].output], output=init_name)

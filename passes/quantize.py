@@ -33,6 +33,7 @@ from ..dither import tensor_key
 from ..errors import ConfigError, PassError
 from ..lattice import get_lattice
 from ..param import DitheredLatticeParam
+from ..progress import progress_bar
 from ..quantizer import coded_rate_bits_per_weight, coded_rate_of_raw_points, quantize_array, raw_dither, vectors_of
 from .compensate import compensated_points, inverse_factor
 from .select import Candidate, Change, select_weights
@@ -307,7 +308,7 @@ def _compensation_factors(cand: Candidate, lat, calibration: Any, config: Compre
 
 
 def make_params(
-    candidates: list[Candidate], config: CompressConfig, calibration: Any = None
+    candidates: list[Candidate], config: CompressConfig, calibration: Any = None, *, progress: bool | None = None
 ) -> list[DitheredLatticeParam]:
     """Resolve every candidate's step and quantize it (validating all layers before anything is changed).
 
@@ -384,7 +385,8 @@ def make_params(
             p[0].step = s * scales[id(p[0])]
             p[0].extra["relative_step"] = p[0].step / p[2]
     dlps = []
-    for cand, w, std, lat, v, key in prepared:
+    bar = progress_bar(prepared, desc="quantizing", unit="layer", progress=progress) if len(prepared) > 1 else prepared
+    for cand, w, std, lat, v, key in bar:
         raw_points = points_of(cand, lat, cand.step, config.exact_zero) if id(cand) in comp else None
         q = quantize_array(
             w,
@@ -419,7 +421,9 @@ def make_params(
     return dlps
 
 
-def quantize(model: nn.Module, config: CompressConfig, *, calibration: Any = None) -> PassResult:
+def quantize(
+    model: nn.Module, config: CompressConfig, *, calibration: Any = None, progress: bool | None = None
+) -> PassResult:
     """Quantize the selected weights of ``model`` (a traced ``GraphModule``, or a plain module for the
     module-swap fallback) in place, and record every decision.
 
@@ -435,7 +439,7 @@ def quantize(model: nn.Module, config: CompressConfig, *, calibration: Any = Non
     candidates, changes = select_weights(model, config, gm)
     if config.strict and changes:
         raise PassError("strict mode: " + "; ".join(f"{c.fqn}: {c.reason}" for c in changes))
-    dlps = make_params(candidates, config, calibration)
+    dlps = make_params(candidates, config, calibration, progress=progress)
     changes = install(model, candidates, dlps) + changes
     record = {"config": config, "changes": changes}
     if gm is not None:

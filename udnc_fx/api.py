@@ -88,6 +88,7 @@ def compress(
     *,
     example_inputs: Any = None,
     calibration: Any = None,
+    progress: bool | None = None,
 ) -> nn.Module:
     """Compress ``model``'s Conv/Linear weights with randomized lattice quantization.
 
@@ -108,6 +109,8 @@ def compress(
         calibration: optional iterable of batches (a list, a DataLoader...), each a tensor, a tuple of positional
             inputs or a mapping of keyword inputs (what ``model(*batch)`` / ``model(**batch)`` / ``model(batch)``
             takes). A few hundred samples (images, or sentences' tokens) are plenty.
+        progress: bars over the layers being quantized and the seed trials: ``None`` (default) on a terminal only,
+            ``False`` never, ``True`` always.
 
     Returns:
         An ``fx.GraphModule``; for a model torch.fx cannot trace (unless ``fallback="error"``), the deep-copied
@@ -133,10 +136,10 @@ def compress(
     best = None
     trials: list[dict] = []
     seeds = [(config.seed + i) % 2**64 for i in range(config.seed_trials)]
-    for seed in progress_bar(seeds, desc="seed trials", unit="seed") if len(seeds) > 1 else seeds:
+    for seed in progress_bar(seeds, desc="seed trials", unit="seed", progress=progress) if len(seeds) > 1 else seeds:
         trial_config = config if seed == config.seed else config.replace(seed=seed)
         target, trace_note = _traced_copy(model, trial_config)
-        out = quantize(target, trial_config, calibration=calib).graph_module
+        out = quantize(target, trial_config, calibration=calib, progress=progress).graph_module
         _refuse_non_float32(out)
         compression_record(out)["trace"] = trace_note
         out.train(was_training)

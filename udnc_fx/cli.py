@@ -157,7 +157,7 @@ def _compress(args) -> int:
         _say(args, f"pruned to sparsity {mask_sparsity(masks):.3f} (smallest-magnitude vectors set to 0)")
     float_model = model
     output_fn = default_output_fn
-    compress_kwargs = {}
+    compress_kwargs = {"progress": False if args.quiet else None}
     if calibration is not None and "calibration" in pyinspect.signature(compress).parameters:
         compress_kwargs["calibration"] = [calibration]  # error-compensating rounding, where compress supports it
     with warnings.catch_warnings():
@@ -214,7 +214,7 @@ def _compress(args) -> int:
     if not args.quiet:
         print(inspect(gm))
     try:
-        size = save(gm, args.out, metadata=metadata, **_save_kwargs(args))
+        size = save(gm, args.out, metadata=metadata, progress=False if args.quiet else None, **_save_kwargs(args))
     except OSError as exc:  # the write failed after all (disk full, permissions changed): name the user's path
         raise ConfigError(f"--out {args.out}: cannot write it: {exc.strerror or exc}") from None
     report = size_report(args.out)
