@@ -52,7 +52,7 @@ def _validate_compress(args) -> None:
     """Every argument checked before any work (one clean line and exit status 2 on the first bad one)."""
     from .cli_inputs import check_coder, check_output_path
 
-    check_output_path(args.out)
+    check_output_path(args.out, replaces="udnc")
     check_coder(args.coder)
     if args.prune is not None and not 0 <= args.prune < 1:
         raise ConfigError(f"--prune takes a fraction of the weights in [0, 1), got {args.prune}")
@@ -241,7 +241,7 @@ def _decompress(args) -> int:
     else:
         if not args.out.endswith(".safetensors"):
             raise ConfigError(f"{args.file} is not a Hugging Face model: --out must be a .safetensors file, got {args.out}")
-        check_output_path(args.out)
+        check_output_path(args.out, replaces="none")
         out = hf_io.write_state_dict(args.file, args.out)
         print(f"wrote {out}: the decoded state_dict (load_state_dict on the float model)")
     return 0

@@ -34,9 +34,13 @@ __all__ = [
 CALIBRATION_SUFFIXES = (".txt", ".safetensors", ".npy")
 
 
-def check_output_path(path: str, *, what: str = "--out", directory: bool = False) -> None:
+def check_output_path(path: str, *, what: str = "--out", directory: bool = False, replaces: str = "any") -> None:
     """The output can be written: its folder exists and is writable, and it is not a directory (a file output)
-    or not a non-empty directory (a directory output). Nothing is created."""
+    or not a non-empty directory (a directory output). Nothing is created.
+
+    ``replaces`` says which existing file the output may take the place of: ``"any"``, ``"udnc"`` (only a
+    ``.udnc`` container, so a mistyped ``--out`` never destroys the user's weights or anything else) or
+    ``"none"``."""
     p = Path(path)
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.is_dir():
@@ -50,6 +54,23 @@ def check_output_path(path: str, *, what: str = "--out", directory: bool = False
         raise ConfigError(f"{what} {path} is a directory; give a file name")
     elif p.exists() and not os.access(p, os.W_OK):
         raise ConfigError(f"{what} {path} exists and is not writable")
+    elif p.exists() and replaces == "none":
+        raise ConfigError(f"{what} {path} exists (nothing is overwritten): remove it or choose another name")
+    elif p.exists() and replaces == "udnc" and not _is_container(p):
+        raise ConfigError(
+            f"{what} {path} exists and is not a .udnc container (nothing is overwritten): remove it or choose "
+            "another name"
+        )
+
+
+def _is_container(path: Path) -> bool:
+    from .coding.container import MAGIC
+
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return False
 
 
 def check_coder(name: str | None) -> None:

@@ -97,6 +97,33 @@ def test_unwritable_out_names_the_users_path_before_any_work(work):
     assert "--out adir is a directory" in line
 
 
+def test_out_never_replaces_a_file_that_is_not_a_container(work):
+    """A mistyped --out (the user's weights, a source file) is refused before any work and left as it was; an
+    earlier .udnc at that name is what the user asked to replace."""
+    weights = work / "model.safetensors"
+    weights.write_bytes(b"the user's only copy of the weights")
+    line = _fail(["compress", "factories:make", "--out", "model.safetensors"], work)
+    assert "--out model.safetensors exists and is not a .udnc container" in line
+    assert weights.read_bytes() == b"the user's only copy of the weights"
+    assert not (work / "factory-called").exists()
+    first = subprocess.run(UDNC + ["compress", "factories:make", "--out", "m.udnc"], cwd=work, capture_output=True,
+                           text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    again = subprocess.run(UDNC + ["compress", "factories:make", "--out", "m.udnc"], cwd=work, capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+
+
+def test_decompress_never_replaces_an_existing_file(work):
+    ok = subprocess.run(UDNC + ["compress", "factories:make", "--out", "m.udnc"], cwd=work, capture_output=True,
+                        text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    (work / "w.safetensors").write_bytes(b"keep me")
+    line = _fail(["decompress", "m.udnc", "--out", "w.safetensors"], work)
+    assert "--out w.safetensors exists (nothing is overwritten)" in line
+    assert (work / "w.safetensors").read_bytes() == b"keep me"
+
+
 def test_unknown_coder_fails_before_compressing(work):
     line = _fail(["compress", "factories:make", "--out", "m.udnc", "--coder", "zstd"], work)
     assert "zstd-v1" in line  # the suggestion
