@@ -23,7 +23,7 @@ import os
 import re
 import stat
 
-from ..coding.tempfiles import create_temp, fsync_dir
+from ..coding.tempfiles import fsync_dir, write_temp
 from ..errors import ExportError, FormatError
 
 __all__ = ["sidecar_name", "check_sidecar_name", "read_regular_file", "write_pair", "check_replaceable"]
@@ -107,20 +107,6 @@ def read_regular_file(path, max_bytes: int, what: str, *, missing_kind: str = "m
 
 def _checkpoint(step: str) -> None:
     """Called between the steps of :func:`write_pair`; the tests replace it to kill the writer at each step."""
-
-
-def _write_temp(directory: str, base: str, data: bytes) -> str:
-    """A new, fsync'ed temporary file ``.<base>.<hex>.tmp`` in ``directory`` holding ``data``."""
-    fd, tmp = create_temp(directory, base)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
-    return tmp
 
 
 def _unlink_quietly(path: str) -> None:
@@ -240,7 +226,7 @@ def write_pair(path, onnx_data: bytes, sidecar: tuple[str, bytes] | None, old_si
                 if not same:
                     raise ExportError(f"{sidecar_path} exists and is not this export's sidecar: refusing to replace it")
             else:
-                tmp = _write_temp(directory, name, data)
+                tmp = write_temp(directory, name, data)
                 _checkpoint("sidecar-temp")
                 try:
                     os.replace(tmp, sidecar_path)
@@ -250,7 +236,7 @@ def write_pair(path, onnx_data: bytes, sidecar: tuple[str, bytes] | None, old_si
                 created = sidecar_path
                 fsync_dir(directory)
             _checkpoint("sidecar")
-        tmp = _write_temp(directory, base, onnx_data)
+        tmp = write_temp(directory, base, onnx_data)
         _checkpoint("onnx-temp")
         try:
             os.replace(tmp, path)

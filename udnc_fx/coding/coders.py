@@ -286,6 +286,17 @@ def _register(coder: Coder) -> Coder:
     return coder
 
 
+def encode_stream(coder: Coder, symbols: np.ndarray, alphabet_size: int, what: str, **hints: Any) -> bytes:
+    """``coder.encode`` of int64 ``symbols`` with its keyword ``hints`` (context, row length); any failure other than
+    a ``FormatError`` becomes ``FormatError("bad_value")`` naming ``what`` (a writer meeting input it cannot code)."""
+    try:
+        return bytes(coder.encode(np.ascontiguousarray(symbols, dtype=np.int64), alphabet_size, **hints))
+    except FormatError:
+        raise
+    except Exception as exc:
+        raise FormatError("bad_value", f"{what}: coder {coder.name!r} failed to encode: {exc}") from exc
+
+
 def get_coder(name: str) -> Coder:
     """Return the coder registered under ``name`` (e.g. ``"range-adaptive-v1"``).
 

@@ -41,8 +41,9 @@ from udnc_fx.coding.limits import (
     max_codebook_alphabet,
     max_index_alphabet,
 )
-from udnc_fx.coding.tempfiles import create_temp, fsync_dir, remove_stale_temps
+from udnc_fx.coding.tempfiles import fsync_dir, remove_stale_temps, write_temp
 from udnc_fx.coding import lattice_coords as _lc
+from udnc_fx.coding.coders import encode_stream
 from udnc_fx.errors import FormatError
 
 __all__ = [
@@ -368,12 +369,7 @@ def _encode_stream(
     hint = {"row_length": row_length} if row_length and getattr(coder, "accepts_row_length", False) else {}
     if dither is not None:
         hint.update(_stream_context(coder, dither[0], dither[1], len(symbols), dither[2]))
-    try:
-        return bytes(coder.encode(np.ascontiguousarray(symbols, dtype=np.int64), alphabet_size, **hint))
-    except FormatError:
-        raise
-    except Exception as exc:
-        raise FormatError("bad_value", f"{what}: coder {coder_name!r} failed to encode: {exc}") from exc
+    return encode_stream(coder, symbols, alphabet_size, what, **hint)
 
 
 def _row_length(shape: list[int], n: int, count: int) -> int | None:
@@ -839,12 +835,8 @@ def write_container(
     path = os.fspath(path_or_file)
     directory, base = os.path.split(os.path.abspath(path))
     remove_stale_temps(directory, base)  # full-size leftovers of a save that was killed before its rename
-    fd, tmp = create_temp(directory, base)
+    tmp = write_temp(directory, base, data)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         try:

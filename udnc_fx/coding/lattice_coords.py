@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from udnc_fx.coding.coders import encode_stream
 from udnc_fx.coding.limits import max_index_alphabet
 
 from udnc_fx.errors import ConfigError, FormatError
@@ -206,13 +207,7 @@ def _split_context(lattice: str, i: int, symbols: np.ndarray, dither: np.ndarray
 
 
 def _call_encode(coder: Any, symbols: np.ndarray, alphabet: int, context: Any, what: str) -> bytes:
-    hint = {} if context is None else {"context": context}
-    try:
-        return bytes(coder.encode(np.ascontiguousarray(symbols, dtype=np.int64), alphabet, **hint))
-    except FormatError:
-        raise
-    except Exception as exc:
-        raise FormatError("bad_value", f"{what}: coder {coder.name!r} failed to encode: {exc}") from exc
+    return encode_stream(coder, symbols, alphabet, what, **({} if context is None else {"context": context}))
 
 
 def encode_points(
@@ -246,7 +241,8 @@ def encode_points(
     if "interleaved" in layouts:
         data = _call_encode(coder, symbols.ravel(), alphabet, None if ctx is None else ctx.ravel(), what)
         best = (alphabet, "interleaved", data)
-    if "split" in layouts:
+    # With one symbol per vector (Z^1) the split layout is the interleaved stream again: code it once.
+    if "split" in layouts and (w > 1 or best is None):
         from udnc_fx.coding.coders import _varint
 
         conditioned = getattr(coder, "accepts_context", False)

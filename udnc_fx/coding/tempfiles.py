@@ -111,3 +111,21 @@ def fsync_dir(directory: str) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def write_temp(directory: str, base: str, data: bytes) -> str:
+    """A fresh temp file for target ``base`` in ``directory`` (see :func:`create_temp`) holding ``data``, flushed to
+    disk; returns its path (removed again if writing fails). The caller renames it into place."""
+    fd, tmp = create_temp(directory, base)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return tmp
