@@ -52,6 +52,7 @@ def _variants(quick: bool) -> list[dict]:
     out = [
         {"label": "plain + probe allocation", "compensate": False, "trials": 1},
         {"label": "compensated", "compensate": True, "trials": 1},
+        {"label": "compensated, sequential", "compensate": True, "trials": 1, "sequential": True},
     ]
     if not quick:
         out.append({"label": "compensated + 4 seed trials", "compensate": True, "trials": 4})
@@ -81,7 +82,8 @@ def _udnc_point(task, variant, bits, seeds, calibration, tmp: Path) -> C.Point:
     for seed in seeds:
         base = seed * variant["trials"]
         cfg = udnc_fx.CompressConfig(target_bits=bits, seed=base, compensate=variant["compensate"],
-                                     seed_trials=variant["trials"], **task.udnc_fields)
+                                     sequential=variant.get("sequential", False), seed_trials=variant["trials"],
+                                     **task.udnc_fields)
         path = tmp / f"{task.key}-{variant['label'].replace(' ', '_')}-{bits:.4g}-{seed}.udnc"
         with C.Stopwatch() as enc:
             gm = udnc_fx.compress(task.float_model, cfg, calibration=calibration)

@@ -288,6 +288,8 @@ def _compensation_factors(cand: Candidate, lat, calibration: Any, config: Compre
         return None, f"plain rounding: a row of {rec.d} weights does not split into {lat.dim}-vectors"
     cache = calibration.__dict__.setdefault("_factors", {})
     key = (cand.fqn, config.damping)
+    if key not in cache and rec.sums is None:
+        return None, "plain rounding: its H was released after factoring with another damping"
     if key not in cache:
         factors, notes = [], []
         for g in range(rec.groups):
@@ -300,6 +302,7 @@ def _compensation_factors(cand: Candidate, lat, calibration: Any, config: Compre
             if note:
                 notes.append(note)
         cache[key] = (factors, "; ".join(sorted(set(notes))))
+        calibration.release(cand.fqn)  # the factors replace H: hold one d×d array per layer, not two
     factors, note = cache[key]
     if factors is None:
         return None, f"plain rounding: {note}"
@@ -384,10 +387,16 @@ def make_params(
         for p in to_solve:
             p[0].step = s * scales[id(p[0])]
             p[0].extra["relative_step"] = p[0].step / p[2]
+    sequential: dict[int, np.ndarray] = {}
+    if comp and config.sequential and getattr(calibration, "model", None) is not None:
+        sequential = _sequential(prepared, comp, us, config, calibration, points_of)
     dlps = []
     bar = progress_bar(prepared, desc="quantizing", unit="layer", progress=progress) if len(prepared) > 1 else prepared
     for cand, w, std, lat, v, key in bar:
-        raw_points = points_of(cand, lat, cand.step, config.exact_zero) if id(cand) in comp else None
+        if id(cand) in sequential:
+            raw_points = sequential[id(cand)]
+        else:
+            raw_points = points_of(cand, lat, cand.step, config.exact_zero) if id(cand) in comp else None
         q = quantize_array(
             w,
             lattice=lat.name,
@@ -419,6 +428,29 @@ def make_params(
         dlp.relative_step = cand.step / std if std > 0 else None
         dlps.append(dlp)
     return dlps
+
+
+def _sequential(prepared, comp, us, config, calibration, points_of) -> dict[int, np.ndarray]:
+    """Points of the compensated layers from :func:`udnc_fx.passes.sequential.sequential_points` (keyed by
+    ``id(cand)``), with each layer's rounding note updated."""
+    from .sequential import sequential_points
+
+    layers = [(cand, w, lat, cand.step, us[id(cand)]) for cand, w, std, lat, v, key in prepared]
+    lat_of = {cand.fqn: lat for cand, w, std, lat, v, key in prepared}
+    points, notes = sequential_points(
+        calibration,
+        layers,
+        {cand.fqn for cand, *_ in prepared if id(cand) in comp},
+        damping=config.damping,
+        exact_zero=config.exact_zero,
+        fallback_points=lambda c: points_of(c, lat_of[c.fqn], c.step, config.exact_zero),
+    )
+    out = {}
+    for cand, *_ in prepared:
+        if cand.fqn in points:
+            out[id(cand)] = points[cand.fqn]
+            cand.extra["rounding"] = f"compensated rounding ({notes[cand.fqn]})"
+    return out
 
 
 def quantize(
