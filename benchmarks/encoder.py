@@ -59,7 +59,7 @@ def _variants(quick: bool) -> list[dict]:
     return out
 
 
-def _calibration(task) -> list:
+def _calibration(task, doc_sentences: int | None = None) -> list:
     if task.key == "digits":
         x = task.extra["data"].x_train  # the TRAIN split only (the score is on the test split)
         return [x[i : i + 256] for i in range(0, len(x), 256)]
@@ -70,8 +70,39 @@ def _calibration(task) -> list:
     tokenizer = task.extra["tokenizer"]
     own = peers.read_sentences(peers.DATA / "calibration.txt")
     evaluation = set(peers.read_sentences(peers.DATA / "sentences.txt"))
-    more = _calib_text.python_doc_sentences(MINILM_DOC_SENTENCES, exclude=evaluation | set(own))
+    count = MINILM_DOC_SENTENCES if doc_sentences is None else doc_sentences
+    more = _calib_text.python_doc_sentences(count, exclude=evaluation | set(own)) if count else []
     return [task.extra["calibration_batch"]] + _calib_text.batches(tokenizer, more)
+
+
+def calibration_rows(task, counts=(0, 32, 64, 96, 128, 192, 288, 480)) -> list[dict]:
+    """How many calibration sentences compensation needs on MiniLM: for each number of documentation sentences
+    added to the 32 of calibration.txt, the input rows every layer's ``H`` is built from (token positions of the
+    padded batches: the hooks see padding too) and how many layers get compensated rounding (the rule in
+    ``passes/calibrate.py``: at least ``MIN_ROWS_PER_COLUMN`` rows per input column), checked by a real calibration
+    pass for each count."""
+    import udnc_fx
+    from udnc_fx.api import _traced_copy
+    from udnc_fx.passes.calibrate import collect_inputs
+    from udnc_fx.passes.select import select_weights
+
+    cfg = udnc_fx.CompressConfig(**task.udnc_fields)
+    target, _ = _traced_copy(task.float_model, cfg)
+    gm = target if isinstance(target, torch.fx.GraphModule) else None
+    cands, _ = select_weights(target, cfg, gm)
+    out = []
+    for count in counts:
+        batches = _calibration(task, count)
+        calib = collect_inputs(target, cands, batches, keep_outputs=False)
+        widths = sorted({rec.d for rec in calib.inputs.values()})
+        out.append({"doc_sentences": count, "sentences": 32 + count,
+                    "rows": int(sum(b["input_ids"].numel() for b in batches)),
+                    "real_tokens": int(sum(b["attention_mask"].sum() for b in batches)),
+                    "compensated": len(calib.inputs),
+                    "linear_layers": len(calib.inputs) + sum(1 for why in calib.fallback.values() if "rows" in why),
+                    "widths": widths})
+        C.log(f"  [minilm] calibration {out[-1]}")
+    return out
 
 
 def _udnc_point(task, variant, bits, seeds, calibration, tmp: Path) -> C.Point:
@@ -210,6 +241,7 @@ def run(task, quick: bool, seeds: list[int], tmp: Path, nncodec_ok: bool, ladder
             result["layers"] = layer_errors(task, calibration, probe_bits)
         C.log(f"  [{task.key}] per-layer equal-rate errors at {probe_bits} bits in {sw.s:.1f} s")
     if task.key == "minilm" and extras:
+        result["calibration_rows"] = calibration_rows(task)
         result["encode_time"] = encode_time(task, calibration, 3.0)
         C.log(f"  [{task.key}] encode time {result['encode_time']}")
     if sweep is not None:
@@ -250,6 +282,13 @@ def report(results: list[dict], command: str) -> str:
                  f"{x['err_comp']:.4g}", f"{x['ratio']:.3f}"] for x in r["layers"]]
         lines.append(C.md_table(["layer", "weights", "bits plain", "bits comp", "error plain", "error comp",
                                  "comp/plain"], rows))
+        if r.get("calibration_rows"):
+            lines.append("\nCalibration rows and compensated layers (a layer with d input columns is compensated when "
+                         "its H comes from at least 2·d rows):\n")
+            lines.append(C.md_table(
+                ["sentences (32 + docs)", "input rows (padded tokens)", "real tokens", "compensated / Linear layers"],
+                [[x["sentences"], x["rows"], x["real_tokens"], f"{x['compensated']} / {x['linear_layers']}"]
+                 for x in r["calibration_rows"]]))
         if r.get("encode_time"):
             lines.append("\nEncode time, one thread (compress only, target 3 bits):\n")
             lines.append(C.md_table(["what", "seconds"], [[k, f"{v:.2f}"] for k, v in r["encode_time"].items()]))
@@ -258,6 +297,7 @@ def report(results: list[dict], command: str) -> str:
 
 
 def main(argv=None) -> int:
+    global MINILM_DOC_SENTENCES
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="both", choices=["digits", "minilm", "both"])
     ap.add_argument("--seeds", default="0,1,2,3,4")
@@ -266,9 +306,22 @@ def main(argv=None) -> int:
     ap.add_argument("--bits", default=None, help="comma-separated target bits ladder, fine to coarse")
     ap.add_argument("--variants", default=None, help="comma-separated subset of the udnc-fx settings' labels")
     ap.add_argument("--no-extras", action="store_true", help="skip the per-layer table and the encode-time runs")
+    ap.add_argument("--doc-sentences", type=int, default=MINILM_DOC_SENTENCES,
+                    help="MiniLM: Python-documentation sentences added to calibration.txt's 32")
+    ap.add_argument("--rows-only", action="store_true",
+                    help="MiniLM: only the calibration-rows table (how many sentences compensation needs)")
     ap.add_argument("--out", default=str(C.OUT))
     args = ap.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
+    MINILM_DOC_SENTENCES = args.doc_sentences
+    if args.rows_only:
+        task = peers.minilm_task()
+        rows = calibration_rows(task)
+        print(C.md_table(["sentences (32 + docs)", "input rows (padded tokens)", "real tokens",
+                          "compensated / Linear layers"],
+                         [[x["sentences"], x["rows"], x["real_tokens"], f"{x['compensated']} / {x['linear_layers']}"]
+                          for x in rows]))
+        return 0
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     nncodec_ok = False

@@ -95,6 +95,7 @@ class Calibration:
     outputs: list[torch.Tensor] | None = None
     scales: dict[str, float] | None = None  # allocation: Δ_l = c·scales[fqn] (probe sensitivities)
     allocation_note: str | None = None
+    probe_step: float | None = None  # the probe's one relative step (plain rounding): the rate solve's first guess
     #: parameter fqns in the order their layers first ran, grouped into stages: consecutive calls on the same input
     #: tensor (a transformer's q, k, v) form one stage (sequential compensation re-measures H stage by stage)
     stages: list[list[str]] = field(default_factory=list)
@@ -407,6 +408,7 @@ def probe_scales(model: nn.Module, candidates: list[Candidate], config: Any, cal
         [(v, std, lat, u) for _, _, std, lat, v, _, u in free], fixed_bits, fixed_numel,
         config.effective_target_bits,
     )
+    calib.probe_step = s
     scales, zero = {}, []
     with torch.no_grad():
         was_training = model.training

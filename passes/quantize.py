@@ -227,8 +227,10 @@ def solve_relative_step(
     return solve_scale(mean_bits, target)
 
 
-def solve_scale(mean_bits: Callable[[float], float], target: float) -> float:
+def solve_scale(mean_bits: Callable[[float], float], target: float, start: float = 1.0) -> float:
     """The ``s`` in [1e-4, 1e3] where the decreasing function ``mean_bits(s)`` equals ``target`` (within 0.1 %).
+
+    ``start`` is the first ``s`` tried (a good guess saves evaluations, each of which quantizes every layer).
 
     Raises:
         ConfigError: the target is outside what ``mean_bits`` reaches on that range.
@@ -242,7 +244,7 @@ def solve_scale(mean_bits: Callable[[float], float], target: float) -> float:
     tol = 1e-3 * target
     fine: tuple[float, float] | None = None  # (x, bits) with bits > target: the step must grow
     coarse: tuple[float, float] | None = None  # (x, bits) with bits < target
-    x = 0.0
+    x = min(max(math.log(start), lo), hi) if start > 0 and math.isfinite(start) else 0.0
     for _ in range(60):
         bits = mean_bits(math.exp(x))
         if abs(bits - target) <= tol:
@@ -383,7 +385,11 @@ def make_params(
             bits = fixed_bits + sum(bits_of(p[0], p[3], p[4], s * scales[id(p[0])]) for p in to_solve)
             return bits / total
 
-        s = solve_scale(mean_bits, target)
+        # With a probed allocation, the probe's plain-rounding solution is a close first guess (the scales are
+        # normalised to the same geometric mean as the standard deviations it multiplied): on all-MiniLM-L6-v2 at
+        # 3.3 bits, 4 evaluations of every layer's compensated rounding instead of 5 from s = 1.
+        start = getattr(calibration, "probe_step", None) if allocated else None
+        s = solve_scale(mean_bits, target, start=start or 1.0)
         for p in to_solve:
             p[0].step = s * scales[id(p[0])]
             p[0].extra["relative_step"] = p[0].step / p[2]
