@@ -75,7 +75,7 @@ def _calibration(task, doc_sentences: int | None = None) -> list:
     return [task.extra["calibration_batch"]] + _calib_text.batches(tokenizer, more)
 
 
-def calibration_rows(task, counts=(0, 32, 64, 96, 128, 192, 288, 480)) -> list[dict]:
+def calibration_rows(task, counts=(0, 32, 64, 96, 128, 288)) -> list[dict]:
     """How many calibration sentences compensation needs on MiniLM: for each number of documentation sentences
     added to the 32 of calibration.txt, the input rows every layer's ``H`` is built from (token positions of the
     padded batches: the hooks see padding too) and how many layers get compensated rounding (the rule in

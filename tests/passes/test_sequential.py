@@ -190,3 +190,21 @@ def test_each_layer_gets_its_own_inputs_h():
             h.remove()
     for name, total in seen.items():
         np.testing.assert_allclose(calib.inputs[f"{name}.weight"].sums[0], total.numpy(), rtol=1e-5, atol=1e-4)
+
+
+def test_h_released_once_factored():
+    """Memory: after quantization the calibration holds each layer's factor, not its H as well."""
+    from udnc_fx.passes.quantize import quantize
+
+    torch.manual_seed(0)
+    model = TwoLayers()
+    x = correlated_inputs(200, 16, 0)
+    cfg = CompressConfig(step=0.05)
+    cands, _ = select_weights(model, cfg, None)
+    calib = collect_inputs(model, cands, [x])
+    assert all(rec.sums is not None for rec in calib.inputs.values())
+    gm = torch.fx.symbolic_trace(TwoLayers())
+    gm.load_state_dict(model.state_dict())
+    quantize(gm, cfg, calibration=calib)
+    assert all(rec.sums is None for rec in calib.inputs.values())
+    assert {fqn for fqn, _ in calib._factors} == {"fc1.weight", "fc2.weight"}
