@@ -10,6 +10,8 @@ udnc-fx settings (all post-training, no fine-tuning, no pruning; calibration onl
 * ``plain + probe allocation``: ``compress(..., calibration=batches, config(compensate=False))`` — each weight
   rounded on its own, steps allocated by the probe (what the project did before this encoder);
 * ``compensated``: the default with calibration — error-compensating dithered rounding, probe allocation;
+* ``compensated + sequential H``: the same with ``sequential=True`` (each layer's ``H`` measured through the
+  already-quantized earlier layers);
 * ``compensated + 4 seed trials``: the same, keeping the best of 4 dither seeds on the calibration batches
   (each "seed" of the table is then a base seed whose 4 trials are ``seed·4 … seed·4+3``).
 
@@ -19,7 +21,9 @@ scored on the test split; MiniLM calibrates on ``benchmarks/data/calibration.txt
 
 Also measured: per-layer output error ``tr(ΔW·H·ΔWᵀ)/rows`` on the calibration inputs of plain against compensated
 rounding at *equal rate* (each layer's step solved separately to the same bits per weight for each rounding), and
-the time ``compress`` with calibration takes on MiniLM (single thread; set ``OMP_NUM_THREADS=1``).
+the time ``compress`` with calibration takes on MiniLM (single thread; set ``OMP_NUM_THREADS=1``; wall and process
+CPU seconds), and how many calibration sentences MiniLM needs before every Linear layer is compensated
+(``--rows-only`` prints that table alone, ``--time-only`` the encode times alone).
 
 Run: ``OMP_NUM_THREADS=1 python benchmarks/encoder.py [--model digits|minilm|both] [--seeds 0,1,2,3,4] [--quick]``.
 Writes ``benchmarks/out/encoder.md`` and ``encoder.json``.
@@ -52,7 +56,7 @@ def _variants(quick: bool) -> list[dict]:
     out = [
         {"label": "plain + probe allocation", "compensate": False, "trials": 1},
         {"label": "compensated", "compensate": True, "trials": 1},
-        {"label": "compensated, sequential", "compensate": True, "trials": 1, "sequential": True},
+        {"label": "compensated + sequential H", "compensate": True, "trials": 1, "sequential": True},
     ]
     if not quick:
         out.append({"label": "compensated + 4 seed trials", "compensate": True, "trials": 4})
@@ -192,22 +196,27 @@ def layer_errors(task, calibration, bits: float, seed: int = 0) -> list[dict]:
 
 
 def encode_time(task, calibration, bits: float) -> dict:
+    """Wall and process CPU seconds of ``compress`` on one thread (CPU time: the machine is shared, and a loaded
+    machine stretches the wall time of a single-threaded process far more than its CPU time)."""
     import udnc_fx
 
     torch.set_num_threads(1)
     out = {}
     for label, kwargs in (("no calibration", {}), ("calibration (compensated, probe allocation)",
-                                                    {"calibration": calibration})):
-        cfg = udnc_fx.CompressConfig(target_bits=bits, **task.udnc_fields)
+                                                    {"calibration": calibration}),
+                          ("calibration, sequential", {"calibration": calibration, "sequential": True})):
+        cfg = udnc_fx.CompressConfig(target_bits=bits, sequential=kwargs.pop("sequential", False), **task.udnc_fields)
+        cpu = time.process_time()
         with C.Stopwatch() as sw:
-            udnc_fx.compress(task.float_model, cfg, **kwargs)
-        out[label] = sw.s
+            udnc_fx.compress(task.float_model, cfg, progress=False, **kwargs)
+        out[label] = (sw.s, time.process_time() - cpu)
     raw = b"".join(t.float().numpy().tobytes() for t in task.state.values())
     import zlib
 
+    cpu = time.process_time()
     with C.Stopwatch() as z:
         zlib.compress(raw, 1)
-    out["zlib level 1 on the float32 state_dict (yardstick)"] = z.s
+    out["zlib level 1 on the float32 state_dict (yardstick)"] = (z.s, time.process_time() - cpu)
     return out
 
 
@@ -291,7 +300,8 @@ def report(results: list[dict], command: str) -> str:
                  for x in r["calibration_rows"]]))
         if r.get("encode_time"):
             lines.append("\nEncode time, one thread (compress only, target 3 bits):\n")
-            lines.append(C.md_table(["what", "seconds"], [[k, f"{v:.2f}"] for k, v in r["encode_time"].items()]))
+            lines.append(C.md_table(["what", "wall s", "process CPU s"],
+                                    [[k, f"{v[0]:.2f}", f"{v[1]:.2f}"] for k, v in r["encode_time"].items()]))
         lines.append("")
     return "\n".join(lines)
 
@@ -308,12 +318,18 @@ def main(argv=None) -> int:
     ap.add_argument("--no-extras", action="store_true", help="skip the per-layer table and the encode-time runs")
     ap.add_argument("--doc-sentences", type=int, default=MINILM_DOC_SENTENCES,
                     help="MiniLM: Python-documentation sentences added to calibration.txt's 32")
+    ap.add_argument("--time-only", action="store_true", help="MiniLM: only the encode-time table")
     ap.add_argument("--rows-only", action="store_true",
                     help="MiniLM: only the calibration-rows table (how many sentences compensation needs)")
     ap.add_argument("--out", default=str(C.OUT))
     args = ap.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     MINILM_DOC_SENTENCES = args.doc_sentences
+    if args.time_only:
+        task = peers.minilm_task()
+        times = encode_time(task, _calibration(task), 3.0)
+        print(C.md_table(["what", "wall s", "process CPU s"], [[k, f"{v[0]:.2f}", f"{v[1]:.2f}"] for k, v in times.items()]))
+        return 0
     if args.rows_only:
         task = peers.minilm_task()
         rows = calibration_rows(task)
