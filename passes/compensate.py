@@ -86,7 +86,7 @@ def compensated_points(
             the weight's row-major order). ``d`` must be a multiple of ``n``.
         factors: one ``(d, d)`` upper factor per group (:func:`inverse_factor`); rows are split evenly by group.
         lat, step: the lattice and Δ (the lattice is scaled by ``lat.scale · Δ``).
-        u_raw: the tensor's raw dither ``(num_vectors, n)`` (:func:`udnc_fx.quantizer.raw_dither`), vectors in
+        u_raw: the tensor's raw dither ``(num_vectors, n)`` (:func:`udnc_fx.record.raw_dither`), vectors in
             row-major order (row ``r``, vector ``b`` is ``r·d/n + b``).
         exact_zero: the point 0 decodes to exactly 0 (see the module docstring).
 
