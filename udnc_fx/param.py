@@ -10,20 +10,17 @@ from torch import nn
 
 from .errors import ConfigError
 from .lattice import get_lattice
-from .record import CompressedWeight, lattice_factor, on_lattice, raw_dither, scaled_dither
+from .record import CompressedWeight, index_dtype, lattice_factor, on_lattice, raw_dither, scaled_dither
 
 __all__ = ["DitheredLatticeParam", "compute_dither", "index_dtype_for"]
 
+_TORCH_INDEX_DTYPES = {np.dtype(np.uint8): torch.uint8, np.dtype(np.int16): torch.int16, np.dtype(np.int32): torch.int32}
+
 
 def index_dtype_for(num_codewords: int) -> torch.dtype:
-    """The smallest signed-safe integer dtype torch can gather with that holds ``num_codewords - 1``."""
-    if num_codewords <= 256:
-        return torch.uint8
-    if num_codewords <= 2**15:
-        return torch.int16
-    if num_codewords <= 2**31:
-        return torch.int32
-    raise ConfigError(f"{num_codewords} codewords do not fit an int32 index")
+    """The smallest signed-safe integer dtype torch can gather with that holds ``num_codewords - 1``
+    (:func:`udnc_fx.record.index_dtype` as a torch dtype)."""
+    return _TORCH_INDEX_DTYPES[index_dtype(num_codewords)]
 
 
 def compute_dither(key: int, num_vectors: int, lattice: str, n: int, step: float) -> np.ndarray:

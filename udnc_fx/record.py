@@ -47,12 +47,29 @@ __all__ = [
     "codebook_from_int",
     "on_lattice",
     "entropy_from_counts",
+    "index_dtype",
     "DECODE_CHUNK_ELEMENTS",
 ]
 
 #: Weights decoded per work item by :meth:`CompressedWeight.decode`: small enough that the float64 temporaries stay
 #: in cache, large enough that NumPy's per-call overhead does not show.
 DECODE_CHUNK_ELEMENTS = 1 << 18
+
+
+def index_dtype(num_codewords: int) -> np.dtype:
+    """The smallest integer dtype every decoder can gather with that holds ``num_codewords - 1``: uint8 up to 256
+    codewords, then int16 and int32 (torch and ONNX lack most wider unsigned types).
+
+    Raises:
+        ConfigError: more than ``2**31`` codewords.
+    """
+    if num_codewords <= 256:
+        return np.dtype(np.uint8)
+    if num_codewords <= 2**15:
+        return np.dtype(np.int16)
+    if num_codewords <= 2**31:
+        return np.dtype(np.int32)
+    raise ConfigError(f"{num_codewords} codewords do not fit an int32 index")
 
 
 def weight_key(seed: int, fqn: str, dithered: bool = True) -> int | None:
