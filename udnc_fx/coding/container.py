@@ -43,7 +43,7 @@ from udnc_fx.coding.limits import (
 )
 from udnc_fx.coding.tempfiles import fsync_dir, remove_stale_temps, write_temp
 from udnc_fx.coding import lattice_coords as _lc
-from udnc_fx.coding.coders import encode_stream
+from udnc_fx.coding.coders import decode_stream, encode_stream
 from udnc_fx.errors import FormatError
 
 __all__ = [
@@ -1292,26 +1292,7 @@ def _decode_stream(
     coder_name: str, data: bytes, count: int, alphabet_size: int, where: str, context: dict | None = None,
     dtype: Any = None,
 ) -> np.ndarray:
-    coder = _get_coder(coder_name)
-    kwargs = dict(context or {})
-    if dtype is not None and getattr(coder, "accepts_dtype", False):
-        kwargs["dtype"] = dtype  # decoded straight into the dtype kept: no int64 copy of the stream
-    try:
-        out = coder.decode(data, count, alphabet_size, **kwargs)
-    except FormatError as exc:
-        raise FormatError("bad_value", f"{where}: stream does not decode: {exc.message}") from exc
-    except Exception as exc:  # a coder meeting bytes it did not write may fail in any way
-        raise FormatError("bad_value", f"{where}: stream does not decode: {type(exc).__name__}: {exc}") from exc
-    try:
-        out = np.asarray(out)
-        ok = out.dtype.kind in "iu" and out.shape == (count,)
-    except Exception:
-        ok = False
-    if not ok:
-        raise FormatError("bad_value", f"{where}: the coder returned the wrong number or type of symbols")
-    if count and (int(out.min()) < 0 or int(out.max()) >= alphabet_size):
-        raise FormatError("bad_value", f"{where}: decoded symbols outside [0, {alphabet_size})")
-    return out
+    return decode_stream(_get_coder(coder_name), data, count, alphabet_size, where, dtype=dtype, **(context or {}))
 
 
 def _decode_codebook(q: _QEntry, data: bytes) -> tuple[np.ndarray | None, np.ndarray | None]:
