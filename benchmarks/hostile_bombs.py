@@ -14,11 +14,12 @@ import tempfile
 import hashlib, json, sys, time
 import udnc_fx
 from udnc_fx.coding import container as C
+from udnc_fx.coding.format import DIGESTED
 from torch import nn
 print("udnc_fx from", udnc_fx.__file__)
 def framed(header, payload=b""):
     hb = json.dumps(header, separators=(",", ":")).encode()
-    d = C._DIGESTED.pack(C.MAGIC, 1, 0, len(hb), len(payload), hashlib.sha256(payload).digest())
+    d = DIGESTED.pack(C.MAGIC, 1, 0, len(hb), len(payload), hashlib.sha256(payload).digest())
     return d + hashlib.sha256(d + hb).digest() + hb + payload
 kind = sys.argv[1]
 if kind == "onesym":
