@@ -11,10 +11,11 @@ torch alone is about 220 MiB. One case per process, so the peaks do not mix.
 import os
 import tempfile
 
-import hashlib, json, sys, time
+import hashlib, json, struct, sys, time
 import udnc_fx
 from udnc_fx.coding import container as C
-from udnc_fx.coding.format import DIGESTED
+# The digested part of the preamble (docs/FORMAT.md), spelled out so that the script runs against any checkout.
+DIGESTED = struct.Struct("<8sHHIQ32s")
 from torch import nn
 print("udnc_fx from", udnc_fx.__file__)
 def framed(header, payload=b""):
