@@ -61,8 +61,6 @@ def weights_bar(entries: list, desc: str, progress: bool | None):
     return progress_bar(total=total or None, desc=desc, unit="w", unit_scale=True, progress=True)
 
 
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Writing
 # ---------------------------------------------------------------------------------------------------------------
@@ -341,6 +339,7 @@ def _decode_stream(
     coder_name: str, data: bytes, count: int, alphabet_size: int, where: str, context: dict | None = None,
     dtype: Any = None,
 ) -> np.ndarray:
+    """:func:`~udnc_fx.coding.coder_base.decode_stream` with the coder named as the header names it."""
     return decode_stream(lookup_coder(coder_name), data, count, alphabet_size, where, dtype=dtype, **(context or {}))
 
 
