@@ -1,8 +1,8 @@
 """The one mapping each way between a compressed weight and the container's entry for it (NumPy only).
 
 :class:`udnc_fx.record.CompressedWeight` is what the rest of the package knows; the container's
-:class:`~udnc_fx.coding.container.QuantizedTensor` is the file's view of it: the dither as a generator id plus a
-key (``"none"`` and key 0 when there is none, as ``docs/FORMAT.md`` writes it), the index coder and the per-tensor
+:class:`~udnc_fx.coding.header.QuantizedTensor` is the file's view of it: the dither as a generator id plus a
+key (:data:`~udnc_fx.coding.format.NO_DITHER` and key 0 when there is none, as ``docs/FORMAT.md`` writes it), the index coder and the per-tensor
 ``meta``. Save, load, the ONNX sidecar and ``load_onnx`` all go through these two functions, so "no dither" is
 spelled ``key=None`` everywhere outside the file format.
 """
@@ -15,12 +15,10 @@ from udnc_fx.dither import DITHER_ID
 from udnc_fx.errors import ConfigError, FormatError
 from udnc_fx.record import CompressedWeight
 
-from .container import QuantizedTensor
+from .format import NO_DITHER
+from .header import QuantizedTensor
 
-__all__ = ["NO_DITHER", "entry_from_record", "record_from_entry"]
-
-#: The file's generator id of a tensor without dither (its key is then stored as 0).
-NO_DITHER = "none"
+__all__ = ["entry_from_record", "record_from_entry"]
 
 
 def entry_from_record(
