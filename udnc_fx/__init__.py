@@ -39,6 +39,7 @@ _LAZY = {
     "finetune": "udnc_fx.passes.finetune",
     "finetune_float": "udnc_fx.passes.finetune",
     "FinetuneResult": "udnc_fx.passes.finetune",
+    "TrainOptions": "udnc_fx.passes.train",
     "average_codeword_gradients": "udnc_fx.passes.finetune",
     "prune": "udnc_fx.passes.prune",
     "mask_sparsity": "udnc_fx.passes.prune",
@@ -67,6 +68,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .io import load, read_header, round_for_storage, save, size_report
     from .param import DitheredLatticeParam
     from .passes.finetune import FinetuneResult, average_codeword_gradients, finetune, finetune_float
+    from .passes.train import TrainOptions
     from .passes.materialize import materialize
     from .passes.allocate import allocate, allocate_steps
     from .passes.fold import fold_batchnorm
