@@ -28,6 +28,7 @@ _LAZY = {
     "inspect": "udnc_fx.api",
     "InspectReport": "udnc_fx.api",
     "LayerReport": "udnc_fx.api",
+    "compression_record": "udnc_fx.record_store",
     "CompressConfig": "udnc_fx.config",
     "LayerConfig": "udnc_fx.config",
     "DitheredLatticeParam": "udnc_fx.param",
@@ -67,6 +68,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .config import CompressConfig, LayerConfig
     from .io import load, read_header, round_for_storage, save, size_report
     from .param import DitheredLatticeParam
+    from .record_store import compression_record
     from .passes.finetune import FinetuneResult, average_codeword_gradients, finetune, finetune_float
     from .passes.train import TrainOptions
     from .passes.materialize import materialize
