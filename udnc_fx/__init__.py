@@ -40,6 +40,7 @@ _LAZY = {
     "finetune": "udnc_fx.passes.finetune",
     "finetune_float": "udnc_fx.passes.finetune",
     "FinetuneResult": "udnc_fx.passes.finetune",
+    "TrainOptions": "udnc_fx.passes.train",
     "average_codeword_gradients": "udnc_fx.passes.finetune",
     "prune": "udnc_fx.passes.prune",
     "mask_sparsity": "udnc_fx.passes.prune",
@@ -69,6 +70,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .param import DitheredLatticeParam
     from .record_store import compression_record
     from .passes.finetune import FinetuneResult, average_codeword_gradients, finetune, finetune_float
+    from .passes.train import TrainOptions
     from .passes.materialize import materialize
     from .passes.allocate import allocate, allocate_steps
     from .passes.fold import fold_batchnorm
