@@ -47,16 +47,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import fx, nn
 
 from ..config import CompressConfig, LayerConfig
-from ..dither import tensor_key
-from ..errors import ConfigError, UnsupportedModelError
+from ..errors import ConfigError
 from ..lattice import get_lattice
-from ..quantizer import entropy_bits_per_weight, quantize_array, raw_dither, vectors_of
+from ..quantizer import entropy_bits_per_weight, quantize_array, vectors_of
+from ..record import raw_dither, weight_key
 from .quantize import _layer_stats, solve_relative_step
 from .select import Candidate, select_weights
-from .trace import trace_model
+from .trace import prepare
 
 __all__ = ["allocate", "allocate_steps", "Allocation", "LayerAllocation", "METHODS", "default_output_fn"]
 
@@ -193,16 +193,13 @@ class _Layer:
 
 
 def _prepare(model: nn.Module, config: CompressConfig) -> tuple[nn.Module, list[_Layer], list[str]]:
-    """Deep-copy, trace (with the config's fallback) and select exactly as :func:`udnc_fx.compress` would."""
+    """Deep-copy, prepare (trace with the config's fallback) and select exactly as :func:`udnc_fx.compress` would.
+    Returns the copy itself, not its graph: the probe runs ``output_fn`` on the model as the user wrote it."""
     work = copy.deepcopy(model)
+    target, _ = prepare(work, config, inplace=True)  # the graph shares work's parameters: the probe swaps them
+    gm = target if isinstance(target, fx.GraphModule) else None
     notes: list[str] = []
-    try:
-        gm = trace_model(work, leaf_modules=config.leaf_modules)
-        target: nn.Module = gm
-    except UnsupportedModelError:
-        if config.fallback == "error":
-            raise
-        target, gm = work, None
+    if gm is None:
         notes.append("model not traceable: layers selected as the module-swap fallback would")
     candidates, _ = select_weights(target, config, gm)
     if not candidates:
@@ -215,7 +212,7 @@ def _prepare(model: nn.Module, config: CompressConfig) -> tuple[nn.Module, list[
         w, std = _layer_stats(cand)
         lat = get_lattice(cand.lattice, cand.n)
         v = vectors_of(w, lat.dim)
-        key = tensor_key(config.seed, cand.fqn) if config.dithered else None
+        key = weight_key(config.seed, cand.fqn, config.dithered)
         # Only a step given by an override is kept; a global step or relative_step is what allocation replaces.
         override = config.overrides.get(cand.override_key) if cand.override_key else None
         fixed = override is not None and (override.step is not None or override.relative_step is not None)
@@ -270,7 +267,7 @@ def _distortions(
             q = quantize_array(
                 L.w, lattice=L.lat.name, n=L.lat.dim, step=step, key=L.key, exact_zero=exact_zero, u_raw=L.u
             )
-            decoded = torch.from_numpy(q.decode(L.w.size).reshape(L.w.shape).copy())
+            decoded = torch.from_numpy(q.decode(raw_dither=L.u).reshape(L.w.shape))
             param.data = decoded.to(dtype=saved.dtype, device=saved.device)
             try:
                 test = output_fn(work, inputs).detach().double()

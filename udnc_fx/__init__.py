@@ -28,6 +28,7 @@ _LAZY = {
     "inspect": "udnc_fx.api",
     "InspectReport": "udnc_fx.api",
     "LayerReport": "udnc_fx.api",
+    "compression_record": "udnc_fx.record_store",
     "CompressConfig": "udnc_fx.config",
     "LayerConfig": "udnc_fx.config",
     "DitheredLatticeParam": "udnc_fx.param",
@@ -39,6 +40,7 @@ _LAZY = {
     "finetune": "udnc_fx.passes.finetune",
     "finetune_float": "udnc_fx.passes.finetune",
     "FinetuneResult": "udnc_fx.passes.finetune",
+    "TrainOptions": "udnc_fx.passes.train",
     "average_codeword_gradients": "udnc_fx.passes.finetune",
     "prune": "udnc_fx.passes.prune",
     "mask_sparsity": "udnc_fx.passes.prune",
@@ -66,7 +68,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from .config import CompressConfig, LayerConfig
     from .io import load, read_header, round_for_storage, save, size_report
     from .param import DitheredLatticeParam
+    from .record_store import compression_record
     from .passes.finetune import FinetuneResult, average_codeword_gradients, finetune, finetune_float
+    from .passes.train import TrainOptions
     from .passes.materialize import materialize
     from .passes.allocate import allocate, allocate_steps
     from .passes.fold import fold_batchnorm
