@@ -86,12 +86,12 @@ def calibration_rows(task, counts=(0, 32, 64, 96, 128, 288)) -> list[dict]:
     ``passes/calibrate.py``: at least ``MIN_ROWS_PER_COLUMN`` rows per input column), checked by a real calibration
     pass for each count."""
     import udnc_fx
-    from udnc_fx.api import _traced_copy
+    from udnc_fx.passes.trace import prepare
     from udnc_fx.passes.calibrate import collect_inputs
     from udnc_fx.passes.select import select_weights
 
     cfg = udnc_fx.CompressConfig(**task.udnc_fields)
-    target, _ = _traced_copy(task.float_model, cfg)
+    target, _ = prepare(task.float_model, cfg)
     gm = target if isinstance(target, torch.fx.GraphModule) else None
     cands, _ = select_weights(target, cfg, gm)
     out = []

@@ -433,7 +433,7 @@ def _sequential(prepared, comp, us, config, calibration, points_of) -> dict[int,
     ``id(cand)``), with each layer's rounding note updated."""
     from .sequential import sequential_points
 
-    layers = [(cand, w, lat, cand.step, us[id(cand)]) for cand, w, std, lat, v, key in prepared]
+    layers = [(cand, w, lat, cand.step, key, us[id(cand)]) for cand, w, std, lat, v, key in prepared]
     lat_of = {cand.fqn: lat for cand, w, std, lat, v, key in prepared}
     points, notes = sequential_points(
         calibration,

@@ -45,7 +45,7 @@ def _param_of(model: torch.nn.Module, cand: Candidate) -> torch.nn.Parameter:
 
 def sequential_points(
     calibration: Calibration,
-    layers: list[tuple[Candidate, np.ndarray, Any, float, np.ndarray]],
+    layers: list[tuple[Candidate, np.ndarray, Any, float, int | None, np.ndarray]],
     compensated: set[str],
     *,
     damping: float,
@@ -59,7 +59,8 @@ def sequential_points(
         calibration: from :func:`udnc_fx.passes.calibrate.collect_inputs`, with ``model`` (the float copy the
             inputs were measured on), ``stages`` and ``calls`` set. The copy's weights are changed while this runs
             and restored before it returns.
-        layers: ``(candidate, weight, lattice, step, u_raw)`` for every selected weight (steps already solved).
+        layers: ``(candidate, weight, lattice, step, key, u_raw)`` for every selected weight (steps already
+            solved; ``u_raw`` the raw dither of ``key``).
             Those not in ``compensated`` are plainly rounded and written into the copy first, since they are
             quantized whatever happens.
         compensated: fqns of the layers to round with error compensation.
@@ -72,17 +73,17 @@ def sequential_points(
         ``(points, notes)``: fqn → raw points ``(num_vectors, n)``; fqn → how the layer's ``H`` was obtained.
     """
     model = calibration.model
-    by_fqn = {cand.fqn: (cand, w, lat, step, u) for cand, w, lat, step, u in layers}
+    by_fqn = {cand.fqn: (cand, w, lat, step, u) for cand, w, lat, step, _, u in layers}
+    keys = {cand.fqn: key for cand, _, _, _, key, _ in layers}
     saved: dict[str, tuple[torch.nn.Parameter, torch.Tensor]] = {}
 
     def install(fqn: str, raw_points: np.ndarray | None) -> None:
         cand, w, lat, step, u = by_fqn[fqn]
-        # u is the layer's own dither (from its key): the key itself is not needed again
-        q = quantize_array(w, lattice=lat.name, n=lat.dim, step=step, key=None, exact_zero=exact_zero, u_raw=u,
+        q = quantize_array(w, lattice=lat.name, n=lat.dim, step=step, key=keys[fqn], exact_zero=exact_zero, u_raw=u,
                            raw_points=raw_points)
         param = _param_of(model, cand)
         saved.setdefault(fqn, (param, param.data))
-        decoded = torch.from_numpy(q.decode(w.size).reshape(w.shape).copy())
+        decoded = torch.from_numpy(q.decode(raw_dither=u).reshape(w.shape))
         param.data = decoded.to(param.device, param.dtype)
 
     points: dict[str, np.ndarray] = {}

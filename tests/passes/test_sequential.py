@@ -45,7 +45,7 @@ def _decode(w, step, seed, fqn, points):
     lat = get_lattice("Z", 1)
     u = raw_dither(tensor_key(seed, fqn), w.size, lat)
     q = quantize_array(w, lattice="Z", n=1, step=step, key=tensor_key(seed, fqn), u_raw=u, raw_points=points)
-    return q.decode(w.size).reshape(w.shape), u
+    return q.decode(raw_dither=u).reshape(w.shape).astype(np.float64), u
 
 
 def _by_fqn(out):
