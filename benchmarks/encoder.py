@@ -52,7 +52,17 @@ import peers  # noqa: E402
 MINILM_DOC_SENTENCES = 288
 
 
-def _variants(quick: bool) -> list[dict]:
+def _lattice(label: str) -> tuple[str, int]:
+    """``"Z1"``/``"Z4"`` -> ``("Z", n)``; ``"A2"``, ``"D4"``, ``"E8"`` -> ``(name, its dimension)``."""
+    if label.startswith("Z"):
+        return "Z", int(label[1:] or 1)
+    if label in ("A2", "D4", "E8"):
+        return label, int(label[1:])
+    raise SystemExit(f"unknown lattice {label!r} (Z1..Z8, A2, D4, E8)")
+
+
+def _variants(quick: bool, lattices: tuple[str, ...] = ("Z1",)) -> list[dict]:
+    """Each encoder setting for each lattice; a lattice other than Z¹ is named in the label ("compensated E8")."""
     out = [
         {"label": "plain + probe allocation", "compensate": False, "trials": 1},
         {"label": "compensated", "compensate": True, "trials": 1},
@@ -60,7 +70,10 @@ def _variants(quick: bool) -> list[dict]:
     ]
     if not quick:
         out.append({"label": "compensated + 4 seed trials", "compensate": True, "trials": 4})
-    return out
+    if tuple(lattices) == ("Z1",):
+        return out
+    return [{**v, "label": f"{v['label']} {lat}", "lattice": _lattice(lat)[0], "n": _lattice(lat)[1],
+             "base_label": v["label"]} for lat in lattices for v in out]
 
 
 def _calibration(task, doc_sentences: int | None = None) -> list:
@@ -118,7 +131,7 @@ def _udnc_point(task, variant, bits, seeds, calibration, tmp: Path) -> C.Point:
         base = seed * variant["trials"]
         cfg = udnc_fx.CompressConfig(target_bits=bits, seed=base, compensate=variant["compensate"],
                                      sequential=variant.get("sequential", False), seed_trials=variant["trials"],
-                                     **task.udnc_fields)
+                                     lattice=variant.get("lattice", "Z"), n=variant.get("n", 1), **task.udnc_fields)
         path = tmp / f"{task.key}-{variant['label'].replace(' ', '_')}-{bits:.4g}-{seed}.udnc"
         with C.Stopwatch() as enc:
             gm = udnc_fx.compress(task.float_model, cfg, calibration=calibration)
@@ -221,7 +234,7 @@ def encode_time(task, calibration, bits: float) -> dict:
 
 
 def run(task, quick: bool, seeds: list[int], tmp: Path, nncodec_ok: bool, ladder: list[float] | None = None,
-        variants: str | None = None, extras: bool = True) -> dict:
+        variants: str | None = None, extras: bool = True, lattices: tuple[str, ...] = ("Z1",)) -> dict:
     calibration = _calibration(task)
     p = peers.plan(task.key, quick)
     sweep = peers.NNCodecSweep(task, p["nncodec_qps"], tmp / f"nncodec-{task.key}", refine=p["nncodec_refine"]) \
@@ -232,8 +245,8 @@ def run(task, quick: bool, seeds: list[int], tmp: Path, nncodec_ok: bool, ladder
         ladder = [4.0, 3.6, 3.3, 3.0, 2.8, 2.6, 2.4, 2.2, 2.0]
     methods = {}
     wanted = None if variants is None else set(variants.split(","))
-    for v in _variants(quick):
-        if wanted is not None and v["label"] not in wanted:
+    for v in _variants(quick, lattices):
+        if wanted is not None and v.get("base_label", v["label"]) not in wanted:
             continue
         methods[f"udnc-fx {v['label']}"] = _sweep(task, v, ladder, seeds, calibration, tmp)
         if sweep is not None:
@@ -315,6 +328,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-nncodec", action="store_true")
     ap.add_argument("--bits", default=None, help="comma-separated target bits ladder, fine to coarse")
     ap.add_argument("--variants", default=None, help="comma-separated subset of the udnc-fx settings' labels")
+    ap.add_argument("--lattices", default="Z1",
+                    help="comma-separated lattices (Z1..Z8, A2, D4, E8): every setting is run with each, side by side")
     ap.add_argument("--no-extras", action="store_true", help="skip the per-layer table and the encode-time runs")
     ap.add_argument("--doc-sentences", type=int, default=MINILM_DOC_SENTENCES,
                     help="MiniLM: Python-documentation sentences added to calibration.txt's 32")
@@ -358,7 +373,8 @@ def main(argv=None) -> int:
                     raise RuntimeError(f"calibration and evaluation sentences overlap: {sorted(evaluation & calib)[:3]}")
             C.log(f"== {task.title}: float {task.float_quality}")
             ladder = [float(b) for b in args.bits.split(",")] if args.bits else None
-            results.append(run(task, args.quick, seeds, tmp, nncodec_ok, ladder, args.variants, not args.no_extras))
+            results.append(run(task, args.quick, seeds, tmp, nncodec_ok, ladder, args.variants, not args.no_extras,
+                               tuple(x.strip() for x in args.lattices.split(",") if x.strip())))
     command = "OMP_NUM_THREADS=1 python benchmarks/encoder.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = report(results, command)
     (out_dir / "encoder.md").write_text(text)
