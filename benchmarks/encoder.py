@@ -154,9 +154,12 @@ def _udnc_point(task, variant, bits, seeds, calibration, tmp: Path) -> C.Point:
     return point
 
 
-def _sweep(task, variant, ladder, seeds, calibration, tmp) -> list[C.Point]:
+def _sweep(task, variant, ladder, seeds, calibration, tmp, exact: bool = False) -> list[C.Point]:
+    """The ladder until the first failure, then one refinement point (or finer points if even the first fails);
+    with ``exact``, only the ladder's own points (for runs that must fit a time budget)."""
     return peers.scan(lambda b: _udnc_point(task, variant, b, seeds, calibration, tmp), ladder,
-                      midpoint=lambda a, b: float(f"{(a + b) / 2:.4g}"), finer=lambda b: b * 1.25)
+                      midpoint=lambda a, b: float(f"{(a + b) / 2:.4g}"), finer=None if exact else lambda b: b * 1.25,
+                      refine=not exact)
 
 
 def layer_errors(task, calibration, bits: float, seed: int = 0) -> list[dict]:
@@ -234,7 +237,8 @@ def encode_time(task, calibration, bits: float) -> dict:
 
 
 def run(task, quick: bool, seeds: list[int], tmp: Path, nncodec_ok: bool, ladder: list[float] | None = None,
-        variants: str | None = None, extras: bool = True, lattices: tuple[str, ...] = ("Z1",)) -> dict:
+        variants: str | None = None, extras: bool = True, lattices: tuple[str, ...] = ("Z1",),
+        exact_ladder: bool = False) -> dict:
     calibration = _calibration(task)
     p = peers.plan(task.key, quick)
     sweep = peers.NNCodecSweep(task, p["nncodec_qps"], tmp / f"nncodec-{task.key}", refine=p["nncodec_refine"]) \
@@ -248,7 +252,7 @@ def run(task, quick: bool, seeds: list[int], tmp: Path, nncodec_ok: bool, ladder
     for v in _variants(quick, lattices):
         if wanted is not None and v.get("base_label", v["label"]) not in wanted:
             continue
-        methods[f"udnc-fx {v['label']}"] = _sweep(task, v, ladder, seeds, calibration, tmp)
+        methods[f"udnc-fx {v['label']}"] = _sweep(task, v, ladder, seeds, calibration, tmp, exact_ladder)
         if sweep is not None:
             sweep.poll()
     result = {"task": task.key, "title": task.title, "bar": task.bar_text, "methods": methods, "seeds": seeds,
@@ -330,6 +334,8 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default=None, help="comma-separated subset of the udnc-fx settings' labels")
     ap.add_argument("--lattices", default="Z1",
                     help="comma-separated lattices (Z1..Z8, A2, D4, E8): every setting is run with each, side by side")
+    ap.add_argument("--exact-ladder", action="store_true",
+                    help="evaluate only the --bits given (no refinement point, no finer points after a failure)")
     ap.add_argument("--no-extras", action="store_true", help="skip the per-layer table and the encode-time runs")
     ap.add_argument("--doc-sentences", type=int, default=MINILM_DOC_SENTENCES,
                     help="MiniLM: Python-documentation sentences added to calibration.txt's 32")
@@ -374,7 +380,7 @@ def main(argv=None) -> int:
             C.log(f"== {task.title}: float {task.float_quality}")
             ladder = [float(b) for b in args.bits.split(",")] if args.bits else None
             results.append(run(task, args.quick, seeds, tmp, nncodec_ok, ladder, args.variants, not args.no_extras,
-                               tuple(x.strip() for x in args.lattices.split(",") if x.strip())))
+                               tuple(x.strip() for x in args.lattices.split(",") if x.strip()), args.exact_ladder))
     command = "OMP_NUM_THREADS=1 python benchmarks/encoder.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = report(results, command)
     (out_dir / "encoder.md").write_text(text)
