@@ -54,7 +54,7 @@ from ..dither import tensor_key
 from ..errors import ConfigError, UnsupportedModelError
 from ..lattice import get_lattice
 from ..quantizer import entropy_bits_per_weight, quantize_array, raw_dither, vectors_of
-from .quantize import _layer_stats, solve_relative_step
+from .quantize import layer_stats as _layer_stats, solve_relative_step
 from .select import Candidate, select_weights
 from .trace import trace_model
 
@@ -159,10 +159,16 @@ def default_output_fn(model: nn.Module, inputs: Any) -> torch.Tensor:
         out = model(**inputs)
     else:
         out = model(inputs)
-    return _first_tensor(out)
+    return first_tensor(out)
 
 
-def _first_tensor(out: Any) -> torch.Tensor:
+def first_tensor(out: Any) -> torch.Tensor:
+    """The tensor a model output stands for: the output itself, ``last_hidden_state``/``logits`` of a model output,
+    or the first tensor of a mapping, tuple or list.
+
+    Raises:
+        ConfigError: no tensor is found (the caller should pass an ``output_fn``).
+    """
     if isinstance(out, torch.Tensor):
         return out
     for name in ("last_hidden_state", "logits"):

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from .allocate import _first_tensor
+from .allocate import first_tensor as _first_tensor
 from .select import Candidate
 
 __all__ = [
@@ -311,7 +311,7 @@ def probe_scales(model: nn.Module, candidates: list[Candidate], config: Any, cal
     from ..dither import tensor_key
     from ..lattice import get_lattice
     from ..quantizer import quantize_array, raw_dither, vectors_of
-    from .quantize import _layer_stats, solve_relative_step
+    from .quantize import layer_stats as _layer_stats, solve_relative_step
 
     reference = calib.outputs[0] if calib.outputs else None
     if reference is None:

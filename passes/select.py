@@ -80,7 +80,13 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def _param_owners(model: nn.Module) -> dict[int, list[tuple[str, str]]]:
+def param_owners(model: nn.Module) -> dict[int, list[tuple[str, str]]]:
+    """Every place each parameter of ``model`` is registered, tied weights included.
+
+    Returns:
+        ``id(parameter)`` → ``[(module fqn, attribute name), ...]`` in ``named_modules`` order (the first is the
+        parameter's canonical name).
+    """
     owners: dict[int, list[tuple[str, str]]] = {}
     for mod_fqn, module in model.named_modules(remove_duplicate=False):
         for attr, p in module._parameters.items():
@@ -131,7 +137,7 @@ def select_weights(
     def is_wanted(m: nn.Module) -> bool:
         return isinstance(m, wanted) or (bool(extra_names) and any(k.__name__ in extra_names for k in type(m).__mro__))
 
-    owners = _param_owners(model)
+    owners = param_owners(model)
     functional = _functional_weights(gm)
     modules = dict(model.named_modules(remove_duplicate=False))
     _check_exact_override_keys(config, modules)

@@ -15,7 +15,7 @@ from torch import fx, nn
 
 from .config import CompressConfig
 from .errors import ConfigError, UnsupportedModelError
-from .passes.allocate import _first_tensor
+from .passes.allocate import first_tensor as _first_tensor
 from .passes.calibrate import Calibration, as_batches, collect_inputs, probe_scales, run_batch
 from .passes.materialize import served_params
 from .passes.quantize import quantize

@@ -126,10 +126,10 @@ def _compress(args) -> int:
     else:
         config = _flags_config(args)
     if args.quiet:
-        from .hf_io import _transformers
+        from .hf_io import import_transformers
 
         if Path(args.model).is_dir():
-            _transformers().utils.logging.disable_progress_bar()
+            import_transformers().utils.logging.disable_progress_bar()
     model, is_checkpoint, random_weights = load_model(args.model, args.weights)
     model.eval()
     calibration = read_calibration(args.calibration, checkpoint=args.model if is_checkpoint else None) \
@@ -193,13 +193,13 @@ def _compress(args) -> int:
               "--fallback module_swap silences this, --fallback error refuses")
     if args.finetune_epochs:
         from .passes.finetune import finetune
-        from .passes.allocate import _first_tensor
+        from .passes.allocate import first_tensor
         from .cli_inputs import split_batch
 
         data = [b for b in split_batch(calibration, args.batch_size)]
 
         def distill(student, teacher):
-            return torch.nn.functional.mse_loss(_first_tensor(student), _first_tensor(teacher))
+            return torch.nn.functional.mse_loss(first_tensor(student), first_tensor(teacher))
 
         result = finetune(gm, data, teacher=float_model, distill=distill, epochs=args.finetune_epochs,
                           progress=not args.quiet, keep="last", lr=args.finetune_lr)

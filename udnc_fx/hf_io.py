@@ -55,7 +55,12 @@ HF_INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 HF_METADATA_KEY = "huggingface"
 
 
-def _transformers():
+def import_transformers():
+    """Import ``transformers`` offline (``HF_HUB_OFFLINE=1`` unless set), its progress bars off where ours are.
+
+    Raises:
+        ImportError: naming the ``hf`` extra, when ``transformers`` is not installed.
+    """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         import transformers
@@ -98,7 +103,7 @@ def load_checkpoint_dir(path: str | Path) -> nn.Module:
     path = Path(path)
     if not is_checkpoint_dir(path):
         raise ConfigError(f"{path} is not a save_pretrained directory (no config.json)")
-    transformers = _transformers()
+    transformers = import_transformers()
     try:
         config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
     except Exception as exc:  # transformers raises OSError, ValueError, JSONDecodeError...: all "bad config"
@@ -119,7 +124,7 @@ def hf_metadata(model: nn.Module) -> dict[str, Any] | None:
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_json_string") or not hasattr(model, "save_pretrained"):
         return None
-    transformers = _transformers()
+    transformers = import_transformers()
     return {
         HF_METADATA_KEY: {
             "architecture": type(model).__name__,
@@ -138,11 +143,11 @@ def decoded_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         FormatError: the file is malformed.
     """
     from .coding.container import read_container
-    from .io import _params_from
+    from .io import params_from
 
     container = read_container(Path(path))
     state: dict[str, torch.Tensor] = {}
-    for dlp in _params_from(container):
+    for dlp in params_from(container):
         weight = dlp.materialize()
         for name in (dlp.fqn, *dlp.aliases):
             state[name] = weight
@@ -186,7 +191,7 @@ def from_udnc(path: str | Path, *, materialize: bool = True) -> nn.Module:
             f"{path} holds no Hugging Face config: load it with udnc_fx.load(path, model) onto the float model, "
             "or decode its tensors with udnc_fx.hf_io.decoded_state_dict(path)",
         )
-    transformers = _transformers()
+    transformers = import_transformers()
     cls = _model_class(transformers, entry.get("architecture"))
     if cls is None:
         raise FormatError("model_mismatch", f"transformers has no model class {entry.get('architecture')!r}")

@@ -29,7 +29,7 @@ from .lattice import get_lattice
 from .param import DitheredLatticeParam
 from .passes.materialize import served_params
 from .passes.quantize import install
-from .passes.select import Candidate, Change, _param_owners
+from .passes.select import Candidate, Change, param_owners as _param_owners
 from .passes.trace import trace_model
 from .quantizer import codebook_from_int
 
@@ -475,3 +475,15 @@ def size_report(path: str | Path, float_model: nn.Module | None = None) -> dict[
         "all_float_bytes": weights_float + raw_float,
         "file_ratio": (weights_float + raw_float) / file_bytes if file_bytes else None,
     }
+
+
+def params_from(container: Container) -> list[DitheredLatticeParam]:
+    """The compressed parameters a decoded container holds, one :class:`DitheredLatticeParam` per tensor.
+
+    The public name of the container → parameters step, for readers that decode a file without a model
+    (``udnc_fx.hf_io.decoded_state_dict``).
+
+    Raises:
+        FormatError: an entry names an unknown lattice or dither generator, or its codebook overflows float32.
+    """
+    return _params_from(container)
