@@ -323,6 +323,8 @@ def allocate(
     Raises:
         ConfigError: bad arguments, no selected layer, or an unreachable target.
     """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"allocate() needs an nn.Module, got {type(model).__name__}")
     config = CompressConfig() if config is None else config
     if not isinstance(config, CompressConfig):
         raise ConfigError(f"config must be a CompressConfig, got {type(config).__name__}")

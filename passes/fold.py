@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ..errors import UnsupportedModelError
+from ..errors import ConfigError, UnsupportedModelError
 from .trace import trace_model
 
 __all__ = ["fold_batchnorm", "fold_report", "FoldRecord"]
@@ -161,9 +161,10 @@ def fold_batchnorm(
 
     Raises:
         UnsupportedModelError: torch.fx cannot trace the model.
+        ConfigError: ``model`` is not an ``nn.Module``.
     """
     if not isinstance(model, nn.Module):
-        raise UnsupportedModelError(f"fold_batchnorm() needs an nn.Module, got {type(model).__name__}")
+        raise ConfigError(f"fold_batchnorm() needs an nn.Module, got {type(model).__name__}")
     work = copy.deepcopy(model)
     modes = {name: m.training for name, m in work.named_modules()}
     gm = trace_model(work, leaf_modules=leaf_modules)

@@ -11,6 +11,7 @@ import copy
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
+from ..errors import ConfigError
 from ..param import DitheredLatticeParam
 
 __all__ = ["materialize", "served_params"]
@@ -46,7 +47,12 @@ def materialize(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """Replace every ``DitheredLatticeParam`` by a float ``nn.Parameter`` holding exactly its decoded value.
 
     Tied weights stay tied (one Parameter object for every owner). ``inplace=False`` (default) works on a deep copy.
+
+    Raises:
+        ConfigError: ``model`` is not an ``nn.Module``.
     """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"materialize() needs an nn.Module, got {type(model).__name__}")
     if not inplace:
         model = copy.deepcopy(model)
     dlps = served_params(model)

@@ -110,7 +110,8 @@ def prune(
         :func:`mask_sparsity`.
 
     Raises:
-        ConfigError: sparsity outside ``[0, 1)``, an unknown scope, a bad ``n``, or NaN/Inf weights.
+        ConfigError: ``model`` is not an ``nn.Module``, sparsity outside ``[0, 1)``, an unknown scope, a bad ``n``,
+            or NaN/Inf weights.
         PassError: no weight is selected (nothing to prune, e.g. an already compressed model).
     """
     sparsity = check_sparsity(sparsity)
@@ -122,7 +123,7 @@ def prune(
     if not isinstance(config, CompressConfig):
         raise ConfigError(f"config must be a CompressConfig, got {type(config).__name__}")
     if not isinstance(model, nn.Module):
-        raise UnsupportedModelError(f"prune() needs an nn.Module, got {type(model).__name__}")
+        raise ConfigError(f"prune() needs an nn.Module, got {type(model).__name__}")
 
     work = copy.deepcopy(model)
     candidates = _select(work, config)

@@ -127,7 +127,7 @@ def compress(
     if not isinstance(config, CompressConfig):
         raise ConfigError(f"config must be a CompressConfig, got {type(config).__name__}")
     if not isinstance(model, nn.Module):
-        raise UnsupportedModelError(f"compress() needs an nn.Module, got {type(model).__name__}")
+        raise ConfigError(f"compress() needs an nn.Module, got {type(model).__name__}")
     batches = as_batches(calibration) if calibration is not None else None
     if config.seed_trials > 1 and batches is None and config.score_fn is None:
         raise ConfigError("seed_trials > 1 needs calibration batches or a score_fn to choose the seed by")
@@ -332,7 +332,13 @@ class InspectReport:
 def inspect(model: nn.Module) -> InspectReport:
     """Per-layer view of a compressed model: fqn, shape, lattice, n, step, codewords used, entropy of the index
     stream (bits per weight), and SQNR (dB) of the decoded weight against the original at quantization time
-    (``None`` when unknown, e.g. after loading)."""
+    (``None`` when unknown, e.g. after loading).
+
+    Raises:
+        ConfigError: ``model`` is not an ``nn.Module``.
+    """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"inspect() needs an nn.Module, got {type(model).__name__}")
     rows = []
     for dlp in served_params(model):
         used = int((dlp.codeword_counts() > 0).sum())

@@ -294,7 +294,7 @@ def _tensor_forward(self, *inputs):
     params = inspect.signature(type(self).forward).parameters
     names = [n for n in HF_INPUT_NAMES if n in params]
     if len(inputs) > len(names):
-        raise ValueError(f"{type(self).__name__} takes at most {len(names)} inputs here: {names}")
+        raise ConfigError(f"{type(self).__name__} takes at most {len(names)} inputs here: {names}")
     kwargs = dict(zip(names, inputs))
     if "attention_mask" in names and kwargs.get("attention_mask") is None:
         kwargs["attention_mask"] = torch.ones_like(kwargs["input_ids"])
