@@ -6,8 +6,8 @@ each import is checked against the layer map below. A failure names the file, th
 Layer map (module → layer), lowest first:
 
 - **Core** — the math and the compressed parameter: ``udnc_fx.{errors, dither, lattice, quantizer, record, param,
-  config, progress}``. It imports no pass, export, storage or face module. It may reach into Coding for a rate
-  estimate (``quantizer`` asks ``coding.lattice_coords`` what a lattice-coordinate stream costs).
+  config, progress, record_store}``. It imports no pass, export, storage or face module. It may reach into Coding
+  for a rate estimate (``quantizer`` asks ``coding.lattice_coords`` what a lattice-coordinate stream costs).
 - **Coding** — ``udnc_fx.coding.*``: coders and the ``.udnc`` container, NumPy only so a deployment decodes without
   torch. It imports no torch (not directly, nor through any project module it imports), no pass, no export, no storage,
   no face; it may use the NumPy parts of Core (errors, dither, lattice, quantizer, record, progress).
@@ -51,6 +51,7 @@ TOP_LEVEL_LAYERS = {
     "udnc_fx.lattice": CORE,
     "udnc_fx.quantizer": CORE,
     "udnc_fx.record": CORE,
+    "udnc_fx.record_store": CORE,  # the compression record on a model (h13-prepare): passes write it
     "udnc_fx.param": CORE,
     "udnc_fx.config": CORE,
     "udnc_fx.progress": CORE,
