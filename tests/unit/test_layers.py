@@ -198,20 +198,27 @@ def collect_imports(package_dirs: dict[str, Path]) -> tuple[dict[str, Path], dic
                 if alias.name.startswith("_") and not alias.name.startswith("__") and source != module:
                     private.append(Import(path, node.lineno, f"{source}.{alias.name}", text, lazy))
         for node in ast.walk(tree):
-            if (
-                isinstance(node, ast.Attribute)
-                and isinstance(node.value, ast.Name)
-                and node.value.id in bound_modules
-                and node.attr.startswith("_")
-                and not node.attr.startswith("__")
-            ):
-                owner = bound_modules[node.value.id]
-                if owner != module:
-                    private.append(
-                        Import(path, node.lineno, f"{owner}.{node.attr}", f"{node.value.id}.{node.attr}", False)
-                    )
+            if not (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")):
+                continue
+            chain = _dotted(node.value)  # "_dither" or "udnc_fx.quantizer" (after ``import udnc_fx.quantizer``)
+            if chain is None or chain.split(".")[0] not in bound_modules:
+                continue
+            head, _, rest = chain.partition(".")
+            owner = bound_modules[head] + (f".{rest}" if rest else "")
+            if owner in modules and owner != module:
+                private.append(Import(path, node.lineno, f"{owner}.{node.attr}", f"{chain}.{node.attr}", False))
         imports[module] = found
     return modules, imports, private
+
+
+def _dotted(node: ast.AST) -> str | None:
+    """``a.b.c`` for a chain of attribute reads on a name, else None."""
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        inner = _dotted(node.value)
+        return None if inner is None else f"{inner}.{node.attr}"
+    return None
 
 
 def layer_of(module: str) -> str | None:
@@ -245,8 +252,8 @@ def layer_violations(package_dirs: dict[str, Path]) -> list[tuple[str, str, str]
     for module, found in imports.items():
         layer = layer_of(module)
         if layer is None:
-            out.append((str(modules[module]), module, f"{modules[module]}: module {module} has no layer: add it to the "
-                        "layer map in tests/unit/test_layers.py"))
+            message = f"{_rel(modules[module])}: module {module} has no layer: add it to the layer map in {__file__}"
+            out.append((_rel(modules[module]), module, message))
             continue
         for imp in found:
             if layer == CODING and (imp.target == "torch" or imp.target.startswith("torch.")):
@@ -272,8 +279,8 @@ def layer_violations(package_dirs: dict[str, Path]) -> list[tuple[str, str, str]
             continue
         path = _reach(module, graph, torch_users)
         if path:
-            out.append((_rel(modules[module]), path[-1], f"{_rel(modules[module])}: Coding module {module} reaches torch "
-                        f"through {' -> '.join(path)}"))
+            where = _rel(modules[module])
+            out.append((where, path[-1], f"{where}: Coding module {module} reaches torch through {' -> '.join(path)}"))
     for imp in private:
         out.append((_rel(imp.path), imp.target, f"{_where(imp)}: imports {imp.target}, another module's private name"))
     return out
@@ -352,7 +359,8 @@ def _tree(tmp_path: Path, files: dict[str, str]) -> dict[str, Path]:
           "udnc_fx/__init__.py": "_LAZY = {'compress': 'udnc_fx.api'}\n"},
          "Core module udnc_fx.config imports udnc_fx.api (Face)"),
         ({"udnc_fx/coding/container.py": "import torch\n"}, "Coding imports torch"),
-        ({"udnc_fx/coding/ans.py": "def f():\n    from torch import nn\n"}, "udnc_fx/coding/ans.py:2: 'from torch import nn': Coding imports torch"),
+        ({"udnc_fx/coding/ans.py": "def f():\n    from torch import nn\n"},
+         "udnc_fx/coding/ans.py:2: 'from torch import nn': Coding imports torch"),
         ({"udnc_fx/coding/container.py": "from udnc_fx.param import P\n", "udnc_fx/param.py": "import torch\n"},
          "Coding module udnc_fx.coding.container reaches torch through udnc_fx.coding.container -> udnc_fx.param"),
         ({"passes/prune.py": "from ..export.onnx import to_onnx\n", "export/onnx.py": ""},
@@ -362,6 +370,8 @@ def _tree(tmp_path: Path, files: dict[str, str]) -> dict[str, Path]:
          "private name"),
         ({"export/onnx.py": "from .. import lattice as L\nx = L._SQRT3\n", "udnc_fx/lattice.py": ""},
          "export/onnx.py:2: 'L._SQRT3': imports udnc_fx.lattice._SQRT3, another module's private name"),
+        ({"udnc_fx/coding/ans.py": "import udnc_fx.dither\nh = udnc_fx.dither._fmix(1)\n", "udnc_fx/dither.py": ""},
+         "udnc_fx/coding/ans.py:2: 'udnc_fx.dither._fmix': imports udnc_fx.dither._fmix, another module's private name"),
         ({"udnc_fx/newthing.py": ""}, "module udnc_fx.newthing has no layer"),
     ],
 )
