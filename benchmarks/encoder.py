@@ -120,10 +120,10 @@ def layer_errors(task, calibration, bits: float, seed: int = 0) -> list[dict]:
     from udnc_fx.passes.quantize import solve_scale
     from udnc_fx.passes.select import select_weights
     from udnc_fx.quantizer import coded_rate_bits_per_weight, coded_rate_of_raw_points, quantize_array, raw_dither, vectors_of
-    from udnc_fx.api import _traced_copy
+    from udnc_fx.passes.trace import prepare
 
     cfg = udnc_fx.CompressConfig(target_bits=bits, seed=seed, **task.udnc_fields)
-    target, _ = _traced_copy(task.float_model, cfg)
+    target, _ = prepare(task.float_model, cfg)
     gm = target if isinstance(target, torch.fx.GraphModule) else None
     cands, _ = select_weights(target, cfg, gm)
     calib = collect_inputs(target, cands, calibration, keep_outputs=False)

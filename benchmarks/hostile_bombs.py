@@ -11,14 +11,16 @@ torch alone is about 220 MiB. One case per process, so the peaks do not mix.
 import os
 import tempfile
 
-import hashlib, json, sys, time
+import hashlib, json, struct, sys, time
 import udnc_fx
 from udnc_fx.coding import container as C
+# The digested part of the preamble (docs/FORMAT.md), spelled out so that the script runs against any checkout.
+DIGESTED = struct.Struct("<8sHHIQ32s")
 from torch import nn
 print("udnc_fx from", udnc_fx.__file__)
 def framed(header, payload=b""):
     hb = json.dumps(header, separators=(",", ":")).encode()
-    d = C._DIGESTED.pack(C.MAGIC, 1, 0, len(hb), len(payload), hashlib.sha256(payload).digest())
+    d = DIGESTED.pack(C.MAGIC, 1, 0, len(hb), len(payload), hashlib.sha256(payload).digest())
     return d + hashlib.sha256(d + hb).digest() + hb + payload
 kind = sys.argv[1]
 if kind == "onesym":

@@ -47,16 +47,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import fx, nn
 
 from ..config import CompressConfig, LayerConfig
 from ..dither import tensor_key
-from ..errors import ConfigError, UnsupportedModelError
+from ..errors import ConfigError
 from ..lattice import get_lattice
 from ..quantizer import entropy_bits_per_weight, quantize_array, raw_dither, vectors_of
 from .quantize import layer_stats as _layer_stats, solve_relative_step
 from .select import Candidate, select_weights
-from .trace import trace_model
+from .trace import prepare
 
 __all__ = ["allocate", "allocate_steps", "Allocation", "LayerAllocation", "METHODS", "default_output_fn"]
 
@@ -199,16 +199,13 @@ class _Layer:
 
 
 def _prepare(model: nn.Module, config: CompressConfig) -> tuple[nn.Module, list[_Layer], list[str]]:
-    """Deep-copy, trace (with the config's fallback) and select exactly as :func:`udnc_fx.compress` would."""
+    """Deep-copy, prepare (trace with the config's fallback) and select exactly as :func:`udnc_fx.compress` would.
+    Returns the copy itself, not its graph: the probe runs ``output_fn`` on the model as the user wrote it."""
     work = copy.deepcopy(model)
+    target, _ = prepare(work, config, inplace=True)  # the graph shares work's parameters: the probe swaps them
+    gm = target if isinstance(target, fx.GraphModule) else None
     notes: list[str] = []
-    try:
-        gm = trace_model(work, leaf_modules=config.leaf_modules)
-        target: nn.Module = gm
-    except UnsupportedModelError:
-        if config.fallback == "error":
-            raise
-        target, gm = work, None
+    if gm is None:
         notes.append("model not traceable: layers selected as the module-swap fallback would")
     candidates, _ = select_weights(target, config, gm)
     if not candidates:

@@ -25,15 +25,15 @@ Every other BatchNorm is left alone with a recorded reason: ``fold_report(gm)`` 
 
 from __future__ import annotations
 
-import copy
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import fx, nn
 
+from ..config import CompressConfig
 from ..errors import ConfigError, UnsupportedModelError
-from .trace import trace_model
+from .trace import prepare
 
 __all__ = ["fold_batchnorm", "fold_report", "FoldRecord"]
 
@@ -161,13 +161,14 @@ def fold_batchnorm(
 
     Raises:
         UnsupportedModelError: torch.fx cannot trace the model.
-        ConfigError: ``model`` is not an ``nn.Module``.
+        ConfigError: ``model`` is not an ``nn.Module``, or ``leaf_modules`` holds something other than module
+            classes or class names.
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"fold_batchnorm() needs an nn.Module, got {type(model).__name__}")
-    work = copy.deepcopy(model)
-    modes = {name: m.training for name, m in work.named_modules()}
-    gm = trace_model(work, leaf_modules=leaf_modules)
+    modes = {name: m.training for name, m in model.named_modules()}
+    # Folding rewrites the graph: there is no module-swap fallback, so an untraceable model is refused.
+    gm, _ = prepare(model, CompressConfig(leaf_modules=tuple(leaf_modules), fallback="error"))
     shaped = example_inputs is not None
     if shaped:
         from torch.fx.passes.shape_prop import ShapeProp
@@ -200,7 +201,7 @@ def fold_batchnorm(
         gm.delete_submodule(target)
     gm.graph.lint()
     gm.recompile()
-    for name, m in gm.named_modules():  # the trace shares work's submodules; the root is new
+    for name, m in gm.named_modules():  # the trace shares the copy's submodules; the root is new
         m.training = modes.get(name, modes[""])
     gm.meta["udnc_fold"] = records
     return gm

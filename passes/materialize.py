@@ -13,6 +13,7 @@ from torch.nn.utils import parametrize
 
 from ..errors import ConfigError
 from ..param import DitheredLatticeParam
+from ..record_store import clear_record
 
 __all__ = ["materialize", "served_params"]
 
@@ -47,6 +48,7 @@ def materialize(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """Replace every ``DitheredLatticeParam`` by a float ``nn.Parameter`` holding exactly its decoded value.
 
     Tied weights stay tied (one Parameter object for every owner). ``inplace=False`` (default) works on a deep copy.
+    The result carries no compression record (``udnc_fx.compression_record`` gives ``None``).
 
     Raises:
         ConfigError: ``model`` is not an ``nn.Module``.
@@ -86,5 +88,5 @@ def materialize(model: nn.Module, *, inplace: bool = False) -> nn.Module:
                 graph.erase_node(node)
         graph.lint()
         model.recompile()
-        model.meta.pop("udnc", None)
+    clear_record(model)  # a plain float model now, graph or not: nothing left to save or inspect
     return model

@@ -24,12 +24,12 @@ import math
 from collections.abc import Mapping
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from ..config import CompressConfig
 from ..errors import ConfigError, PassError, UnsupportedModelError
 from .select import Candidate, select_weights
-from .trace import trace_model
+from .trace import prepare
 
 __all__ = ["prune", "mask_sparsity", "check_sparsity"]
 
@@ -52,15 +52,12 @@ def check_sparsity(sparsity) -> float:
 
 
 def _select(work: nn.Module, config: CompressConfig) -> list[Candidate]:
-    """The candidates the quantize pass would choose (traced like ``compress`` traces, so functional weights such
-    as ``F.linear(x, self.w)`` are found; an untraceable model is pruned by module type alone)."""
-    try:
-        gm = trace_model(work, leaf_modules=config.leaf_modules)
-    except UnsupportedModelError:
-        candidates, _ = select_weights(work, config, None)
-        return candidates
+    """The candidates the quantize pass would choose (prepared as ``compress`` prepares, so functional weights such
+    as ``F.linear(x, self.w)`` are found; an untraceable model is pruned by module type alone, as the module-swap
+    fallback would quantize it, unless ``config.fallback == "error"``)."""
     # The GraphModule shares the parameter objects with ``work``: zeroing a candidate prunes ``work``.
-    candidates, _ = select_weights(gm, config, gm)
+    target, _ = prepare(work, config, inplace=True)
+    candidates, _ = select_weights(target, config, target if isinstance(target, fx.GraphModule) else None)
     return candidates
 
 
@@ -113,6 +110,8 @@ def prune(
         ConfigError: ``model`` is not an ``nn.Module``, sparsity outside ``[0, 1)``, an unknown scope, a bad ``n``,
             or NaN/Inf weights.
         PassError: no weight is selected (nothing to prune, e.g. an already compressed model).
+        UnsupportedModelError: ``model`` is not an ``nn.Module``, or torch.fx cannot trace it and
+            ``config.fallback == "error"`` (as :func:`udnc_fx.compress` would refuse it).
     """
     sparsity = check_sparsity(sparsity)
     if scope not in _SCOPES:

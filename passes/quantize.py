@@ -35,6 +35,7 @@ from ..lattice import get_lattice
 from ..param import DitheredLatticeParam
 from ..progress import progress_bar
 from ..quantizer import coded_rate_bits_per_weight, coded_rate_of_raw_points, quantize_array, raw_dither, vectors_of
+from ..record_store import set_record
 from .compensate import compensated_points, inverse_factor
 from .select import Candidate, Change, select_weights
 
@@ -48,8 +49,6 @@ __all__ = [
     "solve_scale",
     "make_params",
 ]
-
-_META_KEY = "udnc"
 
 
 @dataclass
@@ -427,13 +426,20 @@ def make_params(
 
 
 def quantize(
-    model: nn.Module, config: CompressConfig, *, calibration: Any = None, progress: bool | None = None
+    model: nn.Module,
+    config: CompressConfig,
+    *,
+    calibration: Any = None,
+    progress: bool | None = None,
+    how: str | None = None,
 ) -> PassResult:
     """Quantize the selected weights of ``model`` (a traced ``GraphModule``, or a plain module for the
     module-swap fallback) in place, and record every decision.
 
     ``calibration`` (from :func:`udnc_fx.passes.calibrate.collect_inputs` on this same model) turns on
     error-compensating rounding where a layer's input second moment is known; see :func:`make_params`.
+    ``how``: how ``model`` was prepared (:func:`udnc_fx.passes.trace.prepare`'s note), stored with the config and
+    the changes in the model's compression record (:mod:`udnc_fx.record_store`).
 
     Raises:
         ConfigError: bad weights (NaN/Inf, empty, constant with a relative step) or an unreachable target rate;
@@ -446,9 +452,5 @@ def quantize(
         raise PassError("strict mode: " + "; ".join(f"{c.fqn}: {c.reason}" for c in changes))
     dlps = make_params(candidates, config, calibration, progress=progress)
     changes = install(model, candidates, dlps) + changes
-    record = {"config": config, "changes": changes}
-    if gm is not None:
-        gm.meta[_META_KEY] = record
-    else:
-        model._udnc_record = record
+    set_record(model, config=config, changes=changes, trace=how)
     return PassResult(model, changes)

@@ -1,16 +1,31 @@
-"""Tracing: ``nn.Module`` → ``torch.fx.GraphModule``, with user-chosen leaves and failures that say what to do."""
+"""The prepare step: ``nn.Module`` → a deep copy ready for the passes, traced by torch.fx when it can be.
+
+:func:`prepare` is the one place that deep-copies the user's model and traces it with the config's leaves, falling
+back to module swapping (no graph) as ``config.fallback`` says; ``compress``, ``load``, ``allocate``, ``prune`` and
+``fold_batchnorm`` all start with it, so a model is traced (or refused) the same way whichever verb sees it.
+:func:`trace_model` is the bare trace, with failures that say what to do.
+"""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch.fx as fx
 from torch import nn
 
 from ..errors import UnsupportedModelError
 
-__all__ = ["trace_model", "UdncTracer"]
+if TYPE_CHECKING:  # pragma: no cover
+    from ..config import CompressConfig
+
+__all__ = ["prepare", "trace_model", "UdncTracer", "TRACED", "FALLBACK_PREFIX"]
+
+#: ``prepare``'s note for a model torch.fx traced (recorded as the compression record's ``"trace"``).
+TRACED = "torch.fx symbolic trace"
+#: How ``prepare``'s note for an untraceable model starts; the tracer's reason follows.
+FALLBACK_PREFIX = "module-swap fallback (no graph)"
 
 
 class UdncTracer(fx.Tracer):
@@ -71,3 +86,38 @@ def trace_model(
         ) from exc
     name = type(model).__name__
     return fx.GraphModule(tracer.root, graph, name)
+
+
+def prepare(model: nn.Module, config: CompressConfig, *, inplace: bool = False) -> tuple[nn.Module, str]:
+    """Deep-copy ``model`` and trace the copy with ``config.leaf_modules``; an untraceable model falls back to
+    module swapping (the copy itself, no graph) unless ``config.fallback == "error"``.
+
+    The copy comes first because ``fx.symbolic_trace`` shares submodules with the module it traces: a pass
+    working on the result never changes the user's model. A verb that hands back the model itself rather than
+    its graph (``prune``; ``allocate`` probes it) makes its own copy and passes ``inplace=True``.
+
+    Before: ``model`` (any ``nn.Module``). After: ``(gm, "torch.fx symbolic trace")`` with ``gm`` an
+    ``fx.GraphModule`` over the copy's submodules, or ``(copy, "module-swap fallback (no graph): <why>")``, whose
+    weights the passes then serve by parametrizations.
+
+    Args:
+        model: the user's model; never changed (unless ``inplace``).
+        config: a ``CompressConfig``; only ``leaf_modules`` and ``fallback`` are used.
+        inplace: trace ``model`` itself, already the caller's own copy: the graph then shares its submodules
+            and parameters, and the fallback returns ``model``.
+
+    Returns:
+        ``(prepared, how)``: the prepared copy and how it was prepared (recorded as the compression record's
+        ``"trace"``; it starts with :data:`TRACED` or :data:`FALLBACK_PREFIX`).
+
+    Raises:
+        UnsupportedModelError: torch.fx cannot trace the model and ``config.fallback == "error"``; the message
+            names the innermost module being traced and the remedies.
+    """
+    work = model if inplace else copy.deepcopy(model)
+    try:
+        return trace_model(work, leaf_modules=config.leaf_modules), TRACED
+    except UnsupportedModelError as exc:
+        if config.fallback == "error":
+            raise
+        return work, f"{FALLBACK_PREFIX}: {exc}"

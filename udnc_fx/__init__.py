@@ -5,7 +5,8 @@ served by ``DitheredLatticeParam`` modules in a rewritten ``fx.GraphModule``.
 
 What is public here, and why (issue 13): the top level holds what a user calls and what those calls hand back.
 
-- **Verbs** — ``compress``, ``inspect``, ``materialize``; ``save``, ``load``, ``read_header``, ``size_report``;
+- **Verbs** — ``compress``, ``inspect``, ``compression_record`` (what ``compress`` recorded on a model: config, trace,
+  changes), ``materialize``; ``save``, ``load``, ``read_header``, ``size_report``;
   ``allocate``, ``compress_to``; ``prune``, ``fold_batchnorm``, ``finetune``, ``finetune_float``; ``from_udnc``
   (a ``.udnc`` file of a Hugging Face model back to a ``transformers`` model).
 - **Configs** — ``CompressConfig`` and its per-layer ``LayerConfig``.
@@ -45,6 +46,7 @@ _LAZY = {
     # verbs
     "compress": "udnc_fx.api",
     "inspect": "udnc_fx.api",
+    "compression_record": "udnc_fx.record_store",
     "materialize": "udnc_fx.passes.materialize",
     "save": "udnc_fx.io",
     "load": "udnc_fx.io",
@@ -100,6 +102,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .passes.materialize import materialize
     from .passes.prune import prune
     from .rate import RateSearch, compress_to
+    from .record_store import compression_record
 
 
 def __getattr__(name: str):

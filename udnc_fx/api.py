@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import statistics
@@ -20,32 +19,16 @@ from .passes.calibrate import Calibration, as_batches, collect_inputs, probe_sca
 from .passes.materialize import served_params
 from .passes.quantize import quantize
 from .passes.select import select_weights
-from .passes.trace import trace_model
+from .passes.trace import FALLBACK_PREFIX, prepare
 from .progress import progress_bar
+from .record_store import compression_record, update_record
 
 __all__ = ["compress", "inspect", "LayerReport", "InspectReport", "compression_record"]
 
 
-def compression_record(model: nn.Module) -> dict[str, Any] | None:
-    """The ``{"config", "changes", "trace"}`` record a compressed model carries, or None."""
-    if isinstance(model, fx.GraphModule):
-        return model.meta.get("udnc")
-    return getattr(model, "_udnc_record", None)
-
-
-def _traced_copy(model: nn.Module, config: CompressConfig) -> tuple[nn.Module, str]:
-    work = copy.deepcopy(model)  # fx.symbolic_trace shares submodules with the original: never touch the user's
-    try:
-        return trace_model(work, leaf_modules=config.leaf_modules), "torch.fx symbolic trace"
-    except UnsupportedModelError as exc:
-        if config.fallback == "error":
-            raise
-        return work, f"module-swap fallback (no graph): {exc}"
-
-
 def _calibrate(model: nn.Module, config: CompressConfig, batches: list) -> Calibration:
     """Layer inputs (and, by default, a probed step allocation) from the calibration batches, on a float copy."""
-    target, _ = _traced_copy(model, config)
+    target, _ = prepare(model, config)
     gm = target if isinstance(target, fx.GraphModule) else None
     candidates, _ = select_weights(target, config, gm)
     calib = collect_inputs(target, candidates, batches)
@@ -138,10 +121,9 @@ def compress(
     seeds = [(config.seed + i) % 2**64 for i in range(config.seed_trials)]
     for seed in progress_bar(seeds, desc="seed trials", unit="seed", progress=progress) if len(seeds) > 1 else seeds:
         trial_config = config if seed == config.seed else config.replace(seed=seed)
-        target, trace_note = _traced_copy(model, trial_config)
-        out = quantize(target, trial_config, calibration=calib, progress=progress).graph_module
+        target, how = prepare(model, trial_config)
+        out = quantize(target, trial_config, calibration=calib, progress=progress, how=how).graph_module
         _refuse_non_float32(out)
-        compression_record(out)["trace"] = trace_note
         out.train(was_training)
         if len(seeds) > 1:
             score = _score(out, trial_config, calib)
@@ -153,8 +135,9 @@ def compress(
     out = best[1]
     record = compression_record(out)
     if calib is not None or trials:
-        record["calibration"] = _calibration_summary(record, calib, trials, config)
-    if str(record.get("trace", "")).startswith("module-swap fallback") and config.fallback == "auto":
+        # the seed choice spans every trial: known only now, so the one later addition to the record
+        record = update_record(out, calibration=_calibration_summary(record, calib, trials, config))
+    if str(record.get("trace") or "").startswith(FALLBACK_PREFIX) and config.fallback == "auto":
         # The model still compresses (every selected weight served by a parametrization); say so once, since
         # the result is a plain module rather than a GraphModule.
         warnings.warn(

@@ -205,9 +205,7 @@ def from_udnc(path: str | Path, *, materialize: bool = True) -> nn.Module:
     compressed = load(path, skeleton)
     if not materialize:
         return compressed
-    model = _materialize(compressed)
-    if hasattr(model, "_udnc_record"):
-        del model._udnc_record
+    model = _materialize(compressed)  # carries no compression record: a plain model
     model.__dict__.pop("save_pretrained", None)  # the guard installed on compressed models (a plain model now)
     return model
 
@@ -272,8 +270,7 @@ def _save_pretrained_decoded(self, save_directory, *args, **kwargs):
         stacklevel=2,
     )
     plain = materialize(self)
-    plain.__dict__.pop("save_pretrained", None)
-    plain.__dict__.pop("_udnc_record", None)
+    plain.__dict__.pop("save_pretrained", None)  # materialize already dropped the compression record
     return type(plain).save_pretrained(plain, save_directory, *args, **kwargs)
 
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import copy
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +24,15 @@ from .coding.container import (
 )
 from .config import CompressConfig
 from .dither import DITHER_ID
-from .errors import ConfigError, FormatError, UnsupportedModelError
+from .errors import ConfigError, FormatError
 from .lattice import get_lattice
 from .param import DitheredLatticeParam
 from .passes.materialize import served_params
 from .passes.quantize import install
-from .passes.select import Candidate, Change, param_owners as _param_owners
-from .passes.trace import trace_model
+from .passes.select import Candidate, param_owners as _param_owners
+from .passes.trace import prepare
 from .quantizer import codebook_from_int
+from .record_store import compression_record, set_record
 
 __all__ = ["save", "load", "read_header", "size_report", "round_for_storage", "SAVE_CODER"]
 
@@ -41,12 +42,6 @@ _NO_DITHER = "none"
 SAVE_CODER = DEFAULT_CODER
 #: Config fields ``load`` needs to rebuild the model (how to trace it); ``save`` stores only these by default.
 _LOAD_CONFIG_FIELDS = ("leaf_modules", "fallback")
-
-
-def _record(model: nn.Module) -> dict | None:
-    if isinstance(model, fx.GraphModule):
-        return model.meta.get("udnc")
-    return getattr(model, "_udnc_record", None)
 
 
 def _codebook_is_untouched(dlp: DitheredLatticeParam) -> bool:
@@ -112,7 +107,7 @@ def save(
     Returns:
         The file size in bytes.
     """
-    record = _record(model)
+    record = compression_record(model)
     dlps = served_params(model)
     if record is None or not dlps:
         raise ConfigError("save() needs a model compressed by udnc_fx.compress (no DitheredLatticeParam found)")
@@ -228,10 +223,24 @@ def _model_limits(model: nn.Module) -> tuple[int, int]:
     return tensors, nbytes
 
 
-def _check_header_against(header: dict, target: nn.Module, tensors: int, model_bytes: int) -> None:
+@dataclass
+class _LoadTargets:
+    """What the header check matched in the model, for decoding to fill: each compressed weight's parameter with
+    its owners (the file's name first, then its aliases), and every other tensor the file stores, by name."""
+
+    weights: dict[str, tuple[torch.nn.Parameter, list[tuple[str, str]]]]
+    raw: dict[str, torch.Tensor]
+
+
+def _check_header_against(header: dict, target: nn.Module, tensors: int, model_bytes: int) -> _LoadTargets:
     """Every name, shape and dtype the file declares must be the model's, and its sizes those a file of this model
     can have -- checked on the header, before a single stream is decoded (a 191-byte file may declare 2^28
-    elements: the model, not the file, bounds what decoding may cost)."""
+    elements: the model, not the file, bounds what decoding may cost).
+
+    Returns:
+        The model's tensors the file's entries were matched to. The container decodes exactly the entries of
+        this header (same names and shapes), so :func:`load` fills these without checking them again.
+    """
     allowed = limits.payload_allowance(model_bytes, tensors)
     if header["payload_length"] > allowed:
         raise _mismatch(f"the payload is {header['payload_length']} bytes; a file of this model holds at most {allowed}")
@@ -239,6 +248,7 @@ def _check_header_against(header: dict, target: nn.Module, tensors: int, model_b
     for name, p in target.named_parameters(remove_duplicate=False):
         params.setdefault(name, p)
     owners = _param_owners(target)
+    weights: dict[str, tuple[torch.nn.Parameter, list[tuple[str, str]]]] = {}
     compressed_ids = set()
     for entry in header["quantized"]:
         fqn = entry["fqn"]
@@ -252,10 +262,13 @@ def _check_header_against(header: dict, target: nn.Module, tensors: int, model_b
         if id(p) in compressed_ids:
             raise _mismatch(f"{fqn}: the file compresses the same parameter twice")
         compressed_ids.add(id(p))
-        names = [f"{o}.{a}" if o else a for o, a in owners[id(p)]]
+        tied = owners[id(p)]  # named_parameters and _param_owners walk the same modules: fqn is one of these names
+        names = [f"{o}.{a}" if o else a for o, a in tied]
         aliases = _aliases(entry.get("meta"), fqn)
         if sorted(n for n in names if n != fqn) != sorted(aliases):
             raise _mismatch(f"{fqn}: the model ties it to {names}, the file to {[fqn, *aliases]}")
+        first = names.index(fqn)
+        weights[fqn] = (p, [tied[first]] + [t for i, t in enumerate(tied) if i != first])
     expected, seen = {}, set()
     for name, t in target.state_dict(keep_vars=True).items():
         if id(t) in seen or ".parametrizations." in name:  # as _raw_state: what save stores
@@ -275,6 +288,7 @@ def _check_header_against(header: dict, target: nn.Module, tensors: int, model_b
         dtype = r.get("source_dtype") or r["dtype"]
         if dtype != _dtype_name(t.dtype):
             raise _mismatch(f"{name}: the model's tensor is {_dtype_name(t.dtype)}, the file stores {dtype}")
+    return _LoadTargets(weights=weights, raw=expected)
 
 
 def _params_from(container: Container) -> list[DitheredLatticeParam]:
@@ -343,23 +357,16 @@ def load(path: str | Path, model: nn.Module, *, progress: bool | None = None) ->
     if not isinstance(model, nn.Module):
         raise ConfigError(f"load() needs the float model to load onto, an nn.Module; got {type(model).__name__}")
     tensors, model_bytes = _model_limits(model)
-    traced: dict[str, Any] = {}
+    prepared: dict[str, Any] = {}
 
     def check(header: dict) -> None:
         # Runs on the validated header, before the payload is read: everything the file declares is held against
         # the model, so decoding does only the work a valid file of this model needs.
         _refuse_onnx_sidecar(header, path)
         config = _config_from(header["config"], header["seed"])
-        work = copy.deepcopy(model)
-        trace_note = "torch.fx symbolic trace"
-        try:
-            target: nn.Module = trace_model(work, leaf_modules=config.leaf_modules)
-        except UnsupportedModelError as exc:
-            if config.fallback == "error":
-                raise
-            target, trace_note = work, f"module-swap fallback (no graph): {exc}"
-        _check_header_against(header, target, tensors, model_bytes)
-        traced.update(config=config, target=target, trace_note=trace_note)
+        target, how = prepare(model, config)  # traced (or refused) as compress did, on a deep copy
+        targets = _check_header_against(header, target, tensors, model_bytes)
+        prepared.update(config=config, target=target, how=how, targets=targets)
 
     # Elements: the model's tensors (shapes are checked to be the model's) plus codebooks (K <= count + slack).
     container = read_container(
@@ -369,52 +376,29 @@ def load(path: str | Path, model: nn.Module, *, progress: bool | None = None) ->
         check_header=check,
         progress=progress,
     )
-    config, target, trace_note = traced["config"], traced["target"], traced["trace_note"]
+    target, targets = prepared["target"], prepared["targets"]
     dlps = _params_from(container)
-    owners = _param_owners(target)
-    params = {}
-    for name, p in target.named_parameters(remove_duplicate=False):
-        params.setdefault(name, p)
+    # The container holds exactly the header's entries, which check() matched to the model (names, shapes, ties,
+    # dtypes): what is left is to put each decoded tensor where it was matched.
     candidates = []
     for dlp in dlps:
-        p = params.get(dlp.fqn)
-        if p is None:
-            raise _mismatch(f"the model has no parameter {dlp.fqn!r} (the file compresses it)")
-        if tuple(p.shape) != dlp.shape:
-            raise _mismatch(f"{dlp.fqn}: the model's shape {tuple(p.shape)} differs from the file's {dlp.shape}")
-        tied = owners[id(p)]
-        names = [f"{o}.{a}" if o else a for o, a in tied]
-        if sorted(names[1:] if names[0] == dlp.fqn else names) != sorted(dlp.aliases) or dlp.fqn not in names:
-            raise _mismatch(f"{dlp.fqn}: the model ties it to {names}, the file to {[dlp.fqn, *dlp.aliases]}")
-        first = names.index(dlp.fqn)
-        tied = [tied[first]] + [t for i, t in enumerate(tied) if i != first]
+        p, owners = targets.weights[dlp.fqn]
         candidates.append(
             Candidate(
-                fqn=dlp.fqn, owners=tied, param=p, lattice=dlp.lattice, n=dlp.n,
+                fqn=dlp.fqn, owners=owners, param=p, lattice=dlp.lattice, n=dlp.n,
                 step_kind="step", step_value=dlp.step, found_by="file", step=dlp.step,
             )
         )
     device = next((t.device for t in target.parameters()), torch.device("cpu"))
     dlps = [d.to(device) for d in dlps]
     changes = install(target, candidates, dlps)
-    expected = _raw_state(target)
-    stored = {r.name: r.array for r in container.raw}
-    missing = sorted(set(expected) - set(stored))
-    extra = sorted(set(stored) - set(expected))
-    if missing or extra:
-        raise _mismatch(f"tensors differ: missing from the file {missing[:5]}, not in the model {extra[:5]}")
     with torch.no_grad():
-        for name, tensor in expected.items():
-            array = stored[name]
-            if tuple(array.shape) != tuple(tensor.shape):
-                raise _mismatch(f"{name}: the model's shape {tuple(tensor.shape)} differs from the file's {array.shape}")
-            tensor.copy_(torch.from_numpy(np.array(array)).to(tensor.dtype))
-    record = {"config": config, "changes": changes + [Change(c, "loaded", f"from {Path(path).name}") for c in ()],
-              "trace": trace_note}
-    if isinstance(target, fx.GraphModule):
-        target.meta["udnc"] = record
-    else:
-        target._udnc_record = record
+        # install serves the compressed weights and leaves these tensors (biases, norms, buffers) where they were
+        for raw in container.raw:
+            tensor = targets.raw[raw.name]
+            tensor.copy_(torch.from_numpy(np.array(raw.array)).to(tensor.dtype))
+    set_record(target, config=prepared["config"], changes=changes, trace=prepared["how"])
+    if not isinstance(target, fx.GraphModule):
         from .hf_io import guard_save_pretrained
 
         guard_save_pretrained(target)  # a transformers model: save_pretrained writes decoded weights, not a crash

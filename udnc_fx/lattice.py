@@ -45,7 +45,7 @@ import numpy as np
 
 from .errors import ConfigError
 
-__all__ = ["Lattice", "get_lattice", "LATTICES"]
+__all__ = ["Lattice", "get_lattice", "LATTICES", "SQRT3", "SQRT3_2"]
 
 #: Names of the available lattice families (``get_lattice`` also accepts them in lower case).
 LATTICES: tuple[str, ...] = ("Z", "A2", "D4", "E8")
@@ -53,10 +53,10 @@ LATTICES: tuple[str, ...] = ("Z", "A2", "D4", "E8")
 _Z_MAX_DIM = 8
 
 #: √3/2 in float64 (0.8660254037844386): the height of the A2 basis vector (1/2, √3/2). Every A2 coordinate that
-#: involves it is computed as ``b * _SQRT3_2`` (one correctly rounded float64 product) so that points, their integer
+#: involves it is computed as ``b * SQRT3_2`` (one correctly rounded float64 product) so that points, their integer
 #: coordinates and the fundamental region agree bit for bit.
-_SQRT3_2 = math.sqrt(3.0) / 2.0
-_SQRT3 = math.sqrt(3.0)  # == 2 * _SQRT3_2 exactly (halving and doubling are exact)
+SQRT3_2 = math.sqrt(3.0) / 2.0
+SQRT3 = math.sqrt(3.0)  # == 2 * SQRT3_2 exactly (halving and doubling are exact)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -100,10 +100,10 @@ def _nearest_a2(x: np.ndarray) -> np.ndarray:
     x0 = x[:, 0]
     x1 = x[:, 1]
     # Coset 0: b = 2j even, point (i, j·√3). Coset 1: b = 2j + 1 odd, point (i + 1/2, (2j + 1)·√3/2).
-    j0 = np.round(x1 / _SQRT3)
-    j1 = np.round((x1 - _SQRT3_2) / _SQRT3)
-    y0 = np.stack([np.round(x0), (2.0 * j0) * _SQRT3_2], axis=1)
-    y1 = np.stack([np.round(x0 - 0.5) + 0.5, (2.0 * j1 + 1.0) * _SQRT3_2], axis=1)
+    j0 = np.round(x1 / SQRT3)
+    j1 = np.round((x1 - SQRT3_2) / SQRT3)
+    y0 = np.stack([np.round(x0), (2.0 * j0) * SQRT3_2], axis=1)
+    y1 = np.stack([np.round(x0 - 0.5) + 0.5, (2.0 * j1 + 1.0) * SQRT3_2], axis=1)
     return _pick_closer(x, y0, y1) + 0.0
 
 
@@ -257,10 +257,10 @@ class Lattice:
         """
         rows, shape = self._as_rows(raw_points, "raw_points")
         if self.name == "A2":
-            b = np.rint(rows[:, 1] / _SQRT3_2)
+            b = np.rint(rows[:, 1] / SQRT3_2)
             a = np.rint(rows[:, 0] - 0.5 * b)
             ok = (a + 0.5 * b == rows[:, 0]) & (
-                np.abs(b * _SQRT3_2 - rows[:, 1]) <= 1e-9 * np.maximum(1.0, np.abs(rows[:, 1]))
+                np.abs(b * SQRT3_2 - rows[:, 1]) <= 1e-9 * np.maximum(1.0, np.abs(rows[:, 1]))
             )
             ints = np.stack([a, b], axis=1)
         else:
@@ -303,7 +303,7 @@ class Lattice:
         if self.name == "A2":
             a = rows[:, 0].astype(np.float64)
             b = rows[:, 1].astype(np.float64)
-            out = np.stack([a + 0.5 * b, b * _SQRT3_2], axis=1) + 0.0
+            out = np.stack([a + 0.5 * b, b * SQRT3_2], axis=1) + 0.0
         elif self.name == "E8":
             out = rows.astype(np.float64) * 0.5
         else:
@@ -336,7 +336,7 @@ def _make(name: str, dim: int, vol_raw: float, G: float, box_raw: tuple[float, .
 
 _REGISTRY: dict[tuple[str, int], Lattice] = {
     **{("Z", n): _make("Z", n, 1.0, 1.0 / 12.0, (1.0,) * n) for n in range(1, _Z_MAX_DIM + 1)},
-    ("A2", 2): _make("A2", 2, _SQRT3_2, 5.0 / (36.0 * math.sqrt(3.0)), (1.0, _SQRT3_2)),
+    ("A2", 2): _make("A2", 2, SQRT3_2, 5.0 / (36.0 * math.sqrt(3.0)), (1.0, SQRT3_2)),
     ("D4", 4): _make("D4", 4, 2.0, 13.0 / (120.0 * math.sqrt(2.0)), (1.0, 1.0, 1.0, 2.0)),
     ("E8", 8): _make("E8", 8, 1.0, 929.0 / 12960.0, (0.5,) + (1.0,) * 6 + (2.0,)),
 }

@@ -151,7 +151,7 @@ def test_gpt2_conv1d_weights_are_selected_through_extra_layer_types(tmp_path):
 def test_conv1d_by_class_and_without_extra_types():
     by_class = udnc_fx.compress(_gpt2(), hf.transformer_config(target_bits=4.0, extra_layer_types=(Conv1D,)))
     assert len(udnc_fx.inspect(by_class).layers) == 10
-    assert by_class._udnc_record["config"].to_dict()["extra_layer_types"] == ["Conv1D"]
+    assert udnc_fx.compression_record(by_class)["config"].to_dict()["extra_layer_types"] == ["Conv1D"]
     plain = udnc_fx.compress(
         _gpt2(), CompressConfig(target_bits=4.0, fallback="module_swap", extra_layer_types=(), include_embeddings=False)
     )

@@ -12,6 +12,9 @@ import numpy as np
 import pytest
 
 from udnc_fx.coding import container as C
+from udnc_fx.coding import coders, lattice_coords
+from udnc_fx.coding import format as fmt
+from udnc_fx.coding import header as hdr
 from udnc_fx.coding.container import (
     MAGIC,
     PREAMBLE_SIZE,
@@ -50,7 +53,7 @@ class LE32Coder:
         return np.frombuffer(data, dtype="<u4").astype(np.int64)
 
 
-_real_get_coder = C._get_coder
+_real_get_coder = coders.get_coder
 
 
 def _get_coder(name):
@@ -59,7 +62,8 @@ def _get_coder(name):
 
 @pytest.fixture(autouse=True)
 def stand_in_coder(monkeypatch):
-    monkeypatch.setattr(C, "_get_coder", _get_coder)
+    # Every coder lookup of the container (fmt.lookup_coder) asks the registry by name at call time.
+    monkeypatch.setattr(coders, "get_coder", _get_coder)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -72,14 +76,14 @@ def e8_points(rng, k: int, spread: int) -> np.ndarray:
     r = rng.integers(-spread, spread + 1, (k, 8))
     r[:, 7] += r.sum(axis=1) % 2  # sum(c) = 2 sum(r) + 8 parity: divisible by 4 when sum(r) is even
     c = 2 * r + rng.integers(0, 2, (k, 1))
-    assert not C._non_members("E8", c).any()
+    assert not fmt.non_members("E8", c).any()
     return c
 
 
 def d4_points(rng, k: int, spread: int) -> np.ndarray:
     c = rng.integers(-spread, spread + 1, (k, 4))
     c[:, 3] += c.sum(axis=1) % 2
-    assert not C._non_members("D4", c).any()
+    assert not fmt.non_members("D4", c).any()
     return c
 
 
@@ -150,7 +154,7 @@ def assert_same(decoded: Container, original: Container, *, raw_f16=False, codeb
         assert struct.pack("<d", d.step) == struct.pack("<d", o.step)
         assert d.meta == o.meta
         k = len(o.codebook_int) if o.codebook_int is not None else len(o.codebook)
-        assert d.indices.dtype == C._narrow_index_dtype(k)
+        assert d.indices.dtype == fmt.narrow_index_dtype(k)
         assert np.array_equal(d.indices, o.indices)
         if o.codebook_int is not None:
             assert d.codebook is None
@@ -278,15 +282,15 @@ def test_the_writer_keeps_the_smaller_codebook_encoding():
             q = big_codebook_container(lattice, k=k, seed=k).quantized[0]
             chosen = encode_container(Container([q], [], {}, {}))
             c = q.codebook_int.astype(np.int64)
-            z = C._lc.zigzag_encode(c)
+            z = lattice_coords.zigzag_encode(c)
             width = next(w for w in (1, 2, 4, 8) if int(z.max()) < 1 << (8 * w))
-            fixed_object = C._compact_codebook({"encoding": "lattice-int", "width": width})
-            fixed = width * c.size + len(C._canonical_json(fixed_object))
-            symbols = C._codebook_symbols(lattice, c)
+            fixed_object = hdr.compact_codebook({"encoding": "lattice-int", "width": width})
+            fixed = width * c.size + len(fmt.canonical_json(fixed_object))
+            symbols = lattice_coords.point_symbols(lattice, c)
             alphabet = int(symbols.max()) + 1
-            coded = C._get_coder(C.FORMAT_DEFAULT_CODEBOOK_CODER).encode(symbols.ravel(), alphabet)
+            coded = fmt.lookup_coder(C.FORMAT_DEFAULT_CODEBOOK_CODER).encode(symbols.ravel(), alphabet)
             coded_object = {"alphabet_size": alphabet, "encoding": "lattice-int-coded", "length": len(coded)}
-            coded_cost = len(coded) + len(C._canonical_json(coded_object))
+            coded_cost = len(coded) + len(fmt.canonical_json(coded_object))
             got = read_header(chosen)["quantized"][0]["codebook"]["encoding"]
             assert got == ("lattice-int-coded" if coded_cost < fixed else "lattice-int"), (lattice, k)
 
@@ -307,8 +311,8 @@ SYMBOL_VECTORS = [
 @pytest.mark.parametrize("lattice, coordinates, symbols", SYMBOL_VECTORS)
 def test_codebook_symbol_known_answers(lattice, coordinates, symbols):
     c = np.array(coordinates, np.int64)
-    assert C._codebook_symbols(lattice, c).tolist() == symbols
-    back = C._codebook_from_symbols(lattice, np.array(symbols, np.uint64), "test")
+    assert lattice_coords.point_symbols(lattice, c).tolist() == symbols
+    back = lattice_coords.points_from_symbols(lattice, np.array(symbols, np.uint64), "test")
     assert back.tolist() == coordinates
 
 
@@ -316,10 +320,10 @@ def test_codebook_symbol_known_answers(lattice, coordinates, symbols):
 def test_codebook_symbols_invert_on_every_lattice_point(lattice):
     c = big_codebook_container(lattice, k=500).quantized[0].codebook_int
     c = np.concatenate([c, 1000 * c, -c])  # scaled and negated lattice points are lattice points too
-    s = C._codebook_symbols(lattice, c)
-    assert s.min() >= 0 and s.shape == (len(c), C._coded_row_symbols(lattice, c.shape[1]))
-    assert np.array_equal(C._codebook_from_symbols(lattice, s.astype(np.uint64), "test"), c)
-    assert not C._non_members(lattice, c).any()
+    s = lattice_coords.point_symbols(lattice, c)
+    assert s.min() >= 0 and s.shape == (len(c), fmt.coded_row_symbols(lattice, c.shape[1]))
+    assert np.array_equal(lattice_coords.points_from_symbols(lattice, s.astype(np.uint64), "test"), c)
+    assert not fmt.non_members(lattice, c).any()
 
 
 def test_default_coder_is_the_registry_default():
@@ -459,7 +463,7 @@ def test_explicit_defaults_read_the_same():
     resolved = read_header(data)
     header, payload = split(data)
     explicit = json.loads(json.dumps(resolved))  # every default written out, offsets and counts too
-    for key in C._RESOLVED_ONLY:
+    for key in hdr.RESOLVED_ONLY:
         del explicit[key]
     assert explicit["seed"] == 0 and explicit["raw_float16"] is False and explicit["coder"] == STAND_IN
     explicit["raw"] = [[r["name"], r["shape"], r["dtype"]] for r in explicit["raw"]]  # the dtype written out
@@ -528,11 +532,12 @@ def test_read_header_does_not_touch_the_payload(tmp_path, monkeypatch):
         def decode(self, *args):
             raise AssertionError("read_header decoded a payload")
 
-    monkeypatch.setattr(C, "_get_coder", lambda name: NoDecode())
+    monkeypatch.setattr(coders, "get_coder", lambda name: NoDecode())
     for source in (path, bytes(data)):
         header = read_header(source)
         assert [q["fqn"] for q in header["quantized"]] == ["conv1.weight", "fc.weight", "emb.weight", "empty.weight"]
-    monkeypatch.setattr(C, "_get_coder", _get_coder)
+    # Every coder lookup of the container (fmt.lookup_coder) asks the registry by name at call time.
+    monkeypatch.setattr(coders, "get_coder", _get_coder)
     expect("checksum_mismatch", bytes(data))
     with pytest.raises(FormatError) as info:  # but truncation is still seen
         read_header(bytes(data[:-1]))
@@ -748,7 +753,7 @@ def test_bad_value(good, monkeypatch):
 
     for result in (lambda c: np.full(c, 10**6), lambda c: np.zeros(c + 1), lambda c: np.zeros(c, np.float32),
                    lambda c: "junk", KeyError("x"), MemoryError(), FormatError("truncated", "short")):
-        monkeypatch.setattr(C, "_get_coder", lambda name, r=result: Liar(r))
+        monkeypatch.setattr(coders, "get_coder", lambda name, r=result: Liar(r))
         expect("bad_value", good)
 
 
@@ -759,11 +764,11 @@ def test_bad_value_in_coded_codebooks():
     resolved = read_header(data)["quantized"][0]
     assert resolved["codebook"]["encoding"] == "lattice-int-coded"
     # a parity symbol that is neither 0 nor 1: code the stream again with one, under the same alphabet
-    symbols = C._codebook_symbols("E8", big_codebook_container("E8", k=40).quantized[0].codebook_int)
+    symbols = lattice_coords.point_symbols("E8", big_codebook_container("E8", k=40).quantized[0].codebook_int)
     alphabet = resolved["codebook"]["alphabet_size"]
     symbols[3, 0] = alphabet - 1
     assert alphabet - 1 > 1
-    coder = C._get_coder(C.FORMAT_DEFAULT_CODEBOOK_CODER)
+    coder = fmt.lookup_coder(C.FORMAT_DEFAULT_CODEBOOK_CODER)
     forged = coder.encode(symbols.ravel(), alphabet)
     start, length = resolved["codebook"]["offset"], resolved["codebook"]["length"]
     header["quantized"][0]["codebook"]["length"] = len(forged)

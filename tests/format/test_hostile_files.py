@@ -20,6 +20,8 @@ from torch import nn
 import udnc_fx
 from udnc_fx import CompressConfig
 from udnc_fx.coding import container as C
+from udnc_fx.coding import format as fmt
+from udnc_fx.coding import payload
 from udnc_fx.coding.container import Container, QuantizedTensor, RawTensor, encode_container, read_container
 from udnc_fx.coding.limits import DEFAULT_MAX_HEADER_LENGTH, MAX_HEADER_LENGTH
 from udnc_fx.errors import FormatError
@@ -70,7 +72,7 @@ def _with_header(data: bytes, edit) -> bytes:
 
 
 def _frame(header_bytes: bytes, payload: bytes) -> bytes:
-    digested = C._DIGESTED.pack(C.MAGIC, 1, 0, len(header_bytes), len(payload), hashlib.sha256(payload).digest())
+    digested = fmt.DIGESTED.pack(C.MAGIC, 1, 0, len(header_bytes), len(payload), hashlib.sha256(payload).digest())
     return digested + hashlib.sha256(digested + header_bytes).digest() + header_bytes + payload
 
 
@@ -252,8 +254,8 @@ def test_load_checks_before_decoding(tmp_path, saved, monkeypatch):
     """The model check runs on the header: a mismatched file never reaches a decoder."""
     data, model = saved
     calls = []
-    original = C._decode_stream  # every index stream and coded codebook goes through it
-    monkeypatch.setattr(C, "_decode_stream", lambda *a, **kw: calls.append(a[0]) or original(*a, **kw))
+    original = payload.decode_stream  # every index stream and coded codebook goes through it
+    monkeypatch.setattr(payload, "decode_stream", lambda *a, **kw: calls.append(a[0]) or original(*a, **kw))
     path = tmp_path / "m.udnc"
     path.write_bytes(data)
     udnc_fx.load(path, model)

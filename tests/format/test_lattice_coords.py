@@ -220,7 +220,7 @@ def _rewrite(data: bytes, edit) -> bytes:
     """Apply ``edit`` to the stored header JSON and fix the lengths and digests (only the edit is wrong)."""
     import hashlib
 
-    from udnc_fx.coding.container import _DIGESTED, PREAMBLE_SIZE
+    from udnc_fx.coding.format import DIGESTED as _DIGESTED, PREAMBLE_SIZE
 
     _, major, minor, hlen, plen, psha = _DIGESTED.unpack_from(data)
     header = json.loads(data[PREAMBLE_SIZE : PREAMBLE_SIZE + hlen])

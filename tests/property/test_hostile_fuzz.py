@@ -75,6 +75,7 @@ BOMBS = textwrap.dedent(
     from torch import nn
     import udnc_fx
     from udnc_fx.coding import container as C
+    from udnc_fx.coding.format import DIGESTED
     from udnc_fx.cli import main
 
     def vm(key):
@@ -86,7 +87,7 @@ BOMBS = textwrap.dedent(
 
     def framed(header, payload=b""):
         hb = json.dumps(header, separators=(",", ":")).encode()
-        d = C._DIGESTED.pack(C.MAGIC, 1, 0, len(hb), len(payload), hashlib.sha256(payload).digest())
+        d = DIGESTED.pack(C.MAGIC, 1, 0, len(hb), len(payload), hashlib.sha256(payload).digest())
         return d + hashlib.sha256(d + hb).digest() + hb + payload
 
     model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from udnc_fx.coding import get_coder
-from udnc_fx.coding.ans import SEGMENT, AnsDitherCoder, _pack_bits, _varint, _varints, dither_codes, table_model
+from udnc_fx.coding.ans import SEGMENT, AnsDitherCoder, _pack_bits, dither_codes, table_model
+from udnc_fx.coding.coder_base import varint as _varint, varints as _varints
 from udnc_fx.coding.coders import empirical_entropy_bits
 from udnc_fx.dither import hash_stream_np, uniform_np
 from udnc_fx.errors import ConfigError, FormatError

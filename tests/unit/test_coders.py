@@ -308,7 +308,7 @@ def test_huffman_within_three_percent_of_entropy(scale):
 
 
 def test_huffman_lengths_are_optimal():
-    from udnc_fx.coding.coders import _huffman_code_lengths
+    from udnc_fx.coding.huffman import _huffman_code_lengths
 
     rng = np.random.default_rng(5)
     for trial in range(30):
@@ -376,7 +376,7 @@ def reference_adaptive_cost_bits(stream: np.ndarray, k: int) -> float:
 
 
 def test_mitchell_cost_matches_integer_reference():
-    from udnc_fx.coding.coders import _cost_fixed_point
+    from udnc_fx.coding.range_coders import _cost_fixed_point
 
     w = np.concatenate([np.arange(1, 5000), 2 ** np.arange(25), 2 ** np.arange(1, 25) - 1, [3 << 22, (1 << 24) - 7]])
     expected = [((25 - (int(v).bit_length() - 1)) << 16) - ((int(v) << 16) >> (int(v).bit_length() - 1)) for v in w]
@@ -454,7 +454,7 @@ def test_range_payload_for_fewer_symbols_is_refused(name):
 @pytest.mark.parametrize("name", ["range-adaptive-v1", "range-context-v1"])
 def test_range_payload_without_its_last_word_is_refused(name):
     """Dropping the last 32-bit word and fixing the word count used to change symbols silently."""
-    from udnc_fx.coding.coders import _read_varint, _varint
+    from udnc_fx.coding.coder_base import read_varint as _read_varint, varint as _varint
 
     rng = np.random.default_rng(3)
     coder = get_coder(name)

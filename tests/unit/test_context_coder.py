@@ -143,7 +143,8 @@ def test_a_row_count_above_the_row_length_is_refused():
     # rows of length 3 whose counts are coded as bit lengths: forge a count of 3 bits' worth (b = 3: k >= 4 > 3)
     import constriction
 
-    from udnc_fx.coding.coders import _AdaptiveModel, _varint
+    from udnc_fx.coding.coder_base import varint as _varint
+    from udnc_fx.coding.range_coders import _AdaptiveModel
 
     enc = constriction.stream.queue.RangeEncoder()
     model = _AdaptiveModel(3)  # bit_length(3) + 1

@@ -84,20 +84,6 @@ ALLOWLIST: dict[tuple[str, str], str] = {
     # quantizer.py is being reworked by the compressed-weight record (issue 13 point 1): make the helper public there
     # (or let quantize_array call lattice_coords.index_points, which repeats its ordering) once that lands.
     ("udnc_fx/coding/lattice_coords.py", "udnc_fx.quantizer._unique_rows"): "issue 13 point 1 (h13-record)",
-    # The split of coders.py (issue 13 point 3, h13-split) makes the shared varint helpers public.
-    ("udnc_fx/coding/lattice_coords.py", "udnc_fx.coding.coders._varint"): "issue 13 point 3 (h13-split)",
-    ("udnc_fx/coding/lattice_coords.py", "udnc_fx.coding.coders._read_varint"): "issue 13 point 3 (h13-split)",
-    ("udnc_fx/coding/ans.py", "udnc_fx.coding.coders._as_format_error"): "issue 13 point 3 (h13-split)",
-    ("udnc_fx/coding/ans.py", "udnc_fx.coding.coders._check_decode_args"): "issue 13 point 3 (h13-split)",
-    ("udnc_fx/coding/ans.py", "udnc_fx.coding.coders._check_symbols"): "issue 13 point 3 (h13-split)",
-    ("udnc_fx/coding/ans.py", "udnc_fx.coding.coders._read_varint"): "issue 13 point 3 (h13-split)",
-    ("udnc_fx/coding/ans.py", "udnc_fx.coding.coders._read_varints"): "issue 13 point 3 (h13-split)",
-    ("udnc_fx/coding/ans.py", "udnc_fx.coding.coders._register"): "issue 13 point 3 (h13-split)",
-    ("udnc_fx/coding/ans.py", "udnc_fx.coding.coders._varint"): "issue 13 point 3 (h13-split)",
-    ("udnc_fx/coding/ans.py", "udnc_fx.coding.coders._varints"): "issue 13 point 3 (h13-split)",
-    # The ONNX op builders' move (issue 13 point 3, h13-split) names the lattice constants publicly.
-    ("export/onnx.py", "udnc_fx.lattice._SQRT3"): "issue 13 point 3 (h13-split)",
-    ("export/onnx.py", "udnc_fx.lattice._SQRT3_2"): "issue 13 point 3 (h13-split)",
 }
 
 

@@ -15,7 +15,7 @@ import udnc_fx
 INIT = Path(udnc_fx.__file__)
 
 VERBS = {
-    "compress", "inspect", "materialize", "save", "load", "read_header", "size_report", "allocate", "compress_to",
+    "compress", "inspect", "compression_record", "materialize", "save", "load", "read_header", "size_report", "allocate", "compress_to",
     "prune", "fold_batchnorm", "finetune", "finetune_float", "from_udnc",
 }
 CONFIGS = {"CompressConfig", "LayerConfig"}

@@ -21,7 +21,7 @@ A stream may carry a class label per row (``C`` classes; the writer labels a row
 than the most frequent one, in ``C`` equal steps), coded first; the context of index ``j`` is then
 ``label(j // L) · B + bin(j)``. The writer uses it only where it is smaller.
 
-**Payload** (``count == 0`` or ``alphabet_size == 1``: zero bytes). ``varint`` is unsigned LEB128 (``coders.py``):
+**Payload** (``count == 0`` or ``alphabet_size == 1``: zero bytes). ``varint`` is unsigned LEB128 (``coder_base.py``):
 
 1. a mode byte: bits 0–2 ``b`` in ``0..4`` (``B = 2^b`` dither bins), bit 3 the row flag, other bits zero;
 2. with the row flag: ``L`` (varint, ``1 <= L < count``: the row length; ``R = ceil(count / L)`` rows), ``C``
@@ -64,16 +64,16 @@ from typing import Any
 import numpy as np
 
 from udnc_fx import dither as _dither
-from udnc_fx.coding.coders import (
+from udnc_fx.coding.coder_base import (
     Coder,
-    _as_format_error,
-    _check_decode_args,
-    _check_symbols,
-    _read_varint,
-    _read_varints,
-    _register,
-    _varint,
-    _varints,
+    as_format_error,
+    check_decode_args,
+    check_symbols,
+    read_varint,
+    read_varints,
+    register,
+    varint,
+    varints,
 )
 from udnc_fx.errors import ConfigError, FormatError
 
@@ -189,16 +189,16 @@ def _table_forms(q: np.ndarray) -> list[tuple[int, int]]:
 
 def _table_bytes(q: np.ndarray) -> bytes:
     """A table's bytes: ``m``, then for ``m >= 2`` the shortest form (the first on a tie)."""
-    head = _varint(q.size)
+    head = varint(q.size)
     if q.size < 2:
         return head
     tag = min(_table_forms(q), key=lambda f: f[1])[0]
     if tag == _DENSE:
-        return head + bytes([tag]) + _varints(q)
+        return head + bytes([tag]) + varints(q)
     if tag == _SPARSE:
         pos = np.flatnonzero(q)
         gaps = np.diff(pos, prepend=-1) - 1
-        return head + bytes([tag]) + _varint(pos.size) + _varints(gaps) + _varints(q[pos])
+        return head + bytes([tag]) + varint(pos.size) + varints(gaps) + varints(q[pos])
     return head + bytes([tag]) + _pack_bits(q, tag - 1)
 
 
@@ -338,7 +338,7 @@ class AnsDitherCoder(Coder):
 
     def encode(self, symbols: np.ndarray, alphabet_size: int, *, context: Any = None,
                row_length: int | None = None) -> bytes:
-        arr, k = _check_symbols(symbols, alphabet_size, self.max_alphabet_size)
+        arr, k = check_symbols(symbols, alphabet_size, self.max_alphabet_size)
         n = arr.size
         if n == 0 or k == 1:
             return b""
@@ -349,7 +349,7 @@ class AnsDitherCoder(Coder):
         ctx = self._contexts(codes, bits, labels, row_length, n)
         out = bytearray([bits | (self._ROW_FLAG if classes else 0)])
         if classes:
-            out += _varint(row_length) + _varint(classes) + _table_bytes(label_q)
+            out += varint(row_length) + varint(classes) + _table_bytes(label_q)
         models: list[Any] = []
         for q in tables:
             out += _table_bytes(q)
@@ -367,7 +367,7 @@ class AnsDitherCoder(Coder):
         if classes and label_q.size >= 2:  # pushed last: the reader pops the row labels first
             encoder.encode_reverse(labels.astype(np.int32), _categorical(table_model(label_q)))
         words = np.asarray(encoder.get_compressed(), dtype="<u4")
-        out += _varint(words.size)
+        out += varint(words.size)
         out += words.tobytes()
         return bytes(out)
 
@@ -440,7 +440,7 @@ class AnsDitherCoder(Coder):
         Raises:
             ConfigError: if ``dtype`` is not an integer dtype that holds ``alphabet_size - 1``.
         """
-        view, n, k = _check_decode_args(data, count, alphabet_size, self.max_alphabet_size)
+        view, n, k = check_decode_args(data, count, alphabet_size, self.max_alphabet_size)
         out_dtype = np.dtype(dtype)
         if out_dtype.kind not in "iu" or np.iinfo(out_dtype).max < k - 1:
             raise ConfigError(f"{self.name}: cannot decode an alphabet of {k} into {out_dtype}")
@@ -448,8 +448,8 @@ class AnsDitherCoder(Coder):
             out = self._decode_with(view, n, k, context, out_dtype)
         except MemoryError as exc:
             raise FormatError("bad_value", f"{self.name}: cannot allocate {n} symbols") from exc
-        except BaseException as exc:  # noqa: BLE001 -- constriction raises assorted types; see _as_format_error
-            raise _as_format_error(exc, self.name)
+        except BaseException as exc:  # noqa: BLE001 -- constriction raises assorted types; see as_format_error
+            raise as_format_error(exc, self.name)
         if out.shape != (n,) or (n and (int(out.min()) < 0 or int(out.max()) >= k)):
             raise FormatError("corrupt_payload", f"{self.name}: decoded symbols outside [0, {k})")
         return out
@@ -486,12 +486,12 @@ class AnsDitherCoder(Coder):
         classes, row_length, rows, label_probs = 1, n, 1, None
         min_bits = 0.0
         if rows_mode:
-            row_length, pos = _read_varint(view, pos)
-            classes, pos = _read_varint(view, pos)
+            row_length, pos = read_varint(view, pos)
+            classes, pos = read_varint(view, pos)
             if not 1 <= row_length < n or not 2 <= classes <= 16 or classes << bits > 256:
                 raise FormatError("corrupt_payload", f"{self.name}: row length {row_length} / {classes} row classes")
             rows = -(-n // row_length)
-            label_m, pos = _read_varint(view, pos)
+            label_m, pos = read_varint(view, pos)
             if not 1 <= label_m <= classes:
                 raise FormatError("corrupt_payload", f"{self.name}: row label table of {label_m} symbols")
             if label_m >= 2:
@@ -502,7 +502,7 @@ class AnsDitherCoder(Coder):
         tables: list[np.ndarray | None] = []
         sizes = []
         for i in range(nctx):
-            m, pos = _read_varint(view, pos)
+            m, pos = read_varint(view, pos)
             if m > k:
                 raise FormatError("corrupt_payload", f"{self.name}: context {i} table has {m} symbols (alphabet {k})")
             sizes.append(m)
@@ -511,7 +511,7 @@ class AnsDitherCoder(Coder):
                 continue
             q, pos = self._read_table(view, pos, m, i)
             tables.append(table_model(q))
-        words, pos = _read_varint(view, pos)
+        words, pos = read_varint(view, pos)
         if len(view) - pos != 4 * words:
             raise FormatError(
                 "truncated" if len(view) - pos < 4 * words else "corrupt_payload",
@@ -602,13 +602,13 @@ class AnsDitherCoder(Coder):
         tag = view[pos]
         pos += 1
         if tag == _DENSE:
-            q, pos = _read_varints(view, pos, m)
+            q, pos = read_varints(view, pos, m)
         elif tag == _SPARSE:
-            u, pos = _read_varint(view, pos)
+            u, pos = read_varint(view, pos)
             if not 1 <= u <= m:
                 raise FormatError("corrupt_payload", f"{self.name}: bin {i} table lists {u} of its {m} counts")
-            gaps, pos = _read_varints(view, pos, u)
-            values, pos = _read_varints(view, pos, u)
+            gaps, pos = read_varints(view, pos, u)
+            values, pos = read_varints(view, pos, u)
             if int(values.min()) <= 0 or int(gaps.min()) < 0 or int(gaps.max()) >= m:
                 raise FormatError("corrupt_payload", f"{self.name}: bin {i} sparse table out of range")
             where = np.cumsum(gaps + 1) - 1
@@ -636,4 +636,4 @@ class AnsDitherCoder(Coder):
 
 
 
-_register(AnsDitherCoder())
+register(AnsDitherCoder())

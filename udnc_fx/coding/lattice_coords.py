@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from udnc_fx.coding.coders import encode_stream
+from udnc_fx.coding.coder_base import decode_stream, encode_stream, read_varint, varint
 from udnc_fx.coding.limits import max_index_alphabet
 
 from udnc_fx.errors import ConfigError, FormatError
@@ -243,8 +243,6 @@ def encode_points(
         best = (alphabet, "interleaved", data)
     # With one symbol per vector (Z^1) the split layout is the interleaved stream again: code it once.
     if "split" in layouts and (w > 1 or best is None):
-        from udnc_fx.coding.coders import _varint
-
         conditioned = getattr(coder, "accepts_context", False)
         streams = [
             _call_encode(
@@ -252,26 +250,10 @@ def encode_points(
             )
             for i in range(w)
         ]
-        data = b"".join(_varint(len(s)) for s in streams[:-1]) + b"".join(streams)
+        data = b"".join(varint(len(s)) for s in streams[:-1]) + b"".join(streams)
         if best is None or len(data) < len(best[2]):  # ties keep the single stream
             best = (alphabet, "split", data)
     return best
-
-
-def _call_decode(coder: Any, data: bytes, count: int, alphabet: int, context: Any, what: str) -> np.ndarray:
-    hint = {} if context is None else {"context": context}
-    try:
-        out = coder.decode(data, count, alphabet, **hint)
-    except FormatError as exc:
-        raise FormatError("bad_value", f"{what}: stream does not decode: {exc.message}") from exc
-    except Exception as exc:  # a coder meeting bytes it did not write may fail in any way
-        raise FormatError("bad_value", f"{what}: stream does not decode: {type(exc).__name__}: {exc}") from exc
-    out = np.asarray(out)
-    if out.dtype.kind not in "iu" or out.shape != (count,):
-        raise FormatError("bad_value", f"{what}: the coder returned the wrong number or type of symbols")
-    if count and (int(out.min()) < 0 or int(out.max()) >= alphabet):
-        raise FormatError("bad_value", f"{what}: decoded symbols outside [0, {alphabet})")
-    return out
 
 
 def decode_points(
@@ -284,19 +266,17 @@ def decode_points(
     :class:`~udnc_fx.errors.FormatError` (``bad_value`` for streams that do not decode, ``truncated`` /
     ``corrupt_payload`` for a damaged ``split`` length prefix).
     """
-    from udnc_fx.coding.coders import _read_varint
-
     w = symbol_width(lattice, n)
     codes = _context_codes(coder, key, dither_ok, count, n, lattice)
     if layout == "interleaved":
         ctx = None if codes is None else (lambda: codes().ravel())
-        flat = _call_decode(coder, data, count * w, alphabet, ctx, what)
+        flat = decode_stream(coder, data, count * w, alphabet, what, context=ctx)
         symbols = flat.reshape(count, w)
     elif layout == "split":
         view = memoryview(data)
         pos, lengths = 0, []
         for _ in range(w - 1):
-            length, pos = _read_varint(view, pos)
+            length, pos = read_varint(view, pos)
             lengths.append(length)
         rest = len(view) - pos
         if sum(lengths) > rest:
@@ -318,7 +298,8 @@ def decode_points(
             return ctx
 
         for i, length in enumerate(lengths):
-            symbols[:, i] = _call_decode(coder, bytes(view[pos : pos + length]), count, alphabet, column(i), what)
+            stream = bytes(view[pos : pos + length])
+            symbols[:, i] = decode_stream(coder, stream, count, alphabet, what, context=column(i))
             pos += length
             if lattice == "E8" and i == 0 and count and int(symbols[:, 0].max()) > 1:  # before it is a context
                 raise FormatError("bad_value", f"{what}: an E8 coset (row parity) symbol is not 0 or 1")

@@ -1,0 +1,426 @@
+"""The ``.udnc`` payload: each tensor's sections (index streams, codebooks, coordinates, raw bytes), coded and decoded.
+
+Writing: :func:`encode_quantized` checks a :class:`~udnc_fx.coding.header.QuantizedTensor` and returns its resolved
+header entry and its two sections, choosing the smallest of the codebook encodings the format offers (float,
+``lattice-int``, ``lattice-int-coded``, or ``lattice-coords`` instead of indices and codebook); :func:`encode_raw`
+does the same for a raw tensor. Reading: :func:`decode_payload` checks the payload digest and decodes every section
+of a validated :class:`~udnc_fx.coding.header.Header`. Streams go through the coder registry's one
+``encode_stream``/``decode_stream`` pair.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Any
+
+import numpy as np
+
+from udnc_fx.coding import lattice_coords as _lc
+from udnc_fx.coding.coder_base import decode_stream, encode_stream
+from udnc_fx.coding.format import (
+    CODEBOOK_FLOAT_ENCODINGS, FORMAT_DEFAULT_CODEBOOK_CODER, FORMAT_DEFAULT_DITHER, INT_WIDTHS, LATTICE_DIMENSIONS,
+    LATTICE_INT, LATTICE_INT_CODED, MAX_CODED_ALPHABET, MAX_NDIM, RAW_DTYPES, as_int, canonical_json,
+    check_json_object, coded_row_symbols, lookup_coder, narrow_index_dtype, non_members, prod,
+)
+from udnc_fx.coding.header import (
+    Container, Header, Preamble, QEntry, QuantizedTensor, RawTensor, Section, compact_codebook,
+)
+from udnc_fx.coding.limits import max_index_alphabet
+from udnc_fx.errors import FormatError
+
+__all__ = [
+    "weights_bar",
+    "encode_quantized",
+    "points_bound",
+    "encode_raw",
+    "decode_payload",
+]
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def weights_bar(entries: list, desc: str, progress: bool | None):
+    """A terminal-only bar over the weights of ``entries`` (tqdm is imported only when one is drawn)."""
+    from udnc_fx.progress import progress_enabled
+
+    if not entries or not progress_enabled(progress):
+        return _NoBar()
+    from udnc_fx.progress import progress_bar
+
+    total = 0
+    for e in entries:
+        count = getattr(e, "count", None)
+        total += int(np.size(getattr(e, "indices", ())) if count is None else count) * int(getattr(e, "n", 1) or 1)
+    return progress_bar(total=total or None, desc=desc, unit="w", unit_scale=True, progress=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------------------------
+
+
+# The symbol rows are those of lattice-coords (one row per distinct point here, one per vector there).
+_codebook_symbols = _lc.point_symbols
+_codebook_from_symbols = _lc.points_from_symbols
+
+
+def _stream_context(coder: Any, key: int, dither: str, count: int, n: int) -> dict:
+    """``{"context": dither codes}`` for coders that condition on the dither (docs/FORMAT.md, *Dither context*);
+    ``{}`` for other coders and for tensors without the hash dither."""
+    if not getattr(coder, "accepts_context", False) or dither != FORMAT_DEFAULT_DITHER:
+        return {}
+    from udnc_fx.coding.ans import dither_codes
+
+    # A function, not the codes: a decoder hashes the dither only for streams that use it.
+    return {"context": lambda: dither_codes(key, count, n)}
+
+
+def _encode_stream(
+    coder_name: str, symbols: np.ndarray, alphabet_size: int, what: str, row_length: int | None = None,
+    dither: tuple[int, str, int] | None = None,
+) -> bytes:
+    """Code a stream; ``row_length`` (symbols per row of the weight) is handed to coders that model rows, the
+    dither ``(key, generator id, n)`` to coders that condition on it."""
+    coder = lookup_coder(coder_name)
+    hint = {"row_length": row_length} if row_length and getattr(coder, "accepts_row_length", False) else {}
+    if dither is not None:
+        hint.update(_stream_context(coder, dither[0], dither[1], len(symbols), dither[2]))
+    return encode_stream(coder, symbols, alphabet_size, what, **hint)
+
+
+def _row_length(shape: list[int], n: int, count: int) -> int | None:
+    """Index symbols per row of the weight (elements per output unit over ``n``): the hint for row-modelling coders."""
+    if len(shape) < 2 or shape[0] < 2 or count < 2:
+        return None
+    per_row = max(1, count // shape[0])
+    return per_row if per_row < count else None
+
+
+def _encode_int_codebook(q: QuantizedTensor, n: int, where: str) -> tuple[int, dict, bytes]:
+    """``lattice-int`` (fixed width) or ``lattice-int-coded``, whichever makes the smaller file."""
+    cb_int = np.asarray(q.codebook_int)
+    if cb_int.dtype.kind not in "iu" or cb_int.ndim != 2 or cb_int.shape[1] != n:
+        raise FormatError("bad_value", f"{where}: codebook_int must be an integer (K, {n}) array")
+    if cb_int.dtype.kind == "u" and cb_int.size and int(cb_int.max()) > np.iinfo(np.int64).max:
+        raise FormatError("bad_value", f"{where}: codebook_int values must fit in int64")
+    c = cb_int.astype(np.int64)
+    bad = non_members(q.lattice, c)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise FormatError("bad_value", f"{where}: codebook_int row {row} {c[row].tolist()} is not a {q.lattice} point")
+    alphabet_size = c.shape[0]
+    z = _lc.zigzag_encode(c)
+    zmax = int(z.max()) if z.size else 0
+    width = next(w for w in (1, 2, 4, 8) if zmax < 1 << (8 * w))
+    best = ({"encoding": LATTICE_INT, "width": width}, z.astype(INT_WIDTHS[width]).tobytes())
+    if c.size and -(1 << 40) < int(c.min()) and int(c.max()) < 1 << 40:
+        symbols = _codebook_symbols(q.lattice, c)
+        symbol_alphabet = int(symbols.max()) + 1
+        # An adaptive coder's model grows with its alphabet: past 2^16 symbols, and more than the stream holds,
+        # coding costs memory and time for next to no gain over the fixed width (its symbols are all but unique).
+        limit = min(
+            MAX_CODED_ALPHABET,
+            getattr(lookup_coder(FORMAT_DEFAULT_CODEBOOK_CODER), "max_alphabet_size", 0),
+            max(1 << 16, symbols.size),
+        )
+        if symbol_alphabet <= limit:
+            data = _encode_stream(FORMAT_DEFAULT_CODEBOOK_CODER, symbols.ravel(), symbol_alphabet, f"{where} codebook")
+            coded = {"encoding": LATTICE_INT_CODED, "alphabet_size": symbol_alphabet, "length": len(data)}
+
+            def cost(candidate: tuple[dict, bytes]) -> int:
+                return len(candidate[1]) + len(canonical_json(compact_codebook(candidate[0])))
+
+            if cost((coded, data)) < cost(best):  # ties keep the fixed width: no coder needed to read it
+                best = (coded, data)
+    return alphabet_size, dict(best[0]), best[1]
+
+
+def encode_quantized(q: QuantizedTensor, codebook_float_dtype: str, max_elements: int) -> tuple[dict, bytes, bytes]:
+    """Checks ``q``; returns its header entry in resolved form (every key present) and its two sections."""
+    where = f"quantized tensor {getattr(q, 'fqn', '?')!r}"
+    if not isinstance(q, QuantizedTensor):
+        raise FormatError("bad_value", f"expected QuantizedTensor, got {type(q).__name__}")
+    if not isinstance(q.fqn, str) or not q.fqn:
+        raise FormatError("bad_value", f"{where}: fqn must be a non-empty string")
+    shape = [as_int(d, f"{where}: shape entry") for d in q.shape]
+    if any(d < 0 for d in shape) or len(shape) > MAX_NDIM:
+        raise FormatError("bad_value", f"{where}: bad shape {tuple(q.shape)}")
+    if q.lattice not in LATTICE_DIMENSIONS:
+        raise FormatError("bad_value", f"{where}: unknown lattice {q.lattice!r}")
+    n = as_int(q.n, f"{where}: n")
+    if n not in LATTICE_DIMENSIONS[q.lattice]:
+        raise FormatError("bad_value", f"{where}: lattice {q.lattice} has no dimension {n}")
+    try:
+        step = float(q.step)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise FormatError("bad_value", f"{where}: step must be a float, got {q.step!r}") from exc
+    if not (math.isfinite(step) and step > 0):
+        raise FormatError("bad_value", f"{where}: step must be finite and > 0, got {step!r}")
+    key = as_int(q.key, f"{where}: key")
+    if not 0 <= key < 1 << 64:
+        raise FormatError("bad_value", f"{where}: key must fit in 64 unsigned bits, got {key}")
+    if not isinstance(q.dither, str) or not q.dither:
+        raise FormatError("bad_value", f"{where}: dither must be a non-empty string")
+    if not isinstance(q.coder, str) or not q.coder:
+        raise FormatError("unknown_codec", f"{where}: coder must be a non-empty string")
+
+    numel = prod(shape, max_elements)
+    if numel > max_elements:
+        raise FormatError("bad_value", f"{where}: {tuple(shape)} has more than {max_elements} elements")
+    count = -(-numel // n)
+
+    # Codebook.
+    if q.codebook_int is not None:
+        alphabet_size, codebook_entry, codebook_bytes = _encode_int_codebook(q, n, where)
+    else:
+        if q.codebook is None:
+            raise FormatError("bad_value", f"{where}: needs a codebook or codebook_int")
+        cb = np.asarray(q.codebook)
+        if cb.dtype.kind != "f" or cb.ndim != 2 or cb.shape[1] != n:
+            raise FormatError(
+                "bad_value", f"{where}: codebook must be a float (K, {n}) array, got {cb.dtype} {cb.shape}"
+            )
+        cb32 = cb.astype(np.float32)
+        if cb.dtype != np.float32 and not np.array_equal(cb32.astype(cb.dtype), cb, equal_nan=True):
+            raise FormatError("bad_value", f"{where}: {cb.dtype} codebook is not exactly representable in float32")
+        alphabet_size = cb.shape[0]
+        encoding = "f16" if codebook_float_dtype == "float16" else "f32"
+        with np.errstate(over="ignore"):  # overflow is detected just below, with a better message
+            stored = cb32.astype(CODEBOOK_FLOAT_ENCODINGS[encoding])
+        if encoding == "f16" and not np.array_equal(np.isfinite(stored), np.isfinite(cb32)):
+            raise FormatError("bad_value", f"{where}: codebook overflows float16")
+        codebook_bytes = stored.tobytes()
+        codebook_entry = {"encoding": encoding, "length": len(codebook_bytes)}
+    if alphabet_size < 1:
+        raise FormatError("bad_value", f"{where}: the codebook is empty (K = 0)")
+    if alphabet_size > max_index_alphabet(count):
+        raise FormatError(
+            "bad_value", f"{where}: {alphabet_size} codewords for {count} indices (at most {max_index_alphabet(count)})"
+        )
+    if numel + alphabet_size * n > max_elements:
+        raise FormatError("bad_value", f"{where}: the tensor and its codebook hold more than {max_elements} elements")
+
+    # Indices.
+    indices = np.asarray(q.indices)
+    if indices.dtype.kind not in "iu" or indices.ndim != 1:
+        raise FormatError(
+            "bad_value", f"{where}: indices must be a 1-D integer array, got {indices.dtype} {indices.shape}"
+        )
+    if indices.shape[0] != count:
+        raise FormatError(
+            "bad_value", f"{where}: {indices.shape[0]} indices for shape {tuple(shape)} and n={n} (need {count})"
+        )
+    if count and (int(indices.min()) < 0 or int(indices.max()) >= alphabet_size):
+        raise FormatError("bad_value", f"{where}: indices outside [0, {alphabet_size})")
+    zero_index = None
+    if q.zero_index is not None:
+        zero_index = as_int(q.zero_index, f"{where}: zero_index")
+        if not 0 <= zero_index < alphabet_size:
+            raise FormatError("bad_value", f"{where}: zero_index {zero_index} outside [0, {alphabet_size})")
+    check_json_object(q.meta, f"{where}: meta")
+    indices_bytes = _encode_stream(
+        q.coder, indices, alphabet_size, where, _row_length(shape, n, count), (key, q.dither, n)
+    )
+
+    entry: dict[str, Any] = {
+        "fqn": q.fqn,
+        "shape": shape,
+        "lattice": q.lattice,
+        "n": n,
+        "step": step,
+        "key": f"{key:016x}",
+        "dither": q.dither,
+        "zero_index": zero_index,
+        "meta": q.meta,
+        "indices": {"coder": q.coder, "alphabet_size": alphabet_size, "count": count, "length": len(indices_bytes)},
+        "codebook": codebook_entry,
+    }
+    if q.codebook_int is not None:
+        coords = _encode_coords(q, indices, zero_index, key, n, where)
+        if coords is not None:
+            symbol_alphabet, coords_entry, coords_bytes = coords
+
+            def cost(cb: dict, payload: int) -> int:
+                return payload + len(canonical_json(compact_codebook(cb)))
+
+            # Measured, not guessed: the table of points is dropped only where that makes the file smaller.
+            if cost(coords_entry, len(coords_bytes)) < cost(codebook_entry, len(indices_bytes) + len(codebook_bytes)):
+                entry["zero_index"] = None
+                entry["indices"] = {
+                    "coder": q.coder, "alphabet_size": symbol_alphabet, "count": count, "length": len(coords_bytes)
+                }
+                entry["codebook"] = coords_entry
+                return entry, coords_bytes, b""
+    return entry, indices_bytes, codebook_bytes
+
+
+def _encode_coords(
+    q: QuantizedTensor, indices: np.ndarray, zero_index: int | None, key: int, n: int, where: str
+) -> tuple[int, dict, bytes] | None:
+    """The ``lattice-coords`` form of a tensor whose (already validated) ``codebook_int`` holds lattice points:
+    ``(symbol alphabet, codebook entry, payload)``, or ``None`` where it cannot represent the tensor (a
+    ``zero_index`` that is not the point 0, symbols past the coder's alphabet)."""
+    cb_int = np.asarray(q.codebook_int).astype(np.int64)
+    exact_zero = zero_index is not None
+    if exact_zero:
+        if cb_int[zero_index].any():
+            return None
+        # Only the point 0 may decode to exact zeros, and the reader makes every vector at 0 do so: equal only if
+        # no other row is 0 (rows are distinct in a quantizer's codebook, but a caller's need not be).
+        if int((~cb_int.any(axis=1)).sum()) != 1:
+            return None
+    if cb_int.size and (int(cb_int.min()) <= -_lc.MAX_COORDINATE or int(cb_int.max()) >= _lc.MAX_COORDINATE):
+        return None  # far outside any quantizer's range; the symbol transforms would overflow
+    points = cb_int[np.asarray(indices, dtype=np.intp)]
+    # The reader rebuilds indices and codebook in the quantizer's order; use lattice-coords only where that gives
+    # back exactly these (a codebook with unused or reordered rows would come back different).
+    rebuilt_indices, rebuilt_points, _ = _lc.index_points(points)
+    if not (np.array_equal(rebuilt_points, cb_int) and np.array_equal(rebuilt_indices, indices)):
+        return None
+    coded = _lc.encode_points(
+        lookup_coder(q.coder), points, q.lattice, n, key, q.dither == FORMAT_DEFAULT_DITHER, f"{where} coordinates"
+    )
+    if coded is None:
+        return None
+    alphabet, layout, payload = coded
+    cb_entry: dict[str, Any] = {"encoding": _lc.ENCODING, "layout": layout, "exact_zero": exact_zero, "length": 0}
+    return alphabet, cb_entry, payload
+
+
+def points_bound(entry: dict) -> int:
+    """At most how many codebook rows an entry decodes to: K, or for ``lattice-coords`` one per vector."""
+    if entry["codebook"]["encoding"] == _lc.ENCODING:
+        return entry["indices"]["count"]
+    return entry["indices"]["alphabet_size"]
+
+
+def encode_raw(r: RawTensor, raw_float_dtype: str) -> tuple[dict, bytes]:
+    """Checks ``r``; returns its resolved header entry and its data section."""
+    if not isinstance(r, RawTensor):
+        raise FormatError("bad_value", f"expected RawTensor, got {type(r).__name__}")
+    where = f"raw tensor {r.name!r}"
+    if not isinstance(r.name, str) or not r.name:
+        raise FormatError("bad_value", f"{where}: name must be a non-empty string")
+    array = np.asarray(r.array)
+    if array.ndim > MAX_NDIM:
+        raise FormatError("bad_value", f"{where}: more than {MAX_NDIM} dimensions")
+    name = array.dtype.name if array.dtype.name in RAW_DTYPES else None
+    if name is None or array.dtype.kind not in "fiub":
+        raise FormatError("unknown_codec", f"{where}: dtype {array.dtype} cannot be stored")
+    entry: dict[str, Any] = {"name": r.name, "shape": list(array.shape)}
+    if name == "float32" and raw_float_dtype == "float16":  # flagged once for the file: top-level raw_float16
+        with np.errstate(over="ignore"):
+            stored = array.astype(RAW_DTYPES["float16"])
+        if not np.array_equal(np.isfinite(stored), np.isfinite(array)):
+            raise FormatError("bad_value", f"{where}: values overflow float16 (store it as float32)")
+        entry["dtype"] = "float16"
+        entry["source_dtype"] = "float32"
+    else:
+        stored = array.astype(RAW_DTYPES[name])
+        entry["dtype"] = name
+    data = np.ascontiguousarray(stored).tobytes()
+    entry["data"] = {"length": len(data)}
+    return entry, data
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _decode_stream(
+    coder_name: str, data: bytes, count: int, alphabet_size: int, where: str, context: dict | None = None,
+    dtype: Any = None,
+) -> np.ndarray:
+    """:func:`~udnc_fx.coding.coder_base.decode_stream` with the coder named as the header names it."""
+    return decode_stream(lookup_coder(coder_name), data, count, alphabet_size, where, dtype=dtype, **(context or {}))
+
+
+def _decode_codebook(q: QEntry, data: bytes) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Returns ``(codebook, codebook_int)``, one of them ``None``."""
+    where = f"quantized tensor {q.fqn!r} codebook"
+    k, n = q.alphabet_size, q.n
+    if q.encoding in CODEBOOK_FLOAT_ENCODINGS:
+        codebook = np.frombuffer(data, dtype=CODEBOOK_FLOAT_ENCODINGS[q.encoding]).astype(np.float32)
+        return codebook.reshape(k, n), None
+    if q.encoding == LATTICE_INT:
+        c = _lc.zigzag_decode(np.frombuffer(data, dtype=INT_WIDTHS[q.width])).reshape(k, n)
+    else:
+        w = coded_row_symbols(q.lattice, n)
+        symbols = _decode_stream(q.codebook_coder, data, k * w, q.codebook_alphabet_size, where)
+        c = _codebook_from_symbols(q.lattice, symbols.astype(np.uint64).reshape(k, w), where)
+    bad = non_members(q.lattice, c)
+    if bad.any():  # lattice-int rows come from the file as they are; coded ones are lattice points by construction
+        raise FormatError("bad_value", f"{where}: row {int(np.flatnonzero(bad)[0])} is not a {q.lattice} point")
+    return None, c
+
+
+def _decode_coords(q: QEntry, data: bytes) -> QuantizedTensor:
+    """A ``lattice-coords`` tensor: decode every vector's point, then rebuild indices and ``codebook_int`` in the
+    quantizer's order (``lattice_coords.index_points``)."""
+    points = _lc.decode_points(
+        lookup_coder(q.coder), data, q.count, q.alphabet_size, q.layout, q.lattice, q.n, q.key,
+        q.dither == FORMAT_DEFAULT_DITHER, f"quantized tensor {q.fqn!r} coordinates",
+    )
+    if q.count == 0:
+        indices, codebook_int = np.zeros(0, np.int64), np.zeros((1, q.n), np.int64)
+    else:
+        indices, codebook_int, _ = _lc.index_points(points)
+    zero_index = None
+    if q.exact_zero:
+        hits = np.flatnonzero(~codebook_int.any(axis=1))
+        zero_index = int(hits[0]) if hits.size else None
+    k = codebook_int.shape[0]
+    return QuantizedTensor(
+        fqn=q.fqn, shape=q.shape, lattice=q.lattice, n=q.n, step=q.step, key=q.key, dither=q.dither,
+        indices=indices.astype(narrow_index_dtype(k)), codebook=None, codebook_int=codebook_int, coder=q.coder,
+        zero_index=zero_index, meta=q.meta,
+    )
+
+
+def decode_payload(
+    preamble: Preamble, header: Header, payload: memoryview, progress: bool | None = None
+) -> Container:
+    """Checks the payload digest, then decodes every section of a validated ``header`` into a :class:`Container`."""
+    if hashlib.sha256(payload).digest() != preamble.payload_sha256:
+        raise FormatError("checksum_mismatch", "the payload digest does not match (payload damaged)")
+
+    def section_bytes(s: Section) -> bytes:
+        return bytes(payload[s.offset : s.offset + s.length])
+
+    quantized = []
+    bar = weights_bar(header.quantized, "decoding", progress)
+    for q in header.quantized:
+        bar.update(q.count * q.n)
+        if q.encoding == _lc.ENCODING:
+            quantized.append(_decode_coords(q, section_bytes(q.indices)))
+            continue
+        context = _stream_context(lookup_coder(q.coder), q.key, q.dither, q.count, q.n)
+        index_dtype = narrow_index_dtype(q.alphabet_size)
+        indices = _decode_stream(
+            q.coder, section_bytes(q.indices), q.count, q.alphabet_size, f"{q.fqn!r} indices", context, index_dtype
+        )
+        codebook, codebook_int = _decode_codebook(q, section_bytes(q.codebook))
+        quantized.append(
+            QuantizedTensor(
+                fqn=q.fqn, shape=q.shape, lattice=q.lattice, n=q.n, step=q.step, key=q.key, dither=q.dither,
+                indices=indices.astype(index_dtype, copy=False), codebook=codebook,
+                codebook_int=codebook_int, coder=q.coder, zero_index=q.zero_index, meta=q.meta,
+            )
+        )
+    bar.close()
+    raws = []
+    for r in header.raws:
+        stored = np.frombuffer(section_bytes(r.data), dtype=RAW_DTYPES[r.dtype])
+        if r.dtype == "bool" and stored.size and int(stored.view(np.uint8).max()) > 1:
+            raise FormatError("bad_value", f"raw tensor {r.name!r}: bool bytes other than 0 and 1")
+        target = np.dtype(r.source_dtype or r.dtype).newbyteorder("=")
+        raws.append(RawTensor(name=r.name, array=stored.astype(target).reshape(r.shape)))
+    return Container(quantized=quantized, raw=raws, config=header.config, metadata=header.metadata, seed=header.seed)
