@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from udnc_fx.coding import container as C
+from udnc_fx.coding.coders import available_coders
 from udnc_fx.coding.format import non_members
 from udnc_fx.coding.container import (
     PREAMBLE_SIZE,
@@ -48,10 +49,6 @@ def fuzz(examples: int) -> settings:
     return settings(FUZZ, max_examples=examples)
 
 
-try:
-    from udnc_fx.coding.coders import available_coders
-except ImportError:  # pragma: no cover - the coder registry is written alongside the container
-    pytest.skip("udnc_fx.coding.coders is not there yet", allow_module_level=True)
 CODERS = available_coders()
 
 
