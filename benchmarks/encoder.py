@@ -146,7 +146,7 @@ def layer_errors(task, calibration, bits: float, seed: int = 0) -> list[dict]:
                              ("compensated", s_comp, compensated_points(w2, factors, lat, s_comp * std, u))):
             q = quantize_array(w, lattice="Z", n=1, step=s * std, key=tensor_key(seed, cand.fqn), u_raw=u,
                                raw_points=pts)
-            what = q.decode(w.size).astype(np.float64).reshape(w2.shape)
+            what = q.decode(raw_dither=u).astype(np.float64).reshape(w2.shape)
             per = w2.shape[0] // rec.groups
             e = sum(output_error(w2[g * per:(g + 1) * per], what[g * per:(g + 1) * per], rec.hessian(g)) * per
                     for g in range(rec.groups)) / w2.shape[0]

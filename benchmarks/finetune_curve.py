@@ -89,7 +89,7 @@ def have_container() -> bool:
 
 def zero_coding_row(pruned, masks, gm, config) -> dict:
     """Bits of the pruned layers coded two ways at the same steps and dither."""
-    from udnc_fx.dither import tensor_key
+    from udnc_fx.record import weight_key
 
     params = dict(pruned.named_parameters())
     stream = mask_way = 0.0
@@ -101,7 +101,7 @@ def zero_coding_row(pruned, masks, gm, config) -> dict:
     for dlp in served_params(gm):
         w = params[dlp.fqn].detach().numpy()
         weights += w.size
-        key = tensor_key(config.seed, dlp.fqn) if config.dithered else None
+        key = weight_key(config.seed, dlp.fqn, config.dithered)
         plain = quantize_array(w, lattice=dlp.lattice, n=dlp.n, step=dlp.step, key=key, exact_zero=False)
         mask = masks[dlp.fqn].numpy().reshape(-1)
         # a vector is kept if any of its real elements is (padding counts as pruned)

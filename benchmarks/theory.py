@@ -78,9 +78,8 @@ def space_filling_loss(G: float) -> float:
 
 def measure(x: np.ndarray, h: float, lattice: str, n: int, rate: float, key: int) -> dict:
     from udnc_fx.coding.coders import empirical_entropy_bits, get_coder
-    from udnc_fx.coding.container import (Container, QuantizedTensor, encode_container, read_header,
-                                          section_sizes)
-    from udnc_fx.dither import DITHER_ID
+    from udnc_fx.coding.container import Container, encode_container, read_header, section_sizes
+    from udnc_fx.coding.entries import entry_from_record
     from udnc_fx.lattice import get_lattice
     from udnc_fx.quantizer import quantize_array
 
@@ -89,15 +88,13 @@ def measure(x: np.ndarray, h: float, lattice: str, n: int, rate: float, key: int
     step = 2.0 ** (h - rate)
     t0 = time.perf_counter()
     q = quantize_array(x, lattice=lattice, n=n, step=step, key=key)
-    decoded = q.decode(count).astype(np.float64)
+    decoded = q.decode().reshape(-1).astype(np.float64)
     distortion = float(np.mean((decoded - x) ** 2))
     k = int(q.codebook.shape[0])
     coder = get_coder(CODER)
     index_bytes = len(coder.encode(q.indices, k)) if k > 1 else 0  # explicit form's index stream, unconditioned
     h0 = empirical_entropy_bits(q.indices, k) / count
-    container = Container(quantized=[QuantizedTensor(
-        fqn="x", shape=(count,), lattice=lat.name, n=lat.dim, step=step, key=key, dither=DITHER_ID,
-        indices=q.indices, codebook=q.codebook, codebook_int=q.codebook_int, coder=CODER)])
+    container = Container(quantized=[entry_from_record(q, fqn="x", coder=CODER)])
     blob = encode_container(container)
     header = read_header(blob)
     sizes = section_sizes(header)["tensors"]["x"]

@@ -50,15 +50,13 @@ from typing import Any
 
 import numpy as np
 
-from ..dither import DITHER_ID
-from ..errors import ExportError, FormatError
+from ..errors import ConfigError, ExportError, FormatError
 from ..lattice import get_lattice
 from ..progress import progress_bar
 from . import files as _files
 from . import runtime as _rt
-from .onnx_ops import (
-    Body, dequantize_subgraph, dither_subgraph, exact_codebook_int, functions_for, store_codebook,
-)
+from ..record import CompressedWeight
+from .onnx_ops import Body, dequantize_subgraph, dither_subgraph, functions_for, store_codebook
 from .runtime import FUNCTION_DOMAIN, NAME_PREFIX, ONNX_FORMAT_ID, TensorSpec
 
 __all__ = [
@@ -153,10 +151,10 @@ def build_decode_model(dlp, *, opset: int = DEFAULT_OPSET):
     from onnx import TensorProto, helper
 
     b = Body(function=False)
-    spec = _spec_for(dlp, output="weight", prefix=f"{NAME_PREFIX}{_fqn(dlp)}/")
-    indices, codebook = _index_and_codebook(dlp)
-    b.private(spec.prefix, "indices", indices)
-    spec = store_codebook(b, dlp, spec, codebook)
+    record = _record_of(dlp)
+    spec = _spec_for(dlp, record, output="weight", prefix=f"{NAME_PREFIX}{_fqn(dlp)}/")
+    b.private(spec.prefix, "indices", _indices(record, spec))
+    spec = store_codebook(b, record, spec)
     key_name = None if spec.key is None else b.private(spec.prefix, "key", np.asarray(spec.key, dtype=np.uint64))
     outs: dict = {}
     dequantize_subgraph(b, spec, key_name, outs)
@@ -199,35 +197,27 @@ def _fqn(dlp) -> str:
     return getattr(dlp, "fqn", None) or f"param_{id(dlp):x}"
 
 
-def _index_and_codebook(dlp) -> tuple[np.ndarray, np.ndarray]:
-    import torch
+def _record_of(dlp) -> CompressedWeight:
+    """``dlp.record()``: the compressed weight the export lowers (its codebook as it is now, and its integer
+    coordinates while they still give exactly these codewords)."""
+    try:
+        record = dlp.record()
+    except ConfigError as exc:
+        raise ExportError(f"{_fqn(dlp)}: {exc}") from exc
+    if record.indices.dtype.name not in ("uint8", "int16", "int32"):
+        raise ExportError(f"{_fqn(dlp)}: indices of dtype {record.indices.dtype} are not supported")
+    return record
 
-    indices = dlp.indices.detach().cpu().numpy()
-    dtype = {np.dtype(np.uint8): "uint8", np.dtype(np.int16): "int16", np.dtype(np.int32): "int32"}.get(indices.dtype)
-    if dtype is None:
-        raise ExportError(f"{_fqn(dlp)}: indices of dtype {indices.dtype} are not supported")
-    return indices, dlp.codebook.detach().cpu().to(torch.float32).numpy()
 
-
-def _spec_for(dlp, *, output: str, prefix: str) -> TensorSpec:
-    indices = dlp.indices
-    return TensorSpec(
-        fqn=_fqn(dlp),
-        aliases=tuple(getattr(dlp, "aliases", ())),
-        output=output,
-        shape=tuple(int(s) for s in dlp.shape),
-        lattice=dlp.lattice,
-        n=int(dlp.n),
-        step=float(dlp.step),
-        key=dlp.key,
-        num_vectors=int(indices.numel()),
-        num_codewords=int(dlp.codebook.shape[0]),
-        index_dtype=str(indices.dtype).replace("torch.", ""),
-        zero_index=dlp.zero_index,
-        indices=prefix + "indices",
-        codebook=prefix + "codebook",
-        prefix=prefix,
+def _spec_for(dlp, record: CompressedWeight, *, output: str, prefix: str) -> TensorSpec:
+    return TensorSpec.from_record(
+        record, fqn=_fqn(dlp), aliases=tuple(getattr(dlp, "aliases", ())), output=output, prefix=prefix
     )
+
+
+def _indices(record: CompressedWeight, spec: TensorSpec) -> np.ndarray:
+    """The indices in the dtype the tensor table names (the parameter already keeps that one: no copy)."""
+    return record.indices.astype(spec.index_dtype, copy=False)
 
 
 def _detached_copy(model):
@@ -408,6 +398,7 @@ def to_onnx(
     found, skipped = _match_initializers(proto, dlps, weights)
     b = Body(function=False)
     specs: list[TensorSpec] = []
+    records: dict[str, CompressedWeight] = {}
     lowered: dict[int, TensorSpec] = {}
     extra_inputs = []
     for init_name, dlp in progress_bar(found.items(), total=len(found), desc="lowering weights", unit="weight",
@@ -416,8 +407,9 @@ def to_onnx(
             # (outside the tensor's prefix: with decode="numpy" the alias then reads the decoded initializer)
             b.op(f"{NAME_PREFIX[:-1]}-alias/", "Identity", [lowered[id(dlp)].output], output=init_name)
             continue
-        spec = _spec_for(dlp, output=init_name, prefix=f"{NAME_PREFIX}{_fqn(dlp)}/")
-        indices, codebook = _index_and_codebook(dlp)
+        record = _record_of(dlp)
+        spec = _spec_for(dlp, record, output=init_name, prefix=f"{NAME_PREFIX}{_fqn(dlp)}/")
+        indices = _indices(record, spec)
         if sidecar:
             extra_inputs.append(
                 helper.make_tensor_value_info(
@@ -429,10 +421,11 @@ def to_onnx(
             )
         else:
             b.private(spec.prefix, "indices", indices)
-            spec = store_codebook(b, dlp, spec, codebook)
+            spec = store_codebook(b, record, spec)
         key_name = None if spec.key is None else b.private(spec.prefix, "key", np.asarray(spec.key, np.uint64))
         dequantize_subgraph(b, spec, key_name)
         specs.append(spec)
+        records[spec.fqn] = record
         lowered[id(dlp)] = spec
 
     kept = [init for init in graph.initializer if init.name not in found]
@@ -456,7 +449,7 @@ def to_onnx(
     pair_sidecar = None
     sidecar_bytes = 0
     if sidecar and specs:
-        data = _sidecar_bytes(dlps, specs, content, os.path.basename(path), coder)
+        data = _sidecar_bytes(records, specs, content, os.path.basename(path), coder)
         digest = hashlib.sha256(data).hexdigest()
         pair_sidecar = (_files.sidecar_name(path, digest), data)
         props[_rt.KEY_SIDECAR] = pair_sidecar[0]
@@ -506,34 +499,14 @@ def _write_decoded(float_bytes: bytes, path: str, dlps) -> OnnxExport:
                       onnx_bytes=len(data), sidecar_bytes=0, content_sha256="")
 
 
-def _sidecar_bytes(dlps, specs: list[TensorSpec], content: str, onnx_name: str, coder: str | None) -> bytes:
+def _sidecar_bytes(
+    records: dict[str, CompressedWeight], specs: list[TensorSpec], content: str, onnx_name: str, coder: str | None
+) -> bytes:
     from ..coding import container as _c
+    from ..coding.entries import entry_from_record
 
-    by_fqn = {_fqn(d): d for d in dlps}
-    quantized = []
-    for spec in specs:
-        dlp = by_fqn[spec.fqn]
-        indices, codebook = _index_and_codebook(dlp)
-        # Integer lattice coordinates only while they still give these exact codewords (not fine-tuned).
-        codebook_int = exact_codebook_int(dlp, spec, codebook)
-        codebook_int = None if codebook_int is None else codebook_int.astype(np.int64)
-        kwargs = {} if coder is None else {"coder": coder}
-        quantized.append(
-            _c.QuantizedTensor(
-                fqn=spec.fqn,
-                shape=spec.shape,
-                lattice=spec.lattice,
-                n=spec.n,
-                step=spec.step,
-                key=0 if spec.key is None else spec.key,
-                dither=DITHER_ID if spec.key is not None else "none",
-                indices=indices.astype(np.int64),
-                codebook=None if codebook_int is not None else codebook,
-                codebook_int=codebook_int,
-                zero_index=spec.zero_index,
-                **kwargs,
-            )
-        )
+    # Integer lattice coordinates only while they still give these exact codewords (the record keeps them then).
+    quantized = [entry_from_record(records[spec.fqn], fqn=spec.fqn, coder=coder) for spec in specs]
     meta = {_rt.SIDECAR_META_KEY: {"format": ONNX_FORMAT_ID, "content_sha256": content, "onnx_file": onnx_name}}
     try:
         return _c.encode_container(_c.Container(quantized=quantized, metadata=meta))

@@ -15,9 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from ..dither import FMIX_MULTIPLIERS, KEY_WHITENERS
 from ..errors import ExportError
 from ..lattice import SQRT3, SQRT3_2, get_lattice
-from . import runtime as _rt
+from ..record import CompressedWeight, lattice_factor
 from .runtime import FUNCTION_DOMAIN, SHARED_PREFIX, TensorSpec
 
 __all__ = [
@@ -30,8 +31,9 @@ __all__ = [
     "dequantize_subgraph",
 ]
 
-_C1, _C2 = 0x85EBCA6B, 0xC2B2AE35
-_KA, _KB = 0x9E3779B9, 0x7F4A7C15
+# The generator's constants come from its definition (udnc_fx/dither.py): this is its ONNX twin.
+_C1, _C2 = FMIX_MULTIPLIERS
+_KA, _KB = KEY_WHITENERS
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -239,12 +241,12 @@ def dither_subgraph(b: Body, p: str, key: str, num_vectors: int, lattice: str, n
     r = b.op(p, "Uniform24", [h])
     u = b.op(p, f"DitherRaw_{lat.label}", [r])
     outputs.update(hash=h, uniform=r, raw=u)
-    factor = b.private(p, "factor", np.asarray(float(lat.scale) * float(step), dtype=np.float64))
+    factor = b.private(p, "factor", np.asarray(lattice_factor(lat, step), dtype=np.float64))
     return b.op(p, "Cast", [b.op(p, "Mul", [u, factor])], to=TensorProto.FLOAT)
 
 
 def _codebook_from_int(b: Body, spec: TensorSpec) -> None:
-    """``codebook = float32(from_int(codebook_int) · (scale·Δ))``: :func:`udnc_fx.export.runtime.codebook_from_int`
+    """``codebook = float32(from_int(codebook_int) · (scale·Δ))``: :func:`udnc_fx.record.codebook_from_int`
     (and the quantizer) op for op; every step but the last product is exact."""
     from onnx import TensorProto
 
@@ -263,31 +265,22 @@ def _codebook_from_int(b: Body, spec: TensorSpec) -> None:
     b.op(p, "Cast", [b.op(p, "Mul", [c, factor])], to=TensorProto.FLOAT, output=spec.codebook)
 
 
-def exact_codebook_int(dlp, spec: TensorSpec, codebook: np.ndarray) -> np.ndarray | None:
-    """The codewords' integer lattice coordinates in the narrowest signed dtype, if they still give exactly these
-    float32 codewords (not fine-tuned); else ``None``."""
-    ci = getattr(dlp, "codebook_int", None)
+def exact_codebook_int(record: CompressedWeight) -> np.ndarray | None:
+    """The codewords' integer lattice coordinates in the narrowest signed dtype while the record still has them
+    (its codebook is exactly those lattice points: :func:`udnc_fx.record.on_lattice`); else ``None``."""
+    ci = record.codebook_int
     if ci is None:
-        return None
-    ci = np.asarray(ci)
-    if ci.shape != codebook.shape or ci.dtype.kind not in "iu":
-        return None
-    try:
-        rebuilt = _rt.codebook_from_int(ci, spec.lattice, spec.n, spec.step)
-    except ValueError:
-        return None
-    if not np.array_equal(rebuilt.view(np.uint32), codebook.view(np.uint32)):
         return None
     lo, hi = (int(ci.min()), int(ci.max())) if ci.size else (0, 0)
     dtype = next(t for t in (np.int8, np.int16, np.int32, np.int64) if np.iinfo(t).min <= lo and hi <= np.iinfo(t).max)
     return ci.astype(dtype)
 
 
-def store_codebook(b: Body, dlp, spec: TensorSpec, codebook: np.ndarray) -> TensorSpec:
+def store_codebook(b: Body, record: CompressedWeight, spec: TensorSpec) -> TensorSpec:
     """Self-contained storage of a codebook: integer coordinates rebuilt by the graph when exact, else float32."""
-    ci = exact_codebook_int(dlp, spec, codebook)
+    ci = exact_codebook_int(record)
     if ci is None or ci.dtype == np.int64:
-        b.private(spec.prefix, "codebook", codebook)
+        b.private(spec.prefix, "codebook", record.codebook)
         return spec
     spec = dataclasses.replace(spec, codebook_int=b.private(spec.prefix, "codebook_int", ci))
     _codebook_from_int(b, spec)

@@ -50,8 +50,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError, ExportError, FormatError, UdncError
-from ..lattice import get_lattice
-from ..quantizer import codebook_from_int
+from ..record import DECODE_CHUNK_ELEMENTS, codebook_from_int  # noqa: F401 (codebook_from_int: re-exported)
 from . import files as _files
 from .spec import MAX_ELEMENTS, NAME_PREFIX, TensorSpec, tensors_json  # noqa: F401 (re-exported)
 
@@ -328,6 +327,8 @@ def _read_sidecar(info: UdncOnnx, sidecar_path) -> dict[str, tuple[np.ndarray, n
             f"sidecar {sidecar_path} was modified after export (SHA-256 {digest[:16]}… != recorded "
             f"{str(info.props.get(KEY_SIDECAR_SHA))[:16]}… in {onnx_path})",
         )
+    from ..coding.entries import record_from_entry
+
     container = _decode_sidecar(data, info.specs, sidecar_path)
     by_name = {q.fqn: q for q in container.quantized}
     out = {}
@@ -336,15 +337,14 @@ def _read_sidecar(info: UdncOnnx, sidecar_path) -> dict[str, tuple[np.ndarray, n
         where = f"sidecar {sidecar_path}, tensor {spec.fqn!r}"
         if q is None:
             raise FormatError("model_mismatch", f"{where}: missing")
-        key = None if q.dither == "none" else q.key
-        if (tuple(q.shape), q.lattice, q.n, float(q.step), key, q.zero_index) != (
+        rec = record_from_entry(q, where)
+        if (rec.shape, rec.lattice, rec.n, rec.step, rec.key, rec.zero_index) != (
             spec.shape, spec.lattice, spec.n, spec.step, spec.key, spec.zero_index
-        ) or len(q.indices) != spec.num_vectors:
+        ):
             raise FormatError("model_mismatch", f"{where}: its quantizer parameters differ from the ONNX file's")
-        codebook = q.codebook if q.codebook is not None else codebook_from_int(q.codebook_int, q.lattice, q.n, q.step)
-        if codebook.shape != (spec.num_codewords, spec.n):
-            raise FormatError("model_mismatch", f"{where}: codebook shape {codebook.shape}")
-        out[spec.fqn] = (np.asarray(q.indices).astype(spec.index_dtype), np.ascontiguousarray(codebook, np.float32))
+        if rec.codebook.shape != (spec.num_codewords, spec.n):
+            raise FormatError("model_mismatch", f"{where}: codebook shape {rec.codebook.shape}")
+        out[spec.fqn] = (rec.indices.astype(spec.index_dtype), np.ascontiguousarray(rec.codebook))
     return out
 
 
@@ -353,47 +353,28 @@ def _read_sidecar(info: UdncOnnx, sidecar_path) -> dict[str, tuple[np.ndarray, n
 # ---------------------------------------------------------------------------------------------------------------
 
 
-#: Weights decoded per work item: small enough that the float64 temporaries stay in cache, large enough that
-#: NumPy's per-call overhead does not show.
-CHUNK_ELEMENTS = 1 << 18
-
-
-def _decode_rows(spec: TensorSpec, idx: np.ndarray, codebook: np.ndarray, out: np.ndarray, v0: int, v1: int) -> None:
-    from ..dither import uniform_np
-
-    lat = get_lattice(spec.lattice, spec.n)
-    rows = idx[v0:v1]
-    vectors = codebook[rows]
-    if spec.key is not None:
-        # The hash is counter-based: rows v0..v1 need elements v0·n..v1·n of the stream only.
-        r = uniform_np(spec.key, (v1 - v0) * spec.n, start=v0 * spec.n).reshape(-1, spec.n)
-        vectors -= (lat.dither_raw(r) * spec.factor).astype(np.float32)
-    if spec.zero_index is not None:
-        vectors[rows == spec.zero_index] = 0.0
-    out[v0:v1] = vectors
+#: Weights decoded per work item (:data:`udnc_fx.record.DECODE_CHUNK_ELEMENTS`).
+CHUNK_ELEMENTS = DECODE_CHUNK_ELEMENTS
 
 
 def decode_weight_np(spec: TensorSpec, indices: np.ndarray, codebook: np.ndarray, *, executor=None) -> np.ndarray:
     """The decoded weight (float32, ``spec.shape``), bit-exact with the ONNX dequantize subgraph and with
-    ``DitheredLatticeParam.forward``: ``(C[k] − float32(dither_raw(r)·scale·Δ))``, zero index → 0, cut and reshaped.
+    ``DitheredLatticeParam.forward``: :meth:`udnc_fx.record.CompressedWeight.decode` of ``spec.record(...)``,
+    ``(C[k] − float32(dither_raw(r)·scale·Δ))``, zero index → 0, cut and reshaped.
 
     Args:
         spec: the tensor's entry.
         indices, codebook: its indices ``(m,)`` and float32 codebook ``(K, n)``.
         executor: an optional ``concurrent.futures`` executor; the rows are then decoded in chunks on it.
+
+    Raises:
+        FormatError: ``bad_value`` when the arrays do not fit the entry.
     """
-    idx = np.asarray(indices).astype(np.intp, copy=False)
-    codebook = np.asarray(codebook, dtype=np.float32)
-    out = np.empty((spec.num_vectors, spec.n), dtype=np.float32)
-    step = max(1, CHUNK_ELEMENTS // spec.n)
-    bounds = [(v0, min(v0 + step, spec.num_vectors)) for v0 in range(0, spec.num_vectors, step)]
-    if executor is None or len(bounds) <= 1:
-        for v0, v1 in bounds:
-            _decode_rows(spec, idx, codebook, out, v0, v1)
-    else:
-        for f in [executor.submit(_decode_rows, spec, idx, codebook, out, v0, v1) for v0, v1 in bounds]:
-            f.result()
-    return out.reshape(-1)[: spec.numel].reshape(spec.shape)
+    try:
+        record = spec.record(indices, np.asarray(codebook, dtype=np.float32))
+    except ConfigError as exc:
+        raise FormatError("bad_value", f"tensor {spec.fqn!r}: {exc}") from None
+    return record.decode(executor=executor)
 
 
 def _initializer_arrays(model, names: set[str]) -> dict[str, np.ndarray]:

@@ -9,9 +9,12 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from ..dither import DITHER_ID
 from ..errors import ConfigError, FormatError
 from ..lattice import get_lattice
+from ..record import CompressedWeight, index_dtype, lattice_factor
 
 __all__ = ["TensorSpec", "tensors_json", "NAME_PREFIX", "MAX_ELEMENTS"]
 
@@ -69,8 +72,47 @@ class TensorSpec:
 
     @property
     def factor(self) -> float:
-        """``lattice.scale * step`` (float64): raw dither → weight units, as every decoder computes it."""
-        return float(get_lattice(self.lattice, self.n).scale) * float(self.step)
+        """``lattice.scale * step`` (float64): raw dither → weight units (:func:`udnc_fx.record.lattice_factor`)."""
+        return lattice_factor(get_lattice(self.lattice, self.n), self.step)
+
+    @classmethod
+    def from_record(
+        cls, record: CompressedWeight, *, fqn: str, aliases: tuple[str, ...] = (), output: str, prefix: str
+    ) -> TensorSpec:
+        """The entry of ``record`` whose dequantize subgraph (names under ``prefix``) produces ``output``; its
+        indices take the narrowest dtype for the codebook (:func:`udnc_fx.record.index_dtype`), its index and
+        codebook tensors are named ``<prefix>indices`` and ``<prefix>codebook``."""
+        return cls(
+            fqn=fqn,
+            aliases=tuple(aliases),
+            output=output,
+            shape=record.shape,
+            lattice=record.lattice,
+            n=record.n,
+            step=record.step,
+            key=record.key,
+            num_vectors=record.num_vectors,
+            num_codewords=record.num_codewords,
+            index_dtype=index_dtype(record.num_codewords).name,
+            zero_index=record.zero_index,
+            indices=prefix + "indices",
+            codebook=prefix + "codebook",
+            prefix=prefix,
+        )
+
+    def record(
+        self, indices: np.ndarray, codebook: np.ndarray | None, codebook_int: np.ndarray | None = None
+    ) -> CompressedWeight:
+        """The compressed weight this entry describes, with its ``indices`` and float32 ``codebook`` (or, with
+        ``codebook=None``, the integer lattice coordinates ``codebook_int`` it is rebuilt from).
+
+        Raises:
+            ConfigError: arrays that do not fit the entry (shapes, dtypes, index range, no lattice points).
+        """
+        return CompressedWeight(
+            indices=np.asarray(indices), codebook=codebook, codebook_int=codebook_int, shape=self.shape,
+            lattice=self.lattice, n=self.n, step=self.step, key=self.key, zero_index=self.zero_index,
+        )
 
     def to_json(self) -> dict:
         return {

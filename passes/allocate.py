@@ -50,10 +50,10 @@ import torch
 from torch import fx, nn
 
 from ..config import CompressConfig, LayerConfig
-from ..dither import tensor_key
 from ..errors import ConfigError
 from ..lattice import get_lattice
-from ..quantizer import entropy_bits_per_weight, quantize_array, raw_dither, vectors_of
+from ..quantizer import entropy_bits_per_weight, quantize_array, vectors_of
+from ..record import raw_dither, weight_key
 from .quantize import layer_stats as _layer_stats, solve_relative_step
 from .select import Candidate, select_weights
 from .trace import prepare
@@ -218,7 +218,7 @@ def _prepare(model: nn.Module, config: CompressConfig) -> tuple[nn.Module, list[
         w, std = _layer_stats(cand)
         lat = get_lattice(cand.lattice, cand.n)
         v = vectors_of(w, lat.dim)
-        key = tensor_key(config.seed, cand.fqn) if config.dithered else None
+        key = weight_key(config.seed, cand.fqn, config.dithered)
         # Only a step given by an override is kept; a global step or relative_step is what allocation replaces.
         override = config.overrides.get(cand.override_key) if cand.override_key else None
         fixed = override is not None and (override.step is not None or override.relative_step is not None)
@@ -273,7 +273,7 @@ def _distortions(
             q = quantize_array(
                 L.w, lattice=L.lat.name, n=L.lat.dim, step=step, key=L.key, exact_zero=exact_zero, u_raw=L.u
             )
-            decoded = torch.from_numpy(q.decode(L.w.size).reshape(L.w.shape).copy())
+            decoded = torch.from_numpy(q.decode(raw_dither=L.u).reshape(L.w.shape))
             param.data = decoded.to(dtype=saved.dtype, device=saved.device)
             try:
                 test = output_fn(work, inputs).detach().double()

@@ -308,9 +308,9 @@ def probe_scales(model: nn.Module, candidates: list[Candidate], config: Any, cal
     text, 0.63x on held-out sentences). Measured at 3 bits/weight: mean cosine 0.914 with a compensated probe, 0.963
     with the plain one (calibration sets of 480 and 320 sentences). ``model`` is restored.
     """
-    from ..dither import tensor_key
     from ..lattice import get_lattice
-    from ..quantizer import quantize_array, raw_dither, vectors_of
+    from ..quantizer import quantize_array, vectors_of
+    from ..record import raw_dither, weight_key
     from .quantize import layer_stats as _layer_stats, solve_relative_step
 
     reference = calib.outputs[0] if calib.outputs else None
@@ -324,7 +324,7 @@ def probe_scales(model: nn.Module, candidates: list[Candidate], config: Any, cal
         w, std = _layer_stats(cand)
         lat = get_lattice(cand.lattice, cand.n)
         v = vectors_of(w, lat.dim)
-        key = tensor_key(config.seed, cand.fqn) if config.dithered else None
+        key = weight_key(config.seed, cand.fqn, config.dithered)
         u = raw_dither(key, v.shape[0], lat)
         if cand.step_kind == "target_bits":
             if std == 0.0:
@@ -352,7 +352,7 @@ def probe_scales(model: nn.Module, candidates: list[Candidate], config: Any, cal
                                    exact_zero=config.exact_zero, u_raw=u)
                 param = cand.param
                 saved = param.data
-                param.data = torch.from_numpy(q.decode(w.size).reshape(w.shape).copy()).to(saved.device, saved.dtype)
+                param.data = torch.from_numpy(q.decode(raw_dither=u).reshape(w.shape)).to(saved.device, saved.dtype)
                 try:
                     test = _first_tensor(run_batch(model, calib.batches[0])).detach().to(torch.float64)
                 finally:

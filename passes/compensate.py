@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..lattice import Lattice
+from ..record import lattice_factor, scaled_dither
 
 __all__ = ["inverse_factor", "compensated_points", "BLOCK"]
 
@@ -86,7 +87,7 @@ def compensated_points(
             the weight's row-major order). ``d`` must be a multiple of ``n``.
         factors: one ``(d, d)`` upper factor per group (:func:`inverse_factor`); rows are split evenly by group.
         lat, step: the lattice and Δ (the lattice is scaled by ``lat.scale · Δ``).
-        u_raw: the tensor's raw dither ``(num_vectors, n)`` (:func:`udnc_fx.quantizer.raw_dither`), vectors in
+        u_raw: the tensor's raw dither ``(num_vectors, n)`` (:func:`udnc_fx.record.raw_dither`), vectors in
             row-major order (row ``r``, vector ``b`` is ``r·d/n + b``).
         exact_zero: the point 0 decodes to exactly 0 (see the module docstring).
 
@@ -98,10 +99,10 @@ def compensated_points(
     n = lat.dim
     if d % n or rows % groups:
         raise ValueError(f"a {rows}x{d} weight does not split into {groups} groups of rows of whole {n}-vectors")
-    factor = float(lat.scale) * float(step)
+    factor = lattice_factor(lat, step)
     # The decoder subtracts float32(Δ·u); the feedback uses the same numbers in float64 (its own rounding of
     # c[k] − u to float32 would change the pushed error by ~1e-7 relative: irrelevant to which point is chosen).
-    dither = (u_raw * factor).astype(np.float32).astype(np.float64).reshape(rows, d // n, n)
+    dither = scaled_dither(u_raw, factor).astype(np.float64).reshape(rows, d // n, n)
     nearest = (lambda x: np.round(x) + 0.0) if lat.name == "Z" else lat.nearest_raw
     out = np.empty((rows, d // n, n), dtype=np.float64)
     per_group = rows // groups

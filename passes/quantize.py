@@ -29,12 +29,12 @@ from torch import fx, nn
 from torch.nn.utils import parametrize
 
 from ..config import CompressConfig
-from ..dither import tensor_key
 from ..errors import ConfigError, PassError
 from ..lattice import get_lattice
 from ..param import DitheredLatticeParam
 from ..progress import progress_bar
-from ..quantizer import coded_rate_bits_per_weight, coded_rate_of_raw_points, quantize_array, raw_dither, vectors_of
+from ..quantizer import coded_rate_bits_per_weight, coded_rate_of_raw_points, quantize_array, vectors_of
+from ..record import raw_dither, weight_key
 from ..record_store import set_record
 from .compensate import compensated_points, inverse_factor
 from .select import Candidate, Change, select_weights
@@ -329,7 +329,7 @@ def make_params(
         v = vectors_of(w, lat.dim)
         if v.shape[0] * lat.dim > 2**32:
             raise ConfigError(f"layer {cand.fqn} is too large for the 32-bit dither counter")
-        key = tensor_key(config.seed, cand.fqn) if config.dithered else None
+        key = weight_key(config.seed, cand.fqn, config.dithered)
         if cand.step_kind == "step":
             cand.step = float(cand.step_value)
         elif std == 0.0:
@@ -402,22 +402,15 @@ def make_params(
             u_raw=us[id(cand)],
             raw_points=raw_points,
         )
-        decoded = q.decode(w.size).astype(np.float64)
+        decoded = q.decode(raw_dither=us[id(cand)]).reshape(-1).astype(np.float64)
         err = float(((decoded - w.reshape(-1)) ** 2).sum())
         sig = float((w**2).sum())
-        dlp = DitheredLatticeParam(
-            torch.from_numpy(q.indices),
-            torch.from_numpy(q.codebook),
-            shape=tuple(w.shape),
-            lattice=lat.name,
-            n=lat.dim,
-            step=cand.step,
-            key=key,
-            zero_index=q.zero_index,
+        # the record keeps the codewords' integer coordinates: the container stores those instead of floats while
+        # fine-tuning leaves the codebook untouched
+        dlp = DitheredLatticeParam.from_record(
+            q,
             fqn=cand.fqn,
             aliases=tuple(f"{o}.{a}" if o else a for o, a in cand.owners[1:]),
-            # the container stores these integers instead of floats while fine-tuning leaves the codebook untouched
-            codebook_int=q.codebook_int,
             sqnr_db=10 * math.log10(sig / err) if err > 0 else math.inf,
         ).to(cand.param.device)
         dlp.relative_step = cand.step / std if std > 0 else None

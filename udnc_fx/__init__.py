@@ -9,7 +9,8 @@ What is public here, and why (issue 13): the top level holds what a user calls a
   changes), ``materialize``; ``save``, ``load``, ``read_header``, ``size_report``;
   ``allocate``, ``compress_to``; ``prune``, ``fold_batchnorm``, ``finetune``, ``finetune_float``; ``from_udnc``
   (a ``.udnc`` file of a Hugging Face model back to a ``transformers`` model).
-- **Configs** — ``CompressConfig`` and its per-layer ``LayerConfig``.
+- **Configs** — ``CompressConfig`` and its per-layer ``LayerConfig``; ``TrainOptions`` (``finetune``,
+  ``finetune_float``).
 - **Result types, where a verb here returns them** — ``InspectReport`` (``inspect``), ``Allocation``
   (``allocate``), ``FinetuneResult`` (``finetune``, ``finetune_float``), ``RateSearch`` (``compress_to``), and
   ``DitheredLatticeParam``, the module that serves every compressed weight of ``compress``'s model.
@@ -62,6 +63,7 @@ _LAZY = {
     # configs
     "CompressConfig": "udnc_fx.config",
     "LayerConfig": "udnc_fx.config",
+    "TrainOptions": "udnc_fx.passes.train",
     # result types
     "InspectReport": "udnc_fx.api",
     "Allocation": "udnc_fx.passes.allocate",
@@ -101,6 +103,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .passes.fold import fold_batchnorm
     from .passes.materialize import materialize
     from .passes.prune import prune
+    from .passes.train import TrainOptions
     from .rate import RateSearch, compress_to
     from .record_store import compression_record
 

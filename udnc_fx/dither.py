@@ -29,6 +29,8 @@ from .errors import ConfigError
 __all__ = [
     "DITHER_ID",
     "MAX_COUNT",
+    "FMIX_MULTIPLIERS",
+    "KEY_WHITENERS",
     "tensor_key",
     "key_words",
     "fmix32_np",
@@ -42,6 +44,10 @@ MAX_COUNT = 2**32  # the counter is 32 bits: a tensor's dither may have at most 
 _M32 = 0xFFFFFFFF
 _C1, _C2 = 0x85EBCA6B, 0xC2B2AE35
 _KA, _KB = 0x9E3779B9, 0x7F4A7C15
+#: ``fmix32``'s two multipliers, for the twins of this generator in other runtimes (the ONNX graph).
+FMIX_MULTIPLIERS = (_C1, _C2)
+#: The constants XORed into the key words (``a = fmix32(k0 ^ KA)``, ``b = fmix32(k1 ^ KB ^ a)``), for the twins.
+KEY_WHITENERS = (_KA, _KB)
 
 
 def tensor_key(seed: int, fqn: str) -> int:

@@ -15,28 +15,25 @@ from .coding import limits
 from .coding.coders import DEFAULT_CODER, get_coder
 from .coding.container import (
     Container,
-    QuantizedTensor,
     RawTensor,
     read_container,
     read_header,
     section_sizes,
     write_container,
 )
+from .coding.entries import entry_from_record, record_from_entry
 from .config import CompressConfig
-from .dither import DITHER_ID
 from .errors import ConfigError, FormatError
-from .lattice import get_lattice
 from .param import DitheredLatticeParam
 from .passes.materialize import served_params
 from .passes.quantize import install
 from .passes.select import Candidate, param_owners as _param_owners
 from .passes.trace import prepare
-from .quantizer import codebook_from_int
+from .record import on_lattice
 from .record_store import compression_record, set_record
 
 __all__ = ["save", "load", "read_header", "size_report", "round_for_storage", "SAVE_CODER"]
 
-_NO_DITHER = "none"
 #: The index coder ``save`` uses by default: the one default of ``udnc_fx.coding`` (``ans-dither-v1``: static ANS
 #: with per-dither-bin tables), the same as ``QuantizedTensor``'s and the ONNX sidecar's.
 SAVE_CODER = DEFAULT_CODER
@@ -45,11 +42,10 @@ _LOAD_CONFIG_FIELDS = ("leaf_modules", "fallback")
 
 
 def _codebook_is_untouched(dlp: DitheredLatticeParam) -> bool:
-    ints = getattr(dlp, "codebook_int", None)
-    if ints is None or ints.shape != tuple(dlp.codebook.shape):
-        return False
-    expected = codebook_from_int(ints, dlp.lattice, dlp.n, dlp.step)
-    return np.array_equal(expected, dlp.codebook.detach().cpu().numpy())
+    """Whether the codebook is still the quantizer's lattice points (stored as exact integers): the one rule,
+    :func:`udnc_fx.record.on_lattice`."""
+    codebook = dlp.codebook.detach().cpu().to(torch.float32).numpy()
+    return on_lattice(codebook, dlp.codebook_int, dlp.lattice, dlp.n, dlp.step)
 
 
 def _dlp_state_names(model: nn.Module) -> set[str]:
@@ -114,28 +110,9 @@ def save(
     get_coder(coder)
     quantized = []
     for dlp in dlps:
-        untouched = _codebook_is_untouched(dlp)
         # Only what decoding needs: on a small model every header byte shows in the ratio.
         meta = {"aliases": list(dlp.aliases)} if dlp.aliases else {}
-        quantized.append(
-            QuantizedTensor(
-                fqn=dlp.fqn,
-                shape=dlp.shape,
-                lattice=dlp.lattice,
-                n=dlp.n,
-                step=dlp.step,
-                key=0 if dlp.key is None else dlp.key,
-                dither=_NO_DITHER if dlp.key is None else DITHER_ID,
-                # the narrow stored dtype: the container widens one tensor at a time, so saving a large model
-                # never holds 8 bytes per weight for all of them at once
-                indices=dlp.indices.detach().cpu().numpy(),
-                codebook=dlp.codebook.detach().cpu().numpy().astype(np.float32),
-                codebook_int=dlp.codebook_int if untouched else None,
-                coder=coder,
-                zero_index=dlp.zero_index,
-                meta=meta,
-            )
-        )
+        quantized.append(entry_from_record(dlp.record(), fqn=dlp.fqn, coder=coder, meta=meta))
     raw = [RawTensor(name, t.cpu().numpy()) for name, t in _raw_state(model).items()]
     config = record["config"]
     container = Container(
@@ -292,37 +269,10 @@ def _check_header_against(header: dict, target: nn.Module, tensors: int, model_b
 
 
 def _params_from(container: Container) -> list[DitheredLatticeParam]:
-    dlps = []
-    for q in container.quantized:
-        try:
-            lat = get_lattice(q.lattice, q.n)
-        except ConfigError as exc:
-            raise FormatError("bad_value", f"{q.fqn}: {exc}") from None
-        if q.dither not in (DITHER_ID, _NO_DITHER):
-            raise FormatError("unknown_codec", f"{q.fqn}: unknown dither generator {q.dither!r}")
-        if q.codebook is None:
-            with np.errstate(over="ignore", invalid="ignore"):  # overflow is refused just below
-                codebook = codebook_from_int(q.codebook_int, lat.name, lat.dim, q.step)
-            if not np.isfinite(codebook).all():  # huge coordinates times a huge step: no float32 weight
-                raise FormatError("bad_value", f"{q.fqn}: the integer codebook times the step overflows float32")
-        else:
-            codebook = np.asarray(q.codebook, dtype=np.float32)
-        dlp = DitheredLatticeParam(
-            # uint8 (K <= 256) is the dtype the parameter keeps: no copy; wider unsigned ones go through int64 as before
-            torch.from_numpy(q.indices if q.indices.dtype == np.uint8 else np.asarray(q.indices, dtype=np.int64)),
-            torch.from_numpy(codebook.copy()),
-            shape=tuple(q.shape),
-            lattice=lat.name,
-            n=lat.dim,
-            step=q.step,
-            key=None if q.dither == _NO_DITHER else q.key,
-            zero_index=q.zero_index,
-            fqn=q.fqn,
-            aliases=_aliases(q.meta, q.fqn),
-            codebook_int=q.codebook_int,
-        )
-        dlps.append(dlp)
-    return dlps
+    return [
+        DitheredLatticeParam.from_record(record_from_entry(q), fqn=q.fqn, aliases=_aliases(q.meta, q.fqn))
+        for q in container.quantized
+    ]
 
 
 #: The header metadata key that marks an ONNX export's sidecar (``udnc_fx.export.runtime.SIDECAR_META_KEY``).

@@ -10,30 +10,28 @@ from torch import nn
 
 from .errors import ConfigError
 from .lattice import get_lattice
-from .quantizer import raw_dither
+from .record import CompressedWeight, index_dtype, lattice_factor, on_lattice, raw_dither, scaled_dither
 
 __all__ = ["DitheredLatticeParam", "compute_dither", "index_dtype_for"]
 
+_TORCH_INDEX_DTYPES = {np.dtype(np.uint8): torch.uint8, np.dtype(np.int16): torch.int16, np.dtype(np.int32): torch.int32}
+
 
 def index_dtype_for(num_codewords: int) -> torch.dtype:
-    """The smallest signed-safe integer dtype torch can gather with that holds ``num_codewords - 1``."""
-    if num_codewords <= 256:
-        return torch.uint8
-    if num_codewords <= 2**15:
-        return torch.int16
-    if num_codewords <= 2**31:
-        return torch.int32
-    raise ConfigError(f"{num_codewords} codewords do not fit an int32 index")
+    """The smallest signed-safe integer dtype torch can gather with that holds ``num_codewords - 1``
+    (:func:`udnc_fx.record.index_dtype` as a torch dtype)."""
+    return _TORCH_INDEX_DTYPES[index_dtype(num_codewords)]
 
 
 def compute_dither(key: int, num_vectors: int, lattice: str, n: int, step: float) -> np.ndarray:
     """The dither ``Δ·u`` (float32, ``num_vectors × n``) exactly as every decoder computes it.
 
     ``r`` from the hash stream, ``u_raw = lattice.dither_raw(r)`` in float64 (exact), scaled by the float64
-    product ``lattice.scale * step`` and rounded once to float32. ``step == 0`` is never stored.
+    product ``lattice.scale * step`` and rounded once to float32 (:mod:`udnc_fx.record`'s rules, which
+    :meth:`CompressedWeight.dither` applies too). ``step == 0`` is never stored.
     """
     lat = get_lattice(lattice, n)
-    return (raw_dither(key, num_vectors, lat) * (float(lat.scale) * float(step))).astype(np.float32)
+    return scaled_dither(raw_dither(key, num_vectors, lat), lattice_factor(lat, step))
 
 
 class DitheredLatticeParam(nn.Module):
@@ -97,6 +95,60 @@ class DitheredLatticeParam(nn.Module):
         self.aliases = tuple(aliases)
         self.codebook_int = None if codebook_int is None else np.asarray(codebook_int, dtype=np.int64)
         self.sqnr_db = sqnr_db
+
+    @classmethod
+    def from_record(
+        cls,
+        record: CompressedWeight,
+        *,
+        fqn: str | None = None,
+        aliases: tuple[str, ...] = (),
+        sqnr_db: float | None = None,
+    ) -> DitheredLatticeParam:
+        """The parameter serving ``record`` (its codebook copied into a trainable ``nn.Parameter``; uint8 indices
+        shared with the record, wider ones widened to the dtype the parameter keeps).
+
+        Args:
+            record: the compressed weight.
+            fqn, aliases, sqnr_db: bookkeeping, see the class docstring.
+        """
+        idx = record.indices
+        # uint8 (K <= 256) is the dtype the parameter keeps: no copy; others go through int64 (torch lacks most
+        # unsigned wider dtypes)
+        idx = idx if idx.dtype in (np.uint8, np.int64) else idx.astype(np.int64)
+        codebook = record.codebook if record.codebook.flags.writeable else record.codebook.copy()
+        return cls(
+            torch.from_numpy(idx),
+            torch.from_numpy(codebook),
+            shape=record.shape,
+            lattice=record.lattice,
+            n=record.n,
+            step=record.step,
+            key=record.key,
+            zero_index=record.zero_index,
+            fqn=fqn,
+            aliases=aliases,
+            codebook_int=record.codebook_int,
+            sqnr_db=sqnr_db,
+        )
+
+    def record(self) -> CompressedWeight:
+        """The :class:`~udnc_fx.record.CompressedWeight` of the current state: a copy of the codebook (fine-tuned
+        or not) and, while it is still exactly the quantizer's lattice points (:func:`udnc_fx.record.on_lattice`),
+        their integer coordinates. The indices are shared with the buffer (no copy) when it lives on the CPU."""
+        codebook = self.codebook.detach().cpu().to(torch.float32).numpy().copy()
+        exact = on_lattice(codebook, self.codebook_int, self.lattice, self.n, self.step)
+        return CompressedWeight(
+            indices=self.indices.detach().cpu().numpy(),
+            codebook=codebook,
+            shape=self.shape,
+            lattice=self.lattice,
+            n=self.n,
+            step=self.step,
+            key=self.key,
+            zero_index=self.zero_index,
+            codebook_int=self.codebook_int if exact else None,
+        )
 
     @property
     def numel(self) -> int:

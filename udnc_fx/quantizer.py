@@ -2,22 +2,28 @@
 
 ``v`` (a flattened weight, zero-padded to a multiple of ``n``) is cut into vectors, the dither ``u`` is added,
 ``y = Q(v + u)`` is found on the lattice scaled by Δ, and the distinct lattice points used become the codebook
-(most frequent first). Decoding is ``codebook[k] − u``; with ``dithered=False`` the dither is zero (plain rounding).
+(most frequent first). The result is a :class:`udnc_fx.record.CompressedWeight`, which owns the decode
+(``codebook[k] − u``; without a key the dither is zero: plain rounding) and the dither and scaling rules used here.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 
-from . import dither as _dither
 from .errors import ConfigError
 from .lattice import Lattice, get_lattice
+from .record import (  # noqa: F401 (codebook_from_int, raw_dither: re-exported, their historical home)
+    CompressedWeight,
+    codebook_from_int,
+    entropy_from_counts,
+    lattice_factor,
+    raw_dither,
+    scaled_dither,
+)
 
 __all__ = [
-    "QuantizedArray",
     "quantize_array",
     "codebook_from_int",
     "raw_dither",
@@ -29,30 +35,6 @@ __all__ = [
 ]
 
 
-@dataclass
-class QuantizedArray:
-    """The result of quantizing one tensor."""
-
-    indices: np.ndarray  # int64 (num_vectors,), values in [0, K)
-    codebook: np.ndarray  # float32 (K, n): Δ·scale·(raw lattice point), rounded once
-    codebook_int: np.ndarray  # int64 (K, n): the lattice points' integer coordinates
-    counts: np.ndarray  # int64 (K,)
-    dither: np.ndarray  # float32 (num_vectors, n): Δ·u, exactly what decoders subtract
-    step: float
-    zero_index: int | None  # index of the lattice point 0, if used and exact zeros were asked for
-
-    def decode(self, numel: int) -> np.ndarray:
-        """Decoded flat weight (float32) as every decoder computes it."""
-        vectors = self.codebook[self.indices] - self.dither
-        if self.zero_index is not None:
-            vectors[self.indices == self.zero_index] = 0.0
-        return vectors.reshape(-1)[:numel]
-
-    def entropy_bits(self) -> float:
-        """Empirical order-0 entropy of the indices in bits per weight (per scalar)."""
-        return _entropy_from_counts(self.counts) / self.codebook.shape[1]
-
-
 def vectors_of(values: np.ndarray, n: int) -> np.ndarray:
     """Flatten to float64, zero-pad to a multiple of ``n`` and view as ``(num_vectors, n)``."""
     flat = np.asarray(values, dtype=np.float64).reshape(-1)
@@ -60,30 +42,6 @@ def vectors_of(values: np.ndarray, n: int) -> np.ndarray:
     if pad:
         flat = np.concatenate([flat, np.zeros(pad)])
     return flat.reshape(-1, n)
-
-
-def raw_dither(key: int | None, num_vectors: int, lat: Lattice) -> np.ndarray:
-    """The Voronoi dither in raw lattice coordinates (float64, exact); zeros when ``key`` is None."""
-    if key is None:
-        return np.zeros((num_vectors, lat.dim))
-    r = _dither.uniform_np(key, num_vectors * lat.dim).reshape(num_vectors, lat.dim)
-    return lat.dither_raw(r)
-
-
-def codebook_from_int(codebook_int: np.ndarray, lattice: str, n: int, step: float) -> np.ndarray:
-    """Float32 codewords from integer lattice coordinates, exactly as the quantizer makes them (a format rule:
-    ``float32(from_int(c) · (scale·Δ))``, the product taken in float64 and rounded once)."""
-    lat = get_lattice(lattice, n)
-    return (lat.from_int(np.asarray(codebook_int)) * (float(lat.scale) * float(step))).astype(np.float32)
-
-
-def _entropy_from_counts(counts: np.ndarray) -> float:
-    counts = np.asarray(counts, dtype=np.float64)
-    counts = counts[counts > 0]
-    if counts.size == 0:
-        return 0.0
-    p = counts / counts.sum()
-    return float(-(p * np.log2(p)).sum())
 
 
 def _row_keys(points: np.ndarray) -> np.ndarray:
@@ -149,8 +107,15 @@ def _unique_rows(points: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
 
 
 def _lattice_points(v: np.ndarray, dither32: np.ndarray, lat: Lattice, factor: float) -> np.ndarray:
-    # Nearest point of the scaled lattice (factor = scale·Δ) to v + u, in raw coordinates.
+    # Nearest point of the scaled lattice (factor = scale·Δ) to v + u, in raw coordinates, with u the float32
+    # dither every decoder subtracts.
     return lat.nearest_raw((v + dither32.astype(np.float64)) / factor)
+
+
+def _points_at(v: np.ndarray, u_raw: np.ndarray, lat: Lattice, step: float) -> np.ndarray:
+    """Integer lattice points of the vectors ``v`` rounded with the raw dither ``u_raw`` at ``step``."""
+    factor = lattice_factor(lat, step)
+    return lat.to_int(_lattice_points(v, scaled_dither(u_raw, factor), lat, factor))
 
 
 def coded_rate_of_raw_points(raw_points: np.ndarray, lat: Lattice) -> float:
@@ -162,10 +127,8 @@ def entropy_bits_per_weight(
     v: np.ndarray, lat: Lattice, step: float, u_raw: np.ndarray
 ) -> float:
     """Order-0 entropy (bits per weight) of the indices ``v`` would get at ``step`` (``v``: num_vectors × n)."""
-    factor = float(lat.scale) * float(step)
-    dither32 = (u_raw * factor).astype(np.float32)
-    points = lat.to_int(_lattice_points(v, dither32, lat, factor))
-    return _entropy_from_counts(_count_rows(points)) / lat.dim
+    points = _points_at(v, u_raw, lat, step)
+    return entropy_from_counts(_count_rows(points)) / lat.dim
 
 
 def rate_bits_of_points(points: np.ndarray, lattice: str) -> float:
@@ -184,7 +147,7 @@ def rate_bits_of_points(points: np.ndarray, lattice: str) -> float:
     if m == 0:
         return 0.0
     counts = _count_rows(points)
-    h_joint = _entropy_from_counts(counts)
+    h_joint = entropy_from_counts(counts)
     if n == 1:
         return h_joint
     h_coords = coordinate_entropy_bits(points, lattice)
@@ -194,9 +157,7 @@ def rate_bits_of_points(points: np.ndarray, lattice: str) -> float:
 def coded_rate_bits_per_weight(v: np.ndarray, lat: Lattice, step: float, u_raw: np.ndarray) -> float:
     """:func:`rate_bits_of_points` of the points ``v`` (num_vectors × n) would get at ``step``: what ``target_bits``
     solves for."""
-    factor = float(lat.scale) * float(step)
-    dither32 = (u_raw * factor).astype(np.float32)
-    points = lat.to_int(_lattice_points(v, dither32, lat, factor))
+    points = _points_at(v, u_raw, lat, step)
     return rate_bits_of_points(points, lat.name)
 
 
@@ -210,7 +171,7 @@ def quantize_array(
     exact_zero: bool = False,
     u_raw: np.ndarray | None = None,
     raw_points: np.ndarray | None = None,
-) -> QuantizedArray:
+) -> CompressedWeight:
     """Quantize ``values`` with the randomized lattice quantizer.
 
     Args:
@@ -225,6 +186,9 @@ def quantize_array(
 
     Raises:
         ConfigError: non-finite values or step, or an unknown lattice.
+
+    Returns:
+        The :class:`~udnc_fx.record.CompressedWeight` of ``values`` (shape ``values.shape``; ``codebook_int`` set).
     """
     lat = get_lattice(lattice, n)
     if not (isinstance(step, (int, float, np.floating)) and math.isfinite(step) and step > 0):
@@ -234,13 +198,10 @@ def quantize_array(
         raise ConfigError("cannot quantize NaN or Inf values")
     if u_raw is None:
         u_raw = raw_dither(key, v.shape[0], lat)
-    factor = float(lat.scale) * float(step)
-    dither32 = (u_raw * factor).astype(np.float32)
     if raw_points is None:
-        raw = _lattice_points(v, dither32, lat, factor)
+        points = _points_at(v, u_raw, lat, step)
     else:
-        raw = np.asarray(raw_points, dtype=np.float64).reshape(v.shape)
-    points = lat.to_int(raw)
+        points = lat.to_int(np.asarray(raw_points, dtype=np.float64).reshape(v.shape))
     uniq_points, inverse, counts = _unique_rows(points)
     # Most frequent codeword first (helps byte-oriented coders); ties broken by the integer coordinates.
     order = np.lexsort(tuple(uniq_points[:, j] for j in range(lat.dim - 1, -1, -1)) + (-counts,))
@@ -248,18 +209,20 @@ def quantize_array(
     rank[order] = np.arange(order.size)
     indices = rank[inverse.reshape(-1)].astype(np.int64)
     codebook_int = uniq_points[order]
-    codebook = codebook_from_int(codebook_int, lat.name, lat.dim, step)
     zero_index = None
     if exact_zero:
         hits = np.flatnonzero(~codebook_int.any(axis=1))
         if hits.size:
             zero_index = int(hits[0])
-    return QuantizedArray(
+    # codebook=None: the record computes the codewords from the integers by the one rule (codebook_from_int)
+    return CompressedWeight(
         indices=indices,
-        codebook=codebook,
+        codebook=None,
         codebook_int=codebook_int,
-        counts=counts[order].astype(np.int64),
-        dither=dither32,
+        shape=np.shape(values),
+        lattice=lat.name,
+        n=lat.dim,
         step=float(step),
+        key=key,
         zero_index=zero_index,
     )

@@ -139,3 +139,22 @@ def test_functions_are_shared_and_model_is_small():
     sizes = {i.name: onnx.numpy_helper.to_array(i).size for i in model.graph.initializer}
     assert sizes["udnc/layer.weight/indices"] == 512
     assert all(v <= 8 for k, v in sizes.items() if not k.endswith(("/indices", "/codebook", "/codebook_int")))
+
+
+@pytest.mark.parametrize("lattice,n", ALL_LATTICES, ids=[f"{l}{n}" if l == "Z" else l for l, n in ALL_LATTICES])
+def test_the_three_dither_implementations_agree_through_the_record(lattice, n):
+    """The record's NumPy dither (the definition), the torch hash twin (``uniform_torch`` with the same lattice and
+    scaling rules) and the ONNX graph's twin give the same float32 bits, and the graph decodes the record's weight."""
+    from udnc_fx.record import scaled_dither
+
+    w = np.random.default_rng(3).standard_normal((37, 11)).astype(np.float32)
+    key = dither.tensor_key(9, "block.weight")
+    rec = quantize_array(w, lattice=lattice, n=n, step=0.07, key=key, exact_zero=True)
+    m, lat = rec.num_vectors, get_lattice(lattice, n)
+    via_torch = scaled_dither(lat.dither_raw(dither.uniform_torch(key, m * n).numpy().reshape(m, n)), rec.factor)
+    (via_onnx,) = _session(build_dither_model(m, lattice, n, 0.07, key=key)).run(["dither"], {})
+    np.testing.assert_array_equal(_bits(via_torch), _bits(rec.dither()))
+    np.testing.assert_array_equal(_bits(via_onnx), _bits(rec.dither()))
+    dlp = DitheredLatticeParam.from_record(rec, fqn="block.weight")
+    (weight,) = _session(build_decode_model(dlp)).run(["weight"], {})
+    np.testing.assert_array_equal(_bits(weight), _bits(rec.decode()))

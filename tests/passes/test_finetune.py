@@ -13,7 +13,7 @@ from torch import nn
 import udnc_fx
 from udnc_fx import ConfigError, PassError
 from udnc_fx.demo import evaluate, load_digits_split, train_digits_cnn
-from udnc_fx.passes.finetune import average_codeword_gradients, finetune, finetune_float
+from udnc_fx.passes.finetune import TrainOptions, average_codeword_gradients, finetune, finetune_float
 from udnc_fx.passes.materialize import served_params
 
 
@@ -351,6 +351,73 @@ def test_finetune_float_keeps_pruned_weights_at_zero_and_trains_the_rest():
         finetune_float(model, {"fc.nope": mask}, batches, F.mse_loss, progress=False)
     with pytest.raises(ConfigError, match="shape"):
         finetune_float(model, {"fc.weight": mask[:2]}, batches, F.mse_loss, progress=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One options object for both verbs
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _tiny_batches():
+    g = torch.Generator().manual_seed(3)
+    return [(torch.randn(4, 5, generator=g), torch.randn(4, 3, generator=g)) for _ in range(3)]
+
+
+def test_options_object_and_keywords_train_the_same_codewords():
+    codebooks = []
+    for how in ("keywords", "options", "options overridden"):
+        gm = udnc_fx.compress(Tiny(), udnc_fx.CompressConfig(step=0.25, seed=4))
+        if how == "keywords":
+            finetune(gm, _tiny_batches(), linear_loss, epochs=2, lr=0.05, optimizer="sgd", progress=False)
+        elif how == "options":
+            finetune(gm, _tiny_batches(), linear_loss,
+                     options=TrainOptions(epochs=2, lr=0.05, optimizer="sgd", progress=False))
+        else:  # keywords win over the options' fields
+            finetune(gm, _tiny_batches(), linear_loss, options=TrainOptions(epochs=9, lr=1.0, progress=False),
+                     epochs=2, lr=0.05, optimizer="sgd")
+        codebooks.append(served_params(gm)[0].codebook.detach().clone())
+    assert torch.equal(codebooks[0], codebooks[1]) and torch.equal(codebooks[0], codebooks[2])
+
+
+def test_one_options_object_serves_both_verbs_with_their_own_defaults():
+    options = TrainOptions(epochs=1, lr=0.05, progress=False)
+
+    class Biased(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(5, 3)
+            self.ln = nn.LayerNorm(3)
+
+        def forward(self, x):
+            return self.ln(self.fc(x))
+
+    torch.manual_seed(0)
+    model = Biased()
+    gm = udnc_fx.compress(model, udnc_fx.CompressConfig(step=0.25, seed=4))
+    bias, ln = gm.fc.bias.detach().clone(), gm.ln.weight.detach().clone()
+    finetune(gm, _tiny_batches(), linear_loss, options=options)  # codewords only by default
+    assert torch.equal(gm.fc.bias, bias) and torch.equal(gm.ln.weight, ln)
+
+    bias, ln = model.fc.bias.detach().clone(), model.ln.weight.detach().clone()
+    finetune_float(model, {}, _tiny_batches(), linear_loss, options=options)  # everything by default
+    assert not torch.equal(model.fc.bias, bias) and not torch.equal(model.ln.weight, ln)
+
+    bias = model.fc.bias.detach().clone()
+    finetune_float(model, {}, _tiny_batches(), linear_loss, options=TrainOptions(epochs=1, train_bias=False,
+                                                                                 progress=False))
+    assert torch.equal(model.fc.bias, bias)  # an explicit choice in the options is respected
+
+
+def test_unknown_keywords_and_wrong_options_are_refused():
+    gm = udnc_fx.compress(Tiny(), udnc_fx.CompressConfig(step=0.25))
+    with pytest.raises(TypeError, match="unexpected keyword argument 'epoch'"):
+        finetune(gm, _tiny_batches(), linear_loss, epoch=2)
+    with pytest.raises(TypeError, match="grad_rule"):
+        finetune_float(Tiny(), {}, _tiny_batches(), linear_loss, grad_rule="sum")  # codebooks only
+    with pytest.raises(ConfigError, match="TrainOptions"):
+        finetune(gm, _tiny_batches(), linear_loss, options={"epochs": 2})
+    with pytest.raises(ConfigError, match="lr"):
+        finetune(gm, _tiny_batches(), linear_loss, options=TrainOptions(progress=False), lr=-1.0)
 
 
 # ----------------------------------------------------------------------------------------------------------------

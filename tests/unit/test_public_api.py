@@ -18,7 +18,7 @@ VERBS = {
     "compress", "inspect", "compression_record", "materialize", "save", "load", "read_header", "size_report", "allocate", "compress_to",
     "prune", "fold_batchnorm", "finetune", "finetune_float", "from_udnc",
 }
-CONFIGS = {"CompressConfig", "LayerConfig"}
+CONFIGS = {"CompressConfig", "LayerConfig", "TrainOptions"}
 RESULTS = {"InspectReport", "Allocation", "FinetuneResult", "RateSearch", "DitheredLatticeParam"}
 ERRORS = {"UdncError", "ConfigError", "UnsupportedModelError", "PassError", "ExportError", "FormatError"}
 

@@ -40,7 +40,7 @@ def test_quantize_array_indices_and_codebook_follow_the_documented_order(lattice
     lat = get_lattice(lattice, n)
     v = quantizer.vectors_of(w, lat.dim)
     factor = float(lat.scale) * 0.3
-    points = lat.to_int(quantizer._lattice_points(v, q.dither, lat, factor))
+    points = lat.to_int(quantizer._lattice_points(v, q.dither(), lat, factor))
     assert np.array_equal(q.codebook_int[q.indices], points)
     _, _, ref_counts = _reference(points)
     assert q.counts.tolist() == sorted(ref_counts.tolist(), reverse=True)

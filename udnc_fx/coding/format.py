@@ -9,7 +9,6 @@ the per-tensor key derivation and the canonical JSON the header is written in. :
 
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from udnc_fx.coding import lattice_coords as _lc
+from udnc_fx.dither import tensor_key
 from udnc_fx.errors import FormatError
 
 __all__ = [
@@ -140,13 +140,10 @@ def _json_default(obj: Any) -> Any:
 
 
 def derived_key(seed: int, fqn: str) -> int:
-    """The dither key of tensor ``fqn`` under ``seed`` (docs/FORMAT.md, *Per-tensor key*; the same as
-    ``udnc_fx.dither.tensor_key``): ``blake2b(b"udnc-key-v1\\0" || u64le(seed) || utf8(fqn), digest_size=8)`` as a
-    little-endian u64. What an omitted ``key`` means for a dithered tensor."""
-    digest = hashlib.blake2b(
-        b"udnc-key-v1\0" + int(seed).to_bytes(8, "little") + fqn.encode("utf-8"), digest_size=8
-    ).digest()
-    return int.from_bytes(digest, "little")
+    """The dither key of tensor ``fqn`` under ``seed`` (docs/FORMAT.md, *Per-tensor key*): the one definition,
+    :func:`udnc_fx.dither.tensor_key` (``blake2b(b"udnc-key-v1\\0" || u64le(seed) || utf8(fqn), digest_size=8)``
+    as a little-endian u64). What an omitted ``key`` means for a dithered tensor; callers pass a validated seed."""
+    return tensor_key(seed, fqn)
 
 
 def default_key(seed: int, fqn: str, dither: str) -> int:

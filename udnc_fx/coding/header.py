@@ -80,7 +80,9 @@ class QuantizedTensor:
             writer stores these (entropy-coded when that is smaller) instead of ``codebook`` and the reader returns
             them with ``codebook=None``; the caller rebuilds the floats. The writer checks that every row is a
             lattice point but cannot check that ``codebook`` still equals them (it does not know the lattice's
-            generator), so pass them only for codebooks that were not fine-tuned.
+            generator), so pass them only for codebooks that were not fine-tuned: build entries from a
+            :class:`udnc_fx.record.CompressedWeight` with :func:`udnc_fx.coding.entries.entry_from_record`, and read
+            them back with :func:`~udnc_fx.coding.entries.record_from_entry` (the one mapping each way).
         coder: the index coder's registered name.
         zero_index: the index that decodes to exactly 0 whatever the dither (pruned weights), or ``None``.
         meta: JSON-able per-tensor facts (e.g. ``sqnr_db``), stored in the header.
