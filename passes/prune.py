@@ -110,8 +110,8 @@ def prune(
         ConfigError: ``model`` is not an ``nn.Module``, sparsity outside ``[0, 1)``, an unknown scope, a bad ``n``,
             or NaN/Inf weights.
         PassError: no weight is selected (nothing to prune, e.g. an already compressed model).
-        UnsupportedModelError: ``model`` is not an ``nn.Module``, or torch.fx cannot trace it and
-            ``config.fallback == "error"`` (as :func:`udnc_fx.compress` would refuse it).
+        UnsupportedModelError: torch.fx cannot trace ``model`` and ``config.fallback == "error"`` (as
+            :func:`udnc_fx.compress` would refuse it).
     """
     sparsity = check_sparsity(sparsity)
     if scope not in _SCOPES:

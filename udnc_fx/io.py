@@ -418,6 +418,7 @@ def params_from(container: Container) -> list[DitheredLatticeParam]:
     (``udnc_fx.hf_io.decoded_state_dict``).
 
     Raises:
-        FormatError: an entry names an unknown lattice or dither generator, or its codebook overflows float32.
+        FormatError: ``unknown_codec`` for an unknown dither generator, ``bad_value`` for an entry no compressed
+            weight can have (an unknown lattice, an integer codebook that overflows float32 once scaled).
     """
     return _params_from(container)
