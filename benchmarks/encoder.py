@@ -10,6 +10,8 @@ udnc-fx settings (all post-training, no fine-tuning, no pruning; calibration onl
 * ``plain + probe allocation``: ``compress(..., calibration=batches, config(compensate=False))`` — each weight
   rounded on its own, steps allocated by the probe (what the project did before this encoder);
 * ``compensated``: the default with calibration — error-compensating dithered rounding, probe allocation;
+* ``compensated + sequential H``: the same with ``sequential=True`` (each layer's ``H`` measured through the
+  already-quantized earlier layers);
 * ``compensated + 4 seed trials``: the same, keeping the best of 4 dither seeds on the calibration batches
   (each "seed" of the table is then a base seed whose 4 trials are ``seed·4 … seed·4+3``).
 
@@ -19,7 +21,9 @@ scored on the test split; MiniLM calibrates on ``benchmarks/data/calibration.txt
 
 Also measured: per-layer output error ``tr(ΔW·H·ΔWᵀ)/rows`` on the calibration inputs of plain against compensated
 rounding at *equal rate* (each layer's step solved separately to the same bits per weight for each rounding), and
-the time ``compress`` with calibration takes on MiniLM (single thread; set ``OMP_NUM_THREADS=1``).
+the time ``compress`` with calibration takes on MiniLM (single thread; set ``OMP_NUM_THREADS=1``; wall and process
+CPU seconds), and how many calibration sentences MiniLM needs before every Linear layer is compensated
+(``--rows-only`` prints that table alone, ``--time-only`` the encode times alone).
 
 Run: ``OMP_NUM_THREADS=1 python benchmarks/encoder.py [--model digits|minilm|both] [--seeds 0,1,2,3,4] [--quick]``.
 Writes ``benchmarks/out/encoder.md`` and ``encoder.json``.
@@ -52,13 +56,14 @@ def _variants(quick: bool) -> list[dict]:
     out = [
         {"label": "plain + probe allocation", "compensate": False, "trials": 1},
         {"label": "compensated", "compensate": True, "trials": 1},
+        {"label": "compensated + sequential H", "compensate": True, "trials": 1, "sequential": True},
     ]
     if not quick:
         out.append({"label": "compensated + 4 seed trials", "compensate": True, "trials": 4})
     return out
 
 
-def _calibration(task) -> list:
+def _calibration(task, doc_sentences: int | None = None) -> list:
     if task.key == "digits":
         x = task.extra["data"].x_train  # the TRAIN split only (the score is on the test split)
         return [x[i : i + 256] for i in range(0, len(x), 256)]
@@ -69,8 +74,39 @@ def _calibration(task) -> list:
     tokenizer = task.extra["tokenizer"]
     own = peers.read_sentences(peers.DATA / "calibration.txt")
     evaluation = set(peers.read_sentences(peers.DATA / "sentences.txt"))
-    more = _calib_text.python_doc_sentences(MINILM_DOC_SENTENCES, exclude=evaluation | set(own))
+    count = MINILM_DOC_SENTENCES if doc_sentences is None else doc_sentences
+    more = _calib_text.python_doc_sentences(count, exclude=evaluation | set(own)) if count else []
     return [task.extra["calibration_batch"]] + _calib_text.batches(tokenizer, more)
+
+
+def calibration_rows(task, counts=(0, 32, 64, 96, 128, 288)) -> list[dict]:
+    """How many calibration sentences compensation needs on MiniLM: for each number of documentation sentences
+    added to the 32 of calibration.txt, the input rows every layer's ``H`` is built from (token positions of the
+    padded batches: the hooks see padding too) and how many layers get compensated rounding (the rule in
+    ``passes/calibrate.py``: at least ``MIN_ROWS_PER_COLUMN`` rows per input column), checked by a real calibration
+    pass for each count."""
+    import udnc_fx
+    from udnc_fx.passes.trace import prepare
+    from udnc_fx.passes.calibrate import collect_inputs
+    from udnc_fx.passes.select import select_weights
+
+    cfg = udnc_fx.CompressConfig(**task.udnc_fields)
+    target, _ = prepare(task.float_model, cfg)
+    gm = target if isinstance(target, torch.fx.GraphModule) else None
+    cands, _ = select_weights(target, cfg, gm)
+    out = []
+    for count in counts:
+        batches = _calibration(task, count)
+        calib = collect_inputs(target, cands, batches, keep_outputs=False)
+        widths = sorted({rec.d for rec in calib.inputs.values()})
+        out.append({"doc_sentences": count, "sentences": 32 + count,
+                    "rows": int(sum(b["input_ids"].numel() for b in batches)),
+                    "real_tokens": int(sum(b["attention_mask"].sum() for b in batches)),
+                    "compensated": len(calib.inputs),
+                    "linear_layers": len(calib.inputs) + sum(1 for why in calib.fallback.values() if "rows" in why),
+                    "widths": widths})
+        C.log(f"  [minilm] calibration {out[-1]}")
+    return out
 
 
 def _udnc_point(task, variant, bits, seeds, calibration, tmp: Path) -> C.Point:
@@ -81,7 +117,8 @@ def _udnc_point(task, variant, bits, seeds, calibration, tmp: Path) -> C.Point:
     for seed in seeds:
         base = seed * variant["trials"]
         cfg = udnc_fx.CompressConfig(target_bits=bits, seed=base, compensate=variant["compensate"],
-                                     seed_trials=variant["trials"], **task.udnc_fields)
+                                     sequential=variant.get("sequential", False), seed_trials=variant["trials"],
+                                     **task.udnc_fields)
         path = tmp / f"{task.key}-{variant['label'].replace(' ', '_')}-{bits:.4g}-{seed}.udnc"
         with C.Stopwatch() as enc:
             gm = udnc_fx.compress(task.float_model, cfg, calibration=calibration)
@@ -159,22 +196,27 @@ def layer_errors(task, calibration, bits: float, seed: int = 0) -> list[dict]:
 
 
 def encode_time(task, calibration, bits: float) -> dict:
+    """Wall and process CPU seconds of ``compress`` on one thread (CPU time: the machine is shared, and a loaded
+    machine stretches the wall time of a single-threaded process far more than its CPU time)."""
     import udnc_fx
 
     torch.set_num_threads(1)
     out = {}
     for label, kwargs in (("no calibration", {}), ("calibration (compensated, probe allocation)",
-                                                    {"calibration": calibration})):
-        cfg = udnc_fx.CompressConfig(target_bits=bits, **task.udnc_fields)
+                                                    {"calibration": calibration}),
+                          ("calibration, sequential", {"calibration": calibration, "sequential": True})):
+        cfg = udnc_fx.CompressConfig(target_bits=bits, sequential=kwargs.pop("sequential", False), **task.udnc_fields)
+        cpu = time.process_time()
         with C.Stopwatch() as sw:
-            udnc_fx.compress(task.float_model, cfg, **kwargs)
-        out[label] = sw.s
+            udnc_fx.compress(task.float_model, cfg, progress=False, **kwargs)
+        out[label] = (sw.s, time.process_time() - cpu)
     raw = b"".join(t.float().numpy().tobytes() for t in task.state.values())
     import zlib
 
+    cpu = time.process_time()
     with C.Stopwatch() as z:
         zlib.compress(raw, 1)
-    out["zlib level 1 on the float32 state_dict (yardstick)"] = z.s
+    out["zlib level 1 on the float32 state_dict (yardstick)"] = (z.s, time.process_time() - cpu)
     return out
 
 
@@ -208,6 +250,7 @@ def run(task, quick: bool, seeds: list[int], tmp: Path, nncodec_ok: bool, ladder
             result["layers"] = layer_errors(task, calibration, probe_bits)
         C.log(f"  [{task.key}] per-layer equal-rate errors at {probe_bits} bits in {sw.s:.1f} s")
     if task.key == "minilm" and extras:
+        result["calibration_rows"] = calibration_rows(task)
         result["encode_time"] = encode_time(task, calibration, 3.0)
         C.log(f"  [{task.key}] encode time {result['encode_time']}")
     if sweep is not None:
@@ -248,14 +291,23 @@ def report(results: list[dict], command: str) -> str:
                  f"{x['err_comp']:.4g}", f"{x['ratio']:.3f}"] for x in r["layers"]]
         lines.append(C.md_table(["layer", "weights", "bits plain", "bits comp", "error plain", "error comp",
                                  "comp/plain"], rows))
+        if r.get("calibration_rows"):
+            lines.append("\nCalibration rows and compensated layers (a layer with d input columns is compensated when "
+                         "its H comes from at least 2·d rows):\n")
+            lines.append(C.md_table(
+                ["sentences (32 + docs)", "input rows (padded tokens)", "real tokens", "compensated / Linear layers"],
+                [[x["sentences"], x["rows"], x["real_tokens"], f"{x['compensated']} / {x['linear_layers']}"]
+                 for x in r["calibration_rows"]]))
         if r.get("encode_time"):
             lines.append("\nEncode time, one thread (compress only, target 3 bits):\n")
-            lines.append(C.md_table(["what", "seconds"], [[k, f"{v:.2f}"] for k, v in r["encode_time"].items()]))
+            lines.append(C.md_table(["what", "wall s", "process CPU s"],
+                                    [[k, f"{v[0]:.2f}", f"{v[1]:.2f}"] for k, v in r["encode_time"].items()]))
         lines.append("")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
+    global MINILM_DOC_SENTENCES
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="both", choices=["digits", "minilm", "both"])
     ap.add_argument("--seeds", default="0,1,2,3,4")
@@ -264,9 +316,28 @@ def main(argv=None) -> int:
     ap.add_argument("--bits", default=None, help="comma-separated target bits ladder, fine to coarse")
     ap.add_argument("--variants", default=None, help="comma-separated subset of the udnc-fx settings' labels")
     ap.add_argument("--no-extras", action="store_true", help="skip the per-layer table and the encode-time runs")
+    ap.add_argument("--doc-sentences", type=int, default=MINILM_DOC_SENTENCES,
+                    help="MiniLM: Python-documentation sentences added to calibration.txt's 32")
+    ap.add_argument("--time-only", action="store_true", help="MiniLM: only the encode-time table")
+    ap.add_argument("--rows-only", action="store_true",
+                    help="MiniLM: only the calibration-rows table (how many sentences compensation needs)")
     ap.add_argument("--out", default=str(C.OUT))
     args = ap.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
+    MINILM_DOC_SENTENCES = args.doc_sentences
+    if args.time_only:
+        task = peers.minilm_task()
+        times = encode_time(task, _calibration(task), 3.0)
+        print(C.md_table(["what", "wall s", "process CPU s"], [[k, f"{v[0]:.2f}", f"{v[1]:.2f}"] for k, v in times.items()]))
+        return 0
+    if args.rows_only:
+        task = peers.minilm_task()
+        rows = calibration_rows(task)
+        print(C.md_table(["sentences (32 + docs)", "input rows (padded tokens)", "real tokens",
+                          "compensated / Linear layers"],
+                         [[x["sentences"], x["rows"], x["real_tokens"], f"{x['compensated']} / {x['linear_layers']}"]
+                          for x in rows]))
+        return 0
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     nncodec_ok = False

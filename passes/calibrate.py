@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +51,11 @@ __all__ = [
     "probe_scales",
     "MIN_ROWS_PER_COLUMN",
 ]
+
+
+class _StopForward(BaseException):
+    """Raised from a hook once every hooked layer of a batch has run: the rest of the forward is not needed.
+    A ``BaseException`` so that a model's own ``except Exception`` cannot swallow it."""
 
 # A layer whose H was estimated from fewer input rows than this many per column gets plain rounding. Why: with few
 # rows, H is nearly singular and compensation fits the calibration inputs instead of the layer: on all-MiniLM-L6-v2
@@ -89,6 +95,21 @@ class Calibration:
     outputs: list[torch.Tensor] | None = None
     scales: dict[str, float] | None = None  # allocation: Δ_l = c·scales[fqn] (probe sensitivities)
     allocation_note: str | None = None
+    probe_step: float | None = None  # the probe's one relative step (plain rounding): the rate solve's first guess
+    #: parameter fqns in the order their layers first ran, grouped into stages: consecutive calls on the same input
+    #: tensor (a transformer's q, k, v) form one stage (sequential compensation re-measures H stage by stage)
+    stages: list[list[str]] = field(default_factory=list)
+    #: per batch, how many times each hooked module ran (lets a later pass stop a forward once they all have)
+    calls: list[dict[str, int]] = field(default_factory=list)
+    #: the float model the inputs were measured on, kept only for sequential compensation (``config.sequential``)
+    model: Any = None
+
+    def release(self, fqn: str) -> None:
+        """Drop the ``Σ x xᵀ`` of ``fqn`` once its factors are computed (memory: one ``d×d`` array per layer, not
+        two). The row count stays for the record."""
+        rec = self.inputs.get(fqn)
+        if rec is not None:
+            rec.sums = None
 
 
 def as_batches(calibration: Any) -> list[Any]:
@@ -159,12 +180,27 @@ def _columns(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def collect_inputs(
-    model: nn.Module, candidates: list[Candidate], batches: list[Any], *, keep_outputs: bool = True
+    model: nn.Module,
+    candidates: list[Candidate],
+    batches: list[Any],
+    *,
+    keep_outputs: bool = True,
+    stop_after: list[dict[str, int]] | None = None,
 ) -> Calibration:
     """Run every batch through ``model`` (eval mode, no autograd) with hooks on the candidates' layers.
 
     ``model`` is the traced deep copy that is about to be quantized (graph or module-swap target); it is left as it
     was (mode restored, hooks removed).
+
+    Args:
+        model: the float model (its hooks are removed afterwards).
+        candidates: the selected weights; those of Linear/Conv1d/Conv2d layers get an ``H``.
+        batches: the calibration batches.
+        keep_outputs: keep the model's output on each batch (for the probe and seed scoring).
+        stop_after: per batch, how many calls of each hooked module a full forward makes (``Calibration.calls`` of
+            an earlier full run); the forward of a batch is stopped as soon as the hooked modules have all run that
+            often. Why: sequential compensation measures a few layers at a time, and the layers after them need
+            not run. Implies ``keep_outputs=False``.
 
     Raises:
         ConfigError: a batch does not fit the model (names the batch and the innermost module that failed), or a
@@ -200,6 +236,12 @@ def collect_inputs(
     stack: list[str] = []
     products: dict[tuple, torch.Tensor] = {}  # per batch: (id(x), geometry) -> XᵀX, so q/k/v share one product
     current: dict[str, Any] = {}
+    calls: dict[str, int] = {}  # this batch: hooked module -> times it ran
+    stages: list[list[str]] = []  # parameter fqns, in the order their modules first ran (see Calibration.stages)
+    seen: set[str] = set()
+    previous: dict[str, Any] = {}  # the last hooked module's input (held, not its id: ids of freed tensors recur)
+    if stop_after is not None:
+        keep_outputs = False
 
     def push(name):
         def hook(module, args):
@@ -214,7 +256,17 @@ def collect_inputs(
         def hook(module, args):
             if not args or not isinstance(args[0], torch.Tensor):
                 return
-            x = args[0].detach()
+            src = args[0]  # the caller's tensor: layers on one input receive this same object (detach() would not)
+            x = src.detach()
+            calls[owner] = calls.get(owner, 0) + 1
+            fresh = [fqn for fqn, _ in hooked[owner] if fqn not in seen]
+            if fresh:
+                seen.update(fresh)
+                if stages and previous.get("x") is src:
+                    stages[-1].extend(fresh)
+                else:
+                    stages.append(fresh)
+            previous["x"] = src
             for fqn, mod in hooked[owner]:
                 rec = calib.inputs[fqn]
                 try:
@@ -229,19 +281,27 @@ def collect_inputs(
                         f"calibration batch {current['i']} does not fit the model: layer {owner} got an input with "
                         f"{cols.shape[1]} columns, its weight needs {rec.groups * rec.d}"
                     )
-                key = (id(x), rec.groups, rec.d, getattr(mod, "kernel_size", None), getattr(mod, "stride", None),
+                key = (id(src), rec.groups, rec.d, getattr(mod, "kernel_size", None), getattr(mod, "stride", None),
                        getattr(mod, "padding", None), getattr(mod, "dilation", None),
                        getattr(mod, "padding_mode", None))
-                prods = products.get(key)
-                if prods is None:
+                cached = products.get(key)
+                # the id of a freed tensor is soon given to a new one (a later layer's input): the weak reference
+                # tells whether the cached product is of this very tensor
+                if cached is not None and cached[0]() is src:
+                    prods = cached[1]
+                else:
                     prods = []
                     for g in range(rec.groups):
                         block = cols[:, g * rec.d : (g + 1) * rec.d]
                         prods.append((block.T @ block).to(torch.float64).numpy())
-                    products[key] = prods
+                    products[key] = (weakref.ref(src), prods)
                 for g in range(rec.groups):
                     rec.sums[g] += prods[g]
                 rec.rows += cols.shape[0]
+            if stop_after is not None:
+                wanted = stop_after[current["i"]]
+                if all(calls.get(o, 0) >= wanted.get(o, 0) for o in hooked):
+                    raise _StopForward
         return hook
 
     handles = []
@@ -260,8 +320,12 @@ def collect_inputs(
                     current["i"] = i
                     stack.clear()
                     products.clear()
+                    calls.clear()
+                    previous.clear()
                     try:
                         out = run_batch(model, batch)
+                    except _StopForward:
+                        continue
                     except ConfigError:
                         raise
                     except Exception as exc:
@@ -270,6 +334,8 @@ def collect_inputs(
                             f"calibration batch {i} does not fit the model: layer {where} raised "
                             f"{type(exc).__name__}: {exc}"
                         ) from exc
+                    finally:
+                        calib.calls.append(dict(calls))
                     if keep_outputs:
                         try:
                             outputs.append(_first_tensor(out).detach().to(torch.float64))
@@ -283,6 +349,8 @@ def collect_inputs(
             h.remove()
     if keep_outputs:
         calib.outputs = outputs
+    previous.clear()
+    calib.stages = [[fqn for fqn in stage if fqn in calib.inputs] for stage in stages]
     for fqn, rec in list(calib.inputs.items()):
         if rec.rows == 0:
             calib.fallback[fqn] = "no calibration batch reached it"
@@ -340,6 +408,7 @@ def probe_scales(model: nn.Module, candidates: list[Candidate], config: Any, cal
         [(v, std, lat, u) for _, _, std, lat, v, _, u in free], fixed_bits, fixed_numel,
         config.effective_target_bits,
     )
+    calib.probe_step = s
     scales, zero = {}, []
     with torch.no_grad():
         was_training = model.training

@@ -143,6 +143,9 @@ class CompressConfig:
             weight with error compensation (GPTQ-style, dither kept); False: plain dithered rounding everywhere.
         allocate: with ``calibration`` and a ``target_bits`` goal, spread the bits over layers by measured
             sensitivity (a probe on the first calibration batch); False: one relative step for every layer.
+        sequential: with compensation, measure each layer's ``H`` on the inputs the already-quantized earlier
+            layers produce (GPTQ's sequential mode; one partial forward per stage of layers) instead of on the float
+            model's inputs. The steps are still solved with the float-input ``H``.
         damping: ``λ`` added to ``H``'s diagonal as a fraction of its mean (compensated rounding), in (0, 1].
         seed_trials: how many dither seeds to try (``seed``, ``seed + 1``, ...); the one whose compressed model is
             closest to the float model on the calibration batches (or has the lowest ``score_fn``) is kept. 1..256.
@@ -170,6 +173,7 @@ class CompressConfig:
     strict: bool = False
     compensate: bool = True
     allocate: bool = True
+    sequential: bool = False
     damping: float = 0.01
     seed_trials: int = 1
     score_fn: Callable[[Any], float] | None = None
@@ -209,7 +213,7 @@ class CompressConfig:
             raise ConfigError(f"fallback must be one of {', '.join(map(repr, FALLBACKS))}, got {self.fallback!r}")
         if self.include_embeddings not in (None, True, False):
             raise ConfigError(f"include_embeddings must be true, false or null (auto), got {self.include_embeddings!r}")
-        for name in ("compensate", "allocate"):
+        for name in ("compensate", "allocate", "sequential"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if (

@@ -515,3 +515,24 @@ def test_compress_conv1d_and_padding_mode_match_reference(kind):
     u_raw = raw_dither(tensor_key(3, "0.weight"), W.size, lat)
     _, what = ls_reference(W, cols.double().numpy(), cfg.damping, lat, 0.05, u_raw)
     np.testing.assert_allclose(dlp().detach().double().numpy().reshape(W.shape), what, atol=1e-6)
+
+
+def test_solve_scale_start_guess_saves_evaluations():
+    """The rate solve starts at ``start``: a good guess (the probe's step) needs fewer evaluations of every layer."""
+    from udnc_fx.passes.quantize import solve_scale
+
+    calls = []
+
+    def bits(s):
+        calls.append(s)
+        return 3.0 - math.log2(s) + 0.05 * math.sin(5 * math.log(s))  # decreasing, not exactly high-rate theory
+
+    far = solve_scale(bits, 1.7)
+    n_far = len(calls)
+    calls.clear()
+    near = solve_scale(bits, 1.7, start=far * 1.02)
+    n_near = len(calls)
+    assert abs(bits(near) - 1.7) <= 1.7e-3 and abs(bits(far) - 1.7) <= 1.7e-3
+    assert n_near < n_far, (n_near, n_far)
+    calls.clear()
+    assert solve_scale(bits, 1.7, start=float("nan")) == far  # a useless guess falls back to s = 1
