@@ -54,7 +54,7 @@ from ..errors import ConfigError
 from ..lattice import get_lattice
 from ..quantizer import entropy_bits_per_weight, quantize_array, vectors_of
 from ..record import raw_dither, weight_key
-from .quantize import layer_stats as _layer_stats, solve_relative_step
+from .quantize import layer_stats, solve_relative_step
 from .select import Candidate, select_weights
 from .trace import prepare
 
@@ -215,7 +215,7 @@ def _prepare(model: nn.Module, config: CompressConfig) -> tuple[nn.Module, list[
         per_module[cand.owners[0][0]] = per_module.get(cand.owners[0][0], 0) + 1
     layers = []
     for cand in candidates:
-        w, std = _layer_stats(cand)
+        w, std = layer_stats(cand)
         lat = get_lattice(cand.lattice, cand.n)
         v = vectors_of(w, lat.dim)
         key = weight_key(config.seed, cand.fqn, config.dithered)

@@ -14,7 +14,7 @@ from torch import fx, nn
 
 from .config import CompressConfig
 from .errors import ConfigError, UnsupportedModelError
-from .passes.allocate import first_tensor as _first_tensor
+from .passes.allocate import first_tensor
 from .passes.calibrate import Calibration, as_batches, collect_inputs, probe_scales, run_batch
 from .passes.materialize import served_params
 from .passes.quantize import quantize
@@ -59,7 +59,7 @@ def _score(out: nn.Module, config: CompressConfig, calib: Calibration | None) ->
             for batch, reference in zip(calib.batches, calib.outputs):
                 if reference is None:
                     raise ConfigError("seed_trials: the model's output has no tensor to compare; give a score_fn")
-                test = _first_tensor(run_batch(out, batch)).detach().to(torch.float64)
+                test = first_tensor(run_batch(out, batch)).detach().to(torch.float64)
                 total += float(((test - reference) ** 2).mean())
             return total / len(calib.batches)
     finally:

@@ -77,14 +77,9 @@ FORBIDDEN = {
     FACE: set(),
 }
 
-# Known violations still on main, each a (file relative to the repository, imported name) pair. Issue 13 point 4:
-# every entry is being removed by the engineer named; the test fails on any violation NOT listed here, and on an entry
-# that no longer occurs (delete it then).
-ALLOWLIST: dict[tuple[str, str], str] = {
-    # quantizer.py is being reworked by the compressed-weight record (issue 13 point 1): make the helper public there
-    # (or let quantize_array call lattice_coords.index_points, which repeats its ordering) once that lands.
-    ("udnc_fx/coding/lattice_coords.py", "udnc_fx.quantizer._unique_rows"): "issue 13 point 1 (h13-record)",
-}
+# Known violations, each a (file relative to the repository, imported name) pair with the reason it is tolerated.
+# Empty since issue 13: the test fails on any violation NOT listed here, and on an entry that no longer occurs.
+ALLOWLIST: dict[tuple[str, str], str] = {}
 
 
 @dataclass(frozen=True)
