@@ -18,7 +18,7 @@ What is public here, and why (issue 13): the top level holds what a user calls a
 
 Workflow helpers stay in the module of the step they serve, imported from there:
 ``udnc_fx.passes.finetune.average_codeword_gradients``, ``udnc_fx.passes.prune.mask_sparsity``,
-``udnc_fx.passes.allocate.allocate_steps``, ``udnc_fx.io.round_for_storage``; so do the parts of a result
+``udnc_fx.passes.allocate.allocate_steps``, ``udnc_fx.storage.round_for_storage``; so do the parts of a result
 (``udnc_fx.api.LayerReport``, ``udnc_fx.passes.allocate.LayerAllocation``, ``udnc_fx.rate.RatePoint``), ONNX
 (``udnc_fx.export``), the command line (``udnc_fx.cli``) and the Hugging Face helpers (``udnc_fx.hf``,
 ``udnc_fx.hf_io``).
@@ -49,10 +49,10 @@ _LAZY = {
     "inspect": "udnc_fx.api",
     "compression_record": "udnc_fx.record_store",
     "materialize": "udnc_fx.passes.materialize",
-    "save": "udnc_fx.io",
-    "load": "udnc_fx.io",
-    "read_header": "udnc_fx.io",
-    "size_report": "udnc_fx.io",
+    "save": "udnc_fx.storage",
+    "load": "udnc_fx.storage",
+    "read_header": "udnc_fx.storage",
+    "size_report": "udnc_fx.storage",
     "allocate": "udnc_fx.passes.allocate",
     "compress_to": "udnc_fx.rate",
     "prune": "udnc_fx.passes.prune",
@@ -78,7 +78,7 @@ _MOVED = {
     "average_codeword_gradients": "udnc_fx.passes.finetune",
     "mask_sparsity": "udnc_fx.passes.prune",
     "allocate_steps": "udnc_fx.passes.allocate",
-    "round_for_storage": "udnc_fx.io",
+    "round_for_storage": "udnc_fx.storage",
     "LayerReport": "udnc_fx.api",
 }
 
@@ -96,7 +96,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .api import InspectReport, compress, inspect
     from .config import CompressConfig, LayerConfig
     from .hf_io import from_udnc
-    from .io import load, read_header, save, size_report
+    from .storage import load, read_header, save, size_report
     from .param import DitheredLatticeParam
     from .passes.allocate import Allocation, allocate
     from .passes.finetune import FinetuneResult, finetune, finetune_float

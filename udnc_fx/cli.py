@@ -230,7 +230,7 @@ def _save_kwargs(args) -> dict:
 def _decompress(args) -> int:
     from . import hf_io
     from .cli_inputs import check_output_path
-    from .io import read_header
+    from .storage import read_header
 
     header = read_header(args.file)
     is_hf = isinstance(header.get("metadata", {}).get(hf_io.HF_METADATA_KEY), dict)
@@ -337,7 +337,7 @@ def _export(args) -> int:
     from . import hf_io
     from .cli_inputs import check_output_path, load_factory, parse_dtype, parse_shapes
     from .export import to_onnx
-    from .io import load, read_header
+    from .storage import load, read_header
 
     # Arguments first: nothing is loaded or traced until every one of them is known to be usable.
     check_output_path(args.out)

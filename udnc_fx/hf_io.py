@@ -143,7 +143,7 @@ def decoded_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         FormatError: the file is malformed.
     """
     from .coding.container import read_container
-    from .io import params_from
+    from .storage import params_from
 
     container = read_container(Path(path))
     state: dict[str, torch.Tensor] = {}
@@ -159,7 +159,7 @@ def decoded_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def _hf_entry(path: str | Path) -> dict[str, Any] | None:
-    from .io import read_header
+    from .storage import read_header
 
     entry = read_header(Path(path)).get("metadata", {}).get(HF_METADATA_KEY)
     return entry if isinstance(entry, dict) else None
@@ -181,7 +181,7 @@ def from_udnc(path: str | Path, *, materialize: bool = True) -> nn.Module:
         FormatError: the file holds no Hugging Face config (``kind="model_mismatch"``), or is malformed.
         ImportError: ``transformers`` is not installed.
     """
-    from .io import load
+    from .storage import load
     from .passes.materialize import materialize as _materialize
 
     entry = _hf_entry(path)

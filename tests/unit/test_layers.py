@@ -12,11 +12,11 @@ Layer map (module → layer), lowest first:
   torch. It imports no torch (not directly, nor through any project module it imports), no pass, no export, no storage,
   no face; it may use the NumPy parts of Core (errors, dither, lattice, quantizer, record, progress).
 - **Passes** — ``udnc_fx.passes.*`` (``passes/``): graph and model rewrites. They never import Export, Storage or Face.
-- **Storage** — ``udnc_fx.io``: save/load, model ↔ container. It imports no Export.
+- **Storage** — ``udnc_fx.storage``: save/load, model ↔ container. It imports no Export.
 - **Export** — ``udnc_fx.export.*`` (``export/``): ONNX lowering and ``load_onnx``. It imports no Face module.
 - **Face** — what users call: ``udnc_fx`` (the package's public API), ``api``, ``cli``, ``cli_inputs``, ``hf_io``,
   ``hf``, ``demo`` and ``rate``. ``rate`` (``compress_to``) is listed in the issue's Core, but it is a workflow on top of
-  ``compress``, ``allocate`` and ``save`` (it imports api, io and a pass), so it sits with the verbs it drives.
+  ``compress``, ``allocate`` and ``save`` (it imports api, storage and a pass), so it sits with the verbs it drives.
 
 And for every module: it imports no other module's underscore-private names (``from x import _y``, ``x._y`` on an
 imported module ``x``). A name two modules share is public in the module that owns it.
@@ -55,7 +55,7 @@ TOP_LEVEL_LAYERS = {
     "udnc_fx.param": CORE,
     "udnc_fx.config": CORE,
     "udnc_fx.progress": CORE,
-    "udnc_fx.io": STORAGE,
+    "udnc_fx.storage": STORAGE,
     "udnc_fx": FACE,
     "udnc_fx.api": FACE,
     "udnc_fx.cli": FACE,
@@ -334,8 +334,8 @@ def _tree(tmp_path: Path, files: dict[str, str]) -> dict[str, Path]:
         ({"udnc_fx/lattice.py": "from .passes.quantize import quantize\n", "passes/quantize.py": ""},
          "udnc_fx/lattice.py:1: 'from .passes.quantize import quantize': Core module udnc_fx.lattice imports "
          "udnc_fx.passes.quantize (Passes)"),
-        ({"udnc_fx/dither.py": "def f():\n    from udnc_fx import io\n", "udnc_fx/io.py": ""},
-         "udnc_fx/dither.py:2: 'from udnc_fx import io': Core module udnc_fx.dither imports udnc_fx.io (Storage)"),
+        ({"udnc_fx/dither.py": "def f():\n    from udnc_fx import storage\n", "udnc_fx/storage.py": ""},
+         "udnc_fx/dither.py:2: 'from udnc_fx import storage': Core module udnc_fx.dither imports udnc_fx.storage (Storage)"),
         ({"udnc_fx/config.py": "from . import compress\n", "udnc_fx/api.py": "",
           "udnc_fx/__init__.py": "_LAZY = {'compress': 'udnc_fx.api'}\n"},
          "Core module udnc_fx.config imports udnc_fx.api (Face)"),
@@ -373,8 +373,8 @@ def test_checker_accepts_the_allowed_directions(tmp_path, monkeypatch):
         "passes/quantize.py": "import torch\nfrom ..lattice import get\nfrom ..coding.container import x\n",
         "export/onnx.py": "from ..passes.quantize import q\nfrom ..coding import container as _c\nfrom . import spec\n",
         "export/spec.py": "",
-        "udnc_fx/io.py": "from .passes.quantize import q\nfrom .coding.container import x\n",
-        "udnc_fx/api.py": "from .export.onnx import to_onnx\nfrom .io import save\nfrom .passes.quantize import _x\n",
+        "udnc_fx/storage.py": "from .passes.quantize import q\nfrom .coding.container import x\n",
+        "udnc_fx/api.py": "from .export.onnx import to_onnx\nfrom .storage import save\nfrom .passes.quantize import _x\n",
     }
     messages = [m for _, _, m in layer_violations(_tree(tmp_path, files))]
     # Only the one private import: every cross-layer import above points down the map.

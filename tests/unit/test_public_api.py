@@ -56,7 +56,7 @@ def test_a_result_type_is_exported_beside_the_verb_that_returns_it(verb, result)
 @pytest.mark.parametrize(
     "name, module",
     [("average_codeword_gradients", "udnc_fx.passes.finetune"), ("mask_sparsity", "udnc_fx.passes.prune"),
-     ("allocate_steps", "udnc_fx.passes.allocate"), ("round_for_storage", "udnc_fx.io"),
+     ("allocate_steps", "udnc_fx.passes.allocate"), ("round_for_storage", "udnc_fx.storage"),
      ("LayerReport", "udnc_fx.api")],
 )
 def test_workflow_helpers_live_in_their_modules(name, module):
