@@ -55,7 +55,7 @@ from ..lattice import get_lattice
 from ..quantizer import entropy_bits_per_weight, quantize_array, vectors_of
 from ..record import raw_dither, weight_key
 from .quantize import layer_stats, solve_relative_step
-from .select import Candidate, select_weights
+from .select import Candidate, refuse_non_float32, select_weights
 from .trace import prepare
 
 __all__ = ["allocate", "allocate_steps", "Allocation", "LayerAllocation", "METHODS", "default_output_fn"]
@@ -209,6 +209,7 @@ def _prepare(model: nn.Module, config: CompressConfig) -> tuple[nn.Module, list[
         notes.append("model not traceable: layers selected as the module-swap fallback would")
     candidates, _ = select_weights(target, config, gm)
     if not candidates:
+        refuse_non_float32(work)
         raise ConfigError("no layer is selected for compression: nothing to allocate")
     per_module: dict[str, int] = {}
     for cand in candidates:

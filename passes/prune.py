@@ -28,7 +28,7 @@ from torch import fx, nn
 
 from ..config import CompressConfig
 from ..errors import ConfigError, PassError, UnsupportedModelError
-from .select import Candidate, select_weights
+from .select import Candidate, refuse_non_float32, select_weights
 from .trace import prepare
 
 __all__ = ["prune", "mask_sparsity", "check_sparsity"]
@@ -127,6 +127,7 @@ def prune(
     work = copy.deepcopy(model)
     candidates = _select(work, config)
     if not candidates:
+        refuse_non_float32(work)
         raise PassError(
             "prune() found no weights to prune: no Conv/Linear weight is selected by this config "
             "(is the model already compressed?)"

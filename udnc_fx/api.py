@@ -18,7 +18,7 @@ from .passes.allocate import first_tensor
 from .passes.calibrate import Calibration, as_batches, collect_inputs, probe_scales, run_batch
 from .passes.materialize import served_params
 from .passes.quantize import quantize
-from .passes.select import select_weights
+from .passes.select import refuse_non_float32, select_weights
 from .passes.trace import FALLBACK_PREFIX, prepare
 from .progress import progress_bar
 from .record_store import compression_record, update_record
@@ -195,19 +195,9 @@ def _calibration_summary(record: dict, calib: Calibration | None, trials: list[d
 
 
 def _refuse_non_float32(model: nn.Module) -> None:
-    """A model whose weights are all float16/bfloat16/float64 would "compress" nothing (the format decodes weights
-    to float32: codebooks and the dither are float32 by contract, and serving a float32 weight to a float16 op fails)
-    and :func:`udnc_fx.save` would then refuse it: say so here, with the remedy. A model with some float32 layers
-    compresses those and records why the others were skipped."""
-    if served_params(model):
-        return
-    others = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()
-                     if p.is_floating_point() and p.dtype != torch.float32})
-    if others:
-        raise UnsupportedModelError(
-            f"no weight was compressed: the model's parameters are {', '.join(others)} and udnc-fx compresses "
-            "float32 weights only (they decode to float32 by format); convert the model with model.float() first"
-        )
+    """Nothing was served compressed: if that is because the weights are not float32, say so (the shared rule)."""
+    if not served_params(model):
+        refuse_non_float32(model)
 
 
 @dataclass
