@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 import udnc_fx
 from udnc_fx.demo import DEMO_KEPT_BITS, evaluate, load_digits_split, train_digits_cnn
-from udnc_fx.io import round_for_storage
+from udnc_fx.storage import round_for_storage
 from udnc_fx.passes.finetune import finetune, finetune_float
 from udnc_fx.passes.fold import fold_batchnorm
 from udnc_fx.passes.materialize import served_params
