@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from .coding.coders import DEFAULT_CODER, get_coder
 from .coding.container import (
     Container,
     RawTensor,
-    read_container,
+    iter_container,
     read_header,
     section_sizes,
     write_container,
@@ -306,10 +307,6 @@ def load(path: str | Path, model: nn.Module, *, progress: bool | None = None) ->
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"load() needs the float model to load onto, an nn.Module; got {type(model).__name__}")
-    import copy
-
-    from .coding.container import iter_container
-
     tensors, model_bytes = _model_limits(model)
     prepared: dict[str, Any] = {}
 
