@@ -14,11 +14,12 @@ varies between seeds.
 Nothing is chosen on the test split. :func:`select_on_validation` carves a stratified validation split (20 %) out of
 the TRAIN split, trains the float model on the rest with the same recipe, and runs the same pipeline for each
 candidate sparsity along the kept-bits ladder; the sparsity with the highest ratio at which every seed stays within
-0.5 points of the float model's *validation* accuracy is kept. :func:`sweep_on_test` then runs that sparsity on the
-real split (float model trained on the whole TRAIN split, scored on the test split) along the same ladder and
-reports every point, so the table shows both the robust best on test and the test result at the rate validation
-chose. The ratio's numerator is every float tensor of the original (unfolded, BatchNorm included) model's
-``state_dict`` in float32 bytes, as for every other row of ``encoder.py``, so it compares directly with NNCodec's.
+1 point (``VALIDATION_TOLERANCE``: 252 images) of the float model's *validation* accuracy is kept.
+:func:`sweep_on_test` then runs that sparsity on the real split (float model trained on the whole TRAIN split, scored
+on the test split) along the same ladder and reports every point, so the table shows both the robust best on test
+and the test result at the rate validation chose. The ratio's numerator is every float tensor of the original
+(unfolded, BatchNorm included) model's ``state_dict`` in float32 bytes, as for every other row of ``encoder.py``,
+so it compares directly with NNCodec's.
 
 Run through ``benchmarks/encoder.py --model digits --pipeline`` (with NNCodec and the post-training rows in the same
 run) or alone: ``OMP_NUM_THREADS=1 python benchmarks/digits_pipeline.py [--seeds 0,1,2,3,4] [--quick]``.
@@ -41,10 +42,13 @@ import torch.nn.functional as F  # noqa: E402
 import _common as C  # noqa: E402
 
 #: bits per KEPT weight, fine to coarse (the target is h(sparsity) + (1 - sparsity)·kept_bits bits per weight)
-KEPT_BITS = [2.0, 1.5, 1.25, 1.0, 0.75, 0.5]
-SPARSITIES = [0.9, 0.93, 0.95]
+KEPT_BITS = [2.0, 1.5, 1.0, 0.75, 0.5, 0.35, 0.25, 0.15]
+SPARSITIES = [0.85, 0.9, 0.92]
 VALIDATION_FRACTION = 0.2
 TOLERANCE = 0.5
+#: the validation split has 252 images, where 0.5 points is under 2 images and float itself may miss 1: the choice
+#: there allows 1 point (2.5 images); the test bar stays 0.5 points
+VALIDATION_TOLERANCE = 1.0
 METHOD = "udnc-fx prune + calibrated compress + codeword fine-tune"
 
 
@@ -90,13 +94,13 @@ class Pipeline:
     """One float model and one split (``data.x_test`` is what it is scored on): prune + retrain once per sparsity,
     then any number of (kept bits, seed) points."""
 
-    def __init__(self, float_model, data, recipe: Recipe, numerator: int, tmp: Path):
+    def __init__(self, float_model, data, recipe: Recipe, numerator: int, tmp: Path, tolerance: float = TOLERANCE):
         from udnc_fx.demo import DigitsCNN, evaluate
         from udnc_fx.passes.fold import fold_batchnorm
 
         self.data, self.recipe, self.numerator, self.tmp = data, recipe, numerator, tmp
         self.float_acc = evaluate(float_model, data.x_test, data.y_test)
-        self.threshold = self.float_acc - TOLERANCE
+        self.threshold = self.float_acc - tolerance
         self.base = fold_batchnorm(float_model)
         self.fresh = fold_batchnorm(DigitsCNN()).eval()  # what load() rebuilds onto
         self.calibration = [data.x_train[i:i + 256] for i in range(0, len(data.x_train), 256)]
@@ -114,6 +118,7 @@ class Pipeline:
             finetune_float(source, masks, _loader(self.data.x_train, self.data.y_train), F.cross_entropy,
                            epochs=self.recipe.retrain_epochs, lr=self.recipe.lr, keep="last", progress=False)
             self._pruned[sparsity] = (source, evaluate(source, self.data.x_test, self.data.y_test))
+            C.log(f"  [pipeline] pruned {sparsity:g} + retrained float: {self._pruned[sparsity][1]:.2f} %")
         return self._pruned[sparsity]
 
     def run_seed(self, sparsity: float, kept_bits: float, seed: int) -> dict:
@@ -141,9 +146,9 @@ class Pipeline:
 
     def point(self, sparsity: float, kept_bits: float, seeds: list[int], log=C.log) -> C.Point:
         per_seed = [self.run_seed(sparsity, kept_bits, s) for s in seeds]
-        point = C.aggregate(METHOD, f"sparsity {sparsity:g}, {kept_bits:g} bits/kept ({target_bits(sparsity, kept_bits):g})",
-                            -target_bits(sparsity, kept_bits), per_seed, lambda a: a >= self.threshold, "acc",
-                            self.numerator)
+        target = target_bits(sparsity, kept_bits)
+        point = C.aggregate(METHOD, f"sparsity {sparsity:g}, {kept_bits:g} bits/kept ({target:g})", -target,
+                            per_seed, lambda a: a >= self.threshold, "acc", self.numerator)
         point.extra.update(sparsity=sparsity, kept_bits=kept_bits,
                            per_seed_acc=[r["quality"]["acc"] for r in per_seed],
                            per_seed_ratio=[self.numerator / r["bytes"] for r in per_seed],
@@ -154,10 +159,17 @@ class Pipeline:
         return point
 
     def sweep(self, sparsity: float, seeds: list[int], ladder: list[float] = KEPT_BITS) -> list[C.Point]:
-        """Fine to coarse until ``stop_after_failures`` consecutive points fail."""
+        """Fine to coarse until ``stop_after_failures`` consecutive points fail, or a layer is pruned away entirely
+        (``compress`` refuses an all-zero layer: recorded as the end of the sweep)."""
+        import udnc_fx
+
         points, fails = [], 0
         for b in ladder:
-            points.append(self.point(sparsity, b, seeds))
+            try:
+                points.append(self.point(sparsity, b, seeds))
+            except udnc_fx.ConfigError as exc:
+                C.log(f"  [pipeline] s={sparsity:g} b={b:g}: refused ({str(exc)[:100]})")
+                break
             fails = 0 if points[-1].passes else fails + 1
             if fails >= self.recipe.stop_after_failures:
                 break
@@ -171,7 +183,7 @@ def select_on_validation(data, seeds: list[int], recipe: Recipe, numerator: int,
 
     fit_val = validation_split(data)
     model = train_digits_cnn(fit_val, epochs=recipe.float_epochs, seed=0, progress=False)
-    pipe = Pipeline(model, fit_val, recipe, numerator, tmp)
+    pipe = Pipeline(model, fit_val, recipe, numerator, tmp, tolerance=VALIDATION_TOLERANCE)
     C.log(f"  [pipeline] validation: {len(fit_val.y_train)} fit / {len(fit_val.y_test)} validation images, "
           f"float {pipe.float_acc:.2f} %")
     rows = {}
@@ -209,7 +221,7 @@ def report(res: dict, seeds: list[int]) -> str:
     sel, pts = res["selection"], res["points"]
     lines = [f"### {METHOD}\n",
              f"Validation ({sel['images']} images carved from TRAIN, float {sel['float_acc']:.2f} %): best ratio "
-             "with every seed within 0.5 points, per sparsity:\n"]
+             f"with every seed within {VALIDATION_TOLERANCE} point(s), per sparsity:\n"]
     lines.append(C.md_table(["sparsity", "best ratio (every seed)", "kept bits there"],
                             [[f"{s:g}", "none" if p is None else f"{p.ratio:.2f}x",
                               "" if p is None else f"{p.extra['kept_bits']:g}"] for s, p in sel["best"].items()]))
