@@ -197,9 +197,10 @@ def select_on_validation(data, seeds: list[int], recipe: Recipe, numerator: int,
 
 
 def sweep_on_test(task, seeds: list[int], recipe: Recipe, tmp: Path, ladder=KEPT_BITS) -> list[C.Point]:
-    """The chosen recipe on the real split: the float model of ``peers.digits_task`` scored on the test images."""
+    """The chosen recipe on the real split: the float model of ``peers.digits_task`` scored on the test images,
+    every rate of ``ladder`` (no early stop)."""
     pipe = Pipeline(task.float_model, task.extra["data"], recipe, task.numerator, tmp)
-    return pipe.sweep(recipe.sparsity, seeds, ladder)
+    return [pipe.point(recipe.sparsity, b, seeds) for b in ladder]
 
 
 def run(task, seeds: list[int], tmp: Path, *, quick: bool = False, sparsities=None) -> dict:
@@ -213,7 +214,11 @@ def run(task, seeds: list[int], tmp: Path, *, quick: bool = False, sparsities=No
     sel = select_on_validation(task.extra["data"], seeds, recipe, task.numerator, tmp, sparsities, ladder)
     recipe = replace(recipe, sparsity=sel["sparsity"])
     C.log(f"  [pipeline] chosen on validation: sparsity {sel['sparsity']}, kept bits {sel['kept_bits']}")
-    points = sweep_on_test(task, seeds, recipe, tmp, ladder)
+    pipe = Pipeline(task.float_model, task.extra["data"], recipe, task.numerator, tmp)
+    points = pipe.sweep(recipe.sparsity, seeds, ladder)
+    if sel["kept_bits"] is not None and all(p.extra["kept_bits"] != sel["kept_bits"] for p in points):
+        # the sweep stopped before the rate validation chose: measure that point too, so the table has it
+        points.append(pipe.point(recipe.sparsity, sel["kept_bits"], seeds))
     return {"selection": sel, "recipe": recipe, "points": points}
 
 
@@ -256,11 +261,23 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", default="0,1,2,3,4")
     ap.add_argument("--sparsities", default=None, help="comma-separated candidates for the validation choice")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny epochs, one rate, one sparsity")
+    ap.add_argument("--test-only", default=None, metavar="SPARSITY:BITS,BITS",
+                    help="skip the validation choice: this sparsity at these bits per kept weight on the test split")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     seeds = [int(s) for s in args.seeds.split(",")]
     sparsities = [float(s) for s in args.sparsities.split(",")] if args.sparsities else None
     task = peers.digits_task()
+    if args.test_only:
+        sparsity, _, bits = args.test_only.partition(":")
+        with tempfile.TemporaryDirectory() as tmp:
+            pts = sweep_on_test(task, seeds, Recipe(sparsity=float(sparsity)), Path(tmp),
+                                [float(b) for b in bits.split(",")])
+        print(C.md_table(["setting", "ratio (mean bytes)", "worst seed ratio", "acc per seed (loaded file)", ""],
+                         [[p.setting, f"{p.ratio:.2f}x", f"{min(p.extra['per_seed_ratio']):.2f}x",
+                           " ".join(f"{a:.2f}" for a in p.extra["per_seed_acc"]), "pass" if p.passes else "FAIL"]
+                          for p in pts]))
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         res = run(task, seeds, Path(tmp), quick=args.quick, sparsities=sparsities)
     print(report(res, seeds))
