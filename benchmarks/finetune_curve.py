@@ -81,7 +81,7 @@ def saved_point(gm, path: Path | None, fresh, data, float_dtypes: tuple[str, str
 
 def have_container() -> bool:
     try:
-        import udnc_fx.io  # noqa: F401
+        import udnc_fx.storage  # noqa: F401
     except ImportError:
         return False
     return hasattr(udnc_fx, "save")

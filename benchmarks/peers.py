@@ -237,7 +237,7 @@ def geometric_mid(a: float, b: float) -> float:
 
 def _round_raw_fp16_(model: nn.Module) -> None:
     """Round the tensors ``save`` stores raw through float16, in place, as ``load`` would return them."""
-    from udnc_fx.io import _raw_state
+    from udnc_fx.storage import _raw_state
 
     with torch.no_grad():
         for t in _raw_state(model).values():

@@ -54,8 +54,8 @@ from ..errors import ConfigError
 from ..lattice import get_lattice
 from ..quantizer import entropy_bits_per_weight, quantize_array, vectors_of
 from ..record import raw_dither, weight_key
-from .quantize import _layer_stats, solve_relative_step
-from .select import Candidate, select_weights
+from .quantize import layer_stats, solve_relative_step
+from .select import Candidate, refuse_non_float32, select_weights
 from .trace import prepare
 
 __all__ = ["allocate", "allocate_steps", "Allocation", "LayerAllocation", "METHODS", "default_output_fn"]
@@ -159,10 +159,16 @@ def default_output_fn(model: nn.Module, inputs: Any) -> torch.Tensor:
         out = model(**inputs)
     else:
         out = model(inputs)
-    return _first_tensor(out)
+    return first_tensor(out)
 
 
-def _first_tensor(out: Any) -> torch.Tensor:
+def first_tensor(out: Any) -> torch.Tensor:
+    """The tensor a model output stands for: the output itself, ``last_hidden_state``/``logits`` of a model output,
+    or the first tensor of a mapping, tuple or list.
+
+    Raises:
+        ConfigError: no tensor is found (the caller should pass an ``output_fn``).
+    """
     if isinstance(out, torch.Tensor):
         return out
     for name in ("last_hidden_state", "logits"):
@@ -203,13 +209,14 @@ def _prepare(model: nn.Module, config: CompressConfig) -> tuple[nn.Module, list[
         notes.append("model not traceable: layers selected as the module-swap fallback would")
     candidates, _ = select_weights(target, config, gm)
     if not candidates:
+        refuse_non_float32(work)
         raise ConfigError("no layer is selected for compression: nothing to allocate")
     per_module: dict[str, int] = {}
     for cand in candidates:
         per_module[cand.owners[0][0]] = per_module.get(cand.owners[0][0], 0) + 1
     layers = []
     for cand in candidates:
-        w, std = _layer_stats(cand)
+        w, std = layer_stats(cand)
         lat = get_lattice(cand.lattice, cand.n)
         v = vectors_of(w, lat.dim)
         key = weight_key(config.seed, cand.fqn, config.dithered)
@@ -314,6 +321,8 @@ def allocate(
     Raises:
         ConfigError: bad arguments, no selected layer, or an unreachable target.
     """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"allocate() needs an nn.Module, got {type(model).__name__}")
     config = CompressConfig() if config is None else config
     if not isinstance(config, CompressConfig):
         raise ConfigError(f"config must be a CompressConfig, got {type(config).__name__}")

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from .allocate import _first_tensor
+from .allocate import first_tensor
 from .select import Candidate
 
 __all__ = [
@@ -338,7 +338,7 @@ def collect_inputs(
                         calib.calls.append(dict(calls))
                     if keep_outputs:
                         try:
-                            outputs.append(_first_tensor(out).detach().to(torch.float64))
+                            outputs.append(first_tensor(out).detach().to(torch.float64))
                         except ConfigError:
                             outputs.append(None)  # no tensor to compare: seed scoring needs a score_fn
         finally:
@@ -379,7 +379,7 @@ def probe_scales(model: nn.Module, candidates: list[Candidate], config: Any, cal
     from ..lattice import get_lattice
     from ..quantizer import quantize_array, vectors_of
     from ..record import raw_dither, weight_key
-    from .quantize import _layer_stats, solve_relative_step
+    from .quantize import layer_stats, solve_relative_step
 
     reference = calib.outputs[0] if calib.outputs else None
     if reference is None:
@@ -389,7 +389,7 @@ def probe_scales(model: nn.Module, candidates: list[Candidate], config: Any, cal
     from ..quantizer import coded_rate_bits_per_weight
 
     for cand in candidates:
-        w, std = _layer_stats(cand)
+        w, std = layer_stats(cand)
         lat = get_lattice(cand.lattice, cand.n)
         v = vectors_of(w, lat.dim)
         key = weight_key(config.seed, cand.fqn, config.dithered)
@@ -423,7 +423,7 @@ def probe_scales(model: nn.Module, candidates: list[Candidate], config: Any, cal
                 saved = param.data
                 param.data = torch.from_numpy(q.decode(raw_dither=u).reshape(w.shape)).to(saved.device, saved.dtype)
                 try:
-                    test = _first_tensor(run_batch(model, calib.batches[0])).detach().to(torch.float64)
+                    test = first_tensor(run_batch(model, calib.batches[0])).detach().to(torch.float64)
                 finally:
                     param.data = saved
                 distortions[cand.fqn] = (float(((test - reference) ** 2).mean()), step, w.size)

@@ -24,6 +24,7 @@ import math
 import numpy as np
 import torch
 
+from ..errors import PassError
 from ..lattice import Lattice
 from ..record import lattice_factor, scaled_dither
 
@@ -98,7 +99,7 @@ def compensated_points(
     groups = len(factors)
     n = lat.dim
     if d % n or rows % groups:
-        raise ValueError(f"a {rows}x{d} weight does not split into {groups} groups of rows of whole {n}-vectors")
+        raise PassError(f"a {rows}x{d} weight does not split into {groups} groups of rows of whole {n}-vectors")
     factor = lattice_factor(lat, step)
     # The decoder subtracts float32(Δ·u); the feedback uses the same numbers in float64 (its own rounding of
     # c[k] − u to float32 would change the pushed error by ~1e-7 relative: irrelevant to which point is chosen).

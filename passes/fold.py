@@ -32,7 +32,7 @@ import torch
 from torch import fx, nn
 
 from ..config import CompressConfig
-from ..errors import UnsupportedModelError
+from ..errors import ConfigError, UnsupportedModelError
 from .trace import prepare
 
 __all__ = ["fold_batchnorm", "fold_report", "FoldRecord"]
@@ -161,10 +161,11 @@ def fold_batchnorm(
 
     Raises:
         UnsupportedModelError: torch.fx cannot trace the model.
-        ConfigError: ``leaf_modules`` holds something other than module classes or class names.
+        ConfigError: ``model`` is not an ``nn.Module``, or ``leaf_modules`` holds something other than module
+            classes or class names.
     """
     if not isinstance(model, nn.Module):
-        raise UnsupportedModelError(f"fold_batchnorm() needs an nn.Module, got {type(model).__name__}")
+        raise ConfigError(f"fold_batchnorm() needs an nn.Module, got {type(model).__name__}")
     modes = {name: m.training for name, m in model.named_modules()}
     # Folding rewrites the graph: there is no module-swap fallback, so an untraceable model is refused.
     gm, _ = prepare(model, CompressConfig(leaf_modules=tuple(leaf_modules), fallback="error"))

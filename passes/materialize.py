@@ -11,6 +11,7 @@ import copy
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
+from ..errors import ConfigError
 from ..param import DitheredLatticeParam
 from ..record_store import clear_record
 
@@ -48,7 +49,12 @@ def materialize(model: nn.Module, *, inplace: bool = False) -> nn.Module:
 
     Tied weights stay tied (one Parameter object for every owner). ``inplace=False`` (default) works on a deep copy.
     The result carries no compression record (``udnc_fx.compression_record`` gives ``None``).
+
+    Raises:
+        ConfigError: ``model`` is not an ``nn.Module``.
     """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"materialize() needs an nn.Module, got {type(model).__name__}")
     if not inplace:
         model = copy.deepcopy(model)
     dlps = served_params(model)

@@ -28,7 +28,7 @@ from torch import fx, nn
 
 from ..config import CompressConfig
 from ..errors import ConfigError, PassError, UnsupportedModelError
-from .select import Candidate, select_weights
+from .select import Candidate, refuse_non_float32, select_weights
 from .trace import prepare
 
 __all__ = ["prune", "mask_sparsity", "check_sparsity"]
@@ -107,10 +107,11 @@ def prune(
         :func:`mask_sparsity`.
 
     Raises:
-        ConfigError: sparsity outside ``[0, 1)``, an unknown scope, a bad ``n``, or NaN/Inf weights.
+        ConfigError: ``model`` is not an ``nn.Module``, sparsity outside ``[0, 1)``, an unknown scope, a bad ``n``,
+            or NaN/Inf weights.
         PassError: no weight is selected (nothing to prune, e.g. an already compressed model).
-        UnsupportedModelError: ``model`` is not an ``nn.Module``, or torch.fx cannot trace it and
-            ``config.fallback == "error"`` (as :func:`udnc_fx.compress` would refuse it).
+        UnsupportedModelError: torch.fx cannot trace ``model`` and ``config.fallback == "error"`` (as
+            :func:`udnc_fx.compress` would refuse it).
     """
     sparsity = check_sparsity(sparsity)
     if scope not in _SCOPES:
@@ -121,11 +122,12 @@ def prune(
     if not isinstance(config, CompressConfig):
         raise ConfigError(f"config must be a CompressConfig, got {type(config).__name__}")
     if not isinstance(model, nn.Module):
-        raise UnsupportedModelError(f"prune() needs an nn.Module, got {type(model).__name__}")
+        raise ConfigError(f"prune() needs an nn.Module, got {type(model).__name__}")
 
     work = copy.deepcopy(model)
     candidates = _select(work, config)
     if not candidates:
+        refuse_non_float32(work)
         raise PassError(
             "prune() found no weights to prune: no Conv/Linear weight is selected by this config "
             "(is the model already compressed?)"

@@ -192,7 +192,12 @@ def install(model: nn.Module, candidates: list[Candidate], dlps: list[DitheredLa
     return changes
 
 
-def _layer_stats(cand: Candidate) -> tuple[np.ndarray, float]:
+def layer_stats(cand: Candidate) -> tuple[np.ndarray, float]:
+    """A candidate's weight as float64 NumPy and its standard deviation (the unit of a relative step).
+
+    Raises:
+        ConfigError: the weight is empty or holds NaN/Inf values.
+    """
     w = cand.param.detach().to("cpu", torch.float64).numpy()
     if w.size == 0:
         raise ConfigError(f"layer {cand.fqn} has zero elements: exclude it (override None) or remove it")
@@ -321,7 +326,7 @@ def make_params(
     that rounding really produces, and, when ``calibration.scales`` holds an allocation, each layer's step is
     ``c·scale_l`` instead of ``s·std_l``. Each candidate's ``extra["rounding"]`` says how it was rounded.
     """
-    stats = [_layer_stats(c) for c in candidates]
+    stats = [layer_stats(c) for c in candidates]
     prepared = []
     comp: dict[int, tuple[np.ndarray, list[np.ndarray]]] = {}  # id(cand) -> (w as rows × d, factors)
     for cand, (w, std) in zip(candidates, stats):

@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..config import CompressConfig, LayerConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, UnsupportedModelError
 
-__all__ = ["Change", "Candidate", "select_weights", "FUNCTIONAL_WEIGHT_OPS"]
+__all__ = ["Change", "Candidate", "select_weights", "refuse_non_float32", "FUNCTIONAL_WEIGHT_OPS"]
 
 _TYPE_BY_NAME = {
     "Conv1d": nn.Conv1d,
@@ -80,7 +80,13 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def _param_owners(model: nn.Module) -> dict[int, list[tuple[str, str]]]:
+def param_owners(model: nn.Module) -> dict[int, list[tuple[str, str]]]:
+    """Every place each parameter of ``model`` is registered, tied weights included.
+
+    Returns:
+        ``id(parameter)`` → ``[(module fqn, attribute name), ...]`` in ``named_modules`` order (the first is the
+        parameter's canonical name).
+    """
     owners: dict[int, list[tuple[str, str]]] = {}
     for mod_fqn, module in model.named_modules(remove_duplicate=False):
         for attr, p in module._parameters.items():
@@ -131,7 +137,7 @@ def select_weights(
     def is_wanted(m: nn.Module) -> bool:
         return isinstance(m, wanted) or (bool(extra_names) and any(k.__name__ in extra_names for k in type(m).__mro__))
 
-    owners = _param_owners(model)
+    owners = param_owners(model)
     functional = _functional_weights(gm)
     modules = dict(model.named_modules(remove_duplicate=False))
     _check_exact_override_keys(config, modules)
@@ -224,3 +230,24 @@ def _resolve(fqn, owners, p, config: CompressConfig, override: LayerConfig | Non
         found_by=found_by,
         override_key=key,
     )
+
+
+def refuse_non_float32(model: nn.Module) -> None:
+    """The one refusal, shared by every verb that selects weights, for a model with nothing float32 to compress.
+
+    Call it when a verb selected no weight. A model whose floating-point parameters are all float16/bfloat16/float64
+    would "compress" nothing (the format decodes weights to float32: codebooks and the dither are float32 by contract,
+    and serving a float32 weight to a float16 op fails), so say so, with the remedy, instead of the verb's generic
+    "nothing selected" error. A model with some float32 layers compresses those and records why the others were
+    skipped; a model without such parameters returns here and gets the verb's own error.
+
+    Raises:
+        UnsupportedModelError: nothing was selected and ``model`` has floating-point parameters other than float32.
+    """
+    others = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()
+                     if p.is_floating_point() and p.dtype != torch.float32})
+    if others:
+        raise UnsupportedModelError(
+            f"no weight was compressed: the model's parameters are {', '.join(others)} and udnc-fx compresses "
+            "float32 weights only (they decode to float32 by format); convert the model with model.float() first"
+        )

@@ -14,11 +14,11 @@ from torch import fx, nn
 
 from .config import CompressConfig
 from .errors import ConfigError, UnsupportedModelError
-from .passes.allocate import _first_tensor
+from .passes.allocate import first_tensor
 from .passes.calibrate import Calibration, as_batches, collect_inputs, probe_scales, run_batch
 from .passes.materialize import served_params
 from .passes.quantize import quantize
-from .passes.select import select_weights
+from .passes.select import refuse_non_float32, select_weights
 from .passes.trace import FALLBACK_PREFIX, prepare
 from .progress import progress_bar
 from .record_store import compression_record, update_record
@@ -59,7 +59,7 @@ def _score(out: nn.Module, config: CompressConfig, calib: Calibration | None) ->
             for batch, reference in zip(calib.batches, calib.outputs):
                 if reference is None:
                     raise ConfigError("seed_trials: the model's output has no tensor to compare; give a score_fn")
-                test = _first_tensor(run_batch(out, batch)).detach().to(torch.float64)
+                test = first_tensor(run_batch(out, batch)).detach().to(torch.float64)
                 total += float(((test - reference) ** 2).mean())
             return total / len(calib.batches)
     finally:
@@ -111,7 +111,7 @@ def compress(
     if not isinstance(config, CompressConfig):
         raise ConfigError(f"config must be a CompressConfig, got {type(config).__name__}")
     if not isinstance(model, nn.Module):
-        raise UnsupportedModelError(f"compress() needs an nn.Module, got {type(model).__name__}")
+        raise ConfigError(f"compress() needs an nn.Module, got {type(model).__name__}")
     batches = as_batches(calibration) if calibration is not None else None
     if config.seed_trials > 1 and batches is None and config.score_fn is None:
         raise ConfigError("seed_trials > 1 needs calibration batches or a score_fn to choose the seed by")
@@ -195,19 +195,9 @@ def _calibration_summary(record: dict, calib: Calibration | None, trials: list[d
 
 
 def _refuse_non_float32(model: nn.Module) -> None:
-    """A model whose weights are all float16/bfloat16/float64 would "compress" nothing (the format decodes weights
-    to float32: codebooks and the dither are float32 by contract, and serving a float32 weight to a float16 op fails)
-    and :func:`udnc_fx.save` would then refuse it: say so here, with the remedy. A model with some float32 layers
-    compresses those and records why the others were skipped."""
-    if served_params(model):
-        return
-    others = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()
-                     if p.is_floating_point() and p.dtype != torch.float32})
-    if others:
-        raise UnsupportedModelError(
-            f"no weight was compressed: the model's parameters are {', '.join(others)} and udnc-fx compresses "
-            "float32 weights only (they decode to float32 by format); convert the model with model.float() first"
-        )
+    """Nothing was served compressed: if that is because the weights are not float32, say so (the shared rule)."""
+    if not served_params(model):
+        refuse_non_float32(model)
 
 
 @dataclass
@@ -316,7 +306,13 @@ class InspectReport:
 def inspect(model: nn.Module) -> InspectReport:
     """Per-layer view of a compressed model: fqn, shape, lattice, n, step, codewords used, entropy of the index
     stream (bits per weight), and SQNR (dB) of the decoded weight against the original at quantization time
-    (``None`` when unknown, e.g. after loading)."""
+    (``None`` when unknown, e.g. after loading).
+
+    Raises:
+        ConfigError: ``model`` is not an ``nn.Module``.
+    """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"inspect() needs an nn.Module, got {type(model).__name__}")
     rows = []
     for dlp in served_params(model):
         used = int((dlp.codeword_counts() > 0).sum())

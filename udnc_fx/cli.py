@@ -126,10 +126,10 @@ def _compress(args) -> int:
     else:
         config = _flags_config(args)
     if args.quiet:
-        from .hf_io import _transformers
+        from .hf_io import import_transformers
 
         if Path(args.model).is_dir():
-            _transformers().utils.logging.disable_progress_bar()
+            import_transformers().utils.logging.disable_progress_bar()
     model, is_checkpoint, random_weights = load_model(args.model, args.weights)
     model.eval()
     calibration = read_calibration(args.calibration, checkpoint=args.model if is_checkpoint else None) \
@@ -193,13 +193,13 @@ def _compress(args) -> int:
               "--fallback module_swap silences this, --fallback error refuses")
     if args.finetune_epochs:
         from .passes.finetune import finetune
-        from .passes.allocate import _first_tensor
+        from .passes.allocate import first_tensor
         from .cli_inputs import split_batch
 
         data = [b for b in split_batch(calibration, args.batch_size)]
 
         def distill(student, teacher):
-            return torch.nn.functional.mse_loss(_first_tensor(student), _first_tensor(teacher))
+            return torch.nn.functional.mse_loss(first_tensor(student), first_tensor(teacher))
 
         result = finetune(gm, data, teacher=float_model, distill=distill, epochs=args.finetune_epochs,
                           progress=not args.quiet, keep="last", lr=args.finetune_lr)
@@ -230,7 +230,7 @@ def _save_kwargs(args) -> dict:
 def _decompress(args) -> int:
     from . import hf_io
     from .cli_inputs import check_output_path
-    from .io import read_header
+    from .storage import read_header
 
     header = read_header(args.file)
     is_hf = isinstance(header.get("metadata", {}).get(hf_io.HF_METADATA_KEY), dict)
@@ -337,7 +337,7 @@ def _export(args) -> int:
     from . import hf_io
     from .cli_inputs import check_output_path, load_factory, parse_dtype, parse_shapes
     from .export import to_onnx
-    from .io import load, read_header
+    from .storage import load, read_header
 
     # Arguments first: nothing is loaded or traced until every one of them is known to be usable.
     check_output_path(args.out)

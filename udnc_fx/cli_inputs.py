@@ -206,9 +206,9 @@ def _tokenizer_for(checkpoint: str | None):
             "a .txt calibration file is tokenized with the checkpoint's tokenizer: give a save_pretrained "
             "directory as MODEL, or a tensor file (.safetensors or .npy) of inputs"
         )
-    from .hf_io import _transformers
+    from .hf_io import import_transformers
 
-    transformers = _transformers()
+    transformers = import_transformers()
     try:
         tok = transformers.AutoTokenizer.from_pretrained(checkpoint, local_files_only=True)
     except Exception as exc:

@@ -142,7 +142,7 @@ def run_demo(
     the file's bytes.
     """
     import udnc_fx
-    from udnc_fx.io import round_for_storage
+    from udnc_fx.storage import round_for_storage
     from udnc_fx.passes.finetune import finetune, finetune_float
     from udnc_fx.passes.fold import fold_batchnorm
     from udnc_fx.passes.prune import check_sparsity, mask_sparsity, prune

@@ -33,6 +33,7 @@ __all__ = [
     "KEY_WHITENERS",
     "tensor_key",
     "key_words",
+    "fmix32_np",
     "hash_stream_np",
     "uniform_np",
     "uniform_torch",
@@ -90,7 +91,11 @@ def _check_range(start: int, count: int) -> None:
         raise ConfigError(f"dither range [{start}, {start + count}) is outside the 32-bit counter space")
 
 
-def _fmix32_np(h: np.ndarray) -> np.ndarray:
+def fmix32_np(h: np.ndarray) -> np.ndarray:
+    """The definition's ``fmix32`` finaliser on a uint32 array, in place (also returned).
+
+    The ANS coder's dither contexts hash their own counters with it (``udnc_fx.coding.ans.dither_codes``).
+    """
     # uint32 array arithmetic wraps modulo 2**32 (what the definition asks); in-place to spare memory.
     h ^= h >> np.uint32(16)
     h *= np.uint32(_C1)
@@ -106,9 +111,9 @@ def hash_stream_np(key: int, count: int, start: int = 0) -> np.ndarray:
     a, b = key_words(key)
     h = np.arange(start, start + count, dtype=np.uint64).astype(np.uint32)
     h ^= np.uint32(a)
-    h = _fmix32_np(h)
+    h = fmix32_np(h)
     h ^= np.uint32(b)
-    return _fmix32_np(h)
+    return fmix32_np(h)
 
 
 def uniform_np(key: int, count: int, start: int = 0, dtype=np.float64) -> np.ndarray:

@@ -2,6 +2,16 @@
 
 Every failure a user can cause (bad config, a model we cannot handle, a corrupt file) raises a subclass of
 :class:`UdncError`, so callers can catch one type; the subclasses say what went wrong.
+
+One type per kind of failure, whichever verb meets it:
+
+- :class:`ConfigError`: an argument is wrong — a config value, an option, a batch that does not fit, and a "model"
+  that is not an ``nn.Module`` at all (every verb: ``compress``, ``allocate``, ``prune``, ``fold_batchnorm``,
+  ``finetune``, ``materialize``, ``inspect``, ``load``).
+- :class:`UnsupportedModelError`: a real ``nn.Module`` that cannot be handled as asked — torch.fx cannot trace it
+  and ``fallback="error"``, it has no float32 weight to compress, it fails on ``example_inputs``.
+- :class:`PassError`: a pass could not do its work on this model (strict mode's skips, nothing to prune or train).
+- :class:`ExportError`, :class:`FormatError`: lowering to ONNX, and malformed files.
 """
 
 from __future__ import annotations
@@ -21,11 +31,12 @@ class UdncError(Exception):
 
 
 class ConfigError(UdncError, ValueError):
-    """A configuration value is invalid (raised before anything is changed)."""
+    """An argument or configuration value is invalid (raised before anything is changed), including a model argument
+    that is not an ``nn.Module``. A ``ValueError``, so code that caught the bare ``ValueError`` still works."""
 
 
 class UnsupportedModelError(UdncError):
-    """The model cannot be handled as asked (for example torch.fx cannot trace it)."""
+    """The ``nn.Module`` cannot be handled as asked (for example torch.fx cannot trace it and fallback is off)."""
 
 
 class PassError(UdncError):

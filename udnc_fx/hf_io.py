@@ -55,7 +55,12 @@ HF_INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 HF_METADATA_KEY = "huggingface"
 
 
-def _transformers():
+def import_transformers():
+    """Import ``transformers`` offline (``HF_HUB_OFFLINE=1`` unless set), its progress bars off where ours are.
+
+    Raises:
+        ImportError: naming the ``hf`` extra, when ``transformers`` is not installed.
+    """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         import transformers
@@ -98,7 +103,7 @@ def load_checkpoint_dir(path: str | Path) -> nn.Module:
     path = Path(path)
     if not is_checkpoint_dir(path):
         raise ConfigError(f"{path} is not a save_pretrained directory (no config.json)")
-    transformers = _transformers()
+    transformers = import_transformers()
     try:
         config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
     except Exception as exc:  # transformers raises OSError, ValueError, JSONDecodeError...: all "bad config"
@@ -119,7 +124,7 @@ def hf_metadata(model: nn.Module) -> dict[str, Any] | None:
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_json_string") or not hasattr(model, "save_pretrained"):
         return None
-    transformers = _transformers()
+    transformers = import_transformers()
     return {
         HF_METADATA_KEY: {
             "architecture": type(model).__name__,
@@ -138,11 +143,11 @@ def decoded_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         FormatError: the file is malformed.
     """
     from .coding.container import read_container
-    from .io import _params_from
+    from .storage import params_from
 
     container = read_container(Path(path))
     state: dict[str, torch.Tensor] = {}
-    for dlp in _params_from(container):
+    for dlp in params_from(container):
         weight = dlp.materialize()
         for name in (dlp.fqn, *dlp.aliases):
             state[name] = weight
@@ -154,7 +159,7 @@ def decoded_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def _hf_entry(path: str | Path) -> dict[str, Any] | None:
-    from .io import read_header
+    from .storage import read_header
 
     entry = read_header(Path(path)).get("metadata", {}).get(HF_METADATA_KEY)
     return entry if isinstance(entry, dict) else None
@@ -176,7 +181,7 @@ def from_udnc(path: str | Path, *, materialize: bool = True) -> nn.Module:
         FormatError: the file holds no Hugging Face config (``kind="model_mismatch"``), or is malformed.
         ImportError: ``transformers`` is not installed.
     """
-    from .io import load
+    from .storage import load
     from .passes.materialize import materialize as _materialize
 
     entry = _hf_entry(path)
@@ -186,7 +191,7 @@ def from_udnc(path: str | Path, *, materialize: bool = True) -> nn.Module:
             f"{path} holds no Hugging Face config: load it with udnc_fx.load(path, model) onto the float model, "
             "or decode its tensors with udnc_fx.hf_io.decoded_state_dict(path)",
         )
-    transformers = _transformers()
+    transformers = import_transformers()
     cls = _model_class(transformers, entry.get("architecture"))
     if cls is None:
         raise FormatError("model_mismatch", f"transformers has no model class {entry.get('architecture')!r}")
@@ -286,7 +291,7 @@ def _tensor_forward(self, *inputs):
     params = inspect.signature(type(self).forward).parameters
     names = [n for n in HF_INPUT_NAMES if n in params]
     if len(inputs) > len(names):
-        raise ValueError(f"{type(self).__name__} takes at most {len(names)} inputs here: {names}")
+        raise ConfigError(f"{type(self).__name__} takes at most {len(names)} inputs here: {names}")
     kwargs = dict(zip(names, inputs))
     if "attention_mask" in names and kwargs.get("attention_mask") is None:
         kwargs["attention_mask"] = torch.ones_like(kwargs["input_ids"])

@@ -149,7 +149,7 @@ class Lattice:
     def _as_rows(self, x: np.ndarray, what: str) -> tuple[np.ndarray, tuple[int, ...]]:
         arr = np.asarray(x, dtype=np.float64)
         if arr.ndim == 0 or arr.shape[-1] != self.dim:
-            raise ValueError(
+            raise ConfigError(
                 f"{what} must have shape (..., {self.dim}) for lattice {self.label}, got shape {np.shape(x)}"
             )
         return arr.reshape(-1, self.dim), arr.shape
@@ -174,7 +174,7 @@ class Lattice:
             docstring describes.
 
         Raises:
-            ValueError: if the last axis is not ``dim`` long.
+            ConfigError: if the last axis is not ``dim`` long.
         """
         rows, shape = self._as_rows(x, "x")
         return _NEAREST[self.name](rows).reshape(shape)
@@ -252,7 +252,7 @@ class Lattice:
             int64 array ``(..., dim)``.
 
         Raises:
-            ValueError: on a wrong last axis or if some vector is not a lattice point (for ``Z^n``, ``D4``, ``E8``
+            ConfigError: on a wrong last axis or if some vector is not a lattice point (for ``Z^n``, ``D4``, ``E8``
                 exactly; for ``A2`` the first coordinate exactly and the second within ``1e-9`` relative).
         """
         rows, shape = self._as_rows(raw_points, "raw_points")
@@ -270,7 +270,7 @@ class Lattice:
         ok &= np.all(np.isfinite(ints), axis=1)  # rint(inf) == inf would otherwise pass and cast to garbage
         if not np.all(ok):
             bad = int(np.flatnonzero(~ok)[0])
-            raise ValueError(
+            raise ConfigError(
                 f"raw_points[{bad}] = {rows[bad].tolist()} is not a point of {self.label} "
                 "(quantize with nearest_raw first)"
             )
@@ -290,14 +290,14 @@ class Lattice:
             float64 array ``(..., dim)``.
 
         Raises:
-            ValueError: on a non-integer dtype, a wrong last axis, or coordinates of no lattice point (odd sum for
+            ConfigError: on a non-integer dtype, a wrong last axis, or coordinates of no lattice point (odd sum for
                 ``D4``; mixed parity or ``sum % 4 != 0`` for ``E8``).
         """
         arr = np.asarray(ints)
         if not np.issubdtype(arr.dtype, np.integer):
-            raise ValueError(f"ints must have an integer dtype, got {arr.dtype}")
+            raise ConfigError(f"ints must have an integer dtype, got {arr.dtype}")
         if arr.ndim == 0 or arr.shape[-1] != self.dim:
-            raise ValueError(f"ints must have shape (..., {self.dim}) for lattice {self.label}, got {arr.shape}")
+            raise ConfigError(f"ints must have shape (..., {self.dim}) for lattice {self.label}, got {arr.shape}")
         rows = arr.reshape(-1, self.dim).astype(np.int64)
         self._check_int_members(rows)
         if self.name == "A2":
@@ -320,7 +320,7 @@ class Lattice:
             return
         if not np.all(ok):
             bad = int(np.flatnonzero(~ok)[0])
-            raise ValueError(f"integer coordinates {rows[bad].tolist()} are not a point of {self.label}")
+            raise ConfigError(f"integer coordinates {rows[bad].tolist()} are not a point of {self.label}")
 
 
 # ----------------------------------------------------------------------------------------------------------------

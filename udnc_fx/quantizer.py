@@ -85,7 +85,7 @@ def _count_rows(points: np.ndarray) -> np.ndarray:
     return counts[counts > 0]
 
 
-def _unique_rows(points: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def unique_rows(points: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(unique_rows, inverse, counts)`` of an int64 (m, n) array; the order of the unique rows is unspecified."""
     dense = _dense_codes(points)
     if dense is None:
@@ -202,7 +202,7 @@ def quantize_array(
         points = _points_at(v, u_raw, lat, step)
     else:
         points = lat.to_int(np.asarray(raw_points, dtype=np.float64).reshape(v.shape))
-    uniq_points, inverse, counts = _unique_rows(points)
+    uniq_points, inverse, counts = unique_rows(points)
     # Most frequent codeword first (helps byte-oriented coders); ties broken by the integer coordinates.
     order = np.lexsort(tuple(uniq_points[:, j] for j in range(lat.dim - 1, -1, -1)) + (-counts,))
     rank = np.empty_like(order)

@@ -133,7 +133,7 @@ def compress_to(
         PassError: even ``max_bits`` does not meet the bound (the message gives the quality reached).
     """
     from .api import compress
-    from .io import save
+    from .storage import save
     from .passes.allocate import allocate
 
     for name, value in (("min_bits", min_bits), ("max_bits", max_bits), ("tolerance", tolerance)):

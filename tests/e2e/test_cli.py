@@ -50,15 +50,21 @@ def test_export_never_touches_the_input_container(tmp_path):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["compress", "nope", "--out", "x.udnc"], "package.module:factory"),
-        (["compress", "udnc_fx.demo:Missing", "--out", "x.udnc"], "cannot import"),
-        (["compress", "udnc_fx.demo:DigitsCNN", "--out", "x.udnc", "--lattice", "Q"], "lattice"),
-        (["inspect", "missing.udnc"], "error"),
+        (["compress", "nope", "--out", "x.udnc"],
+         "MODEL must be a save_pretrained directory or look like 'package.module:factory', got 'nope'"),
+        (["compress", "udnc_fx.demo:Missing", "--out", "x.udnc"],
+         "cannot import 'udnc_fx.demo:Missing': module 'udnc_fx.demo' has no attribute 'Missing'"),
+        (["compress", "udnc_fx.demo:DigitsCNN", "--out", "x.udnc", "--lattice", "Q"],
+         "unknown lattice 'Q'; available: Z (n = 1..8), A2 (n = 2), D4 (n = 4), E8 (n = 8)"),
+        (["inspect", "missing.udnc"], "No such file or directory: missing.udnc"),
     ],
 )
 def test_bad_input_is_a_clear_error(tmp_path, args, message):
-    _, err = _run(args, tmp_path, expect=2)
-    assert message in err
+    """Exit status 2 and exactly one line, ``udnc: error: <what is wrong>``, with no traceback and no file left."""
+    out, err = _run(args, tmp_path, expect=2)
+    assert out == ""
+    assert err.splitlines() == [f"udnc: error: {message}"]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_inspect_of_a_corrupt_file_names_the_kind(tmp_path):

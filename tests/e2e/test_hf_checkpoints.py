@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("safetensors")
+import safetensors  # noqa: F401 -- installed with the test extra (transformers needs it): missing must fail
+import transformers
 
-import udnc_fx  # noqa: E402
-from udnc_fx import hf_io  # noqa: E402
+import udnc_fx
+from udnc_fx import hf_io
 
 transformers.logging.set_verbosity_error()
 from transformers import BertConfig, BertModel, BertTokenizer, GPT2Config, GPT2LMHeadModel  # noqa: E402

@@ -16,8 +16,6 @@ import udnc_fx
 from udnc_fx.demo import DigitsCNN
 from udnc_fx.export import to_onnx
 
-pytest.importorskip("onnxruntime")
-
 CHILD = r"""
 import json, sys
 import numpy as np

@@ -11,12 +11,12 @@ import os
 
 import pytest
 import torch
+import transformers
 
-transformers = pytest.importorskip("transformers")
-
-import udnc_fx  # noqa: E402
-from udnc_fx import CompressConfig, UnsupportedModelError, hf  # noqa: E402
-from udnc_fx.passes.allocate import allocate  # noqa: E402
+import udnc_fx
+from udnc_fx import CompressConfig, UnsupportedModelError, hf
+from udnc_fx.export import load_onnx, to_onnx
+from udnc_fx.passes.allocate import allocate
 
 transformers.logging.set_verbosity_error()
 
@@ -174,17 +174,6 @@ def test_allocation_on_a_transformer_meets_the_target():
     assert abs(udnc_fx.inspect(compressed).mean_entropy_bits - 3.0) <= 0.01
 
 
-onnxruntime = None
-try:
-    import onnxruntime  # noqa: F811
-    from udnc_fx.export import load_onnx, to_onnx
-except ImportError:  # pragma: no cover - the onnx extra is not installed
-    onnxruntime = None
-
-needs_onnx = pytest.mark.skipif(onnxruntime is None, reason="onnx/onnxruntime (the onnx extra) not installed")
-
-
-@needs_onnx
 def test_bert_sentence_encoder_exports_to_onnx_and_runs_in_onnxruntime(tmp_path):
     # The SentenceEncoder wrapper is compressed itself: materialize/to_onnx look weights up by the fqns recorded
     # at compression, relative to the compressed root.
@@ -206,7 +195,6 @@ def test_bert_sentence_encoder_exports_to_onnx_and_runs_in_onnxruntime(tmp_path)
     assert abs(got - want).max() < 1e-5
 
 
-@needs_onnx
 def test_gpt2_exports_to_onnx_and_runs_in_onnxruntime(tmp_path):
     model = udnc_fx.compress(LogitsOf(_gpt2()), hf.transformer_config(target_bits=4.0)).eval()
     x = _tokens()

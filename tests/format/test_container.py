@@ -30,15 +30,7 @@ from udnc_fx.coding.container import (
 from udnc_fx.errors import FormatError
 
 STAND_IN = "test-le32-v0"
-try:
-    from udnc_fx.coding import coders as _coders  # noqa: F401
-
-    REAL_CODERS = _coders.available_coders()
-except ImportError:  # the coder registry is written alongside; until it lands only the stand-in runs
-    REAL_CODERS = []
-needs_range_coder = pytest.mark.skipif(
-    C.FORMAT_DEFAULT_CODEBOOK_CODER not in REAL_CODERS, reason="coded codebooks need the range-adaptive-v1 coder"
-)
+REAL_CODERS = coders.available_coders()
 
 
 class LE32Coder:
@@ -260,7 +252,6 @@ def test_fixed_width_lattice_int_uses_the_narrowest_width():
     assert np.array_equal(read_container(data).quantized[0].codebook_int, extreme)
 
 
-@needs_range_coder
 @pytest.mark.parametrize("lattice", ["Z", "A2", "D4", "E8"])
 def test_large_integer_codebooks_are_entropy_coded(lattice):
     original = big_codebook_container(lattice)
@@ -274,7 +265,6 @@ def test_large_integer_codebooks_are_entropy_coded(lattice):
     assert set(stored) == {"encoding", "alphabet_size", "length"}  # the default coder is not stored
 
 
-@needs_range_coder
 def test_the_writer_keeps_the_smaller_codebook_encoding():
     """Whichever of fixed width and coded gives the smaller file (section plus its header object) is written."""
     for lattice in ("Z", "A2", "D4", "E8"):
@@ -326,10 +316,14 @@ def test_codebook_symbols_invert_on_every_lattice_point(lattice):
     assert not fmt.non_members(lattice, c).any()
 
 
+def test_the_format_defaults_are_registered_coders():
+    """The coders a file names by default (indices, coded codebooks) are always there: constriction is a
+    dependency, and a missing one must fail here rather than skip the tests that use them."""
+    assert {C.FORMAT_DEFAULT_CODER, C.FORMAT_DEFAULT_CODEBOOK_CODER, "zlib-v1"} <= set(REAL_CODERS)
+
+
 def test_default_coder_is_the_registry_default():
-    if not REAL_CODERS:
-        pytest.skip("udnc_fx.coding.coders is not there yet")
-    assert C.DEFAULT_CODER == _coders.DEFAULT_CODER == QuantizedTensor("w", (1,), "Z", 1, 1.0, 0, "d", None, None).coder
+    assert C.DEFAULT_CODER == coders.DEFAULT_CODER == QuantizedTensor("w", (1,), "Z", 1, 1.0, 0, "d", None, None).coder
 
 
 def test_reads_paths_bytes_and_file_objects(tmp_path):
@@ -437,9 +431,7 @@ def test_keys_derived_from_the_seed_are_not_stored():
 
 
 def test_the_file_default_coder_is_the_most_used_one():
-    other = "zlib-v1" if "zlib-v1" in REAL_CODERS else None
-    if other is None:
-        pytest.skip("needs a second coder")
+    other = "zlib-v1"
     c = make_container()
     c.quantized[0].coder = other
     header, _ = split(encode_container(c))
@@ -447,14 +439,13 @@ def test_the_file_default_coder_is_the_most_used_one():
     assert [q["indices"].get("coder") for q in header["quantized"]] == [other, None, None, None]
     c.quantized[1].coder = other  # a tie: the smaller name, unless the format's default is one of them
     assert split(encode_container(c))[0]["coder"] == min(other, STAND_IN)
-    if C.FORMAT_DEFAULT_CODER in REAL_CODERS:
-        c.quantized[2].coder = c.quantized[3].coder = C.FORMAT_DEFAULT_CODER
-        header, _ = split(encode_container(c))
-        assert "coder" not in header
-        assert [q["indices"].get("coder") for q in header["quantized"]] == [other, other, None, None]
-        assert [q["indices"]["coder"] for q in read_header(encode_container(c))["quantized"]] == [
-            other, other, C.FORMAT_DEFAULT_CODER, C.FORMAT_DEFAULT_CODER
-        ]
+    c.quantized[2].coder = c.quantized[3].coder = C.FORMAT_DEFAULT_CODER
+    header, _ = split(encode_container(c))
+    assert "coder" not in header
+    assert [q["indices"].get("coder") for q in header["quantized"]] == [other, other, None, None]
+    assert [q["indices"]["coder"] for q in read_header(encode_container(c))["quantized"]] == [
+        other, other, C.FORMAT_DEFAULT_CODER, C.FORMAT_DEFAULT_CODER
+    ]
 
 
 def test_explicit_defaults_read_the_same():
@@ -757,7 +748,6 @@ def test_bad_value(good, monkeypatch):
         expect("bad_value", good)
 
 
-@needs_range_coder
 def test_bad_value_in_coded_codebooks():
     data = encode_container(big_codebook_container("E8", k=40))
     header, payload = split(data)

@@ -188,5 +188,5 @@ def test_folded_model_compresses_saves_and_loads(tmp_path):
 
 
 def test_not_a_module():
-    with pytest.raises(udnc_fx.UnsupportedModelError):
+    with pytest.raises(udnc_fx.ConfigError, match=r"fold_batchnorm\(\) needs an nn.Module, got str"):
         fold_batchnorm("model")

@@ -259,3 +259,27 @@ def test_strict_turns_a_skip_into_pass_error(config):
 def test_strict_with_nothing_skipped_compresses():
     gm = udnc_fx.compress(Net(), CompressConfig(step=0.1, strict=True))
     assert [c["action"] for c in udnc_fx.inspect(gm).changes] == ["quantized"] * 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_every_verb_refuses_a_model_without_float32_weights_the_same_way(dtype):
+    # one bad input, one error: compress, allocate and prune used to raise three different types for it
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).to(dtype)
+    x = torch.randn(4, 8, dtype=dtype)
+    verbs = {
+        "compress": lambda: udnc_fx.compress(model, CompressConfig(step=0.05)),
+        "allocate": lambda: udnc_fx.allocate(model, target_bits=3.0, calibration_inputs=x),
+        "prune": lambda: udnc_fx.prune(model, sparsity=0.5),
+    }
+    for verb, call in verbs.items():
+        with pytest.raises(udnc_fx.UnsupportedModelError, match=r"float32 weights only.*model\.float\(\)") as info:
+            call()
+        assert str(dtype).removeprefix("torch.") in str(info.value), verb
+
+
+def test_a_model_with_nothing_selectable_keeps_each_verbs_own_error():
+    # no floating-point weight of another dtype: the dtype refusal must not hide the verb's real reason
+    model = nn.Sequential(nn.ReLU())
+    with pytest.raises(PassError, match="no weights to prune"):
+        udnc_fx.prune(model, sparsity=0.5)

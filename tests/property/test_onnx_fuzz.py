@@ -106,13 +106,14 @@ def _attempt(cls: str, base, model_bytes: bytes, sidecar: bytes | None, sidecar_
     if sidecar is not None:
         (work / sidecar_name).write_bytes(sidecar)
     start = time.perf_counter()
+    result = None
     try:
         if how == "read":
-            rt.read_udnc_onnx(path)
+            result = rt.read_udnc_onnx(path)
         elif how == "prepare":
-            prepare_model(path, decode_threads=1)
+            result = prepare_model(path, decode_threads=1)
         else:
-            load_onnx(path, decode=how, decode_threads=1, intra_op_num_threads=1)
+            result = load_onnx(path, decode=how, decode_threads=1, intra_op_num_threads=1)
         outcome = "loaded"
     except FormatError as exc:
         outcome = f"FormatError[{exc.kind}]"
@@ -121,6 +122,21 @@ def _attempt(cls: str, base, model_bytes: bytes, sidecar: bytes | None, sidecar_
     finally:
         WORST[cls] = max(WORST[cls], time.perf_counter() - start)
     OUTCOMES[cls][outcome] += 1
+    if result is not None:
+        _check_loaded(path, how, result)
+
+
+def _check_loaded(path, how: str, result) -> None:
+    """A forged file that loads must hold what its (verified) tensor table says: one index per vector of each
+    weight, and, decoded, a float32 weight of the recorded shape."""
+    info = result if how == "read" else rt.read_udnc_onnx(path)
+    for spec in info.specs:
+        assert spec.n >= 1 and spec.num_vectors == -(-int(np.prod(spec.shape, dtype=object)) // spec.n), spec
+    if how == "prepare":  # decode="numpy": each dequantize subgraph became an initializer holding the weight
+        inits = {i.name: i for i in result.graph.initializer}
+        for spec in info.specs:
+            weight = numpy_helper.to_array(inits[spec.output])
+            assert weight.dtype == np.float32 and weight.shape == tuple(spec.shape), spec
 
 
 def _how(data):

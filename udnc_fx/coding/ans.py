@@ -118,9 +118,9 @@ def dither_codes(key: int, count: int, n: int) -> np.ndarray:
         hv = h[:size]
         np.add(base[:size], np.uint32((start * n) & 0xFFFFFFFF), out=hv)
         hv ^= ua
-        _dither._fmix32_np(hv)
+        _dither.fmix32_np(hv)
         hv ^= ub
-        _dither._fmix32_np(hv)
+        _dither.fmix32_np(hv)
         np.right_shift(hv, shift, out=hv)
         out[start : start + size] = hv
     return out

@@ -152,11 +152,11 @@ def points_from_vector_symbols(lattice: str, s: np.ndarray, where: str) -> np.nd
 def index_points(points: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(indices, codebook_int, counts)`` of integer points ``(m, n)``: the distinct points most frequent first,
     ties broken by the coordinates (lexicographically), as :func:`udnc_fx.quantizer.quantize_array` orders them."""
-    from udnc_fx.quantizer import _unique_rows  # lazy: the quantizer is not needed to read other encodings
+    from udnc_fx.quantizer import unique_rows  # lazy: the quantizer is not needed to read other encodings
 
     points = np.ascontiguousarray(points, dtype=np.int64)
     n = points.shape[1]
-    uniq, inverse, counts = _unique_rows(points)
+    uniq, inverse, counts = unique_rows(points)
     order = np.lexsort(tuple(uniq[:, j] for j in range(n - 1, -1, -1)) + (-counts,))
     rank = np.empty_like(order)
     rank[order] = np.arange(order.size)

@@ -24,7 +24,7 @@ def _as_dict(rows, counts):
 def test_unique_rows_matches_numpy(n, spread):
     rng = np.random.default_rng(n * 7 + spread)
     points = np.rint(rng.standard_t(2.0, size=(5000, n)) * spread / 10).astype(np.int64)
-    rows, inverse, counts = quantizer._unique_rows(points)
+    rows, inverse, counts = quantizer.unique_rows(points)
     ref_rows, _, ref_counts = _reference(points)
     assert _as_dict(rows, counts) == _as_dict(ref_rows, ref_counts)
     assert np.array_equal(rows[inverse], points)

@@ -50,7 +50,7 @@ def test_save_writes_the_short_header_and_loads_bit_exact(tmp_path, seed):
     # no config; the coder (not the format's 1.0 default) and the untouched codebooks' integer coordinates are
     # named once for the file
     assert set(header) == ({"quantized", "raw", "codebook_encoding", "coder"} | ({"seed"} if seed else set()))
-    assert header["coder"] == udnc_fx.io.SAVE_CODER == "ans-dither-v1"
+    assert header["coder"] == udnc_fx.storage.SAVE_CODER == "ans-dither-v1"
     assert header.get("seed", 0) == seed and header["codebook_encoding"] == "lattice-int"
     for entry in header["quantized"]:
         assert set(entry) == {"fqn", "shape", "step", "indices", "zero_index"}  # key, lattice, codebook: defaults
@@ -97,7 +97,7 @@ def test_full_config_and_float16_options(tmp_path):
 
 
 def test_round_for_storage_makes_the_model_what_the_file_holds(tmp_path):
-    from udnc_fx.io import round_for_storage
+    from udnc_fx.storage import round_for_storage
     from udnc_fx.passes.finetune import finetune
 
     pruned, config = pruned_model()

@@ -27,7 +27,7 @@ from .errors import ConfigError, FormatError
 from .param import DitheredLatticeParam
 from .passes.materialize import served_params
 from .passes.quantize import install
-from .passes.select import Candidate, _param_owners
+from .passes.select import Candidate, param_owners
 from .passes.trace import prepare
 from .record import on_lattice
 from .record_store import compression_record, set_record
@@ -224,7 +224,7 @@ def _check_header_against(header: dict, target: nn.Module, tensors: int, model_b
     params: dict[str, torch.nn.Parameter] = {}
     for name, p in target.named_parameters(remove_duplicate=False):
         params.setdefault(name, p)
-    owners = _param_owners(target)
+    owners = param_owners(target)
     weights: dict[str, tuple[torch.nn.Parameter, list[tuple[str, str]]]] = {}
     compressed_ids = set()
     for entry in header["quantized"]:
@@ -239,7 +239,7 @@ def _check_header_against(header: dict, target: nn.Module, tensors: int, model_b
         if id(p) in compressed_ids:
             raise _mismatch(f"{fqn}: the file compresses the same parameter twice")
         compressed_ids.add(id(p))
-        tied = owners[id(p)]  # named_parameters and _param_owners walk the same modules: fqn is one of these names
+        tied = owners[id(p)]  # named_parameters and param_owners walk the same modules: fqn is one of these names
         names = [f"{o}.{a}" if o else a for o, a in tied]
         aliases = _aliases(entry.get("meta"), fqn)
         if sorted(n for n in names if n != fqn) != sorted(aliases):
@@ -409,3 +409,16 @@ def size_report(path: str | Path, float_model: nn.Module | None = None) -> dict[
         "all_float_bytes": weights_float + raw_float,
         "file_ratio": (weights_float + raw_float) / file_bytes if file_bytes else None,
     }
+
+
+def params_from(container: Container) -> list[DitheredLatticeParam]:
+    """The compressed parameters a decoded container holds, one :class:`DitheredLatticeParam` per tensor.
+
+    The public name of the container → parameters step, for readers that decode a file without a model
+    (``udnc_fx.hf_io.decoded_state_dict``).
+
+    Raises:
+        FormatError: ``unknown_codec`` for an unknown dither generator, ``bad_value`` for an entry no compressed
+            weight can have (an unknown lattice, an integer codebook that overflows float32 once scaled).
+    """
+    return _params_from(container)
