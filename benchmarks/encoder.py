@@ -5,7 +5,8 @@ dither seed fails the quality bar; a point passes only if *every* seed passes. E
 ``udnc_fx.save(..., raw_float_dtype="float16")``; the ratio counts the whole ``state_dict`` over the file (as
 ``peers.py`` does), so it compares directly with NNCodec's bitstream for the same tensors, measured in the same run.
 
-udnc-fx settings (all post-training, no fine-tuning, no pruning; calibration only):
+udnc-fx settings (all post-training, no fine-tuning, no pruning; calibration only; ``--pipeline`` adds, on the
+digits CNN, the row with pruning and codeword fine-tuning from ``digits_pipeline.py``):
 
 * ``plain + probe allocation``: ``compress(..., calibration=batches, config(compensate=False))`` — each weight
   rounded on its own, steps allocated by the probe (what the project did before this encoder);
@@ -237,8 +238,8 @@ def encode_time(task, calibration, bits: float) -> dict:
 
 
 def run(task, quick: bool, seeds: list[int], tmp: Path, nncodec_ok: bool, ladder: list[float] | None = None,
-        variants: str | None = None, extras: bool = True, lattices: tuple[str, ...] = ("Z1",),
-        exact_ladder: bool = False) -> dict:
+        variants: str | None = None, extras: bool = True, pipeline: bool = False,
+        lattices: tuple[str, ...] = ("Z1",), exact_ladder: bool = False) -> dict:
     calibration = _calibration(task)
     p = peers.plan(task.key, quick)
     sweep = peers.NNCodecSweep(task, p["nncodec_qps"], tmp / f"nncodec-{task.key}", refine=p["nncodec_refine"]) \
@@ -255,6 +256,13 @@ def run(task, quick: bool, seeds: list[int], tmp: Path, nncodec_ok: bool, ladder
         methods[f"udnc-fx {v['label']}"] = _sweep(task, v, ladder, seeds, calibration, tmp, exact_ladder)
         if sweep is not None:
             sweep.poll()
+    pipeline_md = None
+    if pipeline and task.key == "digits":
+        import digits_pipeline
+
+        res = digits_pipeline.run(task, seeds, tmp)
+        methods[digits_pipeline.METHOD] = res["points"]
+        pipeline_md = digits_pipeline.report(res, seeds)
     result = {"task": task.key, "title": task.title, "bar": task.bar_text, "methods": methods, "seeds": seeds,
               "calibration": f"the {len(task.extra['data'].x_train)} TRAIN images, batches of 256" if task.key == "digits"
               else f"benchmarks/data/calibration.txt (32 sentences) + {MINILM_DOC_SENTENCES} sentences of Python's "
@@ -262,6 +270,7 @@ def run(task, quick: bool, seeds: list[int], tmp: Path, nncodec_ok: bool, ladder
     best_comp = C.robust_best(methods.get("udnc-fx compensated", []))
     probe_bits = -best_comp.order if best_comp else (2.0 if task.key == "digits" else 3.0)
     result["layers"], result["layers_bits"] = [], probe_bits
+    result["pipeline_md"] = pipeline_md
     if extras:
         with C.Stopwatch() as sw:
             result["layers"] = layer_errors(task, calibration, probe_bits)
@@ -299,6 +308,8 @@ def report(results: list[dict], command: str) -> str:
         rows = [[name, p.setting, f"{p.ratio:.2f}x", f"{p.score:.4f}", f"{p.score_worst:.4f}",
                  "pass" if p.passes else "FAIL"] for name, pts in r["methods"].items() for p in pts]
         lines.append(C.md_table(["method", "setting", "ratio", "mean", "worst", ""], rows))
+        if r.get("pipeline_md"):
+            lines.append("\n" + r["pipeline_md"])
         if not r["layers"]:
             lines.append("")
             continue
@@ -337,6 +348,8 @@ def main(argv=None) -> int:
     ap.add_argument("--exact-ladder", action="store_true",
                     help="evaluate only the --bits given (no refinement point, no finer points after a failure)")
     ap.add_argument("--no-extras", action="store_true", help="skip the per-layer table and the encode-time runs")
+    ap.add_argument("--pipeline", action="store_true",
+                    help="digits: also the prune + calibrated compress + codeword fine-tune row (digits_pipeline.py)")
     ap.add_argument("--doc-sentences", type=int, default=MINILM_DOC_SENTENCES,
                     help="MiniLM: Python-documentation sentences added to calibration.txt's 32")
     ap.add_argument("--time-only", action="store_true", help="MiniLM: only the encode-time table")
@@ -380,7 +393,8 @@ def main(argv=None) -> int:
             C.log(f"== {task.title}: float {task.float_quality}")
             ladder = [float(b) for b in args.bits.split(",")] if args.bits else None
             results.append(run(task, args.quick, seeds, tmp, nncodec_ok, ladder, args.variants, not args.no_extras,
-                               tuple(x.strip() for x in args.lattices.split(",") if x.strip()), args.exact_ladder))
+                               args.pipeline, tuple(x.strip() for x in args.lattices.split(",") if x.strip()),
+                               args.exact_ladder))
     command = "OMP_NUM_THREADS=1 python benchmarks/encoder.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = report(results, command)
     (out_dir / "encoder.md").write_text(text)

@@ -5,7 +5,8 @@ at one relative step (``relative_step=0.25``: about 4 bits per weight on Gaussia
 its own subprocess so that peak memory (``ru_maxrss``) belongs to that step alone; the table reports the peak and
 the peak minus the process's resident size just before the step (the float model and the imports), per weight.
 
-    .venv/bin/python benchmarks/scale.py [--quick]
+    .venv/bin/python benchmarks/scale.py [--quick] [--sizes 1e8] [--out-name scale]
+    .venv/bin/python benchmarks/scale.py --report benchmarks/out/scale.json   # the tables of an earlier run
 """
 
 from __future__ import annotations
@@ -104,28 +105,43 @@ def worker(phase: str, size: str, lattice: str, n: int, path: Path) -> dict:
         t1 = time.perf_counter()
         back = load_file(str(target))
         t2 = time.perf_counter()
+        # load_file maps the file lazily: copying into the model reads every byte, as udnc_fx.load decodes them
+        model.load_state_dict(back)
+        t3 = time.perf_counter()
         del back
         target.unlink(missing_ok=True)
-        out.update(save_s=t1 - t0, load_s=t2 - t1, seconds=t2 - t0, base_rss=base_rss, peak=_peak_bytes(),
-                   base_peak=base_peak)
+        out.update(save_s=t1 - t0, load_s=t2 - t1, load_into_model_s=t3 - t1, seconds=t3 - t0, base_rss=base_rss,
+                   peak=_peak_bytes(), base_peak=base_peak, float_bytes=4 * weights)
         return out
+    # Each step's own high-water mark: the kernel's peak is reset between steps, and "adds" is a step's peak minus
+    # the resident size just before it (what that step alone costs on top of what is already held).
     if phase == "compress":
         cfg = udnc_fx.CompressConfig(lattice=lattice, n=n, relative_step=RELATIVE_STEP, seed=0)
         t0 = time.perf_counter()
         gm = udnc_fx.compress(model, cfg)
         t1 = time.perf_counter()
+        steps = {"quantize": (base_rss, _peak_bytes())}
+        before = _rss_bytes()
+        _reset_peak()
         nbytes = udnc_fx.save(gm, path)
         t2 = time.perf_counter()
+        steps["save"] = (before, _peak_bytes())
         out.update(quantize_s=t1 - t0, save_s=t2 - t1, seconds=t2 - t0, file_bytes=nbytes,
                    bits_per_weight=8 * nbytes / weights)
     else:
         t0 = time.perf_counter()
         loaded = udnc_fx.load(path, model)
         t1 = time.perf_counter()
+        steps = {"load": (base_rss, _peak_bytes())}
+        before = _rss_bytes()
+        _reset_peak()
         materialize(loaded, inplace=True)
         t2 = time.perf_counter()
+        steps["materialize"] = (before, _peak_bytes())
         out.update(load_s=t1 - t0, materialize_s=t2 - t1, seconds=t2 - t0)
-    out.update(base_rss=base_rss, peak=_peak_bytes(), base_peak=base_peak)
+    out["steps"] = {k: {"before": b, "peak": p} for k, (b, p) in steps.items()}
+    out.update(base_rss=base_rss, peak=max(p for _, p in steps.values()), base_peak=base_peak,
+               float_bytes=4 * weights)
     return out
 
 
@@ -192,6 +208,11 @@ def report(res: dict) -> str:
             "size of the step's process minus its resident size just before the step (imports and the float model "
             "already loaded), per weight; the float32 weights themselves are 4 B/w.", "",
             C.md_table(head, rows)]
+    text += ["", "Per step (each step's own peak: the kernel's high-water mark is reset between steps; \"adds\" is the "
+             "peak minus the resident size just before the step; both over the float32 bytes of the weights; time "
+             "over safetensors' save_file, resp. load_file + load_state_dict, of the same model in the same run):", "",
+             C.md_table(["weights", "step", "s", "× safetensors", "peak RSS MiB", "peak / float", "adds / float"],
+                        step_rows(res))]
     ref_rows = [[f"{r['safetensors']['weights']:,}", f"{r['safetensors']['save_s']:.2f}",
                  f"{r['safetensors']['load_s']:.2f}", f"{r['safetensors']['peak'] / 2**20:.0f}"]
                 for r in res["rows"] if "safetensors" in r and "error" not in r["safetensors"]]
@@ -199,6 +220,28 @@ def report(res: dict) -> str:
         text += ["", "`safetensors` (save_file then load_file of the same float model, same machine, same run):", "",
                  C.md_table(["weights", "save s", "load s", "peak RSS MiB"], ref_rows)]
     return "\n".join(text)
+
+
+def step_rows(res: dict) -> list[list[str]]:
+    """One row per step of every size: seconds, ratio to safetensors, peak and added memory over the float bytes."""
+    rows = []
+    for r in res["rows"]:
+        ref = r.get("safetensors", {})
+        for phase in ("compress", "decompress"):
+            d = r[phase]
+            if "error" in d or "steps" not in d:
+                continue
+            for step, m in d["steps"].items():
+                seconds = d[f"{step}_s"]
+                peer = {"save": ref.get("save_s"), "load": ref.get("load_into_model_s")}.get(step)
+                rows.append([f"{d['weights']:,}", step, f"{seconds:.2f}", f"{seconds / peer:.0f}x" if peer else "",
+                             f"{m['peak'] / 2**20:.0f}", f"{m['peak'] / d['float_bytes']:.2f}",
+                             f"{(m['peak'] - m['before']) / d['float_bytes']:.2f}"])
+        if "error" not in ref and "float_bytes" in ref:
+            rows.append([f"{ref['weights']:,}", "safetensors save + load", f"{ref['seconds']:.2f}", "1x",
+                         f"{ref['peak'] / 2**20:.0f}", f"{ref['peak'] / ref['float_bytes']:.2f}",
+                         f"{(ref['peak'] - ref['base_rss']) / ref['float_bytes']:.2f}"])
+    return rows
 
 
 def plan(quick: bool) -> tuple[list[str], list]:
@@ -217,7 +260,12 @@ def main(argv=None) -> int:
     parser.add_argument("--lattice", default="Z")
     parser.add_argument("--n", type=int, default=1)
     parser.add_argument("--path", type=Path)
+    parser.add_argument("--report", type=Path, help="only print the report of an earlier run's scale.json")
+    parser.add_argument("--out-name", default="scale", help="output names: OUT/<name>.json and OUT/<NAME>.md")
     args = parser.parse_args(argv)
+    if args.report:
+        print(report(json.loads(args.report.read_text())))
+        return 0
     if args.worker:
         print(json.dumps(worker(args.worker, args.size, args.lattice, args.n, args.path)))
         return 0
@@ -226,9 +274,9 @@ def main(argv=None) -> int:
         sizes, lattices = args.sizes, [("Z", 1, args.sizes)]
     res = run(sizes, lattices)
     C.OUT.mkdir(parents=True, exist_ok=True)
-    (C.OUT / "scale.json").write_text(json.dumps(res, indent=1))
+    (C.OUT / f"{args.out_name}.json").write_text(json.dumps(res, indent=1))
     text = report(res)
-    (C.OUT / "SCALE.md").write_text(text + "\n")
+    (C.OUT / f"{args.out_name.upper()}.md").write_text(text + "\n")
     print(text)
     return 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from .coding.coders import DEFAULT_CODER, get_coder
 from .coding.container import (
     Container,
     RawTensor,
-    read_container,
+    iter_container,
     read_header,
     section_sizes,
     write_container,
@@ -314,39 +315,59 @@ def load(path: str | Path, model: nn.Module, *, progress: bool | None = None) ->
         # the model, so decoding does only the work a valid file of this model needs.
         _refuse_onnx_sidecar(header, path)
         config = _config_from(header["config"], header["seed"])
-        target, how = prepare(model, config)  # traced (or refused) as compress did, on a deep copy
+        # The copy never holds the float weights the file replaces: each is a placeholder of the same shape, dtype
+        # and device backed by a single element (stride 0), which install() drops (or empties) when it serves
+        # the decoded weight. Copying them would cost the float model's size again, for nothing.
+        params = dict(model.named_parameters(remove_duplicate=False))
+        memo: dict[int, Any] = {}
+        for entry in header["quantized"]:
+            p = params.get(entry["fqn"])
+            if p is not None and id(p) not in memo:
+                hollow = torch.zeros((), dtype=p.dtype, device=p.device).expand(p.shape)
+                memo[id(p)] = nn.Parameter(hollow, requires_grad=p.requires_grad)
+        work = copy.deepcopy(model, memo)
+        target, how = prepare(work, config, inplace=True)  # traced (or refused) as compress did
         targets = _check_header_against(header, target, tensors, model_bytes)
         prepared.update(config=config, target=target, how=how, targets=targets)
 
+    # Tensor by tensor (iter_container): each compressed weight becomes its parameter and each raw tensor is copied
+    # into the model as soon as it is decoded, so loading never holds the payload or a list of decoded arrays.
     # Elements: the model's tensors (shapes are checked to be the model's) plus codebooks (K <= count + slack).
-    container = read_container(
+    stream = iter_container(
         Path(path),
         max_elements=2 * (model_bytes + limits.ALPHABET_SLACK * 8 * tensors) + 1,
         max_header_length=limits.header_allowance(tensors),
         check_header=check,
         progress=progress,
     )
-    target, targets = prepared["target"], prepared["targets"]
-    dlps = _params_from(container)
-    # The container holds exactly the header's entries, which check() matched to the model (names, shapes, ties,
-    # dtypes): what is left is to put each decoded tensor where it was matched.
-    candidates = []
-    for dlp in dlps:
-        p, owners = targets.weights[dlp.fqn]
-        candidates.append(
-            Candidate(
-                fqn=dlp.fqn, owners=owners, param=p, lattice=dlp.lattice, n=dlp.n,
-                step_kind="step", step_value=dlp.step, found_by="file", step=dlp.step,
-            )
-        )
-    device = next((t.device for t in target.parameters()), torch.device("cpu"))
-    dlps = [d.to(device) for d in dlps]
-    changes = install(target, candidates, dlps)
+    dlps, candidates = [], []
+    device = None
     with torch.no_grad():
-        # install serves the compressed weights and leaves these tensors (biases, norms, buffers) where they were
-        for raw in container.raw:
-            tensor = targets.raw[raw.name]
-            tensor.copy_(torch.from_numpy(np.array(raw.array)).to(tensor.dtype))
+        for tensor in stream:
+            targets = prepared["targets"]  # check() has run: the first tensor comes after the header check
+            if device is None:
+                device = next((t.device for t in prepared["target"].parameters()), torch.device("cpu"))
+            if isinstance(tensor, RawTensor):
+                # install serves the compressed weights and leaves these tensors (biases, norms, buffers) in place
+                dest = targets.raw[tensor.name]
+                dest.copy_(torch.from_numpy(np.array(tensor.array)).to(dest.dtype))
+                continue
+            # The file holds exactly the header's entries, which check() matched to the model (names, shapes,
+            # ties, dtypes): what is left is to put each decoded weight where it was matched.
+            p, owners = targets.weights[tensor.fqn]
+            dlp = DitheredLatticeParam.from_record(
+                record_from_entry(tensor), fqn=tensor.fqn, aliases=_aliases(tensor.meta, tensor.fqn)
+            ).to(device)
+            del tensor  # its indices live on in the parameter (shared, not copied); the rest goes now
+            dlps.append(dlp)
+            candidates.append(
+                Candidate(
+                    fqn=dlp.fqn, owners=owners, param=p, lattice=dlp.lattice, n=dlp.n,
+                    step_kind="step", step_value=dlp.step, found_by="file", step=dlp.step,
+                )
+            )
+    target = prepared["target"]  # the stream runs check() before its first tensor, even when it holds none
+    changes = install(target, candidates, dlps)
     set_record(target, config=prepared["config"], changes=changes, trace=prepared["how"])
     if not isinstance(target, fx.GraphModule):
         from .hf_io import guard_save_pretrained

@@ -73,3 +73,38 @@ def test_encoder_benchmark_runs_each_setting_with_each_lattice(monkeypatch):
     assert [(v["label"], v["lattice"], v["n"]) for v in comp] == [("compensated Z1", "Z", 1), ("compensated E8", "E8", 8)]
     with pytest.raises(SystemExit):
         encoder._variants(True, ("B7",))
+
+
+@pytest.mark.slow
+def test_digits_pipeline_smoke(tmp_path, monkeypatch):
+    """The pruned + calibrated + fine-tuned row of issue 10 (benchmarks/digits_pipeline.py), on tiny epochs: the
+    choice is made on a validation split of the TRAIN images, every point's ratio is the original model's float32
+    state_dict over real file bytes, and the accuracy is the loaded file's."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import digits_pipeline
+    import peers
+
+    task = peers.digits_task()
+    res = digits_pipeline.run(task, [0, 1], tmp_path, quick=True)
+    sel = res["selection"]
+    assert sel["images"] == 252  # 20 % of the 1257 TRAIN images, none of the 540 test images
+    val = digits_pipeline.validation_split(task.extra["data"])
+    assert len(val.y_train) + len(val.y_test) == len(task.extra["data"].y_train)
+    (point,) = res["points"]
+    assert point.method == digits_pipeline.METHOD
+    assert len(point.extra["per_seed_acc"]) == 2 and all(0 <= a <= 100 for a in point.extra["per_seed_acc"])
+    # 90 % pruned at 1.5 bits per kept weight: far past the post-training rates, and the file holds everything
+    assert 20 < point.ratio < 80
+    assert point.ratio == pytest.approx(task.numerator / point.bytes)
+    assert point.passes == (min(point.extra["per_seed_acc"]) >= task.threshold)
+    assert not list(tmp_path.glob("*.udnc"))  # the benchmark cleans up its files
+    text = digits_pipeline.report(res, [0, 1])
+    assert "robust best on test" in text and "Validation (252 images" in text
+
+
+def test_pipeline_target_bits(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import digits_pipeline
+
+    assert digits_pipeline.target_bits(0.9, 1.5) == pytest.approx(0.469 + 0.15, abs=1e-3)
+    assert digits_pipeline.target_bits(0.0, 2.0) == 2.0

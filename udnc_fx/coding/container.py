@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from udnc_fx.coding.coder_base import DEFAULT_CODER
@@ -69,8 +70,10 @@ from udnc_fx.coding.header import (
     validate_header,
 )
 from udnc_fx.coding.limits import DEFAULT_MAX_HEADER_LENGTH, MAX_HEADER_LENGTH
-from udnc_fx.coding.payload import decode_payload, encode_quantized, encode_raw, points_bound, weights_bar
-from udnc_fx.coding.tempfiles import fsync_dir, remove_stale_temps, write_temp
+from udnc_fx.coding.payload import (
+    check_payload_digest, decode_payload, decode_sections, encode_quantized, encode_raw, points_bound, weights_bar,
+)
+from udnc_fx.coding.tempfiles import create_temp, fsync_dir, remove_stale_temps
 from udnc_fx.errors import FormatError
 
 __all__ = [
@@ -93,6 +96,7 @@ __all__ = [
     "write_container",
     "decode_container",
     "read_container",
+    "iter_container",
     "read_header",
     "section_sizes",
 ]
@@ -126,6 +130,27 @@ def encode_container(
         FormatError: ``bad_value`` for an inconsistent or out-of-range field, ``unknown_codec`` for an unknown
             coder or a dtype the format cannot hold.
     """
+    parts: list[bytes] = []
+    prefix, _ = _encode_to(
+        container, parts.append, raw_float_dtype=raw_float_dtype, codebook_float_dtype=codebook_float_dtype,
+        max_elements=max_elements, progress=progress,
+    )
+    return prefix + b"".join(parts)
+
+
+def _encode_to(
+    container: Container,
+    write: Callable[[bytes], Any],
+    *,
+    raw_float_dtype: str,
+    codebook_float_dtype: str,
+    max_elements: int,
+    progress: bool | None,
+) -> tuple[bytes, int]:
+    """Encodes ``container`` one tensor at a time, handing each section to ``write`` as soon as it is coded (the
+    payload, in file order), and returns ``(prefix, payload length)``: the preamble and header, which precede the
+    payload in the file but depend on all of it (lengths, digest). :func:`encode_container` and
+    :func:`write_container` share it, so bytes in memory and bytes on disk are the same bytes."""
     if raw_float_dtype not in ("float32", "float16"):
         raise FormatError("bad_value", f"raw_float_dtype must be 'float32' or 'float16', got {raw_float_dtype!r}")
     if codebook_float_dtype not in ("float32", "float16"):
@@ -140,8 +165,17 @@ def encode_container(
     if not 0 <= seed < MAX_SEED:
         raise FormatError("bad_value", f"seed must be in [0, 2^64), got {seed}")
 
+    digest = hashlib.sha256()
+    payload_length = 0
+
+    def emit(data: bytes) -> None:
+        nonlocal payload_length
+        if data:
+            digest.update(data)
+            write(data)
+            payload_length += len(data)
+
     names: set[str] = set()
-    parts: list[bytes] = []
     total_elements = 0
     quantized_entries = []
     bar = weights_bar(container.quantized, "coding", progress)
@@ -152,7 +186,9 @@ def encode_container(
         if entry["fqn"] in names:
             raise FormatError("bad_value", f"duplicate tensor name {entry['fqn']!r}")
         names.add(entry["fqn"])
-        parts += [indices_bytes, codebook_bytes]
+        emit(indices_bytes)
+        emit(codebook_bytes)
+        del indices_bytes, codebook_bytes  # one tensor's sections at a time
         quantized_entries.append(entry)
     raw_entries = []
     for r in container.raw:
@@ -161,13 +197,13 @@ def encode_container(
         if entry["name"] in names:
             raise FormatError("bad_value", f"duplicate tensor name {entry['name']!r}")
         names.add(entry["name"])
-        parts.append(data)
+        emit(data)
+        del data
         raw_entries.append(entry)
     bar.close()
     if total_elements > max_elements:
         raise FormatError("bad_value", f"the container holds more than {max_elements} elements")
 
-    payload = b"".join(parts)
     header = {
         "coder": pick_file_coder([e["indices"]["coder"] for e in quantized_entries]),
         "codebook_encoding": pick_file_codebook([e["codebook"] for e in quantized_entries]),
@@ -185,11 +221,31 @@ def encode_container(
         minor = 2
     else:
         minor = 1 if any(e["indices"]["coder"] in CODERS_SINCE_MINOR_1 for e in quantized_entries) else 0
-    head = DIGESTED.pack(
-        MAGIC, FORMAT_VERSION[0], minor, len(header_bytes), len(payload), hashlib.sha256(payload).digest()
-    )
-    digest = hashlib.sha256(head + header_bytes).digest()
-    return head + digest + header_bytes + payload
+    head = DIGESTED.pack(MAGIC, FORMAT_VERSION[0], minor, len(header_bytes), payload_length, digest.digest())
+    head_digest = hashlib.sha256(head + header_bytes).digest()
+    return head + head_digest + header_bytes, payload_length
+
+
+#: Bytes per read when a streamed payload is copied or hashed: large enough for full-speed I/O, small next to a model.
+_IO_CHUNK = 1 << 20
+
+
+def _chunks(handle: Any, length: int) -> Iterator[memoryview]:
+    """The next ``length`` bytes of ``handle`` in chunks of at most :data:`_IO_CHUNK`, read into one reused buffer
+    (a plain ``read(n)`` allocates ``n`` bytes each time). Each chunk is valid until the next one is read.
+
+    Raises:
+        FormatError: ``truncated`` when the file ends first.
+    """
+    buffer = bytearray(min(length, _IO_CHUNK))
+    view = memoryview(buffer)
+    left = length
+    while left:
+        got = handle.readinto(view[: min(left, len(buffer))])
+        if not got:
+            raise FormatError("truncated", f"the payload is {length} bytes, read {length - left}")
+        left -= got
+        yield view[:got]
 
 
 def write_container(
@@ -203,37 +259,52 @@ def write_container(
 ) -> int:
     """Writes ``container`` to a path (atomically) or to a binary file object.
 
-    A path is written through a temporary file in the same directory, flushed to disk and then renamed over the
-    target (``os.replace``), so readers see the old file or the new one, never a partial one; on failure the
-    temporary file is removed. A file object is written as is. Options are those of :func:`encode_container`.
+    A path is written without ever holding the payload in memory: each tensor's sections go to a temporary file as
+    they are coded; the preamble and header (which hold the payload's length and digest) then go to a second
+    temporary file, followed by a copy of the payload; that one is flushed to disk and renamed over the target
+    (``os.replace``), so readers see the old file or the new one, never a partial one. Both temporary files live
+    in the target's directory (hidden names, removed on failure; ones a killed writer left are removed by the
+    next write of the same target). A file object is written as is. Options are those of
+    :func:`encode_container`; the bytes are the same.
 
     Returns:
         The number of bytes written.
     """
-    data = encode_container(
-        container,
-        raw_float_dtype=raw_float_dtype,
-        codebook_float_dtype=codebook_float_dtype,
-        max_elements=max_elements,
+    options = dict(
+        raw_float_dtype=raw_float_dtype, codebook_float_dtype=codebook_float_dtype, max_elements=max_elements,
         progress=progress,
     )
     if hasattr(path_or_file, "write") and not isinstance(path_or_file, (str, bytes, os.PathLike)):
+        data = encode_container(container, **options)
         path_or_file.write(data)
         return len(data)
     path = os.fspath(path_or_file)
     directory, base = os.path.split(os.path.abspath(path))
     remove_stale_temps(directory, base)  # full-size leftovers of a save that was killed before its rename
-    tmp = write_temp(directory, base, data)
+    payload_fd, payload_tmp = create_temp(directory, base)
+    tmp = None
     try:
+        with os.fdopen(payload_fd, "wb") as payload_file:  # holds the temp file's writer lock until closed
+            prefix, payload_length = _encode_to(container, payload_file.write, **options)
+            payload_file.flush()
+            fd, tmp = create_temp(directory, base)
+            with os.fdopen(fd, "wb") as out, open(payload_tmp, "rb", buffering=0) as payload_in:
+                out.write(prefix)
+                for chunk in _chunks(payload_in, payload_length):
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+        tmp = None
+    finally:
+        for leftover in (payload_tmp, tmp):
+            if leftover is not None:
+                try:
+                    os.unlink(leftover)
+                except FileNotFoundError:
+                    pass
     fsync_dir(directory)  # make the rename itself durable
-    return len(data)
+    return len(prefix) + payload_length
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -341,6 +412,57 @@ def read_container(
             for a file that cannot be opened.
     """
     return _read(path_or_bytes, max_elements, max_header_length, check_header, progress)
+
+
+def iter_container(
+    path: Any,
+    *,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+    max_header_length: int = DEFAULT_MAX_HEADER_LENGTH,
+    check_header: Any = None,
+    progress: bool | None = None,
+) -> Iterator[QuantizedTensor | RawTensor]:
+    """Reads a ``.udnc`` file tensor by tensor: the quantized tensors, then the raw ones, each decoded as it is
+    needed, so a caller that puts each one where it belongs (``udnc_fx.load``) never holds the payload or a list
+    of decoded arrays. Same checks, in the same order, as :func:`read_container`: the preamble and header (then
+    ``check_header``) before anything else, and the payload's digest, computed over the file in chunks, before the
+    first tensor is decoded. Config, metadata and seed are in the header ``check_header`` receives.
+
+    Args:
+        path: a path (str or ``os.PathLike``) to a regular file.
+        max_elements, max_header_length, check_header, progress: as for :func:`read_container`.
+
+    Yields:
+        :class:`QuantizedTensor` and :class:`RawTensor` objects, in file order, as :func:`read_container` gives them.
+
+    Raises:
+        FormatError: for any defect of the content; ``truncated`` if the file shrinks while it is read. ``OSError``
+            for a file that cannot be opened.
+    """
+    with _open_regular(path) as handle:
+        size = os.fstat(handle.fileno()).st_size
+        prefix = handle.read(PREAMBLE_SIZE)
+        preamble = _guarded(parse_preamble, prefix, size, max_header_length)
+        header_bytes = handle.read(preamble.header_length)
+        _, header = _guarded(read_header_from, prefix, header_bytes, size, max_elements, max_header_length)
+        if check_header is not None:  # outside _guarded: the caller's own errors (model_mismatch...) pass as they are
+            check_header(_guarded(resolved_header, preamble, header))
+        start = PREAMBLE_SIZE + preamble.header_length
+        digest = hashlib.sha256()
+        for chunk in _chunks(handle, preamble.payload_length):
+            digest.update(chunk)
+        _guarded(check_payload_digest, preamble, digest.digest())
+
+        def section_bytes(section) -> bytes:
+            handle.seek(start + section.offset)
+            data = handle.read(section.length)
+            if len(data) != section.length:
+                raise FormatError("truncated", f"{section.where}: read {len(data)} of its {section.length} bytes")
+            return data
+
+        tensors = decode_sections(header, section_bytes, progress)
+        while (tensor := _guarded(next, tensors, None)) is not None:  # a decoder's bug is a FormatError, as in _read
+            yield tensor
 
 
 def read_header(

@@ -4,7 +4,8 @@ Writing: :func:`encode_quantized` checks a :class:`~udnc_fx.coding.header.Quanti
 header entry and its two sections, choosing the smallest of the codebook encodings the format offers (float,
 ``lattice-int``, ``lattice-int-coded``, or ``lattice-coords`` instead of indices and codebook); :func:`encode_raw`
 does the same for a raw tensor. Reading: :func:`decode_payload` checks the payload digest and decodes every section
-of a validated :class:`~udnc_fx.coding.header.Header`. Streams go through the coder registry's one
+of a validated :class:`~udnc_fx.coding.header.Header`; :func:`decode_sections` does the same one tensor at a time,
+for readers that fetch each section from the file as it is needed. Streams go through the coder registry's one
 ``encode_stream``/``decode_stream`` pair.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -34,6 +36,8 @@ __all__ = [
     "encode_quantized",
     "points_bound",
     "encode_raw",
+    "check_payload_digest",
+    "decode_sections",
     "decode_payload",
 ]
 
@@ -282,7 +286,9 @@ def _encode_coords(
     # The reader rebuilds indices and codebook in the quantizer's order; use lattice-coords only where that gives
     # back exactly these (a codebook with unused or reordered rows would come back different).
     rebuilt_indices, rebuilt_points, _ = _lc.index_points(points)
-    if not (np.array_equal(rebuilt_points, cb_int) and np.array_equal(rebuilt_indices, indices)):
+    same = np.array_equal(rebuilt_points, cb_int) and np.array_equal(rebuilt_indices, indices)
+    del rebuilt_indices  # 8 bytes per vector, not to be held while the points are coded below
+    if not same:
         return None
     coded = _lc.encode_points(
         lookup_coder(q.coder), points, q.lattice, n, key, q.dither == FORMAT_DEFAULT_DITHER, f"{where} coordinates"
@@ -385,42 +391,60 @@ def _decode_coords(q: QEntry, data: bytes) -> QuantizedTensor:
     )
 
 
-def decode_payload(
-    preamble: Preamble, header: Header, payload: memoryview, progress: bool | None = None
-) -> Container:
-    """Checks the payload digest, then decodes every section of a validated ``header`` into a :class:`Container`."""
-    if hashlib.sha256(payload).digest() != preamble.payload_sha256:
+def check_payload_digest(preamble: Preamble, digest: bytes) -> None:
+    """``checksum_mismatch`` unless ``digest`` (the SHA-256 of the payload as read) is the preamble's."""
+    if digest != preamble.payload_sha256:
         raise FormatError("checksum_mismatch", "the payload digest does not match (payload damaged)")
 
-    def section_bytes(s: Section) -> bytes:
-        return bytes(payload[s.offset : s.offset + s.length])
 
-    quantized = []
+def decode_sections(
+    header: Header, section_bytes: Callable[[Section], bytes], progress: bool | None = None
+) -> Iterator[QuantizedTensor | RawTensor]:
+    """Decodes the sections of a validated ``header`` one tensor at a time, in file order: every quantized tensor,
+    then every raw tensor. ``section_bytes`` returns a section's bytes (from memory or read from the file), so a
+    reader holds one tensor's sections and its decoded arrays at a time. The caller checks the payload digest
+    first (:func:`check_payload_digest`)."""
     bar = weights_bar(header.quantized, "decoding", progress)
-    for q in header.quantized:
-        bar.update(q.count * q.n)
-        if q.encoding == _lc.ENCODING:
-            quantized.append(_decode_coords(q, section_bytes(q.indices)))
-            continue
-        context = _stream_context(lookup_coder(q.coder), q.key, q.dither, q.count, q.n)
-        index_dtype = narrow_index_dtype(q.alphabet_size)
-        indices = _decode_stream(
-            q.coder, section_bytes(q.indices), q.count, q.alphabet_size, f"{q.fqn!r} indices", context, index_dtype
-        )
-        codebook, codebook_int = _decode_codebook(q, section_bytes(q.codebook))
-        quantized.append(
-            QuantizedTensor(
-                fqn=q.fqn, shape=q.shape, lattice=q.lattice, n=q.n, step=q.step, key=q.key, dither=q.dither,
-                indices=indices.astype(index_dtype, copy=False), codebook=codebook,
-                codebook_int=codebook_int, coder=q.coder, zero_index=q.zero_index, meta=q.meta,
-            )
-        )
-    bar.close()
-    raws = []
+    try:
+        for q in header.quantized:
+            bar.update(q.count * q.n)
+            yield _decode_quantized(q, section_bytes)
+    finally:
+        bar.close()
     for r in header.raws:
         stored = np.frombuffer(section_bytes(r.data), dtype=RAW_DTYPES[r.dtype])
         if r.dtype == "bool" and stored.size and int(stored.view(np.uint8).max()) > 1:
             raise FormatError("bad_value", f"raw tensor {r.name!r}: bool bytes other than 0 and 1")
         target = np.dtype(r.source_dtype or r.dtype).newbyteorder("=")
-        raws.append(RawTensor(name=r.name, array=stored.astype(target).reshape(r.shape)))
+        yield RawTensor(name=r.name, array=stored.astype(target).reshape(r.shape))
+
+
+def _decode_quantized(q: QEntry, section_bytes: Callable[[Section], bytes]) -> QuantizedTensor:
+    if q.encoding == _lc.ENCODING:
+        return _decode_coords(q, section_bytes(q.indices))
+    context = _stream_context(lookup_coder(q.coder), q.key, q.dither, q.count, q.n)
+    index_dtype = narrow_index_dtype(q.alphabet_size)
+    indices = _decode_stream(
+        q.coder, section_bytes(q.indices), q.count, q.alphabet_size, f"{q.fqn!r} indices", context, index_dtype
+    )
+    codebook, codebook_int = _decode_codebook(q, section_bytes(q.codebook))
+    return QuantizedTensor(
+        fqn=q.fqn, shape=q.shape, lattice=q.lattice, n=q.n, step=q.step, key=q.key, dither=q.dither,
+        indices=indices.astype(index_dtype, copy=False), codebook=codebook,
+        codebook_int=codebook_int, coder=q.coder, zero_index=q.zero_index, meta=q.meta,
+    )
+
+
+def decode_payload(
+    preamble: Preamble, header: Header, payload: memoryview, progress: bool | None = None
+) -> Container:
+    """Checks the payload digest, then decodes every section of a validated ``header`` into a :class:`Container`."""
+    check_payload_digest(preamble, hashlib.sha256(payload).digest())
+
+    def section_bytes(s: Section) -> bytes:
+        return bytes(payload[s.offset : s.offset + s.length])
+
+    quantized, raws = [], []
+    for tensor in decode_sections(header, section_bytes, progress):
+        (quantized if isinstance(tensor, QuantizedTensor) else raws).append(tensor)
     return Container(quantized=quantized, raw=raws, config=header.config, metadata=header.metadata, seed=header.seed)
