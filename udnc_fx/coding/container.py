@@ -322,6 +322,18 @@ def _guarded(fn, *args):
         raise FormatError("bad_value", f"unexpected {type(exc).__name__} while reading: {exc}") from exc
 
 
+def _checked_header(prefix: bytes, read_header_bytes, size: int, max_elements: int, max_header_length: int,
+                    check_header: Any):
+    """The preamble (from ``prefix``), the header (``read_header_bytes(length)``), every header check, then
+    ``check_header`` on the resolved header: the steps every reader takes before it reads any payload."""
+    preamble = _guarded(parse_preamble, prefix, size, max_header_length)
+    header_bytes = read_header_bytes(preamble.header_length)
+    _, header = _guarded(read_header_from, prefix, header_bytes, size, max_elements, max_header_length)
+    if check_header is not None:  # outside _guarded: the caller's own errors (model_mismatch...) pass as they are
+        check_header(_guarded(resolved_header, preamble, header))
+    return preamble, header
+
+
 def _read(
     source: Any, max_elements: int, max_header_length: int, check_header: Any, progress: bool | None = None
 ) -> Container:
@@ -332,9 +344,8 @@ def _read(
         view = memoryview(source).cast("B")
         size = len(view)
         prefix = bytes(view[:PREAMBLE_SIZE])
-        preamble = _guarded(parse_preamble, prefix, size, max_header_length)
-        header_bytes = bytes(view[PREAMBLE_SIZE : PREAMBLE_SIZE + preamble.header_length])
-        read_payload = lambda: view[PREAMBLE_SIZE + preamble.header_length :]  # noqa: E731
+        read_header_bytes = lambda length: bytes(view[PREAMBLE_SIZE : PREAMBLE_SIZE + length])  # noqa: E731
+        read_payload = lambda preamble: view[PREAMBLE_SIZE + preamble.header_length :]  # noqa: E731
         handle = None
     else:
         handle = _open_regular(source) if isinstance(source, (str, os.PathLike)) else source
@@ -346,14 +357,12 @@ def _read(
             data = handle.read()
             return _read(data, max_elements, max_header_length, check_header, progress)
         prefix = handle.read(PREAMBLE_SIZE)
-        preamble = _guarded(parse_preamble, prefix, size, max_header_length)
-        header_bytes = handle.read(preamble.header_length)
-        read_payload = lambda: memoryview(handle.read(size - PREAMBLE_SIZE - preamble.header_length))  # noqa: E731
+        read_header_bytes = handle.read
+        read_payload = lambda pre: memoryview(handle.read(size - PREAMBLE_SIZE - pre.header_length))  # noqa: E731
     try:
-        _, header = _guarded(read_header_from, prefix, header_bytes, size, max_elements, max_header_length)
-        if check_header is not None:  # outside _guarded: the caller's own errors (model_mismatch...) pass as they are
-            check_header(_guarded(resolved_header, preamble, header))
-        payload = read_payload()
+        preamble, header = _checked_header(prefix, read_header_bytes, size, max_elements, max_header_length,
+                                           check_header)
+        payload = read_payload(preamble)
         if len(payload) != preamble.payload_length:
             raise FormatError("truncated", f"the payload is {preamble.payload_length} bytes, read {len(payload)}")
         return _guarded(decode_payload, preamble, header, payload, progress)
@@ -441,12 +450,8 @@ def iter_container(
     """
     with _open_regular(path) as handle:
         size = os.fstat(handle.fileno()).st_size
-        prefix = handle.read(PREAMBLE_SIZE)
-        preamble = _guarded(parse_preamble, prefix, size, max_header_length)
-        header_bytes = handle.read(preamble.header_length)
-        _, header = _guarded(read_header_from, prefix, header_bytes, size, max_elements, max_header_length)
-        if check_header is not None:  # outside _guarded: the caller's own errors (model_mismatch...) pass as they are
-            check_header(_guarded(resolved_header, preamble, header))
+        preamble, header = _checked_header(handle.read(PREAMBLE_SIZE), handle.read, size, max_elements,
+                                           max_header_length, check_header)
         start = PREAMBLE_SIZE + preamble.header_length
         digest = hashlib.sha256()
         for chunk in _chunks(handle, preamble.payload_length):
