@@ -49,6 +49,7 @@ __all__ = [
     "run_batch",
     "collect_inputs",
     "probe_scales",
+    "padding_mask",
     "MIN_ROWS_PER_COLUMN",
 ]
 
@@ -103,6 +104,8 @@ class Calibration:
     calls: list[dict[str, int]] = field(default_factory=list)
     #: the float model the inputs were measured on, kept only for sequential compensation (``config.sequential``)
     model: Any = None
+    #: padded token positions were left out of the Linear layers' H (``config.mask_padding``)
+    mask_padding: bool = False
 
     def release(self, fqn: str) -> None:
         """Drop the ``Σ x xᵀ`` of ``fqn`` once its factors are computed (memory: one ``d×d`` array per layer, not
@@ -136,6 +139,23 @@ def as_batches(calibration: Any) -> list[Any]:
                 "positional inputs or a mapping of keyword inputs"
             )
     return batches
+
+
+def padding_mask(batch: Any) -> torch.Tensor | None:
+    """The real-token mask ``(batch, tokens)`` (bool) of a keyword batch holding a 2-D ``attention_mask`` (what a
+    Hugging Face tokenizer returns with ``padding=True``), else None.
+
+    Why: the hidden states at padded positions are computed but never used by the model's output (attention masks
+    them out, mean pooling leaves them out); counted in ``H`` they pull the compensation toward inputs the model
+    never serves. A Linear layer whose input has leading dimensions equal to the mask's shape then contributes only
+    the rows of real tokens.
+    """
+    if not isinstance(batch, Mapping):
+        return None
+    mask = batch.get("attention_mask")
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        return None
+    return mask != 0
 
 
 def run_batch(model: nn.Module, batch: Any) -> Any:
@@ -186,6 +206,7 @@ def collect_inputs(
     *,
     keep_outputs: bool = True,
     stop_after: list[dict[str, int]] | None = None,
+    mask_padding: bool = False,
 ) -> Calibration:
     """Run every batch through ``model`` (eval mode, no autograd) with hooks on the candidates' layers.
 
@@ -201,12 +222,13 @@ def collect_inputs(
             an earlier full run); the forward of a batch is stopped as soon as the hooked modules have all run that
             often. Why: sequential compensation measures a few layers at a time, and the layers after them need
             not run. Implies ``keep_outputs=False``.
+        mask_padding: leave padded token positions out of Linear layers' ``H`` (see :func:`padding_mask`).
 
     Raises:
         ConfigError: a batch does not fit the model (names the batch and the innermost module that failed), or a
             layer's input does not have the shape its weight needs.
     """
-    calib = Calibration(batches=batches)
+    calib = Calibration(batches=batches, mask_padding=mask_padding)
     modules = dict(model.named_modules(remove_duplicate=False))
     hooked: dict[str, list[tuple[str, nn.Module]]] = {}  # module fqn -> [(param fqn, module)]
     for cand in candidates:
@@ -276,6 +298,9 @@ def collect_inputs(
                         f"calibration batch {current['i']} does not fit the model: layer {owner} got an input of "
                         f"shape {tuple(x.shape)} it cannot use: {exc}"
                     ) from None
+                mask = current["mask"]
+                if mask is not None and isinstance(mod, nn.Linear) and tuple(x.shape[:-1]) == tuple(mask.shape):
+                    cols = cols[mask.reshape(-1)]  # the real tokens' rows only
                 if cols.shape[1] != rec.groups * rec.d:
                     raise ConfigError(
                         f"calibration batch {current['i']} does not fit the model: layer {owner} got an input with "
@@ -318,6 +343,7 @@ def collect_inputs(
             with torch.no_grad():
                 for i, batch in enumerate(batches):
                     current["i"] = i
+                    current["mask"] = padding_mask(batch) if mask_padding else None
                     stack.clear()
                     products.clear()
                     calls.clear()
@@ -410,6 +436,9 @@ def probe_scales(model: nn.Module, candidates: list[Candidate], config: Any, cal
     )
     calib.probe_step = s
     scales, zero = {}, []
+    keep = padding_mask(calib.batches[0]) if calib.mask_padding else None
+    if keep is not None and tuple(reference.shape[: keep.dim()]) != tuple(keep.shape):
+        keep = None  # the output is not per token (e.g. pooled): every entry counts
     with torch.no_grad():
         was_training = model.training
         model.eval()
@@ -426,7 +455,10 @@ def probe_scales(model: nn.Module, candidates: list[Candidate], config: Any, cal
                     test = first_tensor(run_batch(model, calib.batches[0])).detach().to(torch.float64)
                 finally:
                     param.data = saved
-                distortions[cand.fqn] = (float(((test - reference) ** 2).mean()), step, w.size)
+                sq = (test - reference) ** 2
+                if keep is not None:
+                    sq = sq[keep]  # real tokens only (config.mask_padding)
+                distortions[cand.fqn] = (float(sq.mean()), step, w.size)
         finally:
             model.train(was_training)
     floor = max(max(d for d, _, _ in distortions.values()) * 1e-9, 1e-300)

@@ -28,7 +28,7 @@ from ..errors import PassError
 from ..lattice import Lattice
 from ..record import lattice_factor, scaled_dither
 
-__all__ = ["inverse_factor", "compensated_points", "BLOCK"]
+__all__ = ["inverse_factor", "compensated_points", "act_order", "BLOCK"]
 
 BLOCK = 32  # columns per lazy-update block (GPTQ's trick; 32 measured 2-3x faster than 128 on 384-1536 wide layers)
 
@@ -72,6 +72,29 @@ def inverse_factor(h: np.ndarray, damping: float) -> tuple[np.ndarray | None, st
     return None, "H could not be factored even with 1e5x damping"
 
 
+def act_order(h: np.ndarray, n: int = 1) -> np.ndarray:
+    """GPTQ's "act-order": the column order in which to round, inputs with the largest ``H_jj`` first.
+
+    For an ``n``-dimensional lattice the order moves whole vectors (blocks of ``n`` consecutive columns, ranked by
+    the sum of their ``H_jj``), so each lattice vector keeps its own columns and its own dither. Ties keep the
+    weight's order (a stable sort): the order is a pure function of ``H``.
+
+    Why: the columns rounded first have the most columns left to push their error onto; the inputs with the largest
+    energy make the largest output error per unit of weight error, so they should be the ones compensated for, not
+    the ones left to absorb the others' errors (Frantar et al. 2022, Sec. 4 of the GPTQ repository's notes).
+
+    Returns:
+        int64 permutation of ``range(d)``: round column ``perm[0]`` first.
+    """
+    diag = np.asarray(np.diag(h), dtype=np.float64)
+    d = diag.shape[0]
+    if d % n:
+        raise PassError(f"{d} columns do not split into {n}-vectors")
+    energy = diag.reshape(d // n, n).sum(axis=1)
+    blocks = np.argsort(-energy, kind="stable")
+    return (blocks[:, None] * n + np.arange(n)[None, :]).reshape(-1).astype(np.int64)
+
+
 def compensated_points(
     w: np.ndarray,
     factors: list[np.ndarray],
@@ -80,6 +103,7 @@ def compensated_points(
     u_raw: np.ndarray,
     *,
     exact_zero: bool = False,
+    perms: list[np.ndarray | None] | None = None,
 ) -> np.ndarray:
     """Raw lattice points ``(num_vectors, n)`` chosen by error-compensating dithered rounding.
 
@@ -91,6 +115,9 @@ def compensated_points(
         u_raw: the tensor's raw dither ``(num_vectors, n)`` (:func:`udnc_fx.record.raw_dither`), vectors in
             row-major order (row ``r``, vector ``b`` is ``r·d/n + b``).
         exact_zero: the point 0 decodes to exactly 0 (see the module docstring).
+        perms: per group, the order in which to round the columns (:func:`act_order`), or None for the weight's
+            own order. Each factor must then be that of the *permuted* ``H`` (``H[perm][:, perm]``). Only the order
+            of rounding changes: every vector keeps its own dither and its own place in the output.
 
     Returns:
         float64 raw points, same layout as ``u_raw``: ``codebook[k] − dither`` of the result is what decoders see.
@@ -109,12 +136,26 @@ def compensated_points(
     per_group = rows // groups
     for g, U in enumerate(factors):
         r0, r1 = g * per_group, (g + 1) * per_group
+        perm = None if perms is None else perms[g]
+        if perm is not None:
+            perm = np.asarray(perm, dtype=np.int64)
+            if perm.shape != (d,) or not np.array_equal(np.sort(perm), np.arange(d)) or (
+                n > 1 and not np.array_equal(perm.reshape(-1, n), perm.reshape(-1, n)[:, :1] + np.arange(n))
+            ) or (n > 1 and (perm[::n] % n).any()):
+                raise PassError(f"column order of group {g} is not a permutation of whole {n}-vectors of {d} columns")
+        wg = w[r0:r1] if perm is None else w[r0:r1][:, perm]
+        bperm = None if perm is None else perm[::n] // n  # the order of the lattice vectors of a row
         if n == 1:
-            out[r0:r1, :, 0] = _scalar_points(w[r0:r1], U, dither[r0:r1, :, 0], factor, exact_zero).T
+            pts = _scalar_points(wg, U, dither[r0:r1, :, 0] if perm is None else dither[r0:r1, perm, 0], factor,
+                                 exact_zero).T
+            if perm is None:
+                out[r0:r1, :, 0] = pts
+            else:
+                out[r0:r1, perm, 0] = pts
             continue
-        W = np.array(w[r0:r1], dtype=np.float64, copy=True)
-        dg = dither[r0:r1]
-        og = out[r0:r1]
+        W = np.array(wg, dtype=np.float64, copy=True)
+        dg = dither[r0:r1] if bperm is None else dither[r0:r1][:, bperm]
+        og = np.empty((r1 - r0, d // n, n), dtype=np.float64)
         pruned = None
         if exact_zero:
             pruned = ~W.reshape(W.shape[0], d // n, n).any(axis=2)  # all-zero vectors: keep them exactly 0
@@ -149,6 +190,10 @@ def compensated_points(
                 err[:, j : j + n] = e
             if i2 < d:
                 W[:, i2:] -= err @ U[i1:i2, i2:]
+        if bperm is None:
+            out[r0:r1] = og
+        else:
+            out[r0:r1][:, bperm] = og
     return out.reshape(-1, n)
 
 

@@ -36,7 +36,7 @@ from ..progress import progress_bar
 from ..quantizer import coded_rate_bits_per_weight, coded_rate_of_raw_points, quantize_array, vectors_of
 from ..record import raw_dither, weight_key
 from ..record_store import set_record
-from .compensate import compensated_points, inverse_factor
+from .compensate import act_order, compensated_points, inverse_factor
 from .select import Candidate, Change, select_weights
 
 __all__ = [
@@ -293,26 +293,30 @@ def _compensation_factors(cand: Candidate, lat, calibration: Any, config: Compre
     if rec.d % lat.dim:
         return None, f"plain rounding: a row of {rec.d} weights does not split into {lat.dim}-vectors"
     cache = calibration.__dict__.setdefault("_factors", {})
-    key = (cand.fqn, config.damping)
+    key = (cand.fqn, config.damping, config.act_order)
     if key not in cache and rec.sums is None:
-        return None, "plain rounding: its H was released after factoring with another damping"
+        return None, "plain rounding: its H was released after factoring with another damping or column order"
     if key not in cache:
-        factors, notes = [], []
+        factors, perms, notes = [], [], []
         for g in range(rec.groups):
-            U, note = inverse_factor(rec.hessian(g), config.damping)
+            h = rec.hessian(g)
+            perm = act_order(h, lat.dim) if config.act_order else None
+            U, note = inverse_factor(h if perm is None else h[np.ix_(perm, perm)], config.damping)
             if U is None:
                 factors = None
                 notes = [note]
                 break
             factors.append(U)
+            perms.append(perm)
             if note:
                 notes.append(note)
-        cache[key] = (factors, "; ".join(sorted(set(notes))))
+        cache[key] = (None if factors is None else (factors, perms), "; ".join(sorted(set(notes))))
         calibration.release(cand.fqn)  # the factors replace H: hold one d×d array per layer, not two
     factors, note = cache[key]
     if factors is None:
         return None, f"plain rounding: {note}"
-    how = f"compensated rounding (H from {rec.rows} input rows{', ' + note if note else ''})"
+    order = ", columns by decreasing H_jj" if config.act_order else ""
+    how = f"compensated rounding (H from {rec.rows} input rows{order}{', ' + note if note else ''})"
     return factors, how
 
 
@@ -357,8 +361,8 @@ def make_params(
         cached = last_points.get(id(cand))
         if cached is not None and cached[0] == step:
             return cached[1]
-        w2, factors = comp[id(cand)]
-        pts = compensated_points(w2, factors, lat, step, us[id(cand)], exact_zero=exact_zero)
+        w2, (factors, perms) = comp[id(cand)]
+        pts = compensated_points(w2, factors, lat, step, us[id(cand)], exact_zero=exact_zero, perms=perms)
         last_points[id(cand)] = (step, pts)
         return pts
 
@@ -446,6 +450,7 @@ def _sequential(prepared, comp, us, config, calibration, points_of) -> dict[int,
         {cand.fqn for cand, *_ in prepared if id(cand) in comp},
         damping=config.damping,
         exact_zero=config.exact_zero,
+        columns_by_energy=config.act_order,
         fallback_points=lambda c: points_of(c, lat_of[c.fqn], c.step, config.exact_zero),
     )
     out = {}

@@ -31,7 +31,7 @@ import torch
 
 from ..quantizer import quantize_array
 from .calibrate import Calibration, collect_inputs
-from .compensate import compensated_points, inverse_factor
+from .compensate import act_order, compensated_points, inverse_factor
 from .select import Candidate
 
 __all__ = ["sequential_points"]
@@ -50,6 +50,7 @@ def sequential_points(
     *,
     damping: float,
     exact_zero: bool,
+    columns_by_energy: bool = False,
     fallback_points: Callable[[Candidate], np.ndarray],
 ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Raw lattice points of every layer in ``compensated``, each rounded with ``H`` measured through the model
@@ -65,6 +66,7 @@ def sequential_points(
             quantized whatever happens.
         compensated: fqns of the layers to round with error compensation.
         damping: as :func:`udnc_fx.passes.compensate.inverse_factor`.
+        columns_by_energy: round columns in :func:`udnc_fx.passes.compensate.act_order` (``config.act_order``).
         exact_zero: as :func:`udnc_fx.passes.compensate.compensated_points`.
         fallback_points: points to use when a layer's sequential ``H`` cannot be factored (the float-input
             compensation).
@@ -98,26 +100,30 @@ def sequential_points(
                 if not todo:
                     continue
                 cands = [by_fqn[fqn][0] for fqn in todo]
-                measured = collect_inputs(model, cands, calibration.batches, stop_after=calibration.calls)
+                measured = collect_inputs(model, cands, calibration.batches, stop_after=calibration.calls,
+                                          mask_padding=calibration.mask_padding)
                 for fqn in todo:
                     cand, w, lat, step, u = by_fqn[fqn]
                     rec = measured.inputs.get(fqn)
-                    factors = []
+                    factors, perms = [], []
                     why = measured.fallback.get(fqn, "")
                     if rec is not None:
                         for g in range(rec.groups):
-                            U, why = inverse_factor(rec.hessian(g), damping)
+                            h = rec.hessian(g)
+                            perm = act_order(h, lat.dim) if columns_by_energy else None
+                            U, why = inverse_factor(h if perm is None else h[np.ix_(perm, perm)], damping)
                             if U is None:
                                 factors = None
                                 break
                             factors.append(U)
+                            perms.append(perm)
                         measured.release(fqn)
                     if rec is None or factors is None:
                         points[fqn] = fallback_points(cand)
                         notes[fqn] = f"float-input H (sequential H unusable: {why})"
                     else:
                         w2 = w.reshape(w.shape[0], -1)
-                        points[fqn] = compensated_points(w2, factors, lat, step, u, exact_zero=exact_zero)
+                        points[fqn] = compensated_points(w2, factors, lat, step, u, exact_zero=exact_zero, perms=perms)
                         notes[fqn] = f"sequential H from {rec.rows} input rows through the quantized earlier layers"
                     del factors
                     install(fqn, points[fqn])

@@ -31,7 +31,7 @@ def _calibrate(model: nn.Module, config: CompressConfig, batches: list) -> Calib
     target, _ = prepare(model, config)
     gm = target if isinstance(target, fx.GraphModule) else None
     candidates, _ = select_weights(target, config, gm)
-    calib = collect_inputs(target, candidates, batches)
+    calib = collect_inputs(target, candidates, batches, mask_padding=config.mask_padding)
     calib.model = target if config.sequential else None  # sequential compensation re-measures H on this copy
     if config.allocate and config.step_mode == "target_bits":
         probe_scales(target, candidates, config, calib)

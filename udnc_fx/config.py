@@ -147,6 +147,12 @@ class CompressConfig:
             layers produce (GPTQ's sequential mode; one partial forward per stage of layers) instead of on the float
             model's inputs. The steps are still solved with the float-input ``H``.
         damping: ``λ`` added to ``H``'s diagonal as a fraction of its mean (compensated rounding), in (0, 1].
+        act_order: with compensation, round each layer's input columns in order of decreasing ``H_jj`` (GPTQ's
+            "act-order"; whole lattice vectors for ``n > 1``) instead of the weight's own order. Only which lattice
+            point each weight gets changes: dither, file and decoder are the same.
+        mask_padding: with calibration batches that are mappings holding an ``attention_mask`` (a Hugging Face
+            tokenizer's output), leave the padded token positions (mask 0) out of each Linear layer's ``H``. Applies
+            to Linear inputs whose leading dimensions are the mask's ``(batch, tokens)``; other inputs use every row.
         seed_trials: how many dither seeds to try (``seed``, ``seed + 1``, ...); the one whose compressed model is
             closest to the float model on the calibration batches (or has the lowest ``score_fn``) is kept. 1..256.
         score_fn: ``score_fn(compressed_model) -> float``, lower is better (return ``-accuracy`` for an accuracy),
@@ -175,6 +181,8 @@ class CompressConfig:
     allocate: bool = True
     sequential: bool = False
     damping: float = 0.01
+    act_order: bool = False
+    mask_padding: bool = False
     seed_trials: int = 1
     score_fn: Callable[[Any], float] | None = None
 
@@ -213,7 +221,7 @@ class CompressConfig:
             raise ConfigError(f"fallback must be one of {', '.join(map(repr, FALLBACKS))}, got {self.fallback!r}")
         if self.include_embeddings not in (None, True, False):
             raise ConfigError(f"include_embeddings must be true, false or null (auto), got {self.include_embeddings!r}")
-        for name in ("compensate", "allocate", "sequential"):
+        for name in ("compensate", "allocate", "sequential", "act_order", "mask_padding"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if (
