@@ -13,6 +13,10 @@ digits CNN, the row with pruning and codeword fine-tuning from ``digits_pipeline
 * ``compensated``: the default with calibration — error-compensating dithered rounding, probe allocation;
 * ``compensated + sequential H``: the same with ``sequential=True`` (each layer's ``H`` measured through the
   already-quantized earlier layers);
+* ``compensated + act-order``: columns rounded by decreasing ``H_jj`` (``act_order=True``);
+* ``compensated + masked H``: padded token positions left out of ``H`` and of the probe (``mask_padding=True``;
+  MiniLM only: the digits batches have no ``attention_mask``);
+* ``compensated + act-order + masked H``: both;
 * ``compensated + 4 seed trials``: the same, keeping the best of 4 dither seeds on the calibration batches
   (each "seed" of the table is then a base seed whose 4 trials are ``seed·4 … seed·4+3``).
 
@@ -68,6 +72,10 @@ def _variants(quick: bool, lattices: tuple[str, ...] = ("Z1",)) -> list[dict]:
         {"label": "plain + probe allocation", "compensate": False, "trials": 1},
         {"label": "compensated", "compensate": True, "trials": 1},
         {"label": "compensated + sequential H", "compensate": True, "trials": 1, "sequential": True},
+        {"label": "compensated + act-order", "compensate": True, "trials": 1, "cfg": {"act_order": True}},
+        {"label": "compensated + masked H", "compensate": True, "trials": 1, "cfg": {"mask_padding": True}},
+        {"label": "compensated + act-order + masked H", "compensate": True, "trials": 1,
+         "cfg": {"act_order": True, "mask_padding": True}},
     ]
     if not quick:
         out.append({"label": "compensated + 4 seed trials", "compensate": True, "trials": 4})
@@ -132,7 +140,8 @@ def _udnc_point(task, variant, bits, seeds, calibration, tmp: Path) -> C.Point:
         base = seed * variant["trials"]
         cfg = udnc_fx.CompressConfig(target_bits=bits, seed=base, compensate=variant["compensate"],
                                      sequential=variant.get("sequential", False), seed_trials=variant["trials"],
-                                     lattice=variant.get("lattice", "Z"), n=variant.get("n", 1), **task.udnc_fields)
+                                     lattice=variant.get("lattice", "Z"), n=variant.get("n", 1), **task.udnc_fields,
+                                     **variant.get("cfg", {}))
         path = tmp / f"{task.key}-{variant['label'].replace(' ', '_')}-{bits:.4g}-{seed}.udnc"
         with C.Stopwatch() as enc:
             gm = udnc_fx.compress(task.float_model, cfg, calibration=calibration)
