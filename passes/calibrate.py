@@ -106,8 +106,6 @@ class Calibration:
     model: Any = None
     #: padded token positions were left out of the Linear layers' H (``config.mask_padding``)
     mask_padding: bool = False
-    #: the batch left out of H (the compensated probe's held-out batch), or None
-    holdout: int | None = None
 
     def release(self, fqn: str) -> None:
         """Drop the ``Σ x xᵀ`` of ``fqn`` once its factors are computed (memory: one ``d×d`` array per layer, not
@@ -209,7 +207,6 @@ def collect_inputs(
     keep_outputs: bool = True,
     stop_after: list[dict[str, int]] | None = None,
     mask_padding: bool = False,
-    holdout: int | None = None,
 ) -> Calibration:
     """Run every batch through ``model`` (eval mode, no autograd) with hooks on the candidates' layers.
 
@@ -226,14 +223,12 @@ def collect_inputs(
             often. Why: sequential compensation measures a few layers at a time, and the layers after them need
             not run. Implies ``keep_outputs=False``.
         mask_padding: leave padded token positions out of Linear layers' ``H`` (see :func:`padding_mask`).
-        holdout: index of a batch that runs (for its output) but is left out of every ``H``: the compensated
-            probe measures each layer's error on it out of sample (see :func:`probe_scales`).
 
     Raises:
         ConfigError: a batch does not fit the model (names the batch and the innermost module that failed), or a
             layer's input does not have the shape its weight needs.
     """
-    calib = Calibration(batches=batches, mask_padding=mask_padding, holdout=holdout)
+    calib = Calibration(batches=batches, mask_padding=mask_padding)
     modules = dict(model.named_modules(remove_duplicate=False))
     hooked: dict[str, list[tuple[str, nn.Module]]] = {}  # module fqn -> [(param fqn, module)]
     for cand in candidates:
@@ -295,8 +290,6 @@ def collect_inputs(
                     stages.append(fresh)
             previous["x"] = src
             for fqn, mod in hooked[owner]:
-                if current["skip"]:
-                    break  # a held-out batch: its inputs are not part of H
                 rec = calib.inputs[fqn]
                 try:
                     cols = _columns(mod, x).to(torch.float32)
@@ -351,7 +344,6 @@ def collect_inputs(
                 for i, batch in enumerate(batches):
                     current["i"] = i
                     current["mask"] = padding_mask(batch) if mask_padding else None
-                    current["skip"] = i == holdout
                     stack.clear()
                     products.clear()
                     calls.clear()
@@ -413,10 +405,7 @@ def probe_scales(model: nn.Module, candidates: list[Candidate], config: Any, cal
     from ..lattice import get_lattice
     from ..quantizer import quantize_array, vectors_of
     from ..record import raw_dither, weight_key
-    from .compensate import compensated_points
-    from .quantize import _compensation_factors, layer_stats, solve_relative_step
-
-    compensated = getattr(config, "probe", "plain") == "compensated" and config.compensate
+    from .quantize import layer_stats, solve_relative_step
 
     reference = calib.outputs[0] if calib.outputs else None
     if reference is None:
@@ -457,14 +446,8 @@ def probe_scales(model: nn.Module, candidates: list[Candidate], config: Any, cal
             distortions = {}
             for cand, w, std, lat, v, key, u in free:
                 step = s * std
-                points = None
-                if compensated:
-                    factors, _ = _compensation_factors(cand, lat, calib, config)
-                    if factors is not None:
-                        points = compensated_points(w.reshape(w.shape[0], -1), factors[0], lat, step, u,
-                                                    exact_zero=config.exact_zero, perms=factors[1])
                 q = quantize_array(w, lattice=lat.name, n=lat.dim, step=step, key=key,
-                                   exact_zero=config.exact_zero, u_raw=u, raw_points=points)
+                                   exact_zero=config.exact_zero, u_raw=u)
                 param = cand.param
                 saved = param.data
                 param.data = torch.from_numpy(q.decode(raw_dither=u).reshape(w.shape)).to(saved.device, saved.dtype)

@@ -31,10 +31,7 @@ def _calibrate(model: nn.Module, config: CompressConfig, batches: list) -> Calib
     target, _ = prepare(model, config)
     gm = target if isinstance(target, fx.GraphModule) else None
     candidates, _ = select_weights(target, config, gm)
-    # the compensated probe measures each layer's error on batch 0 out of sample: batch 0 is then not part of H
-    holdout = 0 if (config.probe == "compensated" and config.compensate and config.allocate
-                    and config.step_mode == "target_bits" and len(batches) > 1) else None
-    calib = collect_inputs(target, candidates, batches, mask_padding=config.mask_padding, holdout=holdout)
+    calib = collect_inputs(target, candidates, batches, mask_padding=config.mask_padding)
     calib.model = target if config.sequential else None  # sequential compensation re-measures H on this copy
     if config.allocate and config.step_mode == "target_bits":
         probe_scales(target, candidates, config, calib)

@@ -14,7 +14,6 @@ from .errors import ConfigError
 __all__ = ["CompressConfig", "LayerConfig", "DEFAULT_LAYER_TYPES", "CONFIG_VERSION", "FALLBACKS"]
 
 CONFIG_VERSION = 1
-PROBES = ("plain", "compensated")
 DEFAULT_LAYER_TYPES = (
     "Conv1d",
     "Conv2d",
@@ -154,9 +153,6 @@ class CompressConfig:
         mask_padding: with calibration batches that are mappings holding an ``attention_mask`` (a Hugging Face
             tokenizer's output), leave the padded token positions (mask 0) out of each Linear layer's ``H``. Applies
             to Linear inputs whose leading dimensions are the mask's ``(batch, tokens)``; other inputs use every row.
-        probe: how the allocation probe (``allocate``) rounds each layer: ``"plain"`` (default), or
-            ``"compensated"``, as the layer will be rounded; calibration batch 0 is then left out of every ``H`` (with
-            two or more batches) so the probe's error on it is measured out of sample.
         seed_trials: how many dither seeds to try (``seed``, ``seed + 1``, ...); the one whose compressed model is
             closest to the float model on the calibration batches (or has the lowest ``score_fn``) is kept. 1..256.
         score_fn: ``score_fn(compressed_model) -> float``, lower is better (return ``-accuracy`` for an accuracy),
@@ -187,7 +183,6 @@ class CompressConfig:
     damping: float = 0.01
     act_order: bool = False
     mask_padding: bool = False
-    probe: str = "plain"
     seed_trials: int = 1
     score_fn: Callable[[Any], float] | None = None
 
@@ -229,8 +224,6 @@ class CompressConfig:
         for name in ("compensate", "allocate", "sequential", "act_order", "mask_padding"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        if self.probe not in PROBES:
-            raise ConfigError(f"probe must be one of {', '.join(map(repr, PROBES))}, got {self.probe!r}")
         if (
             isinstance(self.damping, bool)
             or not isinstance(self.damping, (int, float))

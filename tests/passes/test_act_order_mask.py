@@ -110,7 +110,7 @@ def test_act_order_lowers_output_error_at_equal_rate_random_layers(seed):
         bits[order] = rec.mean_entropy_bits
         assert "decreasing H_jj" in str(udnc_fx.compression_record(out)) if order else True
     assert abs(bits[True] - bits[False]) < 0.03
-    assert err[True] < 0.85 * err[False], err
+    assert err[True] < 0.85 * err[False], err  # measured 0.58-0.69 (seeds 0-3)
     del h1
 
 
@@ -198,20 +198,3 @@ def test_new_switches_validated_and_round_trip(name):
     cfg = CompressConfig(**{name: True})
     assert getattr(CompressConfig.from_dict(cfg.to_dict()), name) is True
 
-
-def test_compensated_probe_holds_batch_0_out_of_h():
-    from udnc_fx.api import _calibrate
-
-    torch.manual_seed(0)
-    model = Two()
-    xs = [torch.from_numpy(outlier_inputs(300, 48, s)).float() for s in range(3)]
-    cfg = CompressConfig(target_bits=2.5, probe="compensated")
-    calib = _calibrate(model, cfg, xs)
-    plain = _calibrate(model, cfg.replace(probe="plain"), xs)
-    assert calib.holdout == 0 and plain.holdout is None
-    assert calib.inputs["fc1.weight"].rows == 600 and plain.inputs["fc1.weight"].rows == 900
-    assert calib.scales is not None and calib.scales != plain.scales
-    out = udnc_fx.compress(model, cfg, calibration=xs)
-    assert abs(udnc_fx.inspect(out).mean_entropy_bits - 2.5) < 0.05
-    with pytest.raises(ConfigError):
-        CompressConfig(probe="exact")
