@@ -64,6 +64,9 @@ class _StopForward(BaseException):
 # 1.1-3x over plain rounding (any damping from 0.01 to 1), while with ~20k rows it lowered it to 0.3-0.6x.
 MIN_ROWS_PER_COLUMN = 2
 
+# How many calibration batches (from the first) the allocation probe measures each layer's output error on.
+PROBE_BATCHES = 1
+
 
 @dataclass
 class LayerInputs:
@@ -436,9 +439,15 @@ def probe_scales(model: nn.Module, candidates: list[Candidate], config: Any, cal
     )
     calib.probe_step = s
     scales, zero = {}, []
-    keep = padding_mask(calib.batches[0]) if calib.mask_padding else None
-    if keep is not None and tuple(reference.shape[: keep.dim()]) != tuple(keep.shape):
-        keep = None  # the output is not per token (e.g. pooled): every entry counts
+    probe = []  # (batch, float output, rows kept or None) of each batch the probe runs
+    for i in range(min(PROBE_BATCHES, len(calib.batches))):
+        ref = calib.outputs[i]
+        if ref is None:
+            break
+        keep = padding_mask(calib.batches[i]) if calib.mask_padding else None
+        if keep is not None and tuple(ref.shape[: keep.dim()]) != tuple(keep.shape):
+            keep = None  # the output is not per token (e.g. pooled): every entry counts
+        probe.append((calib.batches[i], ref, keep))
     with torch.no_grad():
         was_training = model.training
         model.eval()
@@ -452,13 +461,17 @@ def probe_scales(model: nn.Module, candidates: list[Candidate], config: Any, cal
                 saved = param.data
                 param.data = torch.from_numpy(q.decode(raw_dither=u).reshape(w.shape)).to(saved.device, saved.dtype)
                 try:
-                    test = first_tensor(run_batch(model, calib.batches[0])).detach().to(torch.float64)
+                    total = count = 0.0
+                    for batch, ref, keep in probe:
+                        test = first_tensor(run_batch(model, batch)).detach().to(torch.float64)
+                        sq = (test - ref) ** 2
+                        if keep is not None:
+                            sq = sq[keep]  # real tokens only (config.mask_padding)
+                        total += float(sq.sum())
+                        count += sq.numel()
                 finally:
                     param.data = saved
-                sq = (test - reference) ** 2
-                if keep is not None:
-                    sq = sq[keep]  # real tokens only (config.mask_padding)
-                distortions[cand.fqn] = (float(sq.mean()), step, w.size)
+                distortions[cand.fqn] = (total / max(count, 1.0), step, w.size)
         finally:
             model.train(was_training)
     floor = max(max(d for d, _, _ in distortions.values()) * 1e-9, 1e-300)
