@@ -148,11 +148,13 @@ class CompressConfig:
             model's inputs. The steps are still solved with the float-input ``H``.
         damping: ``λ`` added to ``H``'s diagonal as a fraction of its mean (compensated rounding), in (0, 1].
         act_order: with compensation, round each layer's input columns in order of decreasing ``H_jj`` (GPTQ's
-            "act-order"; whole lattice vectors for ``n > 1``) instead of the weight's own order. Only which lattice
+            "act-order"; whole lattice vectors for ``n > 1``); False: in the weight's own order (the encoder before
+            this switch). Only which lattice
             point each weight gets changes: dither, file and decoder are the same.
         mask_padding: with calibration batches that are mappings holding an ``attention_mask`` (a Hugging Face
             tokenizer's output), leave the padded token positions (mask 0) out of each Linear layer's ``H``. Applies
             to Linear inputs whose leading dimensions are the mask's ``(batch, tokens)``; other inputs use every row.
+            The allocation probe's output error then also counts real tokens only.
         seed_trials: how many dither seeds to try (``seed``, ``seed + 1``, ...); the one whose compressed model is
             closest to the float model on the calibration batches (or has the lowest ``score_fn``) is kept. 1..256.
         score_fn: ``score_fn(compressed_model) -> float``, lower is better (return ``-accuracy`` for an accuracy),
@@ -181,8 +183,8 @@ class CompressConfig:
     allocate: bool = True
     sequential: bool = False
     damping: float = 0.01
-    act_order: bool = False
-    mask_padding: bool = False
+    act_order: bool = True
+    mask_padding: bool = True
     seed_trials: int = 1
     score_fn: Callable[[Any], float] | None = None
 

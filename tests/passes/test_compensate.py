@@ -83,7 +83,7 @@ def test_compress_linear_matches_reference_decode():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(24, 10))
     x = correlated_inputs(300, 24, 1)
-    cfg = CompressConfig(step=0.05, seed=11)
+    cfg = CompressConfig(step=0.05, seed=11, act_order=False)  # the reference rounds in weight order
     out = udnc_fx.compress(model, cfg, calibration=[x[:150], x[150:]])
     (dlp,) = served_params(out)
     W = model[0].weight.detach().double().numpy()
@@ -116,7 +116,7 @@ def test_compress_conv_matches_reference_decode(groups):
     model = nn.Sequential(conv)
     x = torch.randn(20, 4, 7, 7)
     x = x + 0.8 * x.roll(1, dims=3)  # neighbouring pixels correlated, as in images
-    cfg = CompressConfig(step=0.04, seed=2)
+    cfg = CompressConfig(step=0.04, seed=2, act_order=False)
     out = udnc_fx.compress(model, cfg, calibration=[x])
     (dlp,) = served_params(out)
     W = conv.weight.detach().double().numpy().reshape(6, -1)
@@ -507,7 +507,7 @@ def test_compress_conv1d_and_padding_mode_match_reference(kind):
         xp = F.pad(x, (1, 1, 1, 1), mode="reflect")
         cols = torch.stack([xp[b, :, r : r + 3, c : c + 3].reshape(-1)
                             for b in range(12) for r in range(6) for c in range(6)])
-    cfg = CompressConfig(step=0.05, seed=3)
+    cfg = CompressConfig(step=0.05, seed=3, act_order=False)
     out = udnc_fx.compress(nn.Sequential(conv), cfg, calibration=[x])
     (dlp,) = served_params(out)
     W = conv.weight.detach().double().numpy().reshape(conv.out_channels, -1)
