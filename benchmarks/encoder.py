@@ -10,13 +10,13 @@ digits CNN, the row with pruning and codeword fine-tuning from ``digits_pipeline
 
 * ``plain + probe allocation``: ``compress(..., calibration=batches, config(compensate=False))`` — each weight
   rounded on its own, steps allocated by the probe (what the project did before this encoder);
-* ``compensated``: the default with calibration — error-compensating dithered rounding, probe allocation;
+* ``compensated``: the default with calibration — error-compensating dithered rounding (columns by decreasing
+  ``H_jj``, padded token positions left out of ``H`` and of the probe), probe allocation;
 * ``compensated + sequential H``: the same with ``sequential=True`` (each layer's ``H`` measured through the
   already-quantized earlier layers);
-* ``compensated + act-order``: columns rounded by decreasing ``H_jj`` (``act_order=True``);
-* ``compensated + masked H``: padded token positions left out of ``H`` and of the probe (``mask_padding=True``;
-  MiniLM only: the digits batches have no ``attention_mask``);
-* ``compensated + act-order + masked H``: both;
+* ``compensated (weight order + padded H)``: the encoder before ``act_order`` and ``mask_padding`` (both False);
+* ``compensated (weight order)``: ``act_order=False`` alone; ``compensated (padded H)``: ``mask_padding=False``
+  alone (it changes nothing on the digits CNN, whose batches have no ``attention_mask``);
 * ``compensated + 4 seed trials``: the same, keeping the best of 4 dither seeds on the calibration batches
   (each "seed" of the table is then a base seed whose 4 trials are ``seed·4 … seed·4+3``).
 
@@ -72,10 +72,10 @@ def _variants(quick: bool, lattices: tuple[str, ...] = ("Z1",)) -> list[dict]:
         {"label": "plain + probe allocation", "compensate": False, "trials": 1},
         {"label": "compensated", "compensate": True, "trials": 1},
         {"label": "compensated + sequential H", "compensate": True, "trials": 1, "sequential": True},
-        {"label": "compensated + act-order", "compensate": True, "trials": 1, "cfg": {"act_order": True}},
-        {"label": "compensated + masked H", "compensate": True, "trials": 1, "cfg": {"mask_padding": True}},
-        {"label": "compensated + act-order + masked H", "compensate": True, "trials": 1,
-         "cfg": {"act_order": True, "mask_padding": True}},
+        {"label": "compensated (weight order + padded H)", "compensate": True, "trials": 1,
+         "cfg": {"act_order": False, "mask_padding": False}},
+        {"label": "compensated (weight order)", "compensate": True, "trials": 1, "cfg": {"act_order": False}},
+        {"label": "compensated (padded H)", "compensate": True, "trials": 1, "cfg": {"mask_padding": False}},
     ]
     if not quick:
         out.append({"label": "compensated + 4 seed trials", "compensate": True, "trials": 4})
