@@ -1,0 +1,77 @@
+"""Quick side-by-side screen of compensated-encoder settings on all-MiniLM-L6-v2 (issue 10).
+
+The same points as ``encoder.py --model minilm --exact-ladder`` (same calibration batches, ratio over the whole
+state_dict with float16 raw tensors, mean cosine of the sentence embeddings on ``benchmarks/data/sentences.txt``),
+but the calibration pass and the allocation probe run once per (setting, rate) and are shared by the dither seeds,
+exactly as ``compress`` shares them between its own seed trials: each seed's model is the one
+``compress(model, config.replace(seed=s), calibration=batches)`` returns, at a fraction of the time.
+
+Run: ``OMP_NUM_THREADS=1 python benchmarks/encoder_screen.py SETTINGS BITS SEEDS [JSON]``, e.g.
+``... encoder_screen.py old,default 3.3,3.4 0,1,2,3,4``; JSON adds config fields, or ``{"docs": N}`` (documentation
+sentences added to calibration.txt's 32) and ``{"probe_batches": K}`` (batches the allocation probe measures on).
+Settings: ``default`` (act-order, masked H), ``old`` (neither), ``act`` (act-order alone), ``mask`` (masked H alone).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import encoder  # noqa: E402
+import peers  # noqa: E402
+
+SETTINGS = {
+    "default": {},
+    "old": {"act_order": False, "mask_padding": False},
+    "act": {"mask_padding": False},
+    "mask": {"act_order": False},
+}
+
+
+def main(argv: list[str]) -> int:
+    import udnc_fx
+    import udnc_fx.passes.calibrate as calibrate
+    from udnc_fx.api import _calibrate
+    from udnc_fx.passes.quantize import quantize
+    from udnc_fx.passes.trace import prepare
+
+    names = argv[0].split(",")
+    bits_list = [float(b) for b in argv[1].split(",")]
+    seeds = [int(s) for s in argv[2].split(",")]
+    extra = json.loads(argv[3]) if len(argv) > 3 else {}
+    docs = int(extra.pop("docs", encoder.MINILM_DOC_SENTENCES))
+    calibrate.PROBE_BATCHES = int(extra.pop("probe_batches", calibrate.PROBE_BATCHES))
+    task = peers.minilm_task()
+    batches = encoder._calibration(task, docs)
+    with tempfile.TemporaryDirectory() as tmpdir:
+        path = Path(tmpdir) / "x.udnc"
+        for name in names:
+            kw = {**SETTINGS[name], **extra}
+            for bits in bits_list:
+                cfg0 = udnc_fx.CompressConfig(target_bits=bits, **task.udnc_fields, **kw)
+                t0 = time.time()
+                calib = _calibrate(task.float_model, cfg0, batches)
+                res = []
+                for seed in seeds:
+                    cfg = cfg0.replace(seed=seed)
+                    target, how = prepare(task.float_model, cfg)
+                    out = quantize(target, cfg, calibration=calib, progress=False, how=how).graph_module
+                    nbytes = udnc_fx.save(out, path, raw_float_dtype=peers.RAW_FLOAT_DTYPE)
+                    path.unlink()
+                    peers._round_raw_fp16_(out)
+                    res.append((task.numerator / nbytes, task.quality_fn(out)["cos_mean"]))
+                cos = [c for _, c in res]
+                print(f"{name:8s} {kw} docs {docs} probe batches {calibrate.PROBE_BATCHES} bits {bits}: ratio "
+                      f"{min(r for r, _ in res):.3f}x (lowest seed) mean cosine {sum(cos) / len(cos):.5f} worst seed "
+                      f"{min(cos):.5f} {'pass' if min(cos) >= 0.99 else 'FAIL'} [{' '.join(f'{c:.5f}' for c in cos)}]"
+                      f" ({time.time() - t0:.0f} s)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
