@@ -15,7 +15,9 @@ Which tensors are compressed:
   skeleton is built on ``meta`` from it): exactly the weights ``compress(model, config)`` selects (the same code,
   :func:`udnc_fx.passes.select.select_weights` on the traced skeleton), tied weights stored once with their
   aliases, every other tensor of the skeleton's ``state_dict`` stored raw. Floating-point tensors are converted to
-  the skeleton's dtype (float32), as ``from_pretrained(dtype=torch.float32)`` does.
+  the skeleton's dtype (float32), as ``from_pretrained(dtype=torch.float32)`` does. A tensor of the model that the
+  checkpoint lacks (under all its tied names) is refused (``from_pretrained`` would initialise it at random);
+  tensors the model does not use are left out, with a warning.
 - **Without one** (a bare ``.safetensors`` file or shard set): the rule is by name, shape and dtype: a tensor is a
   weight to compress when its name ends in ``.weight``, it has two or more dimensions and it is float32 (Linear,
   Conv, ConvTranspose, Embedding and GPT-2 ``Conv1D`` weights are exactly these in ordinary models; normalisation
