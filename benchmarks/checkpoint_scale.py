@@ -2,7 +2,7 @@
 next to ``safetensors`` loading the same checkpoint, in the same run.
 
 The checkpoint is a stack of 4096x4096 ``nn.Linear`` weights (with their biases) of synthetic Gaussian values (std
-1/sqrt(fan_in)), written as shards of at most 2 GB with a ``model.safetensors.index.json``, as ``save_pretrained``
+1/sqrt(fan_in)), written as shards of at most 256 MiB with a ``model.safetensors.index.json``, as ``save_pretrained``
 writes them. Each step runs in its own subprocess; the table gives its peak resident memory (``VmHWM``), the peak
 minus the resident size just before the step (imports), that as a multiple of the checkpoint's float bytes, and the
 wall time. ``safetensors load`` is ``safetensors.torch.load_file`` on every shard into one state dict, every value
@@ -27,7 +27,7 @@ from pathlib import Path
 
 LAYER = 4096
 SIZES = {"1e7": 1, "1e8": 6, "1e9": 60}  # 4096x4096 layers: 16.8M weights each
-SHARD_BYTES = 2 << 30
+SHARD_BYTES = 256 << 20  # 256 MiB shards: 2 at 1e8, 20 at 1e9
 
 
 def _status(field: str) -> int:

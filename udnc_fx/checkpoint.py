@@ -36,6 +36,7 @@ written atomically and never replaces an existing file.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -60,7 +61,7 @@ from .passes.select import select_weights
 from .passes.trace import prepare
 from .progress import progress_bar
 from .quantizer import coded_rate_bits_per_weight, quantize_array, raw_dither, vectors_of
-from .record import weight_key
+from .record import index_dtype, weight_key
 from .storage import SAVE_CODER, stored_config
 
 __all__ = ["compress_checkpoint", "CHECKPOINT_INDEX"]
@@ -523,6 +524,9 @@ def compress_checkpoint(
         q = quantize_array(_weight_array(ckpt, w), lattice=w.lattice, n=w.n, step=w.step,
                            key=weight_key(config.seed, w.fqn, config.dithered), exact_zero=config.exact_zero)
         bar.update(math.prod(w.shape))
+        # the indices in the narrow dtype a DitheredLatticeParam holds (1-2 bytes, not 8, per vector while the
+        # writer codes them): the writer widens them per tensor, so the bytes are the same
+        q = dataclasses.replace(q, indices=q.indices.astype(index_dtype(q.codebook_int.shape[0])))
         return entry_from_record(q, fqn=w.fqn, coder=coder, meta={"aliases": list(w.aliases)} if w.aliases else {})
 
     def raw(r: _Raw) -> RawTensor:
