@@ -275,3 +275,13 @@ def test_cli_compress_checkpoint(sharded, tmp_path):
                  _reference(net, CompressConfig(relative_step=0.4), tmp_path / "ref.udnc"))
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 2 and "exists" in again.stderr
+
+
+def test_bars_only_when_asked_and_the_bytes_do_not_change(tmp_path, capfd):
+    safetensors_torch.save_file(_net().state_dict(), tmp_path / "net.safetensors")
+    compress_checkpoint(tmp_path / "net.safetensors", tmp_path / "quiet.udnc", progress=False)
+    assert capfd.readouterr().err == ""
+    compress_checkpoint(tmp_path / "net.safetensors", tmp_path / "bars.udnc", progress=True)
+    err = capfd.readouterr().err
+    assert "checking weights" in err and "solving the step" in err and "compressing" in err
+    assert (tmp_path / "quiet.udnc").read_bytes() == (tmp_path / "bars.udnc").read_bytes()
