@@ -21,7 +21,9 @@ Which tensors are compressed:
 - **Without one** (a bare ``.safetensors`` file or shard set): the rule is by name, shape and dtype: a tensor is a
   weight to compress when its name ends in ``.weight``, it has two or more dimensions and it is float32 (Linear,
   Conv, ConvTranspose, Embedding and GPT-2 ``Conv1D`` weights are exactly these in ordinary models; normalisation
-  weights are one-dimensional). Overrides apply to the module name (the tensor name without ``.weight``); config
+  weights are one-dimensional). Embeddings are included, as ``compress`` includes them in ``transformers`` models;
+  for another model with an ``nn.Embedding`` the file then compresses it too (it still loads), where ``compress``
+  would leave it float by default. Overrides apply to the module name (the tensor name without ``.weight``); config
   fields that need module classes (``type:`` overrides, ``filter_fn``, non-default ``layer_types``,
   ``include_embeddings=False``) are refused: pass ``model=``. Every other tensor is stored raw. Weights are visited
   in the checkpoint's order; with ``target_bits`` the one relative step is solved from exact sums
@@ -502,10 +504,10 @@ def compress_checkpoint(
     metadata = dict(metadata or {})
     if model is None:
         model = _hf_skeleton(ckpt.directory)
-        if model is not None and not metadata:
+        if model is not None:
             from .hf_io import hf_metadata
 
-            metadata = dict(hf_metadata(model) or {})
+            metadata = {**(hf_metadata(model) or {}), **metadata}  # from_udnc rebuilds the model from it
     weights, raws = _plan_from_model(ckpt, model, config) if model is not None else _plan_by_rule(ckpt, config)
     if not weights:
         raise ConfigError(f"{source}: no weight to compress (no float32 tensor named *.weight with 2+ dimensions)"
