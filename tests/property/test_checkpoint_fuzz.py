@@ -50,7 +50,7 @@ json_values = st.recursive(
 )
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.dictionaries(st.sampled_from(["a.weight", "a.bias", "b.weight", "c.weight", "../s1"]),
                        st.sampled_from(["s1.safetensors", "s2.safetensors", "s3.safetensors", "..", "", "/tmp/x"])
                        | json_values, max_size=4),
@@ -66,7 +66,7 @@ def test_any_weight_map_is_a_config_error_or_a_good_file(weight_map, wrap):
         shutil.rmtree(root)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(st.sampled_from(["s1.safetensors", "s2.safetensors", "model.safetensors.index.json"]),
        st.integers(min_value=0, max_value=400), st.binary(min_size=0, max_size=16), st.booleans())
 def test_a_damaged_shard_or_index_is_a_config_error_or_a_good_file(name, position, data, truncate):

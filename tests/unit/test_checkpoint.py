@@ -255,6 +255,7 @@ def _peak(tmp_path, layers: int) -> int:
         tracemalloc.stop()
 
 
+@pytest.mark.slow  # ~10 s under tracemalloc; benchmarks/checkpoint_scale.py measures the same at 1e8 and 1e9 weights
 def test_memory_stays_at_one_tensors_working_set(tmp_path):
     # 128 KiB and 640 KiB of float weights: a writer holding every layer's working set (tens of bytes per weight)
     # would peak about 5x higher with 10 layers; streaming, the checkpoint's size does not show in the peak
