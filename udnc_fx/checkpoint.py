@@ -283,7 +283,8 @@ def _plan_from_model(ckpt: _Checkpoint, model: nn.Module, config: CompressConfig
         source = find(owners[id(t)], "a tensor")
         info = ckpt.infos[source]
         if info.shape != tuple(t.shape):
-            raise ConfigError(f"{source}: the checkpoint's shape {info.shape} differs from the model's {tuple(t.shape)}")
+            raise ConfigError(f"{source}: the checkpoint's shape {info.shape} differs from the model's "
+                              f"{tuple(t.shape)}")
         want = str(t.dtype).removeprefix("torch.")
         if info.dtype != want and not (_is_float(info.dtype) and _is_float(want)):
             raise ConfigError(f"{source}: the checkpoint stores {info.dtype}, the model's tensor is {want}")

@@ -1,4 +1,5 @@
-"""The ``udnc`` command line: ``demo``, ``compress``, ``compress-checkpoint``, ``decompress``, ``export``, ``inspect``."""
+"""The ``udnc`` command line: ``demo``, ``compress``, ``compress-checkpoint``, ``decompress``, ``export``,
+``inspect``."""
 
 from __future__ import annotations
 

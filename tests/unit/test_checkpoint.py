@@ -11,7 +11,6 @@ import sys
 import tracemalloc
 import warnings
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -75,7 +74,8 @@ def _listing(folder) -> list[str]:
 CONFIGS = {
     "target_bits": CompressConfig(),
     "relative_step": CompressConfig(relative_step=0.3, seed=5),
-    "E8_override": CompressConfig(lattice="E8", target_bits=2.0, overrides={"head": LayerConfig(lattice="Z", step=0.02)}),
+    "E8_override": CompressConfig(lattice="E8", target_bits=2.0,
+                                  overrides={"head": LayerConfig(lattice="Z", step=0.02)}),
 }
 
 
