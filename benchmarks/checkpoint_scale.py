@@ -11,6 +11,7 @@ float model costs at least); ``compress_checkpoint`` compresses it at one relati
 about 4 bits per weight on Gaussian weights) or at ``--bits``.
 
     OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python benchmarks/checkpoint_scale.py --sizes 1e8 [1e9] [--bits 3]
+        [--with-compress]   # also compress + save of the float model built from the checkpoint, side by side
 """
 
 from __future__ import annotations
@@ -87,6 +88,24 @@ def worker(phase: str, ckpt: Path, out: Path, bits: float | None) -> dict:
             state.update(load_file(str(ckpt / shard)))
         checksum = sum(float(t.double().sum()) if t.numel() < 1 << 20 else float(t.sum()) for t in state.values())
         extra = {"tensors": len(state), "checksum": checksum}  # every value read: the float model is in memory
+    elif phase == "compress+save":  # the in-memory path on the same checkpoint: float model, compress, save
+        import torch
+        from torch import nn
+
+        index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+        layers = len(index["weight_map"]) // 2
+        with torch.device("meta"):
+            model = nn.Module()
+            model.layers = nn.ModuleList(nn.Linear(LAYER, LAYER) for _ in range(layers))
+        state = {}
+        for shard in sorted(set(index["weight_map"].values())):
+            state.update(load_file(str(ckpt / shard)))
+        model.load_state_dict(state, assign=True)
+        del state
+        config = CompressConfig(target_bits=bits) if bits else CompressConfig(relative_step=0.25)
+        compressed = udnc_fx.compress(model, config, progress=False)
+        size = udnc_fx.save(compressed, out, progress=False)
+        extra = {"file_bytes": size}
     else:
         config = CompressConfig(target_bits=bits) if bits else CompressConfig(relative_step=0.25)
         size = udnc_fx.compress_checkpoint(ckpt, out, config, progress=False)
@@ -94,6 +113,14 @@ def worker(phase: str, ckpt: Path, out: Path, bits: float | None) -> dict:
         weights = sum(int(q["indices"]["count"]) * int(q["n"]) for q in header["quantized"])
         extra = {"file_bytes": size, "compressed_weights": weights}
     wall = time.perf_counter() - t0
+    if out.exists():  # compress_checkpoint's file must be compress + save's, byte for byte
+        import hashlib
+
+        digest = hashlib.sha256()
+        with open(out, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        extra["sha256"] = digest.hexdigest()
     return {"phase": phase, "wall_s": wall, "peak": _status("VmHWM"), "base": base, **extra}
 
 
@@ -112,7 +139,9 @@ def main(argv=None) -> int:
     parser.add_argument("--sizes", nargs="*", default=["1e8"], choices=sorted(SIZES))
     parser.add_argument("--bits", type=float, default=None, help="target_bits instead of relative_step=0.25")
     parser.add_argument("--dir", type=Path, default=None, help="scratch folder (default: a temporary one)")
-    parser.add_argument("--worker", choices=["safetensors", "compress_checkpoint"])
+    parser.add_argument("--worker", choices=["safetensors", "compress_checkpoint", "compress+save"])
+    parser.add_argument("--with-compress", action="store_true",
+                        help="also time compress + save of the float model built from the same checkpoint")
     parser.add_argument("--ckpt", type=Path)
     parser.add_argument("--out-file", type=Path)
     args = parser.parse_args(argv)
@@ -126,7 +155,10 @@ def main(argv=None) -> int:
             ckpt, out = scratch / "ckpt", scratch / "model.udnc"
             float_bytes = build(ckpt, SIZES[size])
             shards = len(list(ckpt.glob("*.safetensors")))
-            for phase in ("safetensors", "compress_checkpoint"):
+            phases = ["safetensors", "compress_checkpoint"] + (["compress+save"] if args.with_compress else [])
+            for phase in phases:
+                if out.exists():
+                    out.unlink()
                 r = run_worker(phase, ckpt, out, args.bits)
                 r.update(size=size, float_bytes=float_bytes, shards=shards, load=os.getloadavg()[0])
                 rows.append(r)
@@ -140,6 +172,11 @@ def main(argv=None) -> int:
         ratio = f"{r['float_bytes'] / r['file_bytes']:.2f}x" if "file_bytes" in r else "-"
         print(f"| {r['size']} ({r['float_bytes'] // 4:,}) | {r['phase']} | {r['shards']} | {r['peak'] / 2**20:.0f} | "
               f"{added / 2**20:.0f} | {added / r['float_bytes']:.2f} | {r['wall_s']:.1f} | {ratio} |")
+    for size in args.sizes:
+        digests = {r["phase"]: r.get("sha256") for r in rows if r["size"] == size and r.get("sha256")}
+        if len(digests) > 1:
+            print(f"{size}: the files of {' and '.join(digests)} are "
+                  f"{'identical' if len(set(digests.values())) == 1 else 'DIFFERENT'}")
     print(f"\nload average at the end: {os.getloadavg()}; cores: {os.cpu_count()}")
     return 0
 
