@@ -82,7 +82,7 @@ def test_auto_keeps_the_cheap_z1_table_and_drops_the_costly_vector_tables():
     assert {d.codebook_choice["form"] for d in served_params(z1)} == {"table"}
 
 
-def test_table_form_and_inspect_show_the_choice(tmp_path):
+def test_table_form_and_inspect_show_the_choice(tmp_path, capsys):
     gm = _tuned("D4", 4, codebook="table")
     assert all(d.affine is None and d.codebook_choice["form"] == "table" for d in served_params(gm))
     report = udnc_fx.inspect(gm)
@@ -95,6 +95,12 @@ def test_table_form_and_inspect_show_the_choice(tmp_path):
     udnc_fx.save(gm, tmp_path / "m.udnc")
     loaded = udnc_fx.inspect(udnc_fx.load(tmp_path / "m.udnc", DigitsCNN().eval()))
     assert [r.affine for r in loaded.layers] == [r.affine for r in report.layers]
+    # the command line's inspect shows the correction per tensor
+    from udnc_fx.cli import main
+
+    assert main(["inspect", str(tmp_path / "m.udnc")]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("conv", "fc"))]
+    assert len(lines) == len(report.layers) and all("+ affine a=" in line for line in lines)
 
 
 def test_bad_choice_arguments():
