@@ -151,3 +151,30 @@ def test_onnx_decodes_the_correction_bit_exact(tmp_path, lattice, n, sidecar):
     session = load_onnx(path, intra_op_num_threads=1)
     y = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     np.testing.assert_allclose(y, gm(x).detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_a_reader_that_ignores_the_correction_refuses_the_self_contained_file(tmp_path):
+    """An ONNX runtime from before the correction ignores the unknown ``affine`` key of a tensor entry: it then finds
+    no integer codebook (the entry's top-level ``codebook_int`` is null) and no float one, and refuses the file
+    instead of rebuilding the uncorrected points."""
+    import json
+
+    from udnc_fx.errors import FormatError
+    from udnc_fx.export import load_onnx, to_onnx
+    from udnc_fx.export.runtime import KEY_CONTENT, KEY_TENSORS, content_sha256
+
+    gm = _tuned("D4", 4)
+    path = tmp_path / "m.onnx"
+    to_onnx(gm, (torch.zeros(1, 1, 8, 8),), path, sidecar=False)
+    model = onnx.load(path)
+    prop = next(p for p in model.metadata_props if p.key == KEY_TENSORS)
+    specs = json.loads(prop.value)
+    assert all(s["affine"]["codebook_int"] and s["codebook_int"] is None for s in specs)
+    for s in specs:
+        del s["affine"]
+    prop.value = json.dumps(specs)  # what such a reader sees, with the content hash it would then check
+    next(p for p in model.metadata_props if p.key == KEY_CONTENT).value = content_sha256(model, prop.value)
+    onnx.save(model, tmp_path / "old.onnx")
+    with pytest.raises(FormatError, match="initializers .* missing") as info:
+        load_onnx(tmp_path / "old.onnx", decode="numpy")
+    assert info.value.kind == "bad_header"
