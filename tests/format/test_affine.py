@@ -83,7 +83,7 @@ def test_without_a_correction_the_file_is_unchanged():
     assert b"affine" not in data
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(
     a=st.floats(width=32, allow_nan=False, allow_infinity=False).filter(lambda v: v != 0 and abs(v) < 1e30),
     b=st.floats(width=32, allow_nan=False, allow_infinity=False).filter(lambda v: abs(v) < 1e30),
