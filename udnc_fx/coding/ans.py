@@ -163,10 +163,13 @@ def _quantize_counts(counts: np.ndarray, width: int | None) -> np.ndarray:
 
 def _varint_bytes(values: np.ndarray) -> int:
     v = np.asarray(values, np.int64)
-    nbytes = np.ones(v.size, np.int64)
+    nbytes = v.size
+    top = int(v.max()) if v.size else 0
     for j in range(1, 10):
-        nbytes += v >= (1 << (7 * j))
-    return int(nbytes.sum())
+        if top < 1 << (7 * j):
+            break  # no value needs another byte
+        nbytes += int(np.count_nonzero(v >= (1 << (7 * j))))
+    return nbytes
 
 
 def _pack_bits(values: np.ndarray, width: int) -> bytes:
@@ -244,8 +247,12 @@ def _varint_lengths(values: np.ndarray) -> np.ndarray:
 def _best_tables(counts: np.ndarray) -> tuple[list[np.ndarray], float]:
     """:func:`_best_table` for every row of ``counts`` (contexts × symbols) at once: the tables and their total cost.
 
-    Vectorised over contexts: a stream with row classes and dither bins weighs hundreds of candidate tables, and
-    choosing them one by one in Python made saving a small model take seconds.
+    Vectorised over contexts and table widths: a stream with row classes and dither bins weighs hundreds of candidate
+    tables of a few dozen symbols each, so what costs is the number of NumPy calls, not the arithmetic. The widths
+    are evaluated in blocks of ``(widths, rows, m)`` (all twelve at once unless that array would be large), and for
+    each row only up to the first width its counts fit: every wider one keeps the same exact counts, so the same
+    cost, which cannot be strictly better. Each row's cost is computed element-wise and summed along its own
+    C-contiguous row, so it is the same number whatever else shares the block; ties keep the narrower width.
     """
     counts = counts.astype(np.int64)
     rows, m = counts.shape
@@ -253,37 +260,48 @@ def _best_tables(counts: np.ndarray) -> tuple[list[np.ndarray], float]:
     used = np.where(nonzero.any(axis=1), m - np.argmax(nonzero[:, ::-1], axis=1), 0)  # m_i: trailing zeros trimmed
     top = counts.max(axis=1)
     positions = np.arange(m)
-    inside = positions[None, :] < used[:, None]
     # sparse form: each non-zero count's distance to the previous one, minus one
     last_before = np.maximum.accumulate(np.where(nonzero, positions, -1), axis=1)
     gaps = positions - np.concatenate([np.full((rows, 1), -1), last_before[:, :-1]], axis=1) - 1
     gap_bytes = np.where(nonzero, _varint_lengths(gaps), 0).sum(axis=1)
+    nnz = nonzero.sum(axis=1)
     head = _varint_lengths(used) + 1 + 0.0  # m and the form byte
+    sparse_head = _varint_lengths(nnz) + gap_bytes
+    free = (_TOTAL - used)[:, None]
+    # The first width each row's counts fit (the exact table; None fits every row): its last candidate.
+    fits = np.array([w is None for w in _TABLE_WIDTHS])[:, None] | (
+        top[None, :] < np.array([1 << (w or 0) for w in _TABLE_WIDTHS])[:, None]
+    )
+    last = np.argmax(fits, axis=0)
     best_cost = np.full(rows, np.inf)
     best_q = np.zeros_like(counts)
-    free = (_TOTAL - used)[:, None]
-    for width in _TABLE_WIDTHS:
-        if width is None:
-            q = counts
-        else:
-            scaled = np.floor(counts * (((1 << width) - 1) / np.maximum(top, 1))[:, None] + 0.5).astype(np.int64)
-            q = np.where((top < 1 << width)[:, None], counts, np.where(nonzero, np.maximum(scaled, 1), 0))
-        cum = np.zeros((rows, m + 1), np.int64)
-        np.cumsum(q, axis=1, out=cum[:, 1:])
-        left = cum * free // np.maximum(cum[:, -1:], 1) + np.arange(m + 1)
-        probs = np.where(inside, np.diff(left, axis=1), 1)
-        bits = (counts * (_PRECISION - np.log2(np.maximum(probs, 1)))).sum(axis=1)
-        q_lengths = _varint_lengths(q)
-        dense = np.where(inside, q_lengths, 0).sum(axis=1)
-        sparse = _varint_lengths(nonzero.sum(axis=1)) + gap_bytes + np.where(nonzero, q_lengths, 0).sum(axis=1)
-        bit_width = np.maximum(1, np.floor(np.log2(np.maximum(q.max(axis=1), 1))).astype(np.int64) + 1)
-        packed = np.where(bit_width <= _MAX_WIDTH, (used * bit_width + 7) // 8, np.inf)
-        cost = head + np.minimum(np.minimum(dense, sparse), packed) + bits / 8
-        better = cost < best_cost
-        best_cost = np.where(better, cost, best_cost)
-        best_q[better] = q[better]
-        if width is None or bool(np.all(top < 1 << width)):
-            break  # wider fields give the same exact counts
+    block = max(1, (1 << 16) // max(1, rows * (m + 1)))
+    for start in range(0, int(last.max()) + 1, block):
+        idx = np.arange(start, min(start + block, int(last.max()) + 1))
+        exact = fits[idx]  # (widths, rows): these keep the counts as they are
+        maxima = np.array([(1 << w) - 1 if w is not None else 0 for w in (_TABLE_WIDTHS[i] for i in idx)])
+        scale = maxima[:, None] / np.maximum(top, 1)[None, :]
+        scaled = np.floor(counts[None] * scale[:, :, None] + 0.5).astype(np.int64)
+        # non-zero counts stay non-zero (>= 1), zero ones stay zero (they scale to floor(0.5) = 0)
+        q = np.where(exact[:, :, None], counts[None], np.maximum(scaled, nonzero[None]))
+        cum = np.zeros((idx.size, rows, m + 1), np.int64)
+        np.cumsum(q, axis=2, out=cum[:, :, 1:])
+        left = cum * free[None] // np.maximum(cum[:, :, -1:], 1) + np.arange(m + 1)
+        # every difference is >= 1 (for totals within the format's 2**32) and exactly 1 past the last used symbol
+        probs = np.diff(left, axis=2)
+        bits = (counts[None] * (_PRECISION - np.log2(np.maximum(probs, 1)))).sum(axis=2)
+        q_lengths = _varint_lengths(q).sum(axis=2)  # zeros cost one byte each in the dense form
+        dense = q_lengths - (m - used)[None]
+        sparse = sparse_head[None] + q_lengths - (m - nnz)[None]
+        bit_width = np.maximum(1, np.floor(np.log2(np.maximum(q.max(axis=2), 1))).astype(np.int64) + 1)
+        packed = np.where(bit_width <= _MAX_WIDTH, (used[None] * bit_width + 7) // 8, np.inf)
+        cost = head[None] + np.minimum(np.minimum(dense, sparse), packed) + bits / 8
+        cost = np.where(idx[:, None] <= last[None, :], cost, np.inf)
+        pick = np.argmin(cost, axis=0)  # the first of equal costs: the narrower width
+        block_cost = cost[pick, np.arange(rows)]
+        better = block_cost < best_cost
+        best_cost = np.where(better, block_cost, best_cost)
+        best_q[better] = q[pick[better], np.flatnonzero(better)]
     best_cost = np.where(used <= 1, 1.0, best_cost)  # m = 0 or 1: the m varint alone
     tables = [best_q[i, : used[i]] if used[i] >= 2 else np.ones(int(used[i]), np.int64) for i in range(rows)]
     return tables, float(best_cost.sum())
@@ -297,14 +315,30 @@ def _group(symbols: np.ndarray, bins: np.ndarray | None, nbins: int) -> tuple[np
     return symbols[order], np.bincount(bins, minlength=nbins)
 
 
+def _row_density(arr: np.ndarray, row_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's count of symbols other than the most frequent one, and each row's length (the last row may be
+    shorter): what :func:`_row_labels` needs, computed once for every class count the writer tries."""
+    zero = int(np.argmax(np.bincount(arr)))
+    rows = -(-arr.size // row_length)
+    full = arr.size // row_length
+    nonzero = np.empty(rows, np.int64)
+    nonzero[:full] = np.count_nonzero(arr[: full * row_length].reshape(full, row_length) != zero, axis=1)
+    lengths = np.full(rows, row_length, np.int64)
+    if full < rows:
+        nonzero[full] = np.count_nonzero(arr[full * row_length :] != zero)
+        lengths[full] = arr.size - full * row_length
+    return nonzero, lengths
+
+
+def _labels_from_density(density: tuple[np.ndarray, np.ndarray], classes: int) -> np.ndarray:
+    nonzero, lengths = density
+    return (classes * nonzero // (lengths + 1)).astype(np.uint8)
+
+
 def _row_labels(arr: np.ndarray, row_length: int, classes: int) -> np.ndarray:
     """The writer's row classes: each row's density of symbols other than the most frequent one, in ``classes``
     equal steps (``floor(classes · k / (len + 1))``), so empty and full rows land in the first and last class."""
-    zero = int(np.argmax(np.bincount(arr)))
-    starts = np.arange(0, arr.size, row_length)
-    nonzero = np.add.reduceat((arr != zero).astype(np.int64), starts)
-    lengths = np.diff(np.append(starts, arr.size))
-    return (classes * nonzero // (lengths + 1)).astype(np.uint8)
+    return _labels_from_density(_row_density(arr, row_length), classes)
 
 
 def _label_cost(labels: np.ndarray, classes: int) -> tuple[np.ndarray, float]:
@@ -386,34 +420,38 @@ class AnsDitherCoder(Coder):
         m = int(arr.max()) + 1
         room = 4 * arr.size + (1 << 16)
         max_bits = CONTEXT_BITS if codes is not None and m << CONTEXT_BITS <= room else 0
+        row_classes = [c for c in self._ROW_CLASSES if (m * c) << max_bits <= room] if row_length is not None else []
+        # One joint count (label · 2^4 + code) · m + symbol, at the finest row classes tried: a row's label for
+        # C classes is floor(C·k / (len + 1)), and for C dividing the finest F it is floor(label_F / (F / C)), so
+        # each coarser option's counts are sums of the finest ones (integers: exactly the counts of its own pass).
+        # The key is built in the narrowest integer that holds it (int32 almost always: half the memory traffic of
+        # intp), the labels added row by row through a broadcast view instead of repeated to the stream's length.
+        finest = max(row_classes, default=1)
+        key_dtype = np.int32 if (finest << CONTEXT_BITS) * m <= np.iinfo(np.int32).max else np.int64
+        index = arr.astype(key_dtype)
+        if max_bits:
+            index += codes.astype(key_dtype) * key_dtype(m)
+        density = None
+        if row_classes:
+            density = _row_density(arr, row_length)
+            shift = _labels_from_density(density, finest).astype(key_dtype) * key_dtype(m << CONTEXT_BITS)
+            full = arr.size // row_length
+            index[: full * row_length].reshape(full, row_length)[...] += shift[:full, None]
+            index[full * row_length :] += shift[full : full + 1]
+        fine = np.bincount(index, minlength=(finest << CONTEXT_BITS) * m).reshape(finest, 1 << CONTEXT_BITS, m)
+        del index
         best: tuple | None = None
         options: list[tuple[int, np.ndarray | None]] = [(0, None)]
-        if row_length is not None:
-            options += [(c, _row_labels(arr, row_length, c)) for c in self._ROW_CLASSES if (m * c) << max_bits <= room]
-        # The joint index (label · 2^4 + code) · m + symbol, built once without the labels in the narrowest integer
-        # that holds it (int32 almost always: half the memory traffic of intp); each row-class option adds its
-        # labels row by row through a broadcast view instead of repeating them to the stream's length.
-        top = (max(c for c, _ in options) or 1) << CONTEXT_BITS
-        key_dtype = np.int32 if top * m <= np.iinfo(np.int32).max else np.int64
-        base = arr.astype(key_dtype)
-        if max_bits:
-            base += codes.astype(key_dtype) * key_dtype(m)
-        full = arr.size // row_length if row_length else 0
+        options += [(c, _labels_from_density(density, c)) for c in row_classes]
         for classes, labels in options:
             label_cost = 0.0
             label_q = None
-            index = base
-            if labels is not None:
-                shift = labels.astype(key_dtype) * key_dtype(m << CONTEXT_BITS)
-                index = np.empty_like(base)
-                np.add(base[: full * row_length].reshape(full, row_length), shift[:full, None],
-                       out=index[: full * row_length].reshape(full, row_length))
-                np.add(base[full * row_length :], shift[full:full + 1], out=index[full * row_length :])
+            if labels is None:
+                joint = fine.sum(axis=0, keepdims=True)
+            else:
+                joint = fine.reshape(classes, finest // classes, 1 << CONTEXT_BITS, m).sum(axis=1)
                 label_q, label_cost = _label_cost(labels, classes)
                 label_cost += 2  # row length and class count varints, about
-            groups = max(classes, 1) << CONTEXT_BITS
-            joint = np.bincount(index, minlength=groups * m).reshape(max(classes, 1), 1 << CONTEXT_BITS, m)
-            del index
             previous = math.inf
             for bits in range(max_bits + 1):
                 merged = joint.reshape(max(classes, 1), 1 << bits, -1, m).sum(axis=2).reshape(-1, m)
