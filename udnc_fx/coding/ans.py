@@ -218,19 +218,11 @@ def _best_table(counts: np.ndarray) -> tuple[np.ndarray, float]:
     m = int(used[-1]) + 1
     if m == 1:
         return np.ones(1, np.int64), 1.0
-    counts = counts[:m]
-    best: tuple[np.ndarray, float] | None = None
-    for width in _TABLE_WIDTHS:
-        q = _quantize_counts(counts, width)
-        probs = table_model(q)
-        bits = float(np.sum(counts * (_PRECISION - np.log2(probs))))
-        cost = _table_cost(q) + bits / 8
-        if best is None or cost < best[1]:
-            best = (q, cost)
-        if width is None or int(counts.max()) < 1 << width:
-            break  # wider fields give the same exact counts
-    assert best is not None
-    return best
+    # The one-row case of _best_tables, on the trimmed counts: the same widths in the same order, the same integer
+    # form costs and the same bits (a sum over the same m values), so the same table and cost as trying each width
+    # with _quantize_counts, table_model and _table_cost (tests/unit/test_ans.py holds the two against each other).
+    tables, cost = _best_tables(np.asarray(counts[:m], np.int64)[None, :])
+    return tables[0], cost
 
 
 def _varint_lengths(values: np.ndarray) -> np.ndarray:
