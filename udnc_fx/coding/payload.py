@@ -282,14 +282,11 @@ def _encode_coords(
             return None
     if cb_int.size and (int(cb_int.min()) <= -_lc.MAX_COORDINATE or int(cb_int.max()) >= _lc.MAX_COORDINATE):
         return None  # far outside any quantizer's range; the symbol transforms would overflow
-    points = cb_int[np.asarray(indices, dtype=np.intp)]
     # The reader rebuilds indices and codebook in the quantizer's order; use lattice-coords only where that gives
     # back exactly these (a codebook with unused or reordered rows would come back different).
-    rebuilt_indices, rebuilt_points, _ = _lc.index_points(points)
-    same = np.array_equal(rebuilt_points, cb_int) and np.array_equal(rebuilt_indices, indices)
-    del rebuilt_indices  # 8 bytes per vector, not to be held while the points are coded below
-    if not same:
+    if not _in_reader_order(cb_int, indices):
         return None
+    points = cb_int[np.asarray(indices, dtype=np.intp)]
     coded = _lc.encode_points(
         lookup_coder(q.coder), points, q.lattice, n, key, q.dither == FORMAT_DEFAULT_DITHER, f"{where} coordinates"
     )
@@ -298,6 +295,25 @@ def _encode_coords(
     alphabet, layout, payload = coded
     cb_entry: dict[str, Any] = {"encoding": _lc.ENCODING, "layout": layout, "exact_zero": exact_zero, "length": 0}
     return alphabet, cb_entry, payload
+
+
+def _in_reader_order(cb_int: np.ndarray, indices: np.ndarray) -> bool:
+    """Whether ``lattice_coords.index_points(cb_int[indices])`` gives back exactly ``(indices, cb_int)``.
+
+    It does exactly when every row is used, the rows are distinct, and they are sorted by falling count, ties by
+    the coordinates (the order ``index_points`` builds): then the distinct points of the vectors are the rows, in
+    the same order, and each vector's rebuilt index is its own. Checked on the ``K`` rows and one count of the
+    indices, instead of rebuilding both from every vector (``tests/unit/test_payload_order.py`` holds the two
+    rules against each other).
+    """
+    k = cb_int.shape[0]
+    counts = np.bincount(np.asarray(indices, dtype=np.intp), minlength=k)
+    if counts.size != k or (k and int(counts.min()) == 0):
+        return False
+    if k > 1 and _lc.index_points(cb_int)[1].shape[0] != k:  # repeated rows (each row once: distinct points)
+        return False
+    order = np.lexsort(tuple(cb_int[:, j] for j in range(cb_int.shape[1] - 1, -1, -1)) + (-counts,))
+    return bool(np.array_equal(order, np.arange(k)))
 
 
 def points_bound(entry: dict) -> int:
