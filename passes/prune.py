@@ -95,7 +95,9 @@ def _check_cap(value, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ConfigError(f"{what} must be a number in [0, 1], got {value!r}")
     if not 0.0 <= float(value) <= 1.0:
-        raise ConfigError(f"{what} must be in [0, 1] (the most of a layer's elements that may be pruned), got {value!r}")
+        raise ConfigError(
+            f"{what} must be in [0, 1] (the most of a layer's elements that may be pruned), got {value!r}"
+        )
     return float(value)
 
 
