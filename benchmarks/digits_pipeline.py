@@ -50,7 +50,7 @@ import _common as C  # noqa: E402
 #: bits per KEPT weight, fine to coarse (the target is h(sparsity) + (1 - sparsity)·kept_bits bits per weight)
 KEPT_BITS = [2.0, 1.5, 1.0, 0.75, 0.5, 0.35, 0.25, 0.15]
 #: validation candidates: total sparsity, or "total@bound" with prune(max_layer_sparsity=bound)
-SPARSITIES = ["0.9", "0.9@0.95", "0.92@0.95"]
+SPARSITIES = ["0.85", "0.9", "0.92", "0.9@0.95", "0.92@0.95"]
 VALIDATION_FRACTION = 0.2
 TOLERANCE = 0.5
 #: the validation split has 252 images, where 0.5 points is under 2 images and float itself may miss 1: the choice
@@ -61,7 +61,8 @@ METHOD = "udnc-fx prune + calibrated compress + codeword fine-tune"
 
 @dataclass(frozen=True)
 class Recipe:
-    """The pipeline's hyper-parameters (the project's demo defaults: ``udnc_fx.demo.run_demo``)."""
+    """The pipeline's hyper-parameters (the demo's training recipe, ``udnc_fx.demo.run_demo``, plus distillation
+    and seed trials)."""
 
     sparsity: float = 0.9
     #: ``prune(max_layer_sparsity=...)``: the most of any one layer's weights that may be pruned (None: no bound)
