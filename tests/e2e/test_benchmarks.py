@@ -80,3 +80,12 @@ def test_pipeline_target_bits(monkeypatch):
 
     assert digits_pipeline.target_bits(0.9, 1.5) == pytest.approx(0.469 + 0.15, abs=1e-3)
     assert digits_pipeline.target_bits(0.0, 2.0) == 2.0
+
+
+def test_pipeline_candidates_parse_sparsity_and_layer_bound(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import digits_pipeline
+
+    assert digits_pipeline._candidates(["0.9", "0.92@0.95", 0.85, (0.9, 0.97)]) == [
+        (0.9, None), (0.92, 0.95), (0.85, None), (0.9, 0.97)]
+    assert digits_pipeline._label(0.92, 0.95) == "sparsity 0.92 (layer bound 0.95)"
