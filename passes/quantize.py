@@ -372,8 +372,9 @@ def make_params(
         key, shape = keys[id(cand)]
         if id(cand) in comp:
             points = points_of(cand, lat, step, config.exact_zero)
-            return coded_rate_of_raw_points(points, lat, key=key, shape=shape) * v.size
-        return coded_rate_bits_per_weight(v, lat, step, us[id(cand)], key=key, shape=shape) * v.size
+            return coded_rate_of_raw_points(points, lat, key=key, shape=shape, exact_zero=config.exact_zero) * v.size
+        rate = coded_rate_bits_per_weight(v, lat, step, us[id(cand)], key=key, shape=shape, exact_zero=config.exact_zero)
+        return rate * v.size
 
     to_solve = [p for p in prepared if p[0].step_kind == "target_bits"]
     if to_solve:

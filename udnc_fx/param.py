@@ -210,7 +210,9 @@ class DitheredLatticeParam(nn.Module):
         from .quantizer import rate_bits_of_points
 
         points = self.codebook_int[self.indices.cpu().numpy().astype(np.int64)]
-        return rate_bits_of_points(points, self.lattice, key=self.key, shape=tuple(self.shape))
+        return rate_bits_of_points(
+            points, self.lattice, key=self.key, shape=tuple(self.shape), exact_zero=self.zero_index is not None
+        )
 
     def extra_repr(self) -> str:
         key = "none" if self.key is None else f"0x{self.key:016x}"

@@ -119,10 +119,11 @@ def _points_at(v: np.ndarray, u_raw: np.ndarray, lat: Lattice, step: float) -> n
 
 
 def coded_rate_of_raw_points(
-    raw_points: np.ndarray, lat: Lattice, *, key: int | None = None, shape: tuple[int, ...] | None = None
+    raw_points: np.ndarray, lat: Lattice, *, key: int | None = None, shape: tuple[int, ...] | None = None,
+    exact_zero: bool = False,
 ) -> float:
     """:func:`rate_bits_of_points` of raw lattice points ``(num_vectors, n)`` chosen by any rounding rule."""
-    return rate_bits_of_points(lat.to_int(raw_points), lat.name, key=key, shape=shape)
+    return rate_bits_of_points(lat.to_int(raw_points), lat.name, key=key, shape=shape, exact_zero=exact_zero)
 
 
 def entropy_bits_per_weight(
@@ -134,7 +135,8 @@ def entropy_bits_per_weight(
 
 
 def rate_bits_of_points(
-    points: np.ndarray, lattice: str, *, key: int | None = None, shape: tuple[int, ...] | None = None
+    points: np.ndarray, lattice: str, *, key: int | None = None, shape: tuple[int, ...] | None = None,
+    exact_zero: bool = False,
 ) -> float:
     """Estimated coded rate (bits per weight) of integer lattice points ``(m, n)`` as the container stores them.
 
@@ -144,8 +146,9 @@ def rate_bits_of_points(
     Vector lattices (``n > 1``): what the default coder (``ans-dither-v1``) writes for the tensor's two sections,
     following the writer's choice between indices plus a table of points and table-free ``lattice-coords``
     (:func:`udnc_fx.coding.payload.estimate_points_bits`): per-stream count tables, dither contexts (``key``: the
-    tensor's dither key, ``None`` for none) and row classes (``shape``: the weight's shape) included; the header
-    entry is not. Why not entropies: on the pruned demo CNN at 1.12 bits/weight the index entropy plus a table
+    tensor's dither key, ``None`` for none) and row classes (``shape``: the weight's shape) included, and the
+    codebook's header entry (``exact_zero``: the record keeps the point 0 exact); the rest of the header entry is
+    not. Why not entropies: on the pruned demo CNN at 1.12 bits/weight the index entropy plus a table
     costed at the coordinates' entropy gave E8 1.12 where the file took 2.17 (the table of points and the per-stream
     count tables on small layers were missing). With it, every target is reachable with every lattice.
     """
@@ -156,17 +159,17 @@ def rate_bits_of_points(
         return entropy_from_counts(_count_rows(points))
     from udnc_fx.coding.payload import estimate_points_bits
 
-    return estimate_points_bits(points, lattice, n, key, shape) / (m * n)
+    return estimate_points_bits(points, lattice, n, key, shape, exact_zero=exact_zero) / (m * n)
 
 
 def coded_rate_bits_per_weight(
     v: np.ndarray, lat: Lattice, step: float, u_raw: np.ndarray, *, key: int | None = None,
-    shape: tuple[int, ...] | None = None,
+    shape: tuple[int, ...] | None = None, exact_zero: bool = False,
 ) -> float:
     """:func:`rate_bits_of_points` of the points ``v`` (num_vectors × n) would get at ``step``: what ``target_bits``
     solves for (``key``, ``shape``: the tensor's dither key and shape, for the vector lattices' estimate)."""
     points = _points_at(v, u_raw, lat, step)
-    return rate_bits_of_points(points, lat.name, key=key, shape=shape)
+    return rate_bits_of_points(points, lat.name, key=key, shape=shape, exact_zero=exact_zero)
 
 
 def quantize_array(

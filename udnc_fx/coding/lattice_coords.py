@@ -282,8 +282,8 @@ def context_codes(coder: Any, key: int, dither_ok: bool, count: int, n: int, lat
 def coded_bits(
     coder: Any, points: np.ndarray, lattice: str, n: int, key: int, dither_ok: bool,
     layouts: tuple[str, ...] = LAYOUTS, codes: np.ndarray | None = None,
-) -> float | None:
-    """The bits of the payload :func:`encode_points` would write (the smaller layout), from the coder's
+) -> tuple[float, str] | None:
+    """``(bits, layout)`` of the payload :func:`encode_points` would write (the smaller layout), from the coder's
     :meth:`~udnc_fx.coding.coder_base.Coder.cost_bits` instead of coding; ``None`` where it would return ``None``.
     ``codes``: :func:`context_codes` for these arguments, when the caller already has them."""
     prepared = _prepare(coder, points, lattice, n, key, dither_ok, codes)
@@ -291,7 +291,7 @@ def coded_bits(
         return None
     symbols, alphabet, ctx = prepared
     w = symbols.shape[1]
-    best = math.inf
+    best, layout = math.inf, "interleaved"
     if "interleaved" in layouts:
         hint = {} if ctx is None else {"context": np.ascontiguousarray(ctx).ravel()}
         best = coder.cost_bits(symbols.ravel(), alphabet, **hint)
@@ -303,8 +303,9 @@ def coded_bits(
             bits = coder.cost_bits(np.ascontiguousarray(symbols[:, i]), alphabet, **({} if c is None else {"context": c}))
             # the length prefix of every stream but the last, as a varint of its bytes
             total += bits + (8.0 * len(varint(int(math.ceil(bits / 8)))) if i < w - 1 else 0.0)
-        best = min(best, total)
-    return float(best)
+        if total < best:
+            best, layout = total, "split"
+    return float(best), layout
 
 
 def decode_points(

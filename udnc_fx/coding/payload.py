@@ -291,18 +291,20 @@ def _cached_codes(key: int, count: int, n: int) -> np.ndarray:
 
 def estimate_points_bits(
     points: np.ndarray, lattice: str, n: int, key: int | None, shape: tuple[int, ...] | None = None,
-    coder: str = DEFAULT_CODER,
+    coder: str = DEFAULT_CODER, exact_zero: bool = False,
 ) -> float:
-    """The bits of a tensor's two payload sections as :func:`encode_quantized` writes them for the integer lattice
-    points ``points`` (``(count, n)``, one per vector, in vector order), without coding the large streams.
+    """The bits of a tensor's two payload sections and its codebook entry as :func:`encode_quantized` writes them
+    for the integer lattice points ``points`` (``(count, n)``, one per vector, in vector order), without coding the
+    large streams.
 
     The writer's choice is followed: indices (ranks of the distinct points, most frequent first) plus the smaller
     of a fixed-width ``lattice-int`` and a ``lattice-int-coded`` table, or ``lattice-coords`` in its smaller
     layout, whichever is smaller; every stream with the contexts the writer gives it (the dither codes when ``key``
-    is not ``None``, the row length of ``shape``). Index and coordinate streams are costed by the coder's
+    is not ``None``, the row length of ``shape``; ``exact_zero``: the record keeps the point 0 exact). Index and coordinate streams are costed by the coder's
     :meth:`~udnc_fx.coding.coder_base.Coder.cost_bits` (for ``ans-dither-v1``: tables exact, symbols at their ideal
     cost, a few bytes per stream of ANS overhead); the coded table is coded (small where the table form can win).
-    The tensor's header entry (~100-150 bytes of JSON per tensor, nearly independent of the step) is not counted.
+    The codebook's header entry (the JSON that differs between the forms, 20-80 bytes) is counted, as the writer
+    counts it when it chooses; the rest of the tensor's header entry (~100 bytes: name, shape, step, key) is not.
     """
     points = np.ascontiguousarray(points, dtype=np.int64)
     count = points.shape[0]
@@ -316,8 +318,13 @@ def estimate_points_bits(
         coords_codes = _cached_codes(key, count * n, 1).reshape(count, n)[:, cols]
     coords = None
     if n > 1:
-        coords = _lc.coded_bits(index_coder, points, lattice, n, 0 if key is None else key, key is not None,
-                                codes=coords_codes)
+        coded = _lc.coded_bits(index_coder, points, lattice, n, 0 if key is None else key, key is not None,
+                               codes=coords_codes)
+        if coded is not None:
+            # the record's zero_index (exact_zero and the point 0 used) is stored in the entry: 17 bytes more
+            zero = exact_zero and bool((~points.any(axis=1)).any())
+            entry = {"encoding": _lc.ENCODING, "layout": coded[1], "exact_zero": zero, "length": 0}
+            coords = coded[0] + _entry_bits(entry)
     # The writer's order (most frequent first, ties by coordinates: lattice_coords.index_points) up to the order of
     # ties, which changes the coded sizes by a few bytes at most and saves a sort of the points.
     from udnc_fx.quantizer import unique_rows
@@ -340,16 +347,24 @@ def estimate_points_bits(
         return float(coords)  # the table form cannot win: no need to cost the table
     z = _lc.zigzag_encode(codebook_int)
     zmax = int(z.max()) if z.size else 0
-    table = 8.0 * next(w for w in (1, 2, 4, 8) if zmax < 1 << (8 * w)) * codebook_int.size
+    width = next(w for w in (1, 2, 4, 8) if zmax < 1 << (8 * w))
+    table = 8.0 * width * codebook_int.size + _entry_bits({"encoding": LATTICE_INT, "width": width})
     if -(1 << 40) < int(codebook_int.min()) and int(codebook_int.max()) < 1 << 40:
         symbols = _codebook_symbols(lattice, codebook_int)
         alphabet = int(symbols.max()) + 1
         cb_coder = lookup_coder(FORMAT_DEFAULT_CODEBOOK_CODER)
         limit = min(MAX_CODED_ALPHABET, getattr(cb_coder, "max_alphabet_size", 0), max(1 << 16, symbols.size))
         if alphabet <= limit:
-            table = min(table, cb_coder.cost_bits(symbols.ravel(), alphabet))
+            bits = cb_coder.cost_bits(symbols.ravel(), alphabet)
+            entry = {"encoding": LATTICE_INT_CODED, "alphabet_size": alphabet, "length": int(math.ceil(bits / 8))}
+            table = min(table, bits + _entry_bits(entry))
     total = index_bits + table
     return float(total if coords is None else min(total, coords))
+
+
+def _entry_bits(codebook_entry: dict) -> float:
+    """Bits of a codebook entry's stored JSON: the part of the header entry that differs between the forms."""
+    return 8.0 * len(canonical_json(compact_codebook(codebook_entry)))
 
 
 def _encode_coords(
