@@ -146,9 +146,9 @@ def rate_bits_of_points(
     Vector lattices (``n > 1``): what the default coder (``ans-dither-v1``) writes for the tensor's two sections,
     following the writer's choice between indices plus a table of points and table-free ``lattice-coords``
     (:func:`udnc_fx.coding.payload.estimate_points_bits`): per-stream count tables, dither contexts (``key``: the
-    tensor's dither key, ``None`` for none) and row classes (``shape``: the weight's shape) included, and the
-    codebook's header entry (``exact_zero``: the record keeps the point 0 exact); the rest of the header entry is
-    not. Why not entropies: on the pruned demo CNN at 1.12 bits/weight the index entropy plus a table
+    tensor's dither key, ``None`` for none) and row classes (``shape``: the weight's shape) included; the tensor's
+    header entry is not (``exact_zero``: the record keeps the point 0 exact, which the writer's choice of form
+    weighs). Why not entropies: on the pruned demo CNN at 1.12 bits/weight the index entropy plus a table
     costed at the coordinates' entropy gave E8 1.12 where the file took 2.17 (the table of points and the per-stream
     count tables on small layers were missing). With it, every target is reachable with every lattice.
     """

@@ -293,18 +293,20 @@ def estimate_points_bits(
     points: np.ndarray, lattice: str, n: int, key: int | None, shape: tuple[int, ...] | None = None,
     coder: str = DEFAULT_CODER, exact_zero: bool = False,
 ) -> float:
-    """The bits of a tensor's two payload sections and its codebook entry as :func:`encode_quantized` writes them
-    for the integer lattice points ``points`` (``(count, n)``, one per vector, in vector order), without coding the
+    """The bits of a tensor's two payload sections as :func:`encode_quantized` writes them for the integer lattice
+    points ``points`` (``(count, n)``, one per vector, in vector order), without coding the
     large streams.
 
     The writer's choice is followed: indices (ranks of the distinct points, most frequent first) plus the smaller
     of a fixed-width ``lattice-int`` and a ``lattice-int-coded`` table, or ``lattice-coords`` in its smaller
     layout, whichever is smaller; every stream with the contexts the writer gives it (the dither codes when ``key``
-    is not ``None``, the row length of ``shape``; ``exact_zero``: the record keeps the point 0 exact). Index and coordinate streams are costed by the coder's
+    is not ``None``, the row length of ``shape``; ``exact_zero``: the record keeps the point 0 exact). Index and
+    coordinate streams are costed by the coder's
     :meth:`~udnc_fx.coding.coder_base.Coder.cost_bits` (for ``ans-dither-v1``: tables exact, symbols at their ideal
     cost, a few bytes per stream of ANS overhead); the coded table is coded (small where the table form can win).
-    The codebook's header entry (the JSON that differs between the forms, 20-80 bytes) is counted, as the writer
-    counts it when it chooses; the rest of the tensor's header entry (~100 bytes: name, shape, step, key) is not.
+    The form is chosen as the writer chooses it, by sections plus the codebook's header entry (the JSON that differs
+    between the forms, 20-80 bytes); the result counts the sections only (the header entry, ~150 bytes of JSON per
+    tensor, does not depend on the step).
     """
     points = np.ascontiguousarray(points, dtype=np.int64)
     count = points.shape[0]
@@ -324,7 +326,7 @@ def estimate_points_bits(
             # the record's zero_index (exact_zero and the point 0 used) is stored in the entry: 17 bytes more
             zero = exact_zero and bool((~points.any(axis=1)).any())
             entry = {"encoding": _lc.ENCODING, "layout": coded[1], "exact_zero": zero, "length": 0}
-            coords = coded[0] + _entry_bits(entry)
+            coords = (coded[0] + _entry_bits(entry), coded[0])  # (what the writer compares, the sections)
     # The writer's order (most frequent first, ties by coordinates: lattice_coords.index_points) up to the order of
     # ties, which changes the coded sizes by a few bytes at most and saves a sort of the points.
     from udnc_fx.quantizer import unique_rows
@@ -343,12 +345,13 @@ def estimate_points_bits(
     if dithered:
         hint["context"] = _cached_codes(key, count, n)
     index_bits = index_coder.cost_bits(indices, k, **hint)
-    if coords is not None and index_bits >= coords:
-        return float(coords)  # the table form cannot win: no need to cost the table
+    if coords is not None and index_bits >= coords[0]:
+        return float(coords[1])  # the table form cannot win: no need to cost the table
     z = _lc.zigzag_encode(codebook_int)
     zmax = int(z.max()) if z.size else 0
     width = next(w for w in (1, 2, 4, 8) if zmax < 1 << (8 * w))
-    table = 8.0 * width * codebook_int.size + _entry_bits({"encoding": LATTICE_INT, "width": width})
+    fixed = 8.0 * width * codebook_int.size
+    table = (fixed + _entry_bits({"encoding": LATTICE_INT, "width": width}), fixed)
     if -(1 << 40) < int(codebook_int.min()) and int(codebook_int.max()) < 1 << 40:
         symbols = _codebook_symbols(lattice, codebook_int)
         alphabet = int(symbols.max()) + 1
@@ -357,9 +360,10 @@ def estimate_points_bits(
         if alphabet <= limit:
             bits = cb_coder.cost_bits(symbols.ravel(), alphabet)
             entry = {"encoding": LATTICE_INT_CODED, "alphabet_size": alphabet, "length": int(math.ceil(bits / 8))}
-            table = min(table, bits + _entry_bits(entry))
-    total = index_bits + table
-    return float(total if coords is None else min(total, coords))
+            if bits + _entry_bits(entry) < table[0]:
+                table = (bits + _entry_bits(entry), bits)
+    total = (index_bits + table[0], index_bits + table[1])
+    return float(total[1] if coords is None or total[0] <= coords[0] else coords[1])
 
 
 def _entry_bits(codebook_entry: dict) -> float:
