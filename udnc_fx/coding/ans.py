@@ -349,7 +349,7 @@ class AnsDitherCoder(Coder):
         codes = self._check_context(context, n, ConfigError)
         if row_length is not None and not (isinstance(row_length, (int, np.integer)) and 1 <= row_length < n):
             row_length = None  # a hint: rows of one symbol or of the whole stream carry nothing
-        _, bits, classes, labels, tables, label_q = self._choose(arr, codes, row_length)
+        bits, classes, labels, tables, label_q = self._choose(arr, codes, row_length)
         ctx = self._contexts(codes, bits, labels, row_length, n)
         out = bytearray([bits | (self._ROW_FLAG if classes else 0)])
         if classes:
@@ -388,7 +388,7 @@ class AnsDitherCoder(Coder):
         codes = self._check_context(context, n, ConfigError)
         if row_length is not None and not (isinstance(row_length, (int, np.integer)) and 1 <= row_length < n):
             row_length = None
-        cost, _, classes, _, tables, label_q = self._choose(arr, codes, row_length)
+        cost, _, classes, _, tables, label_q = self._choose_costed(arr, codes, row_length)
         if all(q.size < 2 for q in tables) and not (classes and label_q.size >= 2):
             return 8.0 * cost + 8.0  # nothing to code: the word count 0 alone
         words = max(1, math.ceil((8.0 * cost) / 32.0))
@@ -405,8 +405,12 @@ class AnsDitherCoder(Coder):
         return ctx
 
     def _choose(self, arr: np.ndarray, codes: np.ndarray | None, row_length: int | None):
-        """``(cost, b, classes, labels, tables, label table)`` of least total cost (bytes: the mode byte, labels and
-        tables exactly, the symbols' ideal bits / 8); ties keep fewer contexts."""
+        """``(b, classes, labels, tables, label table)`` of least total cost; ties keep fewer contexts."""
+        return self._choose_costed(arr, codes, row_length)[1:]
+
+    def _choose_costed(self, arr: np.ndarray, codes: np.ndarray | None, row_length: int | None):
+        """:meth:`_choose`'s choice with its cost first, in bytes (the mode byte, labels and tables exactly, the
+        symbols' ideal bits / 8)."""
         m = int(arr.max()) + 1
         room = 4 * arr.size + (1 << 16)
         max_bits = CONTEXT_BITS if codes is not None and m << CONTEXT_BITS <= room else 0
