@@ -149,8 +149,9 @@ def rate_bits_of_points(
     tensor's dither key, ``None`` for none) and row classes (``shape``: the weight's shape) included; the tensor's
     header entry is not (``exact_zero``: the record keeps the point 0 exact, which the writer's choice of form
     weighs). Why not entropies: on the pruned demo CNN at 1.12 bits/weight the index entropy plus a table
-    costed at the coordinates' entropy gave E8 1.12 where the file took 2.17 (the table of points and the per-stream
-    count tables on small layers were missing). With it, every target is reachable with every lattice.
+    costed at the coordinates' entropy gave E8 1.12 where its sections took 2.00 (the cost of the table of points and
+    the per-stream count tables of small layers were missing; benchmarks/rate_estimate.py). Every target is
+    reachable with every lattice.
     """
     m, n = points.shape
     if m == 0:
