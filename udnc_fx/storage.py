@@ -33,7 +33,7 @@ from .passes.trace import prepare
 from .record import on_lattice
 from .record_store import compression_record, set_record
 
-__all__ = ["save", "load", "read_header", "size_report", "round_for_storage", "SAVE_CODER"]
+__all__ = ["save", "load", "read_header", "size_report", "round_for_storage", "stored_config", "SAVE_CODER"]
 
 #: The index coder ``save`` uses by default: the one default of ``udnc_fx.coding`` (``ans-dither-v1``: static ANS
 #: with per-dither-bin tables), the same as ``QuantizedTensor``'s and the ONNX sidecar's.
@@ -46,7 +46,9 @@ def _codebook_is_untouched(dlp: DitheredLatticeParam) -> bool:
     """Whether the codebook is still the quantizer's lattice points (stored as exact integers): the one rule,
     :func:`udnc_fx.record.on_lattice`."""
     codebook = dlp.codebook.detach().cpu().to(torch.float32).numpy()
-    return on_lattice(codebook, dlp.codebook_int, dlp.lattice, dlp.n, dlp.step)
+    return on_lattice(codebook, dlp.codebook_int, dlp.lattice, dlp.n, dlp.step, dlp.affine) or on_lattice(
+        codebook, dlp.codebook_int, dlp.lattice, dlp.n, dlp.step
+    )
 
 
 def _dlp_state_names(model: nn.Module) -> set[str]:
@@ -161,6 +163,11 @@ def _compact_config(config: CompressConfig, full: bool = True) -> dict:
     if full:
         return {"version": values["version"], **kept}
     return {k: v for k, v in kept.items() if k in _LOAD_CONFIG_FIELDS}
+
+
+def stored_config(config: CompressConfig, full: bool = False) -> dict:
+    """The config as :func:`save` stores it (``full_config``): what a writer of the same model stores too."""
+    return _compact_config(config, full)
 
 
 def _mismatch(message: str) -> FormatError:
@@ -405,6 +412,8 @@ def size_report(path: str | Path, float_model: nn.Module | None = None) -> dict[
                 "codewords": None if coords else entry["indices"]["alphabet_size"],
                 "codebook_encoding": entry["codebook"]["encoding"],
                 "layout": entry["codebook"].get("layout"),
+                # the fine-tuned codewords' per-layer correction (a, b) over integer points (format 1.3), or None
+                "affine": entry["codebook"].get("affine"),
                 "coder": entry["indices"]["coder"],
                 "bytes": s["total"],
                 "index_bytes": s["indices"],
