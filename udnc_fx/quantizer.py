@@ -244,26 +244,9 @@ def quantize_array(
         raw_points = np.asarray(raw_points, dtype=np.float64).reshape(m, dim)
     chunk = max(1, QUANTIZE_CHUNK_ELEMENTS // dim)
     bounds = [(v0, min(v0 + chunk, m)) for v0 in range(0, m, chunk)]
-    # Pass 1: every chunk's integer points, kept narrow, and the range of each coordinate.
-    parts: list[np.ndarray] = []
-    lows = np.zeros(dim, np.int64)
-    highs = np.zeros(dim, np.int64)
-    for i, (v0, v1) in enumerate(bounds):
-        points = _chunk_points(flat, v0, v1, lat, float(step), key, u_raw, raw_points)
-        lo, hi = points.min(axis=0), points.max(axis=0)
-        lows, highs = (lo, hi) if i == 0 else (np.minimum(lows, lo), np.maximum(highs, hi))
-        parts.append(_narrow_ints(points))
-    uniq_points, counts, lookup = _rank_parts(parts, lows, highs, m, dim)
-    # Most frequent codeword first (helps byte-oriented coders); ties broken by the integer coordinates.
-    order = np.lexsort(tuple(uniq_points[:, j] for j in range(dim - 1, -1, -1)) + (-counts,))
-    k = order.size
-    idx_dtype = index_dtype(max(k, 1))
-    rank = np.empty(k, dtype=idx_dtype)
-    rank[order] = np.arange(k, dtype=idx_dtype)
-    codebook_int = uniq_points[order]
-    indices = np.empty(m, dtype=idx_dtype)
-    for (v0, v1), part in zip(bounds, parts):
-        indices[v0:v1] = rank[lookup(part)]
+    # Pass 1: every chunk's integer points, kept narrow; pass 2: rank the distinct points.
+    parts = [_narrow_ints(_chunk_points(flat, v0, v1, lat, float(step), key, u_raw, raw_points)) for v0, v1 in bounds]
+    indices, codebook_int, _ = rank_rows(parts, dim)
     del parts
     zero_index = None
     if exact_zero:
@@ -284,15 +267,26 @@ def quantize_array(
     )
 
 
-def _rank_parts(parts: list[np.ndarray], lows: np.ndarray, highs: np.ndarray, m: int, dim: int):
-    """The distinct rows of the chunks ``parts`` (int64 ``(K, n)``, in no particular order), their counts and a
-    function mapping a chunk to each row's position among them (intp).
+def rank_rows(parts: list[np.ndarray], dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Index integer points given as consecutive chunks ``parts`` (each ``(rows, dim)``, any integer dtype).
 
-    Dense mixed-radix codes (:func:`_dense_codes`' rule) counted chunk by chunk when the coordinate ranges allow;
-    otherwise a sort of all the rows at once.
+    Returns ``(indices, codebook_int, counts)``: the distinct points most frequent first, ties broken by the
+    coordinates (lexicographically) — the quantizer's codebook order — as int64 ``(K, dim)``, their counts, and each
+    row's position among them in the smallest dtype that holds ``K − 1`` (:func:`udnc_fx.record.index_dtype`).
+    Dense mixed-radix codes (:func:`_dense_codes`' rule) are counted chunk by chunk when the coordinate ranges
+    allow, so only one chunk's int64 codes exist at a time; otherwise all rows are sorted at once.
     """
+    m = sum(p.shape[0] for p in parts)
+    lows = np.zeros(dim, np.int64)
+    highs = np.zeros(dim, np.int64)
+    first = True
+    for part in parts:
+        if part.shape[0]:
+            lo, hi = part.min(axis=0).astype(np.int64), part.max(axis=0).astype(np.int64)
+            lows, highs = (lo, hi) if first else (np.minimum(lows, lo), np.maximum(highs, hi))
+            first = False
     radices = highs - lows + 1
-    span = 1
+    span: int | None = 1
     for r in radices.tolist():
         span *= int(r)
         if span > max(_MAX_DENSE_CODES, 4 * m) or span > 2**62:
@@ -302,32 +296,43 @@ def _rank_parts(parts: list[np.ndarray], lows: np.ndarray, highs: np.ndarray, m:
         points = np.concatenate([p.astype(np.int64) for p in parts]) if parts else np.zeros((0, dim), np.int64)
         uniq, inverse, counts = unique_rows(points)
         del points
-        inverse = inverse.reshape(-1)
-        offsets = np.cumsum([0] + [p.shape[0] for p in parts])
-        where = {id(p): (int(offsets[i]), int(offsets[i + 1])) for i, p in enumerate(parts)}
-        return uniq, counts, lambda part: inverse[slice(*where[id(part)])]
+        position = inverse.reshape(-1)
+        positions = lambda: [position]  # noqa: E731
+    else:
 
-    def codes_of(part: np.ndarray) -> np.ndarray:
-        codes = np.zeros(part.shape[0], dtype=np.int64)
-        for j in range(dim):
-            codes *= radices[j]
-            codes += part[:, j].astype(np.int64) - lows[j]
-        return codes
+        def codes_of(part: np.ndarray) -> np.ndarray:
+            codes = np.zeros(part.shape[0], dtype=np.int64)
+            for j in range(dim):
+                codes *= radices[j]
+                codes += part[:, j].astype(np.int64) - lows[j]
+            return codes
 
-    all_counts = np.zeros(span, dtype=np.int64)
-    for part in parts:
-        all_counts += np.bincount(codes_of(part), minlength=span)
-    used = np.flatnonzero(all_counts)
-    rows = np.empty((used.size, dim), dtype=np.int64)
-    rest = used.copy()
-    for j in range(dim - 1, -1, -1):  # undo the mixed radix, last coordinate first
-        rows[:, j] = rest % radices[j] + lows[j]
-        rest //= radices[j]
-    counts = all_counts[used]
-    del all_counts
-    position = np.zeros(span, dtype=index_dtype(max(used.size, 1)))
-    position[used] = np.arange(used.size)
-    return rows, counts, lambda part: position[codes_of(part)]
+        all_counts = np.zeros(span, dtype=np.int64)
+        for part in parts:
+            all_counts += np.bincount(codes_of(part), minlength=span)
+        used = np.flatnonzero(all_counts)
+        uniq = np.empty((used.size, dim), dtype=np.int64)
+        rest = used.copy()
+        for j in range(dim - 1, -1, -1):  # undo the mixed radix, last coordinate first
+            uniq[:, j] = rest % radices[j] + lows[j]
+            rest //= radices[j]
+        counts = all_counts[used]
+        del all_counts
+        lookup = np.zeros(span, dtype=index_dtype(max(used.size, 1)))
+        lookup[used] = np.arange(used.size)
+        positions = lambda: (lookup[codes_of(part)] for part in parts)  # noqa: E731
+    # Most frequent codeword first (helps byte-oriented coders); ties broken by the integer coordinates.
+    order = np.lexsort(tuple(uniq[:, j] for j in range(dim - 1, -1, -1)) + (-counts,))
+    k = order.size
+    idx_dtype = index_dtype(max(k, 1))
+    rank = np.empty(k, dtype=idx_dtype)
+    rank[order] = np.arange(k, dtype=idx_dtype)
+    indices = np.empty(m, dtype=idx_dtype)
+    start = 0
+    for pos in positions():
+        indices[start : start + pos.size] = rank[pos]
+        start += pos.size
+    return indices, uniq[order], counts[order].astype(np.int64)
 
 
 #: Elements per block of :func:`blocked_sum`.

@@ -330,6 +330,8 @@ class AnsDitherCoder(Coder):
     accepts_row_length = True
     #: ``decode`` takes ``dtype=`` (the container passes the narrow index dtype it keeps).
     accepts_dtype = True
+    #: ``encode`` takes narrow integer streams as they are (``coder_base.encode_stream``: no int64 copy).
+    accepts_narrow = True
     _ROW_FLAG = 0x08
     _ROW_CLASSES = (2, 4, 8)
     _MAX_ROW = (1 << 32) - 1
@@ -338,7 +340,8 @@ class AnsDitherCoder(Coder):
 
     def encode(self, symbols: np.ndarray, alphabet_size: int, *, context: Any = None,
                row_length: int | None = None) -> bytes:
-        arr, k = check_symbols(symbols, alphabet_size, self.max_alphabet_size)
+        # narrow streams stay narrow (accepts_narrow): every step below reads values, never the dtype
+        arr, k = check_symbols(symbols, alphabet_size, self.max_alphabet_size, widen=False)
         n = arr.size
         if n == 0 or k == 1:
             return b""
@@ -355,11 +358,11 @@ class AnsDitherCoder(Coder):
             out += _table_bytes(q)
             models.append(_categorical(table_model(q)) if q.size >= 2 else None)
         encoder = _constriction().stream.stack.AnsCoder()
-        sym32 = arr.astype(np.int32)
         nctx = len(tables)
         for start in reversed(range(0, n, SEGMENT)):
             stop = min(n, start + SEGMENT)
-            grouped, per_ctx = _group(sym32[start:stop], None if ctx is None else ctx[start:stop], nctx)
+            sym32 = arr[start:stop].astype(np.int32)  # one segment at a time: no int32 copy of the whole stream
+            grouped, per_ctx = _group(sym32, None if ctx is None else ctx[start:stop], nctx)
             ends = np.cumsum(per_ctx)
             for i in reversed(range(nctx)):
                 if models[i] is not None and per_ctx[i]:

@@ -282,22 +282,35 @@ def _encode_coords(
             return None
     if cb_int.size and (int(cb_int.min()) <= -_lc.MAX_COORDINATE or int(cb_int.max()) >= _lc.MAX_COORDINATE):
         return None  # far outside any quantizer's range; the symbol transforms would overflow
-    points = cb_int[np.asarray(indices, dtype=np.intp)]
     # The reader rebuilds indices and codebook in the quantizer's order; use lattice-coords only where that gives
-    # back exactly these (a codebook with unused or reordered rows would come back different).
-    rebuilt_indices, rebuilt_points, _ = _lc.index_points(points)
-    same = np.array_equal(rebuilt_points, cb_int) and np.array_equal(rebuilt_indices, indices)
-    del rebuilt_indices  # 8 bytes per vector, not to be held while the points are coded below
-    if not same:
+    # back exactly these (a codebook with unused, repeated or reordered rows would come back different).
+    if not _canonical_codebook(cb_int, indices):
         return None
     coded = _lc.encode_points(
-        lookup_coder(q.coder), points, q.lattice, n, key, q.dither == FORMAT_DEFAULT_DITHER, f"{where} coordinates"
+        lookup_coder(q.coder), cb_int, q.lattice, n, key, q.dither == FORMAT_DEFAULT_DITHER, f"{where} coordinates",
+        rows=indices,
     )
     if coded is None:
         return None
     alphabet, layout, payload = coded
     cb_entry: dict[str, Any] = {"encoding": _lc.ENCODING, "layout": layout, "exact_zero": exact_zero, "length": 0}
     return alphabet, cb_entry, payload
+
+
+def _canonical_codebook(cb_int: np.ndarray, indices: np.ndarray) -> bool:
+    """Whether ``lattice_coords.index_points(cb_int[indices])`` gives back exactly ``(indices, cb_int)``: every row
+    used, the rows distinct, and in the quantizer's order (more frequent first, ties by the coordinates). Checked on
+    the ``K`` rows and their counts, without building the points of every vector."""
+    k, n = cb_int.shape
+    counts = np.bincount(np.asarray(indices), minlength=k)
+    if counts.size != k or (k and int(counts.min()) == 0):
+        return False
+    order = np.lexsort(tuple(cb_int[:, j] for j in range(n - 1, -1, -1)) + (-counts,))
+    if not np.array_equal(order, np.arange(k)):
+        return False
+    from udnc_fx.quantizer import unique_rows  # lazy, as in lattice_coords.index_points
+
+    return unique_rows(cb_int)[0].shape[0] == k
 
 
 def points_bound(entry: dict) -> int:
@@ -371,14 +384,17 @@ def _decode_codebook(q: QEntry, data: bytes) -> tuple[np.ndarray | None, np.ndar
 def _decode_coords(q: QEntry, data: bytes) -> QuantizedTensor:
     """A ``lattice-coords`` tensor: decode every vector's point, then rebuild indices and ``codebook_int`` in the
     quantizer's order (``lattice_coords.index_points``)."""
-    points = _lc.decode_points(
+    parts = _lc.decode_point_parts(
         lookup_coder(q.coder), data, q.count, q.alphabet_size, q.layout, q.lattice, q.n, q.key,
         q.dither == FORMAT_DEFAULT_DITHER, f"quantized tensor {q.fqn!r} coordinates",
     )
     if q.count == 0:
         indices, codebook_int = np.zeros(0, np.int64), np.zeros((1, q.n), np.int64)
     else:
-        indices, codebook_int, _ = _lc.index_points(points)
+        from udnc_fx.quantizer import rank_rows  # lazy, as in lattice_coords.index_points
+
+        indices, codebook_int, _ = rank_rows(parts, q.n)
+        del parts
     zero_index = None
     if q.exact_zero:
         hits = np.flatnonzero(~codebook_int.any(axis=1))
