@@ -333,7 +333,7 @@ def make_params(
     that rounding really produces, and, when ``calibration.scales`` holds an allocation, each layer's step is
     ``c·scale_l`` instead of ``s·std_l``. Each candidate's ``extra["rounding"]`` says how it was rounded.
     """
-    if calibration is None and all(c.step_kind != "target_bits" for c in candidates):
+    if _streamable(candidates, calibration):
         return _stream_params(candidates, config, progress)
     stats = [layer_stats(c) for c in candidates]
     prepared = []
@@ -440,6 +440,12 @@ def make_params(
         dlp.relative_step = cand.step / std if std > 0 else None
         dlps.append(dlp)
     return dlps
+
+
+def _streamable(candidates: list[Candidate], calibration: Any) -> bool:
+    """Whether :func:`_stream_params` applies: every step known up front (no ``target_bits`` to solve over all
+    layers at once) and plain rounding (no calibration)."""
+    return calibration is None and all(c.step_kind != "target_bits" for c in candidates)
 
 
 def _native_flat(cand: Candidate) -> np.ndarray:

@@ -347,7 +347,8 @@ def blocked_sum(size: int, block, leaf: int | None = None) -> float:
     the same splits down to blocks of at most ``leaf`` elements and sums each block with NumPy, so the result is that
     of summing the whole vector at once while only one block is ever materialised (tested against ``np.sum``).
     """
-    leaf = SUM_BLOCK_ELEMENTS if leaf is None else max(int(leaf), 128)
+    # below 128 elements NumPy sums with 8 accumulators, not by halving: a block is never split there
+    leaf = max(int(SUM_BLOCK_ELEMENTS if leaf is None else leaf), 128)
 
     def rec(lo: int, k: int) -> float:
         if k <= leaf:

@@ -93,6 +93,7 @@ _DENSE, _SPARSE = 0, 1  # table form tags; 2 + w - 1 for bit-packed counts of wi
 _MAX_WIDTH = 32
 _HASH_CHUNK = 1 << 16  # elements per hashing step: the temporaries stay in cache
 _DECODE_CHUNK = 1 << 20  # symbols per decode call of a single-context stream: bounds the int32 temporary
+_COUNT_CHUNK = 1 << 20  # symbols per counting step of the writer's table choice: bounds its int32 temporaries
 
 
 def dither_codes(key: int, count: int, n: int) -> np.ndarray:
@@ -300,9 +301,21 @@ def _group(symbols: np.ndarray, bins: np.ndarray | None, nbins: int) -> tuple[np
 def _row_labels(arr: np.ndarray, row_length: int, classes: int) -> np.ndarray:
     """The writer's row classes: each row's density of symbols other than the most frequent one, in ``classes``
     equal steps (``floor(classes · k / (len + 1))``), so empty and full rows land in the first and last class."""
-    zero = int(np.argmax(np.bincount(arr)))
+    # Counted chunk by chunk (chunks of whole rows): np.bincount and reduceat would otherwise copy the whole stream
+    # to intp / int64 (8 bytes per symbol).
+    step = max(1, _COUNT_CHUNK // row_length) * row_length
+    hist = np.zeros(0, np.int64)
+    for lo in range(0, arr.size, step):
+        part = np.bincount(arr[lo : lo + step])
+        if part.size > hist.size:
+            hist = np.concatenate([hist, np.zeros(part.size - hist.size, np.int64)])
+        hist[: part.size] += part
+    zero = int(np.argmax(hist))
     starts = np.arange(0, arr.size, row_length)
-    nonzero = np.add.reduceat((arr != zero).astype(np.int64), starts)
+    nonzero = np.concatenate([
+        np.add.reduceat((arr[lo : lo + step] != zero).astype(np.int64), np.arange(0, min(step, arr.size - lo), row_length))
+        for lo in range(0, arr.size, step)
+    ]) if arr.size else np.zeros(0, np.int64)
     lengths = np.diff(np.append(starts, arr.size))
     return (classes * nonzero // (lengths + 1)).astype(np.uint8)
 
@@ -393,30 +406,38 @@ class AnsDitherCoder(Coder):
         options: list[tuple[int, np.ndarray | None]] = [(0, None)]
         if row_length is not None:
             options += [(c, _row_labels(arr, row_length, c)) for c in self._ROW_CLASSES if (m * c) << max_bits <= room]
-        # The joint index (label · 2^4 + code) · m + symbol, built once without the labels in the narrowest integer
-        # that holds it (int32 almost always: half the memory traffic of intp); each row-class option adds its
-        # labels row by row through a broadcast view instead of repeating them to the stream's length.
+        # The joint index (label · 2^4 + code) · m + symbol in the narrowest integer that holds it (int32 almost
+        # always: half the memory traffic of intp), counted chunk by chunk (chunks of whole rows) for every option at
+        # once: only one chunk's indices exist at a time, and the counts are those of the whole stream.
         top = (max(c for c, _ in options) or 1) << CONTEXT_BITS
         key_dtype = np.int32 if top * m <= np.iinfo(np.int32).max else np.int64
-        base = arr.astype(key_dtype)
-        if max_bits:
-            base += codes.astype(key_dtype) * key_dtype(m)
-        full = arr.size // row_length if row_length else 0
-        for classes, labels in options:
+        joints = [np.zeros((max(c, 1) << CONTEXT_BITS) * m, np.int64) for c, _ in options]
+        step = _COUNT_CHUNK if not row_length else max(1, _COUNT_CHUNK // row_length) * row_length
+        for lo in range(0, arr.size, step):
+            hi = min(arr.size, lo + step)
+            base = arr[lo:hi].astype(key_dtype)
+            if max_bits:
+                shifted = codes[lo:hi].astype(key_dtype)
+                shifted *= key_dtype(m)
+                base += shifted
+                del shifted
+            for (classes, labels), joint in zip(options, joints):
+                if labels is None:
+                    index = base
+                else:  # element i of the stream is in row i // row_length (lo is a multiple of row_length)
+                    rows = labels[lo // row_length : -(-hi // row_length)].astype(key_dtype) * key_dtype(m << CONTEXT_BITS)
+                    index = np.repeat(rows, row_length)[: hi - lo]
+                    index += base
+                joint += np.bincount(index, minlength=joint.size)
+                del index
+            del base
+        for (classes, labels), joint in zip(options, joints):
             label_cost = 0.0
             label_q = None
-            index = base
             if labels is not None:
-                shift = labels.astype(key_dtype) * key_dtype(m << CONTEXT_BITS)
-                index = np.empty_like(base)
-                np.add(base[: full * row_length].reshape(full, row_length), shift[:full, None],
-                       out=index[: full * row_length].reshape(full, row_length))
-                np.add(base[full * row_length :], shift[full:full + 1], out=index[full * row_length :])
                 label_q, label_cost = _label_cost(labels, classes)
                 label_cost += 2  # row length and class count varints, about
-            groups = max(classes, 1) << CONTEXT_BITS
-            joint = np.bincount(index, minlength=groups * m).reshape(max(classes, 1), 1 << CONTEXT_BITS, m)
-            del index
+            joint = joint.reshape(max(classes, 1), 1 << CONTEXT_BITS, m)
             previous = math.inf
             for bits in range(max_bits + 1):
                 merged = joint.reshape(max(classes, 1), 1 << bits, -1, m).sum(axis=2).reshape(-1, m)

@@ -297,12 +297,21 @@ def _encode_coords(
     return alphabet, cb_entry, payload
 
 
+_BINCOUNT_CHUNK = 1 << 20  # indices counted per np.bincount call (it copies its input to intp)
+
+
 def _canonical_codebook(cb_int: np.ndarray, indices: np.ndarray) -> bool:
     """Whether ``lattice_coords.index_points(cb_int[indices])`` gives back exactly ``(indices, cb_int)``: every row
     used, the rows distinct, and in the quantizer's order (more frequent first, ties by the coordinates). Checked on
     the ``K`` rows and their counts, without building the points of every vector."""
     k, n = cb_int.shape
-    counts = np.bincount(np.asarray(indices), minlength=k)
+    indices = np.asarray(indices)
+    counts = np.zeros(k, np.int64)
+    for lo in range(0, indices.size, _BINCOUNT_CHUNK):  # np.bincount copies its input to intp: a chunk at a time
+        part = np.bincount(indices[lo : lo + _BINCOUNT_CHUNK], minlength=k)
+        if part.size != k:
+            return False
+        counts += part
     if counts.size != k or (k and int(counts.min()) == 0):
         return False
     order = np.lexsort(tuple(cb_int[:, j] for j in range(n - 1, -1, -1)) + (-counts,))
