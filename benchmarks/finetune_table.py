@@ -1,21 +1,23 @@
-"""What the float codeword table costs after fine-tuning, per lattice, on the demo CNN (issue 12, point 2).
+"""What the float codeword table costs after fine-tuning, and what the affine correction saves, per lattice, on the
+demo CNN (issue 12, point 2).
 
 Codeword fine-tuning moves the codewords off the lattice, so the file can no longer store the points as
 ``lattice-coords`` (integer coordinates, no table) and falls back to indices plus a float table of the points used.
-For each lattice and dither seed this runs the demo's pipeline (``udnc_fx.demo.run_demo``'s defaults: BatchNorm
-folded, 80 % of the weights pruned in whole lattice vectors, kept weights retrained, ``exact_zero`` compression at
-h(0.8) + 2 bits per kept weight, 8 epochs of codeword + bias fine-tuning, float16 raw tensors and codebooks) and
-measures, on real ``.udnc`` files written with ``udnc_fx.save``:
+Format 1.3 can instead store the integer points under a per-layer affine correction ``float32(float32(a·p) + b)``
+(``udnc_fx.passes.finetune.choose_codebooks``). For each lattice and dither seed this runs the demo's pipeline
+(``udnc_fx.demo.run_demo``'s defaults: BatchNorm folded, 80 % of the weights pruned in whole lattice vectors, kept
+weights retrained, ``exact_zero`` compression at h(0.8) + 2 bits per kept weight, 8 epochs of codeword + bias
+fine-tuning, float16 raw tensors and codebooks) and measures, on real ``.udnc`` files written with ``udnc_fx.save``:
 
 * ``on lattice``: the compressed model before fine-tuning (points as ``lattice-coords`` where that is smaller);
-* ``fine-tuned, table``: after fine-tuning (what the project stores today): file bytes, how many of them are the
-  codebook sections (``size_report``'s ``codebook_bytes``), accuracy;
-* ``affine``: the design of a table-free alternative, *measured for accuracy, estimated for size*: per layer, the
-  fine-tuned codewords are replaced by ``a·point + b`` (``a``, ``b`` fitted by least squares to the fine-tuned
-  codewords, each codeword weighted by how many vectors use it; the zero point of ``exact_zero`` stays exactly 0
-  and is left out of the fit), with the fine-tuned biases kept. Its size is the ``on lattice`` file plus 8 bytes per
-  layer (``a`` and ``b`` as float32 in the header): an estimate, not a written file, since format 1.2 has no field
-  for it. ``scale`` is the same with ``b = 0``.
+* ``fine-tuned, table``: after fine-tuning, every layer a float table (``finetune(..., codebook="table")``): file
+  bytes, how many of them are the codebook sections (``size_report``'s ``codebook_bytes``), accuracy;
+* ``affine``: the same fine-tuned model with every layer's table replaced by the correction (``a``, ``b`` fitted by
+  usage-weighted least squares, the exact zero kept at 0; ``choose_codebooks(..., "affine")``): the real file and
+  its accuracy;
+* ``auto``: fine-tuning's default per-layer choice (``choose_codebooks(..., "auto")``: the correction where it
+  saves at least 10 % of the layer's table-form bytes): the real file, its accuracy and how many layers took the
+  correction.
 
 Accuracy is on the 540 test images of the digits split; ratio = float32 bytes of the ORIGINAL model's parameters
 (BatchNorm included) over the file, as the demo prints it.
@@ -40,39 +42,13 @@ import torch.nn.functional as F
 import udnc_fx
 from udnc_fx.demo import DEMO_KEPT_BITS, evaluate, load_digits_split, train_digits_cnn
 from udnc_fx.storage import round_for_storage
-from udnc_fx.passes.finetune import finetune, finetune_float
+from udnc_fx.passes.finetune import choose_codebooks, finetune, finetune_float
 from udnc_fx.passes.fold import fold_batchnorm
 from udnc_fx.passes.materialize import served_params
 from udnc_fx.passes.prune import prune
 
 LATTICES = {"Z1": ("Z", 1), "Z4": ("Z", 4), "A2": ("A2", 2), "D4": ("D4", 4), "E8": ("E8", 8)}
 SPARSITY = 0.8
-AFFINE_BYTES_PER_LAYER = 8  # a and b as float32
-
-
-def fit_affine(points: np.ndarray, tuned: np.ndarray, counts: np.ndarray, zero_index: int | None,
-               with_offset: bool) -> tuple[float, float]:
-    """Least squares ``tuned ≈ a·points + b`` over every coordinate of every codeword, each codeword weighted by
-    its use count; the ``exact_zero`` point (``zero_index``) is left out (it decodes to exactly 0 whatever ``a``,
-    ``b``). Without ``with_offset``, ``b = 0``."""
-    keep = np.ones(len(points), dtype=bool)
-    if zero_index is not None and 0 <= zero_index < len(points):
-        keep[zero_index] = False
-    x = points[keep].astype(np.float64)
-    y = tuned[keep].astype(np.float64)
-    w = np.repeat(counts[keep].astype(np.float64)[:, None], x.shape[1], axis=1)
-    if w.sum() == 0:
-        return 1.0, 0.0
-    if not with_offset:
-        den = float((w * x * x).sum())
-        return (float((w * x * y).sum()) / den if den > 0 else 1.0), 0.0
-    sw, sx, sy = w.sum(), (w * x).sum(), (w * y).sum()
-    sxx, sxy = (w * x * x).sum(), (w * x * y).sum()
-    det = sw * sxx - sx * sx
-    if det <= 0:
-        return 1.0, 0.0
-    a = (sw * sxy - sx * sy) / det
-    return float(a), float((sy - a * sx) / sw)
 
 
 def _file(gm, path: Path) -> dict:
@@ -104,7 +80,8 @@ def run_lattice(name: str, seeds: list[int], data, model, n_params: int, tmp: Pa
         acc0 = evaluate(before, data.x_test, data.y_test)
         f0 = _file(before, tmp / f"{name}-{seed}-0.udnc")
         finetune(gm, loader, F.cross_entropy, epochs=8, lr=3e-3, train_bias=True, train_norm=True, keep="last",
-                 progress=False)
+                 progress=False, codebook="table")
+        tuned = copy.deepcopy(gm)
         round_for_storage(gm, raw_float_dtype="float16", codebook_float_dtype="float16")
         acc1 = evaluate(gm, data.x_test, data.y_test)
         f1 = _file(gm, tmp / f"{name}-{seed}-1.udnc")
@@ -113,35 +90,28 @@ def run_lattice(name: str, seeds: list[int], data, model, n_params: int, tmp: Pa
                "table_acc": acc1, "table_bytes": f1["bytes"], "table_codebook_bytes": f1["codebook_bytes"],
                "table_index_bytes": f1["index_bytes"], "table_encodings": f1["encodings"],
                "on_lattice_codebook_bytes": f0["codebook_bytes"], "on_lattice_index_bytes": f0["index_bytes"]}
-        layers = list(zip(served_params(before), served_params(gm)))
-        for label, with_offset in (("scale", False), ("affine", True)):
-            fitted = copy.deepcopy(gm)
-            fits = []
-            for (p0, _), p in zip(layers, served_params(fitted)):
-                pts = p0.codebook.detach().numpy()
-                tuned = p.codebook.detach().numpy()
-                counts = p.codeword_counts().numpy()
-                zi = p.zero_index if p.zero_index is not None and p.zero_index >= 0 else None
-                a, b = fit_affine(pts, tuned, counts, zi, with_offset)
-                new = (a * pts.astype(np.float64) + b).astype(np.float32)
-                if zi is not None:
-                    new[zi] = pts[zi]
-                with torch.no_grad():
-                    p.codebook.copy_(torch.from_numpy(new))
-                fits.append((round(a, 4), round(b, 6)))
-            row[f"{label}_acc"] = evaluate(fitted, data.x_test, data.y_test)
-            row[f"{label}_bytes_est"] = f0["bytes"] + AFFINE_BYTES_PER_LAYER * len(layers)
-            row[f"{label}_fits"] = fits
+        for label in ("affine", "auto"):
+            m = copy.deepcopy(tuned)
+            choices = choose_codebooks(m, label)
+            round_for_storage(m, raw_float_dtype="float16", codebook_float_dtype="float16")
+            f = _file(m, tmp / f"{name}-{seed}-{label}.udnc")
+            row[f"{label}_acc"] = evaluate(m, data.x_test, data.y_test)
+            row[f"{label}_bytes"] = f["bytes"]
+            row[f"{label}_encodings"] = f["encodings"]
+            row[f"{label}_layers"] = sum(c["form"] == "affine" for c in choices)
+            row[f"{label}_choices"] = choices
         print(f"{name} seed {seed}: on lattice {acc0:.2f} % {f0['bytes']} B | fine-tuned table {acc1:.2f} % "
-              f"{f1['bytes']} B (codebooks {f1['codebook_bytes']} B) | scale {row['scale_acc']:.2f} % | affine "
-              f"{row['affine_acc']:.2f} % ~{row['affine_bytes_est']} B  fits {row['affine_fits']}", flush=True)
+              f"{f1['bytes']} B (codebooks {f1['codebook_bytes']} B) | affine {row['affine_acc']:.2f} % "
+              f"{row['affine_bytes']} B | auto {row['auto_acc']:.2f} % {row['auto_bytes']} B "
+              f"({row['auto_layers']}/{len(choices)} layers affine)", flush=True)
         rows.append(row)
     return rows
 
 
 def table(rows: list[dict], lattices: list[str], n_params: int) -> str:
     out = ["| lattice | on lattice: ratio, acc mean (min) | fine-tuned + float table: ratio, acc mean (min) | "
-           "table bytes (share of file) | per-layer scale: ratio est., acc | per-layer a·p+b: ratio est., acc |",
+           "table bytes (share of file) | affine, every layer: ratio, acc mean (min) | auto: ratio, acc mean (min), "
+           "layers affine |",
            "|---|---|---|---|---|---|"]
     for name in lattices:
         rs = [r for r in rows if r["lattice"] == name]
@@ -157,9 +127,10 @@ def table(rows: list[dict], lattices: list[str], n_params: int) -> str:
 
         cb = statistics.mean(r["table_codebook_bytes"] for r in rs)
         share = cb / statistics.mean(r["table_bytes"] for r in rs)
+        layers = "/".join(str(r["auto_layers"]) for r in rs)
         out.append(f"| {name} | {ratio('on_lattice_bytes')}, {acc('on_lattice_acc')} | {ratio('table_bytes')}, "
-                   f"{acc('table_acc')} | {cb:.0f} ({share:.0%}) | {ratio('scale_bytes_est')}, {acc('scale_acc')} | "
-                   f"{ratio('affine_bytes_est')}, {acc('affine_acc')} |")
+                   f"{acc('table_acc')} | {cb:.0f} ({share:.0%}) | {ratio('affine_bytes')}, {acc('affine_acc')} | "
+                   f"{ratio('auto_bytes')}, {acc('auto_acc')}, {layers} of {len(rs[0]['auto_choices'])} |")
     return "\n".join(out)
 
 

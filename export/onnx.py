@@ -17,7 +17,9 @@ After (names under ``udnc/conv1.weight/``; ``udnc.*`` are model-local functions,
     DitherRaw_Λ:  x = r·box_raw; u = x − Q_Λ(x)    (Conway & Sloane's decoders, lattice.py's tie-breaking)
 
 In a self-contained file a codebook that is still lattice points (not fine-tuned) is stored as int8/int16 integer
-coordinates and rebuilt by the graph as ``float32(from_int(c)·factor)``, exactly as the quantizer built it.
+coordinates and rebuilt by the graph as ``float32(from_int(c)·factor)``, exactly as the quantizer built it; a
+fine-tuned codebook kept as the points under a per-layer affine correction (``passes.finetune.choose_codebooks``)
+adds a float32 ``Mul`` by ``a`` and ``Add`` of ``b`` after it (:func:`udnc_fx.record.codebook_from_int`).
 
 Every step is the integer hash of :mod:`udnc_fx.dither` and the lattice arithmetic of
 :meth:`udnc_fx.lattice.Lattice.dither_raw`, op for op (uint32 wrapping ``Mul``, unsigned ``BitShift``,

@@ -247,7 +247,8 @@ def dither_subgraph(b: Body, p: str, key: str, num_vectors: int, lattice: str, n
 
 def _codebook_from_int(b: Body, spec: TensorSpec) -> None:
     """``codebook = float32(from_int(codebook_int) · (scale·Δ))``: :func:`udnc_fx.record.codebook_from_int`
-    (and the quantizer) op for op; every step but the last product is exact."""
+    (and the quantizer) op for op; every step but the last product is exact. With ``spec.affine = (a, b)`` a float32
+    ``Mul`` by ``a`` and a float32 ``Add`` of ``b`` follow, in that order (the record's rule)."""
     from onnx import TensorProto
 
     p = spec.prefix
@@ -262,7 +263,13 @@ def _codebook_from_int(b: Body, spec: TensorSpec) -> None:
         x1 = b.op(p, "Mul", [b1, b.f64(SQRT3_2, "sqrt3_2")])
         c = b.op(p, "Add", [b.op(p, "Concat", [x0, x1], axis=1), b.f64(0.0, "0")])
     factor = b.private(p, "factor", np.asarray(spec.factor, dtype=np.float64))
-    b.op(p, "Cast", [b.op(p, "Mul", [c, factor])], to=TensorProto.FLOAT, output=spec.codebook)
+    if spec.affine is None:
+        b.op(p, "Cast", [b.op(p, "Mul", [c, factor])], to=TensorProto.FLOAT, output=spec.codebook)
+        return
+    points = b.op(p, "Cast", [b.op(p, "Mul", [c, factor])], to=TensorProto.FLOAT)
+    a = b.private(p, "affine_a", np.asarray(spec.affine[0], dtype=np.float32))
+    off = b.private(p, "affine_b", np.asarray(spec.affine[1], dtype=np.float32))
+    b.op(p, "Add", [b.op(p, "Mul", [points, a]), off], output=spec.codebook)
 
 
 def exact_codebook_int(record: CompressedWeight) -> np.ndarray | None:
@@ -281,7 +288,7 @@ def store_codebook(b: Body, record: CompressedWeight, spec: TensorSpec) -> Tenso
     ci = exact_codebook_int(record)
     if ci is None or ci.dtype == np.int64:
         b.private(spec.prefix, "codebook", record.codebook)
-        return spec
+        return dataclasses.replace(spec, affine=None)  # the float codebook already holds the correction
     spec = dataclasses.replace(spec, codebook_int=b.private(spec.prefix, "codebook_int", ci))
     _codebook_from_int(b, spec)
     return spec

@@ -448,9 +448,11 @@ def _prepare(onnx_path, sidecar_path, decode: str, decode_threads: int | None):
                 if ci.dtype.kind != "i" or ci.ndim != 2 or ci.shape[1] != s.n:
                     raise FormatError("bad_value", f"{info.path}: integer codebook of {s.fqn!r} is malformed")
                 try:
-                    data[s.fqn] = (arrays[s.indices], codebook_from_int(ci, s.lattice, s.n, s.step))
+                    data[s.fqn] = (arrays[s.indices], codebook_from_int(ci, s.lattice, s.n, s.step, s.affine))
                 except ValueError as exc:  # not lattice points
                     raise FormatError("bad_value", f"{info.path}: integer codebook of {s.fqn!r}: {exc}") from exc
+                if not np.isfinite(data[s.fqn][1]).all():
+                    raise FormatError("bad_value", f"{info.path}: integer codebook of {s.fqn!r} overflows float32")
 
     for spec in info.specs:
         idx, cb = data[spec.fqn]

@@ -14,7 +14,7 @@ import numpy as np
 from ..dither import DITHER_ID
 from ..errors import ConfigError, FormatError
 from ..lattice import get_lattice
-from ..record import CompressedWeight, index_dtype, lattice_factor
+from ..record import CompressedWeight, check_affine, index_dtype, lattice_factor
 
 __all__ = ["TensorSpec", "tensors_json", "NAME_PREFIX", "MAX_ELEMENTS"]
 
@@ -47,6 +47,11 @@ class TensorSpec:
         codebook_int: in a self-contained file, the initializer of the codewords' integer lattice coordinates
             (int8/int16/int32, ``K × n``) the graph rebuilds ``codebook`` from, exactly as the quantizer made it;
             ``None`` when the codebook is stored as float32 (fine-tuned codewords) or comes from the sidecar.
+        affine: ``(a, b)`` when the codebook is the integer points under the per-layer affine correction
+            (:func:`udnc_fx.record.codebook_from_int`: the graph adds a ``Mul`` by ``a`` and an ``Add`` of ``b``),
+            else ``None``. In the JSON it is ``"affine": {"a", "b", "codebook_int"}`` with the top-level
+            ``codebook_int`` null, so a reader that does not know the correction finds no integer codebook to
+            rebuild wrongly (and a sidecar that holds the correction is a format 1.3 file older readers refuse).
     """
 
     fqn: str
@@ -65,6 +70,7 @@ class TensorSpec:
     codebook: str
     prefix: str
     codebook_int: str | None = None
+    affine: tuple[float, float] | None = None
 
     @property
     def numel(self) -> int:
@@ -98,6 +104,7 @@ class TensorSpec:
             indices=prefix + "indices",
             codebook=prefix + "codebook",
             prefix=prefix,
+            affine=record.affine,
         )
 
     def record(
@@ -112,9 +119,17 @@ class TensorSpec:
         return CompressedWeight(
             indices=np.asarray(indices), codebook=codebook, codebook_int=codebook_int, shape=self.shape,
             lattice=self.lattice, n=self.n, step=self.step, key=self.key, zero_index=self.zero_index,
+            affine=self.affine if codebook_int is not None else None,  # a float codebook is already corrected
         )
 
     def to_json(self) -> dict:
+        out = self._plain_json()
+        if self.affine is not None:
+            out["affine"] = {"a": self.affine[0], "b": self.affine[1], "codebook_int": out["codebook_int"]}
+            out["codebook_int"] = None
+        return out
+
+    def _plain_json(self) -> dict:
         return {
             "fqn": self.fqn,
             "aliases": list(self.aliases),
@@ -186,6 +201,17 @@ class TensorSpec:
         codebook_int = obj.get("codebook_int")
         if codebook_int is not None and not isinstance(codebook_int, str):
             raise bad("'codebook_int' must be a string or null")
+        affine = obj.get("affine")
+        if affine is not None:
+            if not isinstance(affine, dict) or codebook_int is not None:
+                raise bad("'affine' must be an object {a, b, codebook_int} (and the top-level codebook_int null)")
+            codebook_int = affine.get("codebook_int")
+            if codebook_int is not None and not isinstance(codebook_int, str):
+                raise bad("'affine' 'codebook_int' must be a string or null")
+            try:
+                affine = check_affine((affine.get("a"), affine.get("b")))
+            except (ConfigError, OverflowError) as exc:
+                raise bad(f"affine: {exc}") from None
         try:
             lat = get_lattice(names["lattice"], n)
         except (ConfigError, ValueError, TypeError) as exc:
@@ -213,6 +239,7 @@ class TensorSpec:
             lattice=names["lattice"], n=n, step=float(step), key=None if key is None else int(key, 16),
             num_vectors=num_vectors, num_codewords=num_codewords, index_dtype=dtype, zero_index=zero_index,
             indices=names["indices"], codebook=names["codebook"], prefix=names["prefix"], codebook_int=codebook_int,
+            affine=affine,
         )
 
 

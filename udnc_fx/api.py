@@ -213,6 +213,25 @@ class LayerReport:
     numel: int
     #: estimated coded rate (bits/weight) of the stored form: what ``target_bits`` solves for (``rate_bits``)
     rate_bits: float = math.nan
+    #: how the codewords are stored: ``"points"`` (integer lattice points), ``"points+affine"`` (integer points under
+    #: the per-layer affine correction ``affine``), ``"table"`` (a float table: fine-tuned codewords)
+    codebook: str = "points"
+    #: ``(a, b)`` of the affine correction, or ``None``
+    affine: tuple[float, float] | None = None
+    #: fine-tuning's per-layer decision (``passes.finetune.choose_codebooks``: form, both forms' bytes, ``kept``), or
+    #: ``None`` when the layer was not fine-tuned in this session (a loaded model shows ``codebook`` only)
+    codebook_choice: dict | None = None
+
+
+def _codebook_text(r: LayerReport) -> str:
+    """The ``codebook`` column: the stored form, the correction and, after fine-tuning, the bytes behind the choice."""
+    text = r.codebook
+    if r.affine is not None:
+        text += f" a={r.affine[0]:.5g} b={r.affine[1]:.3g}"
+    c = r.codebook_choice
+    if c is not None and c.get("affine_bytes") is not None:
+        text += f" (table {c['table_bytes']} B, affine {c['affine_bytes']} B, keeps {c['kept']:.0%} of the move)"
+    return text
 
 
 @dataclass
@@ -260,7 +279,7 @@ class InspectReport:
         return json.dumps(data, **kwargs)
 
     def __str__(self) -> str:
-        head = ["fqn", "shape", "lattice", "step", "K", "bits/w", "SQNR dB", "weights"]
+        head = ["fqn", "shape", "lattice", "step", "K", "bits/w", "SQNR dB", "weights", "codebook"]
         rows = [
             [
                 r.fqn,
@@ -271,10 +290,11 @@ class InspectReport:
                 f"{r.entropy_bits:.3f}",
                 "n/a" if r.sqnr_db is None else f"{r.sqnr_db:.2f}",
                 str(r.numel),
+                _codebook_text(r),
             ]
             for r in self.layers
         ]
-        rows.append(["total", "", "", "", "", f"{self.mean_entropy_bits:.3f}", "", str(self.total_weights)])
+        rows.append(["total", "", "", "", "", f"{self.mean_entropy_bits:.3f}", "", str(self.total_weights), ""])
         widths = [max(len(x) for x in col) for col in zip(head, *rows)]
         lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths))]
         lines.append("  ".join("-" * w for w in widths))
@@ -317,6 +337,8 @@ def inspect(model: nn.Module) -> InspectReport:
     for dlp in served_params(model):
         used = int((dlp.codeword_counts() > 0).sum())
         sqnr = getattr(dlp, "sqnr_db", None)
+        record = dlp.record()  # what save() would store: integer points (with the correction) or a float table
+        form = "table" if record.codebook_int is None else ("points" if record.affine is None else "points+affine")
         rows.append(
             LayerReport(
                 fqn=getattr(dlp, "fqn", "?"),
@@ -329,6 +351,9 @@ def inspect(model: nn.Module) -> InspectReport:
                 sqnr_db=None if sqnr is None else float(sqnr),
                 numel=dlp.numel,
                 rate_bits=dlp.rate_bits(),
+                codebook=form,
+                affine=record.affine,
+                codebook_choice=getattr(dlp, "codebook_choice", None),
             )
         )
     record = compression_record(model) or {}

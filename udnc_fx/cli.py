@@ -259,7 +259,7 @@ def _inspect(args) -> int:
         # allow_nan=False: the output must be JSON; the reader refuses non-finite numbers, so this never fires
         print(json.dumps({"header": header, "sizes": report}, indent=2, allow_nan=False))
         return 0
-    head = ["tensor", "shape", "lattice", "K", "coder", "bytes", "bits/w", "ratio"]
+    head = ["tensor", "shape", "lattice", "K", "codebook", "coder", "bytes", "bits/w", "ratio"]
     rows = []
     for r in report["rows"]:
         if r["kind"] == "quantized":
@@ -267,10 +267,14 @@ def _inspect(args) -> int:
             k = f"coords ({r['layout']})" if r["codewords"] is None else str(r["codewords"])  # no table of points
             bits = "-" if r["bits_per_weight"] is None else f"{r['bits_per_weight']:.3f}"
             ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}x"
-            rows.append([r["name"], "x".join(map(str, r["shape"])), lat, k, str(r["coder"]), str(r["bytes"]), bits, ratio])
+            cb = str(r["codebook_encoding"])
+            if r.get("affine") is not None:  # integer points under the fine-tuned per-layer correction (format 1.3)
+                cb += f" + affine a={r['affine'][0]:.5g} b={r['affine'][1]:.3g}"
+            rows.append([r["name"], "x".join(map(str, r["shape"])), lat, k, cb, str(r["coder"]), str(r["bytes"]), bits,
+                         ratio])
     raw = [r for r in report["rows"] if r["kind"] == "raw"]
-    rows.append(["(raw tensors)", f"{len(raw)} tensors", "", "", "", str(sum(r["bytes"] for r in raw)), "", ""])
-    rows.append(["(preamble + shared header)", "", "", "", "", str(report["shared_bytes"]), "", ""])
+    rows.append(["(raw tensors)", f"{len(raw)} tensors", "", "", "", "", str(sum(r["bytes"] for r in raw)), "", ""])
+    rows.append(["(preamble + shared header)", "", "", "", "", "", str(report["shared_bytes"]), "", ""])
     widths = [max(len(x) for x in col) for col in zip(head, *rows)]
     print("  ".join(h.ljust(w) for h, w in zip(head, widths)))
     print("  ".join("-" * w for w in widths))

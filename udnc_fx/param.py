@@ -10,7 +10,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .lattice import get_lattice
-from .record import CompressedWeight, index_dtype, lattice_factor, on_lattice, scaled_dither_rows
+from .record import CompressedWeight, check_affine, index_dtype, lattice_factor, on_lattice, scaled_dither_rows
 
 __all__ = ["DitheredLatticeParam", "compute_dither", "index_dtype_for"]
 
@@ -51,8 +51,11 @@ class DitheredLatticeParam(nn.Module):
         key: the uint64 dither key (see :func:`udnc_fx.dither.tensor_key`); ``None`` means no dither.
         zero_index: optional index that decodes to exact zeros.
         fqn, aliases: the parameter it serves and the other names tied to it.
-        codebook_int: the codewords' integer lattice coordinates (while the codebook is not fine-tuned).
+        codebook_int: the codewords' integer lattice coordinates (while the codebook is not fine-tuned, or is
+            those points under ``affine``).
         sqnr_db: SQNR of the decoded weight against the original, when known.
+        affine: ``(a, b)`` when the codebook is the points ``codebook_int`` under the affine correction
+            (:func:`udnc_fx.record.codebook_from_int`): set by fine-tuning's per-layer choice, kept by save/load.
     """
 
     def __init__(
@@ -70,6 +73,7 @@ class DitheredLatticeParam(nn.Module):
         aliases: tuple[str, ...] = (),
         codebook_int: np.ndarray | None = None,
         sqnr_db: float | None = None,
+        affine: tuple[float, float] | None = None,
     ):
         super().__init__()
         get_lattice(lattice, n)
@@ -95,6 +99,10 @@ class DitheredLatticeParam(nn.Module):
         self.aliases = tuple(aliases)
         self.codebook_int = None if codebook_int is None else np.asarray(codebook_int, dtype=np.int64)
         self.sqnr_db = sqnr_db
+        self.affine = check_affine(affine)
+        #: What fine-tuning chose for this layer's codebook (``"table"``, ``"affine"``, with the bytes and the
+        #: fit it measured), or ``None`` when it was not fine-tuned: shown by ``inspect``.
+        self.codebook_choice: dict | None = None
 
     @classmethod
     def from_record(
@@ -130,6 +138,7 @@ class DitheredLatticeParam(nn.Module):
             aliases=aliases,
             codebook_int=record.codebook_int,
             sqnr_db=sqnr_db,
+            affine=record.affine,
         )
 
     def record(self) -> CompressedWeight:
@@ -137,7 +146,11 @@ class DitheredLatticeParam(nn.Module):
         or not) and, while it is still exactly the quantizer's lattice points (:func:`udnc_fx.record.on_lattice`),
         their integer coordinates. The indices are shared with the buffer (no copy) when it lives on the CPU."""
         codebook = self.codebook.detach().cpu().to(torch.float32).numpy().copy()
-        exact = on_lattice(codebook, self.codebook_int, self.lattice, self.n, self.step)
+        affine = self.affine
+        exact = affine is not None and on_lattice(codebook, self.codebook_int, self.lattice, self.n, self.step, affine)
+        if not exact:  # no correction, or the codebook moved on since it was set
+            affine = None
+            exact = on_lattice(codebook, self.codebook_int, self.lattice, self.n, self.step)
         return CompressedWeight(
             indices=self.indices.detach().cpu().numpy(),
             codebook=codebook,
@@ -148,6 +161,7 @@ class DitheredLatticeParam(nn.Module):
             key=self.key,
             zero_index=self.zero_index,
             codebook_int=self.codebook_int if exact else None,
+            affine=affine if exact else None,
         )
 
     @property

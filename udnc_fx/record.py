@@ -19,6 +19,11 @@ sidecar and ``load_onnx``:
 * the codebook on the lattice: :func:`codebook_from_int` (``float32(from_int(c) · factor)``) and
   :func:`on_lattice` (bit-exact float32 equality with it: the rule that decides whether a file may store the
   integers, so that loading gives back the same bits);
+* the affine correction of fine-tuned codewords (format 1.3, optional): with ``affine = (a, b)`` (two float32
+  numbers, ``a`` finite and non-zero, ``b`` finite) the codebook is ``float32(float32(a · p) + b)`` where ``p`` is
+  the float32 on-lattice codeword above; the product and the sum are each one IEEE float32 operation, in that order
+  (:func:`codebook_from_int`, :func:`check_affine`). It lets a fine-tuned layer keep its integer points instead of
+  a float table;
 * the decode: ``Ŵ = (C[k] − float32(raw · factor)).flatten()[:N].reshape(shape)``, with vectors coded
   ``zero_index`` set to exactly 0 (:meth:`CompressedWeight.decode`).
 
@@ -47,6 +52,9 @@ __all__ = [
     "scaled_dither_rows",
     "codebook_from_int",
     "on_lattice",
+    "check_affine",
+    "apply_affine",
+    "float32_json",
     "entropy_from_counts",
     "index_dtype",
     "DECODE_CHUNK_ELEMENTS",
@@ -124,19 +132,75 @@ def scaled_dither_rows(key: int | None, num_vectors: int, lat: Lattice, factor: 
     return out
 
 
-def codebook_from_int(codebook_int: np.ndarray, lattice: str, n: int, step: float) -> np.ndarray:
+def check_affine(affine) -> tuple[float, float] | None:
+    """The affine correction ``(a, b)`` as two Python floats that are exactly float32 numbers, or ``None``.
+
+    Raises:
+        ConfigError: not a pair of numbers; ``a`` or ``b`` not finite or not exactly a float32 number; ``a == 0``.
+    """
+    if affine is None:
+        return None
+    try:
+        a, b = affine
+    except (TypeError, ValueError):
+        raise ConfigError(f"affine must be a pair (a, b) of float32 numbers, got {affine!r}") from None
+    out = []
+    for name, v in (("a", a), ("b", b)):
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)):
+            raise ConfigError(f"affine {name} must be a number, got {v!r}")
+        v = float(v)
+        if not math.isfinite(v):
+            raise ConfigError(f"affine {name} must be finite, got {v!r}")
+        if float(np.float32(v)) != v:
+            raise ConfigError(f"affine {name} = {v!r} is not exactly a float32 number")
+        out.append(v)
+    if out[0] == 0.0:
+        raise ConfigError("affine a must be non-zero")
+    return out[0], out[1]
+
+
+def float32_json(value: float) -> float:
+    """The float with the shortest decimal form that rounds (float64, then to float32, nearest even) to the float32
+    number ``value``: what a header stores for it. Readers take ``float32(x)`` of what they read."""
+    v32 = np.float32(value)
+    short = float(str(v32))
+    return short if np.float32(short) == v32 else float(v32)
+
+
+def apply_affine(codebook: np.ndarray, affine: tuple[float, float] | None) -> np.ndarray:
+    """``float32(float32(a · C) + b)`` on a float32 codebook (each step one IEEE float32 operation), or ``C`` itself
+    without a correction. Overflow gives ``inf`` (callers check)."""
+    if affine is None:
+        return codebook
+    a, b = np.float32(affine[0]), np.float32(affine[1])
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.add(np.multiply(codebook, a, dtype=np.float32), b, dtype=np.float32)
+
+
+def codebook_from_int(
+    codebook_int: np.ndarray, lattice: str, n: int, step: float, affine: tuple[float, float] | None = None
+) -> np.ndarray:
     """Float32 codewords from integer lattice coordinates, exactly as the quantizer makes them (a format rule:
-    ``float32(from_int(c) · (scale·Δ))``, the product taken in float64 and rounded once).
+    ``float32(from_int(c) · (scale·Δ))``, the product taken in float64 and rounded once), then, with ``affine =
+    (a, b)``, ``float32(float32(a · p) + b)`` (:func:`apply_affine`).
 
     Raises:
         ValueError: the integers are no points of the lattice (``Lattice.from_int``).
     """
     lat = get_lattice(lattice, n)
-    return (lat.from_int(np.asarray(codebook_int)) * lattice_factor(lat, step)).astype(np.float32)
+    return apply_affine((lat.from_int(np.asarray(codebook_int)) * lattice_factor(lat, step)).astype(np.float32), affine)
 
 
-def on_lattice(codebook: np.ndarray, codebook_int: np.ndarray | None, lattice: str, n: int, step: float) -> bool:
-    """Whether ``codebook`` is still exactly the lattice points ``codebook_int`` (not fine-tuned).
+def on_lattice(
+    codebook: np.ndarray,
+    codebook_int: np.ndarray | None,
+    lattice: str,
+    n: int,
+    step: float,
+    affine: tuple[float, float] | None = None,
+) -> bool:
+    """Whether ``codebook`` is still exactly the lattice points ``codebook_int`` (not fine-tuned), or with
+    ``affine``, exactly those points under that correction.
 
     The rule is bit-exact equality of the float32 words with :func:`codebook_from_int`: a file that stores the
     integers instead of the floats then loads the same bits. (Value equality would call ``-0.0`` equal to ``0.0``,
@@ -150,7 +214,7 @@ def on_lattice(codebook: np.ndarray, codebook_int: np.ndarray | None, lattice: s
         return False
     try:
         with np.errstate(over="ignore", invalid="ignore"):
-            rebuilt = codebook_from_int(ci, lattice, n, step)
+            rebuilt = codebook_from_int(ci, lattice, n, step, affine)
     except ValueError:  # not lattice points
         return False
     return bool(np.array_equal(rebuilt.view(np.uint32), np.ascontiguousarray(cb).view(np.uint32)))
@@ -184,6 +248,8 @@ class CompressedWeight:
         zero_index: the index whose vectors decode to exactly 0 (pruned weights), or ``None``.
         codebook_int: int64 ``(K, n)`` integer lattice coordinates of the codebook, or ``None`` once it is not on
             the lattice.
+        affine: ``(a, b)``, float32 numbers: the codebook is the points ``codebook_int`` under the affine correction
+            ``float32(float32(a · p) + b)`` (:func:`codebook_from_int`); needs ``codebook_int``. ``None``: none.
 
     Raises:
         ConfigError: on any inconsistent field (shapes, dtypes, ranges, an unknown lattice, a step that is not
@@ -199,6 +265,7 @@ class CompressedWeight:
     key: int | None
     zero_index: int | None = None
     codebook_int: np.ndarray | None = field(default=None)
+    affine: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         def set_(name, value):  # frozen: normalised values go in through object.__setattr__
@@ -226,16 +293,19 @@ class CompressedWeight:
             if ci.dtype.kind not in "iu" or ci.ndim != 2 or ci.shape[1] != lat.dim:
                 raise ConfigError(f"codebook_int must be an integer (K, {lat.dim}) array, got {ci.dtype} {ci.shape}")
             set_("codebook_int", ci.astype(np.int64, copy=False))
+        set_("affine", check_affine(self.affine))
+        if self.affine is not None and self.codebook_int is None:
+            raise ConfigError("an affine correction needs the integer lattice points (codebook_int)")
         if self.codebook is None:
             if self.codebook_int is None:
                 raise ConfigError("a compressed weight needs its codebook or its integer lattice coordinates")
             try:
                 with np.errstate(over="ignore", invalid="ignore"):  # overflow is refused just below
-                    codebook = codebook_from_int(self.codebook_int, lat.name, lat.dim, self.step)
+                    codebook = codebook_from_int(self.codebook_int, lat.name, lat.dim, self.step, self.affine)
             except ValueError as exc:
                 raise ConfigError(f"codebook_int: {exc}") from None
-            if not np.isfinite(codebook).all():  # huge coordinates times a huge step: no float32 weight
-                raise ConfigError("the integer codebook times the step overflows float32")
+            if not np.isfinite(codebook).all():  # huge coordinates times a huge step (or a): no float32 weight
+                raise ConfigError("the integer codebook times the step (and the affine correction) overflows float32")
             set_("codebook", codebook)
         else:
             cb = np.asarray(self.codebook)
@@ -243,7 +313,7 @@ class CompressedWeight:
                 raise ConfigError(f"codebook must be a float (K, {lat.dim}) array, got {cb.dtype} {cb.shape}")
             set_("codebook", cb.astype(np.float32, copy=False))
             if self.codebook_int is not None and not on_lattice(
-                self.codebook, self.codebook_int, lat.name, lat.dim, self.step
+                self.codebook, self.codebook_int, lat.name, lat.dim, self.step, self.affine
             ):
                 raise ConfigError("codebook_int does not rebuild the codebook bit for bit (drop it once fine-tuned)")
         k = self.codebook.shape[0]

@@ -46,7 +46,9 @@ def _codebook_is_untouched(dlp: DitheredLatticeParam) -> bool:
     """Whether the codebook is still the quantizer's lattice points (stored as exact integers): the one rule,
     :func:`udnc_fx.record.on_lattice`."""
     codebook = dlp.codebook.detach().cpu().to(torch.float32).numpy()
-    return on_lattice(codebook, dlp.codebook_int, dlp.lattice, dlp.n, dlp.step)
+    return on_lattice(codebook, dlp.codebook_int, dlp.lattice, dlp.n, dlp.step, dlp.affine) or on_lattice(
+        codebook, dlp.codebook_int, dlp.lattice, dlp.n, dlp.step
+    )
 
 
 def _dlp_state_names(model: nn.Module) -> set[str]:
@@ -405,6 +407,8 @@ def size_report(path: str | Path, float_model: nn.Module | None = None) -> dict[
                 "codewords": None if coords else entry["indices"]["alphabet_size"],
                 "codebook_encoding": entry["codebook"]["encoding"],
                 "layout": entry["codebook"].get("layout"),
+                # the fine-tuned codewords' per-layer correction (a, b) over integer points (format 1.3), or None
+                "affine": entry["codebook"].get("affine"),
                 "coder": entry["indices"]["coder"],
                 "bytes": s["total"],
                 "index_bytes": s["indices"],

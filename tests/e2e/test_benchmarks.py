@@ -35,34 +35,6 @@ def test_theory_smoke(tmp_path, monkeypatch):
     assert "D4" in text
 
 
-def test_finetune_table_affine_fit_recovers_scale_and_offset(monkeypatch):
-    """The per-layer correction fitted to fine-tuned codewords (benchmarks/finetune_table.py): least squares
-    weighted by use counts, the exact-zero codeword left out of the fit."""
-    monkeypatch.syspath_prepend(str(BENCH))
-    import numpy as np
-
-    import finetune_table
-
-    rng = np.random.default_rng(0)
-    points = rng.integers(-4, 5, size=(40, 8)).astype(np.float64) * 0.1
-    points[3] = 0.0
-    counts = rng.integers(1, 50, size=40)
-    tuned = 1.07 * points - 0.02
-    tuned[3] = 5.0  # the zero point's codeword is never used by the fit (it decodes to exactly 0)
-    a, b = finetune_table.fit_affine(points, tuned, counts, zero_index=3, with_offset=True)
-    assert a == pytest.approx(1.07, abs=1e-9) and b == pytest.approx(-0.02, abs=1e-9)
-    # noise on a rarely used codeword moves the fit less than the same noise on a frequent one
-    rare, frequent = tuned.copy(), tuned.copy()
-    counts[0], counts[1] = 1, 1000
-    rare[0] += 1.0
-    frequent[1] += 1.0
-    a_rare, _ = finetune_table.fit_affine(points, rare, counts, 3, True)
-    a_freq, _ = finetune_table.fit_affine(points, frequent, counts, 3, True)
-    assert abs(a_rare - 1.07) < abs(a_freq - 1.07)
-    s, zero = finetune_table.fit_affine(points, 1.5 * points, counts, None, with_offset=False)
-    assert s == pytest.approx(1.5) and zero == 0.0
-
-
 def test_encoder_benchmark_runs_each_setting_with_each_lattice(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCH))
     import encoder

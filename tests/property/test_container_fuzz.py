@@ -65,7 +65,7 @@ def _d4_points(rng, k: int) -> np.ndarray:
     return c
 
 
-def _build(coders: list[str], *, lattice_int: bool, seed: int, **options) -> bytes:
+def _build(coders: list[str], *, lattice_int: bool, seed: int, affine: bool = False, **options) -> bytes:
     rng = np.random.default_rng(seed)
     pick = lambda i: coders[i % len(coders)]  # noqa: E731
     laplace = np.clip(np.round(rng.laplace(0, 1.5, 96)), -6, 6).astype(np.int64) + 6
@@ -98,6 +98,9 @@ def _build(coders: list[str], *, lattice_int: bool, seed: int, **options) -> byt
             "emb.weight", (32, 64), "E8", 8, 0.05, 7, "udnc-hash32-v1", qa.indices, qa.codebook,
             codebook_int=qa.codebook_int, coder=pick(4),
         ))
+    if affine:  # fine-tuned codewords kept as integer points under a per-layer correction (format 1.3)
+        for i, q in enumerate(quantized):
+            q.affine = (float(np.float32(1.0 + 0.03 * i)), float(np.float32(-0.002 * i)))
     raw = [
         RawTensor("conv1.bias", rng.standard_normal(6).astype(np.float32)),
         RawTensor("bn.num_batches_tracked", np.array(5, np.int64)),
@@ -111,6 +114,7 @@ FILES = [
     _build(["range-adaptive-v1"], lattice_int=False, seed=0),
     _build(CODERS, lattice_int=True, seed=1, raw_float_dtype="float16"),
     _build(list(reversed(CODERS)), lattice_int=False, seed=2, codebook_float_dtype="float16"),
+    _build(CODERS, lattice_int=True, seed=3, affine=True),
 ]
 
 
@@ -123,7 +127,7 @@ def fingerprint(c: Container) -> list:
     out = [json.dumps([c.config, c.metadata], sort_keys=True)]
     for q in c.quantized:
         out.append((q.fqn, q.shape, q.lattice, q.n, struct.pack("<d", q.step), q.key, q.dither, q.coder, q.zero_index,
-                    json.dumps(q.meta, sort_keys=True), arr(q.indices), arr(q.codebook), arr(q.codebook_int)))
+                    json.dumps(q.meta, sort_keys=True), arr(q.indices), arr(q.codebook), arr(q.codebook_int), q.affine))
     out += [(r.name, arr(r.array)) for r in c.raw]
     return out
 
@@ -169,6 +173,10 @@ def check_crafted(data: bytes, which: int) -> None:
             get_lattice(q.lattice, q.n).from_int(q.codebook_int)
         else:
             assert q.codebook.dtype == np.float32
+        if q.affine is not None:  # a correction only over integer points, two finite float32 numbers, a != 0
+            a, b = q.affine
+            assert q.codebook is None and np.isfinite([a, b]).all() and a != 0
+            assert float(np.float32(a)) == a and float(np.float32(b)) == b
     for r, entry in zip(result.raw, header["raw"]):
         assert r.array.shape == tuple(entry["shape"])
         assert r.array.dtype == np.dtype(entry.get("source_dtype") or entry["dtype"])
@@ -327,3 +335,6 @@ def test_pristine_files_decode(which):
 def test_the_files_cover_every_codebook_encoding():
     encodings = {q["codebook"]["encoding"] for f in FILES for q in read_header(f)["quantized"]}
     assert encodings == {"f32", "f16", "lattice-int", "lattice-int-coded", "lattice-coords"}
+    # and the affine correction over each integer encoding
+    wrapped = {q["codebook"]["encoding"] for q in read_header(FILES[3])["quantized"] if q["codebook"].get("affine")}
+    assert wrapped == {"lattice-int", "lattice-int-coded", "lattice-coords"}

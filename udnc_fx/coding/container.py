@@ -217,7 +217,9 @@ def _encode_to(
     header_bytes = canonical_json(compact_header(header))
     if len(header_bytes) > MAX_HEADER_LENGTH:
         raise FormatError("bad_header", f"the header would be {len(header_bytes)} bytes (limit {MAX_HEADER_LENGTH})")
-    if any(e["codebook"]["encoding"] in ENCODINGS_SINCE_MINOR_2 for e in quantized_entries):
+    if any(e["codebook"].get("affine") is not None for e in quantized_entries):
+        minor = 3
+    elif any(e["codebook"]["encoding"] in ENCODINGS_SINCE_MINOR_2 for e in quantized_entries):
         minor = 2
     else:
         minor = 1 if any(e["indices"]["coder"] in CODERS_SINCE_MINOR_1 for e in quantized_entries) else 0

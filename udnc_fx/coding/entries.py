@@ -49,6 +49,7 @@ def entry_from_record(
         codebook_int=record.codebook_int,
         zero_index=record.zero_index,
         meta=dict(meta or {}),
+        affine=record.affine,
         **kwargs,
     )
 
@@ -78,6 +79,7 @@ def record_from_entry(q: QuantizedTensor, where: str | None = None) -> Compresse
             step=q.step,
             key=None if q.dither == NO_DITHER else q.key,
             zero_index=q.zero_index,
+            affine=getattr(q, "affine", None),
         )
     except ConfigError as exc:
         raise FormatError("bad_value", f"{where}: {exc}") from None

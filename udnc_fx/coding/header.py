@@ -23,7 +23,7 @@ import numpy as np
 from udnc_fx.coding import lattice_coords as _lc
 from udnc_fx.coding.coder_base import DEFAULT_CODER
 from udnc_fx.coding.format import (
-    CODEBOOK_FLOAT_ENCODINGS, DEFAULT_CODEBOOK_ENCODING, DEFAULT_LATTICE, DEFAULT_RAW_DTYPE, DIGESTED_PREAMBLE,
+    AFFINE, CODEBOOK_FLOAT_ENCODINGS, DEFAULT_CODEBOOK_ENCODING, DEFAULT_LATTICE, DEFAULT_RAW_DTYPE, DIGESTED_PREAMBLE,
     FORMAT_DEFAULT_CODEBOOK_CODER, FORMAT_DEFAULT_CODER, FORMAT_DEFAULT_DITHER, FORMAT_VERSION, HEX_DIGITS,
     INT_WIDTHS, LATTICE_DIMENSIONS, LATTICE_INT, LATTICE_INT_CODED, MAGIC, MAX_CODED_ALPHABET, MAX_NDIM, MAX_SEED,
     PREAMBLE, PREAMBLE_SIZE, RAW_DTYPES, coded_row_symbols, default_key, default_n, lookup_coder, prod,
@@ -31,7 +31,8 @@ from udnc_fx.coding.format import (
 from udnc_fx.coding.limits import (
     DEFAULT_MAX_HEADER_LENGTH, MAX_HEADER_LENGTH, max_codebook_alphabet, max_index_alphabet,
 )
-from udnc_fx.errors import FormatError
+from udnc_fx.errors import ConfigError, FormatError
+from udnc_fx.record import check_affine
 
 __all__ = [
     "QuantizedTensor",
@@ -86,6 +87,9 @@ class QuantizedTensor:
         coder: the index coder's registered name.
         zero_index: the index that decodes to exactly 0 whatever the dither (pruned weights), or ``None``.
         meta: JSON-able per-tensor facts (e.g. ``sqnr_db``), stored in the header.
+        affine: ``(a, b)``, float32 numbers, or ``None``: the codebook is ``codebook_int``'s points under the
+            per-layer affine correction of :func:`udnc_fx.record.codebook_from_int` (needs ``codebook_int``; stored
+            as an ``affine`` codebook wrapping the integer one, format 1.3). The reader returns it as it is.
     """
 
     fqn: str
@@ -101,6 +105,7 @@ class QuantizedTensor:
     coder: str = DEFAULT_CODER
     zero_index: int | None = None
     meta: dict = field(default_factory=dict)
+    affine: tuple[float, float] | None = None
 
 
 @dataclass(eq=False)
@@ -135,8 +140,13 @@ class Container:
 
 
 def compact_codebook(cb: dict) -> dict:
-    """A codebook entry's stored form: offsets and derivable lengths dropped, defaults omitted."""
+    """A codebook entry's stored form: offsets and derivable lengths dropped, defaults omitted; a resolved codebook
+    with an ``affine`` correction ``[a, b]`` is stored as ``{"encoding": "affine", "a": a, "b": b, "points": <the
+    integer codebook>}`` (format 1.3)."""
     out = dict(cb)
+    affine = out.pop("affine", None)
+    if affine is not None:
+        return {"encoding": AFFINE, "a": affine[0], "b": affine[1], "points": compact_codebook(out)}
     out.pop("offset", None)
     encoding = out.get("encoding")
     if encoding in CODEBOOK_FLOAT_ENCODINGS or encoding == LATTICE_INT or encoding == _lc.ENCODING:
@@ -272,6 +282,7 @@ class QEntry:
     count: int = 0
     layout: str | None = None  # lattice-coords only
     exact_zero: bool = False  # lattice-coords only
+    affine: tuple[Any, Any] | None = None  # an affine codebook: (a, b) as stored until checked, then floats
 
     def resolved(self) -> dict:
         out = dict(self.raw)
@@ -280,8 +291,15 @@ class QEntry:
         out.setdefault("meta", {})
         indices = dict(self.raw["indices"])
         indices.update(coder=self.coder, count=self.count, offset=self.indices.offset, length=self.indices.length)
-        codebook = dict(self.raw.get("codebook", {"encoding": self.encoding}))
+        codebook = self.raw.get("codebook", {"encoding": self.encoding})
+        affine = None
+        if codebook.get("encoding") == AFFINE:  # the numbers as stored (readers take float32 of them)
+            affine = [codebook["a"], codebook["b"]]
+            codebook = codebook["points"]
+        codebook = dict(codebook)
         codebook.update(offset=self.codebook.offset, length=self.codebook.length)
+        if affine is not None:
+            codebook["affine"] = affine
         if self.encoding == LATTICE_INT:
             codebook["width"] = self.width
         elif self.encoding == LATTICE_INT_CODED:
@@ -409,6 +427,14 @@ def _parse_quantized(obj: Any, i: int, file_coder: str, file_codebook: str) -> Q
     alphabet_size = _get(ind, "alphabet_size", int, f"{where} indices")
     indices = Section(f"{where} indices", _get(ind, "length", int, f"{where} indices"))
     encoding = _get(cb, "encoding", str, f"{where} codebook")
+    affine = None
+    if encoding == AFFINE:
+        affine = (
+            _get(cb, "a", (int, float), f"{where} codebook"),
+            _get(cb, "b", (int, float), f"{where} codebook"),
+        )
+        cb = _get(cb, "points", dict, f"{where} codebook")
+        encoding = _get(cb, "encoding", str, f"{where} codebook points")
     width = cb_alphabet = cb_coder = layout = None
     exact_zero = False
     codebook = Section(f"{where} codebook", 0)  # a derived length, set with the values
@@ -426,7 +452,7 @@ def _parse_quantized(obj: Any, i: int, file_coder: str, file_codebook: str) -> Q
         key=None if key_text is None else int(key_text, 16), dither=dither,
         zero_index=zero_index, meta=meta, coder=coder, alphabet_size=alphabet_size, encoding=encoding,
         width=width, codebook_alphabet_size=cb_alphabet, codebook_coder=cb_coder, indices=indices, codebook=codebook,
-        layout=layout, exact_zero=exact_zero,
+        layout=layout, exact_zero=exact_zero, affine=affine,
     )
 
 
@@ -505,6 +531,14 @@ def _check_quantized_values(q: QEntry, max_elements: int) -> int:
         raise FormatError("bad_value", f"{where}: step {q.step!r} is not finite and > 0")
     numel = prod(q.shape, max_elements)
     q.count = -(-numel // q.n)
+    if q.affine is not None:
+        if q.encoding in CODEBOOK_FLOAT_ENCODINGS or q.encoding == AFFINE:
+            raise FormatError("bad_value", f"{where}: an affine codebook wraps integer points, not {q.encoding!r}")
+        try:
+            with np.errstate(over="ignore"):  # a number past float32's range becomes inf: refused just below
+                q.affine = check_affine(tuple(float(np.float32(float(v))) for v in q.affine))
+        except (ConfigError, OverflowError) as exc:
+            raise FormatError("bad_value", f"{where}: {exc}") from None
     k = q.alphabet_size
     if k < 1:
         raise FormatError("bad_value", f"{where}: alphabet_size {k} (K must be >= 1)")

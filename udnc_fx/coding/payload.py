@@ -29,7 +29,8 @@ from udnc_fx.coding.header import (
     Container, Header, Preamble, QEntry, QuantizedTensor, RawTensor, Section, compact_codebook,
 )
 from udnc_fx.coding.limits import max_index_alphabet
-from udnc_fx.errors import FormatError
+from udnc_fx.errors import ConfigError, FormatError
+from udnc_fx.record import check_affine, float32_json
 
 __all__ = [
     "weights_bar",
@@ -180,6 +181,15 @@ def encode_quantized(q: QuantizedTensor, codebook_float_dtype: str, max_elements
         raise FormatError("bad_value", f"{where}: {tuple(shape)} has more than {max_elements} elements")
     count = -(-numel // n)
 
+    affine = getattr(q, "affine", None)
+    if affine is not None:
+        if q.codebook_int is None:
+            raise FormatError("bad_value", f"{where}: an affine correction needs codebook_int (integer points)")
+        try:
+            affine = check_affine(affine)
+        except ConfigError as exc:
+            raise FormatError("bad_value", f"{where}: {exc}") from None
+
     # Codebook.
     if q.codebook_int is not None:
         alphabet_size, codebook_entry, codebook_bytes = _encode_int_codebook(q, n, where)
@@ -261,7 +271,11 @@ def encode_quantized(q: QuantizedTensor, codebook_float_dtype: str, max_elements
                     "coder": q.coder, "alphabet_size": symbol_alphabet, "count": count, "length": len(coords_bytes)
                 }
                 entry["codebook"] = coords_entry
+                if affine is not None:
+                    coords_entry["affine"] = [float32_json(v) for v in affine]
                 return entry, coords_bytes, b""
+    if affine is not None:
+        codebook_entry["affine"] = [float32_json(v) for v in affine]
     return entry, indices_bytes, codebook_bytes
 
 
@@ -412,7 +426,7 @@ def _decode_coords(q: QEntry, data: bytes) -> QuantizedTensor:
     return QuantizedTensor(
         fqn=q.fqn, shape=q.shape, lattice=q.lattice, n=q.n, step=q.step, key=q.key, dither=q.dither,
         indices=indices.astype(narrow_index_dtype(k)), codebook=None, codebook_int=codebook_int, coder=q.coder,
-        zero_index=zero_index, meta=q.meta,
+        zero_index=zero_index, meta=q.meta, affine=q.affine,
     )
 
 
@@ -456,7 +470,7 @@ def _decode_quantized(q: QEntry, section_bytes: Callable[[Section], bytes]) -> Q
     return QuantizedTensor(
         fqn=q.fqn, shape=q.shape, lattice=q.lattice, n=q.n, step=q.step, key=q.key, dither=q.dither,
         indices=indices.astype(index_dtype, copy=False), codebook=codebook,
-        codebook_int=codebook_int, coder=q.coder, zero_index=q.zero_index, meta=q.meta,
+        codebook_int=codebook_int, coder=q.coder, zero_index=q.zero_index, meta=q.meta, affine=q.affine,
     )
 
 
