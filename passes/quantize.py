@@ -379,10 +379,12 @@ def make_params(
     to_solve = [p for p in prepared if p[0].step_kind == "target_bits"]
     if to_solve:
         target = config.effective_target_bits
-        fixed_bits = fixed_numel = 0
+        # Sums by math.fsum (exact, so independent of the layers' order): compress_checkpoint visits a checkpoint's
+        # tensors in the file's order, not the model's, and must find the same step to the last bit.
+        fixed_terms, fixed_numel = [], 0
         for cand, w, std, lat, v, key in prepared:
             if cand.step_kind != "target_bits":
-                fixed_bits += bits_of(cand, lat, v, cand.step)
+                fixed_terms.append(bits_of(cand, lat, v, cand.step))
                 fixed_numel += v.size
         scales = {id(p[0]): p[2] for p in to_solve}
         allocated = calibration is not None and calibration.scales is not None
@@ -395,7 +397,7 @@ def make_params(
         total = fixed_numel + sum(p[4].size for p in to_solve)
 
         def mean_bits(s: float) -> float:
-            bits = fixed_bits + sum(bits_of(p[0], p[3], p[4], s * scales[id(p[0])]) for p in to_solve)
+            bits = math.fsum(fixed_terms + [bits_of(p[0], p[3], p[4], s * scales[id(p[0])]) for p in to_solve])
             return bits / total
 
         # With a probed allocation, the probe's plain-rounding solution is a close first guess (the scales are

@@ -8,7 +8,8 @@ What is public here, and why (issue 13): the top level holds what a user calls a
 - **Verbs** — ``compress``, ``inspect``, ``compression_record`` (what ``compress`` recorded on a model: config, trace,
   changes), ``materialize``; ``save``, ``load``, ``read_header``, ``size_report``;
   ``allocate``, ``compress_to``; ``prune``, ``fold_batchnorm``, ``finetune``, ``finetune_float``; ``from_udnc``
-  (a ``.udnc`` file of a Hugging Face model back to a ``transformers`` model).
+  (a ``.udnc`` file of a Hugging Face model back to a ``transformers`` model); ``compress_checkpoint`` (a
+  ``.safetensors`` checkpoint, sharded too, to a ``.udnc`` file tensor by tensor, without the float model).
 - **Configs** — ``CompressConfig`` and its per-layer ``LayerConfig``; ``TrainOptions`` (``finetune``,
   ``finetune_float``).
 - **Result types, where a verb here returns them** — ``InspectReport`` (``inspect``), ``Allocation``
@@ -60,6 +61,7 @@ _LAZY = {
     "finetune": "udnc_fx.passes.finetune",
     "finetune_float": "udnc_fx.passes.finetune",
     "from_udnc": "udnc_fx.hf_io",
+    "compress_checkpoint": "udnc_fx.checkpoint",
     # configs
     "CompressConfig": "udnc_fx.config",
     "LayerConfig": "udnc_fx.config",
@@ -94,6 +96,7 @@ __all__ = [
 
 if TYPE_CHECKING:  # pragma: no cover
     from .api import InspectReport, compress, inspect
+    from .checkpoint import compress_checkpoint
     from .config import CompressConfig, LayerConfig
     from .hf_io import from_udnc
     from .storage import load, read_header, save, size_report

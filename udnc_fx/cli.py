@@ -1,4 +1,5 @@
-"""The ``udnc`` command line: ``demo``, ``compress``, ``decompress``, ``export``, ``inspect``."""
+"""The ``udnc`` command line: ``demo``, ``compress``, ``compress-checkpoint``, ``decompress``, ``export``,
+``inspect``."""
 
 from __future__ import annotations
 
@@ -216,6 +217,30 @@ def _compress(args) -> int:
     try:
         size = save(gm, args.out, metadata=metadata, progress=False if args.quiet else None, **_save_kwargs(args))
     except OSError as exc:  # the write failed after all (disk full, permissions changed): name the user's path
+        raise ConfigError(f"--out {args.out}: cannot write it: {exc.strerror or exc}") from None
+    report = size_report(args.out)
+    print(f"wrote {args.out}: {size} bytes; whole-file ratio {report['file_ratio']:.2f}x, "
+          f"compressed weights only {report['weights_ratio']:.2f}x")
+    return 0
+
+
+def _compress_checkpoint(args) -> int:
+    from .checkpoint import compress_checkpoint
+    from .cli_inputs import check_coder, check_output_path, read_config
+    from .storage import size_report
+
+    check_output_path(args.out, replaces="none")
+    check_coder(args.coder)
+    config = read_config(args.config) if args.config else _flags_config(args)
+    if args.config:
+        given = [f"--{name.replace('_', '-')}" for name in _CONFIG_FLAGS
+                 if getattr(args, name, None) != _COMPRESS_DEFAULTS.get(name)]
+        if given:
+            _note(f"--config {args.config} sets the compression; ignoring {', '.join(given)}")
+    try:
+        size = compress_checkpoint(args.checkpoint, args.out, config, progress=False if args.quiet else None,
+                                   **_save_kwargs(args))
+    except OSError as exc:
         raise ConfigError(f"--out {args.out}: cannot write it: {exc.strerror or exc}") from None
     report = size_report(args.out)
     print(f"wrote {args.out}: {size} bytes; whole-file ratio {report['file_ratio']:.2f}x, "
@@ -473,6 +498,35 @@ def build_parser() -> argparse.ArgumentParser:
                       help="storage of uncompressed tensors (biases, norms)")
     comp.add_argument("--quiet", action="store_true", help="only errors, notes and the final line; no progress bars")
     comp.set_defaults(func=_compress)
+
+    ckp = sub.add_parser(
+        "compress-checkpoint",
+        help="compress a .safetensors checkpoint (sharded too) tensor by tensor, without building the model",
+        description="Compress a .safetensors file, a model.safetensors.index.json with its shards, or their folder "
+                    "(a save_pretrained directory) to a .udnc file, reading one tensor at a time: memory stays at "
+                    "one tensor's working set. A folder with config.json selects the weights as 'udnc compress' "
+                    "does (the model is built on the meta device); a bare checkpoint compresses every float32 "
+                    "tensor named *.weight with 2+ dimensions. No calibration, pruning or fine-tuning.",
+    )
+    ckp.add_argument("checkpoint", help="a .safetensors file, a *.safetensors.index.json, or their folder")
+    ckp.add_argument("--out", required=True, help="the .udnc file to write (must not exist)")
+    ckp.add_argument("--config", help="a JSON file with a CompressConfig (replaces the flags below, with a note)")
+    ckp.add_argument("--lattice", default="Z", help="Z, A2, D4 or E8 (default Z)")
+    ckp.add_argument("--n", type=int, default=None, help="lattice dimension (Z only; default 1)")
+    ckp.add_argument("--seed", type=int, default=0, help="dither seed (default 0)")
+    ckp_steps = ckp.add_mutually_exclusive_group()
+    ckp_steps.add_argument("--bits", type=float, default=None, help="target entropy in bits/weight (default 3)")
+    ckp_steps.add_argument("--step", type=float, default=None, help="absolute step for every layer")
+    ckp_steps.add_argument("--relative-step", type=float, default=None, help="step = value x std(W) per layer")
+    ckp.add_argument("--fallback", choices=["auto", "module_swap", "error"], default="auto",
+                     help="for a folder with config.json: how a model torch.fx cannot trace is handled (as compress)")
+    ckp.add_argument("--leaf-module", action="append", metavar="CLASS",
+                     help="a module class name the tracer keeps whole (repeatable)")
+    ckp.add_argument("--coder", default=None, help="index coder (default ans-dither-v1)")
+    ckp.add_argument("--raw-dtype", choices=["float32", "float16"], default="float32",
+                     help="storage of uncompressed tensors (biases, norms)")
+    ckp.add_argument("--quiet", action="store_true", help="only errors, notes and the final line; no progress bars")
+    ckp.set_defaults(func=_compress_checkpoint)
 
     dec = sub.add_parser("decompress", help="decode a .udnc file to a standard checkpoint")
     dec.add_argument("file", help="the .udnc file")

@@ -33,7 +33,7 @@ from .passes.trace import prepare
 from .record import on_lattice
 from .record_store import compression_record, set_record
 
-__all__ = ["save", "load", "read_header", "size_report", "round_for_storage", "SAVE_CODER"]
+__all__ = ["save", "load", "read_header", "size_report", "round_for_storage", "stored_config", "SAVE_CODER"]
 
 #: The index coder ``save`` uses by default: the one default of ``udnc_fx.coding`` (``ans-dither-v1``: static ANS
 #: with per-dither-bin tables), the same as ``QuantizedTensor``'s and the ONNX sidecar's.
@@ -163,6 +163,11 @@ def _compact_config(config: CompressConfig, full: bool = True) -> dict:
     if full:
         return {"version": values["version"], **kept}
     return {k: v for k, v in kept.items() if k in _LOAD_CONFIG_FIELDS}
+
+
+def stored_config(config: CompressConfig, full: bool = False) -> dict:
+    """The config as :func:`save` stores it (``full_config``): what a writer of the same model stores too."""
+    return _compact_config(config, full)
 
 
 def _mismatch(message: str) -> FormatError:

@@ -64,6 +64,7 @@ TOP_LEVEL_LAYERS = {
     "udnc_fx.hf": FACE,
     "udnc_fx.demo": FACE,
     "udnc_fx.rate": FACE,
+    "udnc_fx.checkpoint": FACE,  # compress_checkpoint: a verb over passes, quantizer and storage (h11-st)
 }
 SUBPACKAGE_LAYERS = {"udnc_fx.coding": CODING, "udnc_fx.passes": PASSES, "udnc_fx.export": EXPORT}
 

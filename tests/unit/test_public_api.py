@@ -16,7 +16,7 @@ INIT = Path(udnc_fx.__file__)
 
 VERBS = {
     "compress", "inspect", "compression_record", "materialize", "save", "load", "read_header", "size_report", "allocate", "compress_to",
-    "prune", "fold_batchnorm", "finetune", "finetune_float", "from_udnc",
+    "prune", "fold_batchnorm", "finetune", "finetune_float", "from_udnc", "compress_checkpoint",
 }
 CONFIGS = {"CompressConfig", "LayerConfig", "TrainOptions"}
 RESULTS = {"InspectReport", "Allocation", "FinetuneResult", "RateSearch", "DitheredLatticeParam"}
