@@ -218,22 +218,26 @@ def solve_relative_step(
     layers: list[tuple[np.ndarray, float, Any, np.ndarray]], fixed_bits: float, fixed_numel: int, target: float
 ) -> float:
     """Find one relative step ``s`` (Δ_l = s·std_l) so the weighted mean estimated coded rate over all layers
-    (:func:`udnc_fx.quantizer.coded_rate_bits_per_weight`: index entropy for Z¹, and for vector lattices the smaller of
-    indices plus a table of points and table-free ``lattice-coords``) is ``target``.
+    (:func:`udnc_fx.quantizer.coded_rate_bits_per_weight`: index entropy for Z¹, and for vector lattices what the default
+    coder writes for the smaller of indices plus a table of points and table-free ``lattice-coords``) is ``target``.
 
-    ``layers``: ``(vectors, std, lattice, u_raw)`` for each layer solved for; ``fixed_*``: the total bits and weights
-    of layers with explicit steps. Entropy falls as the step grows; the search is on ``log s``.
+    ``layers``: ``(vectors, std, lattice, u_raw)`` or ``(vectors, std, lattice, u_raw, key, shape)`` for each layer
+    solved for (the dither key and weight shape let the vector lattices' estimate count the dither contexts and row
+    classes of the file); ``fixed_*``: the total bits and weights of layers with explicit steps. Entropy falls as the
+    step grows; the search is on ``log s``.
 
     Raises:
         ConfigError: the target is outside what these layers can reach.
     """
-    total = fixed_numel + sum(v.size for v, *_ in layers)
+    total = fixed_numel + sum(layer[0].size for layer in layers)
+
+    def layer_bits(layer: tuple, s: float) -> float:
+        v, std, lat, u, *rest = layer
+        key, shape = rest if rest else (None, None)
+        return coded_rate_bits_per_weight(v, lat, s * std, u, key=key, shape=shape) * v.size
 
     def mean_bits(s: float) -> float:
-        bits = fixed_bits + sum(
-            coded_rate_bits_per_weight(v, lat, s * std, u) * v.size for v, std, lat, u in layers
-        )
-        return bits / total
+        return (fixed_bits + sum(layer_bits(layer, s) for layer in layers)) / total
 
     return solve_scale(mean_bits, target)
 
@@ -371,10 +375,15 @@ def make_params(
         last_points[id(cand)] = (step, pts)
         return pts
 
+    keys = {id(p[0]): (p[5], tuple(p[1].shape)) for p in prepared}
+
     def bits_of(cand, lat, v, step) -> float:
+        key, shape = keys[id(cand)]
         if id(cand) in comp:
-            return coded_rate_of_raw_points(points_of(cand, lat, step, config.exact_zero), lat) * v.size
-        return coded_rate_bits_per_weight(v, lat, step, us[id(cand)]) * v.size
+            points = points_of(cand, lat, step, config.exact_zero)
+            return coded_rate_of_raw_points(points, lat, key=key, shape=shape, exact_zero=config.exact_zero) * v.size
+        rate = coded_rate_bits_per_weight(v, lat, step, us[id(cand)], key=key, shape=shape, exact_zero=config.exact_zero)
+        return rate * v.size
 
     to_solve = [p for p in prepared if p[0].step_kind == "target_bits"]
     if to_solve:

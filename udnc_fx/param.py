@@ -227,15 +227,18 @@ class DitheredLatticeParam(nn.Module):
         return float(-(p * p.log2()).sum()) / self.n if p.numel() else 0.0
 
     def rate_bits(self) -> float:
-        """Estimated coded rate in bits per weight (:func:`udnc_fx.quantizer.rate_bits_of_points`: the smaller of
-        indices plus a table of points and codebook-free ``lattice-coords``), what ``target_bits`` solves for.
+        """Estimated coded rate in bits per weight (:func:`udnc_fx.quantizer.rate_bits_of_points`: for vector
+        lattices what the default coder writes for the smaller of indices plus a table of points and codebook-free
+        ``lattice-coords``), what ``target_bits`` solves for.
         Equals :meth:`entropy_bits` for ``Z¹``; a fine-tuned codebook (no integer points) gives :meth:`entropy_bits`."""
         if self.codebook_int is None:
             return self.entropy_bits()
         from .quantizer import rate_bits_of_points
 
         points = self.codebook_int[self.indices.cpu().numpy().astype(np.int64)]
-        return rate_bits_of_points(points, self.lattice)
+        return rate_bits_of_points(
+            points, self.lattice, key=self.key, shape=tuple(self.shape), exact_zero=self.zero_index is not None
+        )
 
     def extra_repr(self) -> str:
         key = "none" if self.key is None else f"0x{self.key:016x}"

@@ -119,9 +119,12 @@ def _points_at(v: np.ndarray, u_raw: np.ndarray, lat: Lattice, step: float) -> n
     return lat.to_int(_lattice_points(v, scaled_dither(u_raw, factor), lat, factor))
 
 
-def coded_rate_of_raw_points(raw_points: np.ndarray, lat: Lattice) -> float:
+def coded_rate_of_raw_points(
+    raw_points: np.ndarray, lat: Lattice, *, key: int | None = None, shape: tuple[int, ...] | None = None,
+    exact_zero: bool = False,
+) -> float:
     """:func:`rate_bits_of_points` of raw lattice points ``(num_vectors, n)`` chosen by any rounding rule."""
-    return rate_bits_of_points(lat.to_int(raw_points), lat.name)
+    return rate_bits_of_points(lat.to_int(raw_points), lat.name, key=key, shape=shape, exact_zero=exact_zero)
 
 
 def entropy_bits_per_weight(
@@ -132,34 +135,43 @@ def entropy_bits_per_weight(
     return entropy_from_counts(_count_rows(points)) / lat.dim
 
 
-def rate_bits_of_points(points: np.ndarray, lattice: str) -> float:
+def rate_bits_of_points(
+    points: np.ndarray, lattice: str, *, key: int | None = None, shape: tuple[int, ...] | None = None,
+    exact_zero: bool = False,
+) -> float:
     """Estimated coded rate (bits per weight) of integer lattice points ``(m, n)`` as the container stores them.
 
-    The writer keeps the smaller of an explicit table (indices plus a coded table of the ``K`` distinct points) and
-    ``lattice-coords`` (every vector's coordinates, no table). Estimated here as ``min(H(k) + K·Hc / m, Hc) / n``
-    with ``H(k)`` the order-0 entropy of the indices and ``Hc`` the sum of the per-coordinate order-0 entropies of
-    the ``lattice-coords`` symbols (a table row costs about a coded vector). For ``Z¹`` both are ``H(k)``. Unlike
-    ``H(k)/n``, this does not saturate at ``log2(m)/n`` when every vector is its own point, so every target is
+    ``Z¹``: the order-0 entropy ``H(k)`` of the indices (the file's index stream is usually a little smaller: the
+    default coder conditions on the dither and on row density).
+
+    Vector lattices (``n > 1``): what the default coder (``ans-dither-v1``) writes for the tensor's two sections,
+    following the writer's choice between indices plus a table of points and table-free ``lattice-coords``
+    (:func:`udnc_fx.coding.payload.estimate_points_bits`): per-stream count tables, dither contexts (``key``: the
+    tensor's dither key, ``None`` for none) and row classes (``shape``: the weight's shape) included; the tensor's
+    header entry is not (``exact_zero``: the record keeps the point 0 exact, which the writer's choice of form
+    weighs). Why not entropies: on the pruned demo CNN at 1.12 bits/weight the index entropy plus a table
+    costed at the coordinates' entropy gave E8 1.12 where its sections took 2.00 (the cost of the table of points and
+    the per-stream count tables of small layers were missing; benchmarks/rate_estimate.py). Every target is
     reachable with every lattice.
     """
-    from udnc_fx.coding.lattice_coords import coordinate_entropy_bits
-
     m, n = points.shape
     if m == 0:
         return 0.0
-    counts = _count_rows(points)
-    h_joint = entropy_from_counts(counts)
     if n == 1:
-        return h_joint
-    h_coords = coordinate_entropy_bits(points, lattice)
-    return min(h_joint + counts.size * h_coords / m, h_coords) / n
+        return entropy_from_counts(_count_rows(points))
+    from udnc_fx.coding.payload import estimate_points_bits
+
+    return estimate_points_bits(points, lattice, n, key, shape, exact_zero=exact_zero) / (m * n)
 
 
-def coded_rate_bits_per_weight(v: np.ndarray, lat: Lattice, step: float, u_raw: np.ndarray) -> float:
+def coded_rate_bits_per_weight(
+    v: np.ndarray, lat: Lattice, step: float, u_raw: np.ndarray, *, key: int | None = None,
+    shape: tuple[int, ...] | None = None, exact_zero: bool = False,
+) -> float:
     """:func:`rate_bits_of_points` of the points ``v`` (num_vectors × n) would get at ``step``: what ``target_bits``
-    solves for."""
+    solves for (``key``, ``shape``: the tensor's dither key and shape, for the vector lattices' estimate)."""
     points = _points_at(v, u_raw, lat, step)
-    return rate_bits_of_points(points, lat.name)
+    return rate_bits_of_points(points, lat.name, key=key, shape=shape, exact_zero=exact_zero)
 
 
 #: Vectors per work item of :func:`quantize_array` (times ``n`` elements): the float64 temporaries of the nearest

@@ -253,6 +253,14 @@ class Coder(abc.ABC):
                 stream that is not 1-D, or an alphabet this coder cannot handle.
         """
 
+    def cost_bits(self, symbols: np.ndarray, alphabet_size: int, **hints: Any) -> float:
+        """The size in bits :meth:`encode` gives ``symbols`` with the same keyword ``hints`` (a rate estimate).
+
+        The default codes the stream and counts its bytes (exact); a coder that can count its output without coding
+        it (:class:`~udnc_fx.coding.ans.AnsDitherCoder`) overrides this with a cheaper estimate.
+        """
+        return 8.0 * len(self.encode(np.ascontiguousarray(symbols, dtype=np.int64), alphabet_size, **hints))
+
     def decode(self, data: bytes, count: int, alphabet_size: int) -> np.ndarray:
         """Decode ``count`` symbols; returns an int64 array of length ``count``.
 

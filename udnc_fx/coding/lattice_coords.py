@@ -31,6 +31,7 @@ vector's index into them; so a saved and loaded model has the same indices and c
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -49,6 +50,8 @@ __all__ = [
     "index_points",
     "encode_points",
     "decode_points",
+    "coded_bits",
+    "context_codes",
     "decode_point_parts",
 ]
 
@@ -78,7 +81,7 @@ def symbol_width(lattice: str, n: int) -> int:
     return _ROW_SYMBOLS[lattice] or n
 
 
-def _dither_columns(lattice: str, n: int) -> np.ndarray:
+def dither_columns(lattice: str, n: int) -> np.ndarray:
     """For each symbol column, the coordinate whose dither code is its context (``E8``'s coset bit: coordinate 0)."""
     if lattice == "E8":
         return np.array([0, *range(8)], dtype=np.intp)
@@ -168,7 +171,7 @@ def _context_codes(coder: Any, key: int, dither_ok: bool, count: int, n: int, la
         return None
     from udnc_fx.coding.ans import dither_codes
 
-    cols = _dither_columns(lattice, n)
+    cols = dither_columns(lattice, n)
 
     def codes() -> np.ndarray:
         return dither_codes(key, count * n, 1).reshape(count, n)[:, cols]
@@ -236,21 +239,10 @@ def encode_points(
             ``points[rows]``: the symbols are then computed once per table row and gathered in a narrow dtype (the
             same bytes, without an int64 copy of every vector's coordinates).
     """
-    if points.size and (int(points.min()) <= -MAX_COORDINATE or int(points.max()) >= MAX_COORDINATE):
+    prepared = _prepare(coder, points, lattice, n, key, dither_ok, rows=rows)
+    if prepared is None:
         return None
-    if rows is None:
-        count = points.shape[0]
-        symbols = vector_symbols(lattice, points)
-    else:
-        count = rows.shape[0]
-        symbols = _narrow_symbols(vector_symbols(lattice, points))[np.asarray(rows)]
-    alphabet = int(symbols.max()) + 1 if symbols.size else 1
-    if alphabet > int(getattr(coder, "max_alphabet_size", 0) or 0):
-        return None
-    if alphabet > max_index_alphabet(symbols.size):  # readers refuse it (coding.limits): use a codebook instead
-        return None
-    codes = _context_codes(coder, key, dither_ok, count, n, lattice)
-    ctx = None if codes is None else codes()
+    symbols, alphabet, ctx = prepared
     w = symbols.shape[1]
     best: tuple[int, str, bytes] | None = None
     if "interleaved" in layouts:
@@ -269,6 +261,70 @@ def encode_points(
         if best is None or len(data) < len(best[2]):  # ties keep the single stream
             best = (alphabet, "split", data)
     return best
+
+
+def _prepare(
+    coder: Any, points: np.ndarray, lattice: str, n: int, key: int, dither_ok: bool, codes: Any = None,
+    rows: np.ndarray | None = None,
+):
+    """``(symbols, alphabet, dither codes or None)`` of points :func:`encode_points` can code, else ``None``.
+    ``codes``: the ``(count, w)`` dither codes when the caller has them (the rate estimate caches them).
+    ``rows``: ``points`` is a table and the tensor's points are ``points[rows]`` (:func:`encode_points`)."""
+    if points.size and (int(points.min()) <= -MAX_COORDINATE or int(points.max()) >= MAX_COORDINATE):
+        return None
+    if rows is None:
+        count = points.shape[0]
+        symbols = vector_symbols(lattice, points)
+    else:  # symbols once per table row, gathered in a narrow dtype: no int64 copy of every vector's coordinates
+        count = rows.shape[0]
+        symbols = _narrow_symbols(vector_symbols(lattice, points))[np.asarray(rows)]
+    alphabet = int(symbols.max()) + 1 if symbols.size else 1
+    if alphabet > int(getattr(coder, "max_alphabet_size", 0) or 0):
+        return None
+    if alphabet > max_index_alphabet(symbols.size):  # readers refuse it (coding.limits): use a codebook instead
+        return None
+    if codes is None:
+        make = _context_codes(coder, key, dither_ok, count, n, lattice)
+        codes = None if make is None else make()
+    elif not getattr(coder, "accepts_context", False):
+        codes = None
+    return symbols, alphabet, codes
+
+
+def context_codes(coder: Any, key: int, dither_ok: bool, count: int, n: int, lattice: str) -> np.ndarray | None:
+    """The ``(count, w)`` dither codes :func:`encode_points` conditions the symbols on, or ``None`` (a coder
+    without contexts, or no hash dither)."""
+    make = _context_codes(coder, key, dither_ok, count, n, lattice)
+    return None if make is None else make()
+
+
+def coded_bits(
+    coder: Any, points: np.ndarray, lattice: str, n: int, key: int, dither_ok: bool,
+    layouts: tuple[str, ...] = LAYOUTS, codes: np.ndarray | None = None,
+) -> tuple[float, str] | None:
+    """``(bits, layout)`` of the payload :func:`encode_points` would write (the smaller layout), from the coder's
+    :meth:`~udnc_fx.coding.coder_base.Coder.cost_bits` instead of coding; ``None`` where it would return ``None``.
+    ``codes``: :func:`context_codes` for these arguments, when the caller already has them."""
+    prepared = _prepare(coder, points, lattice, n, key, dither_ok, codes)
+    if prepared is None:
+        return None
+    symbols, alphabet, ctx = prepared
+    w = symbols.shape[1]
+    best, layout = math.inf, "interleaved"
+    if "interleaved" in layouts:
+        hint = {} if ctx is None else {"context": np.ascontiguousarray(ctx).ravel()}
+        best = coder.cost_bits(symbols.ravel(), alphabet, **hint)
+    if "split" in layouts and (w > 1 or best == math.inf):
+        conditioned = getattr(coder, "accepts_context", False)
+        total = 0.0
+        for i in range(w):
+            c = _split_context(lattice, i, symbols, ctx) if conditioned else None
+            bits = coder.cost_bits(np.ascontiguousarray(symbols[:, i]), alphabet, **({} if c is None else {"context": c}))
+            # the length prefix of every stream but the last, as a varint of its bytes
+            total += bits + (8.0 * len(varint(int(math.ceil(bits / 8)))) if i < w - 1 else 0.0)
+        if total < best:
+            best, layout = total, "split"
+    return float(best), layout
 
 
 def decode_points(

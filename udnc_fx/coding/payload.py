@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 
 from udnc_fx.coding import lattice_coords as _lc
-from udnc_fx.coding.coder_base import decode_stream, encode_stream
+from udnc_fx.coding.coder_base import DEFAULT_CODER, decode_stream, encode_stream
 from udnc_fx.coding.format import (
     CODEBOOK_FLOAT_ENCODINGS, FORMAT_DEFAULT_CODEBOOK_CODER, FORMAT_DEFAULT_DITHER, INT_WIDTHS, LATTICE_DIMENSIONS,
     LATTICE_INT, LATTICE_INT_CODED, MAX_CODED_ALPHABET, MAX_NDIM, RAW_DTYPES, as_int, canonical_json,
@@ -35,6 +36,7 @@ from udnc_fx.record import check_affine, float32_json
 __all__ = [
     "weights_bar",
     "encode_quantized",
+    "estimate_points_bits",
     "points_bound",
     "encode_raw",
     "check_payload_digest",
@@ -277,6 +279,110 @@ def encode_quantized(q: QuantizedTensor, codebook_float_dtype: str, max_elements
     if affine is not None:
         codebook_entry["affine"] = [float32_json(v) for v in affine]
     return entry, indices_bytes, codebook_bytes
+
+
+# The dither codes the estimate conditions on, by (key, count, n): a step solve evaluates every layer several times
+# at the same key. Least recently used first out, past this many bytes.
+_CODES_CACHE: "OrderedDict[tuple, np.ndarray]" = OrderedDict()
+_CODES_CACHE_BYTES = 1 << 28
+
+
+def _cached_codes(key: int, count: int, n: int) -> np.ndarray:
+    from udnc_fx.coding.ans import dither_codes
+
+    cache_key = (int(key), int(count), int(n))
+    codes = _CODES_CACHE.get(cache_key)
+    if codes is None:
+        codes = dither_codes(key, count, n)
+        codes.flags.writeable = False
+        _CODES_CACHE[cache_key] = codes
+        while sum(c.nbytes for c in _CODES_CACHE.values()) > _CODES_CACHE_BYTES and len(_CODES_CACHE) > 1:
+            _CODES_CACHE.popitem(last=False)
+    else:
+        _CODES_CACHE.move_to_end(cache_key)
+    return codes
+
+
+def estimate_points_bits(
+    points: np.ndarray, lattice: str, n: int, key: int | None, shape: tuple[int, ...] | None = None,
+    coder: str = DEFAULT_CODER, exact_zero: bool = False,
+) -> float:
+    """The bits of a tensor's two payload sections as :func:`encode_quantized` writes them for the integer lattice
+    points ``points`` (``(count, n)``, one per vector, in vector order), without coding the
+    large streams.
+
+    The writer's choice is followed: indices (ranks of the distinct points, most frequent first) plus the smaller
+    of a fixed-width ``lattice-int`` and a ``lattice-int-coded`` table, or ``lattice-coords`` in its smaller
+    layout, whichever is smaller; every stream with the contexts the writer gives it (the dither codes when ``key``
+    is not ``None``, the row length of ``shape``; ``exact_zero``: the record keeps the point 0 exact). Index and
+    coordinate streams are costed by the coder's
+    :meth:`~udnc_fx.coding.coder_base.Coder.cost_bits` (for ``ans-dither-v1``: tables exact, symbols at their ideal
+    cost, a few bytes per stream of ANS overhead); the coded table is coded (small where the table form can win).
+    The form is chosen as the writer chooses it, by sections plus the codebook's header entry (the JSON that differs
+    between the forms, 20-80 bytes); the result counts the sections only (the header entry, ~150 bytes of JSON per
+    tensor, does not depend on the step).
+    """
+    points = np.ascontiguousarray(points, dtype=np.int64)
+    count = points.shape[0]
+    if count == 0:
+        return 0.0
+    index_coder = lookup_coder(coder)
+    dithered = key is not None and getattr(index_coder, "accepts_context", False)
+    coords_codes = None
+    if dithered and n > 1:
+        cols = _lc.dither_columns(lattice, n)
+        coords_codes = _cached_codes(key, count * n, 1).reshape(count, n)[:, cols]
+    coords = None
+    if n > 1:
+        coded = _lc.coded_bits(index_coder, points, lattice, n, 0 if key is None else key, key is not None,
+                               codes=coords_codes)
+        if coded is not None:
+            # the record's zero_index (exact_zero and the point 0 used) is stored in the entry: 17 bytes more
+            zero = exact_zero and bool((~points.any(axis=1)).any())
+            entry = {"encoding": _lc.ENCODING, "layout": coded[1], "exact_zero": zero, "length": 0}
+            coords = (coded[0] + _entry_bits(entry), coded[0])  # (what the writer compares, the sections)
+    # The writer's order (most frequent first, ties by coordinates: lattice_coords.index_points) up to the order of
+    # ties, which changes the coded sizes by a few bytes at most and saves a sort of the points.
+    from udnc_fx.quantizer import unique_rows
+
+    uniq, inverse, counts = unique_rows(points)
+    order = np.argsort(-counts, kind="stable")
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)
+    indices = rank[inverse.reshape(-1)]
+    codebook_int = uniq[order]
+    k = codebook_int.shape[0]
+    hint: dict[str, Any] = {}
+    row_length = _row_length(list(shape), n, count) if shape is not None else None
+    if row_length and getattr(index_coder, "accepts_row_length", False):
+        hint["row_length"] = row_length
+    if dithered:
+        hint["context"] = _cached_codes(key, count, n)
+    index_bits = index_coder.cost_bits(indices, k, **hint)
+    if coords is not None and index_bits >= coords[0]:
+        return float(coords[1])  # the table form cannot win: no need to cost the table
+    z = _lc.zigzag_encode(codebook_int)
+    zmax = int(z.max()) if z.size else 0
+    width = next(w for w in (1, 2, 4, 8) if zmax < 1 << (8 * w))
+    fixed = 8.0 * width * codebook_int.size
+    table = (fixed + _entry_bits({"encoding": LATTICE_INT, "width": width}), fixed)
+    if -(1 << 40) < int(codebook_int.min()) and int(codebook_int.max()) < 1 << 40:
+        symbols = _codebook_symbols(lattice, codebook_int)
+        alphabet = int(symbols.max()) + 1
+        cb_coder = lookup_coder(FORMAT_DEFAULT_CODEBOOK_CODER)
+        limit = min(MAX_CODED_ALPHABET, getattr(cb_coder, "max_alphabet_size", 0), max(1 << 16, symbols.size))
+        if alphabet <= limit:
+            bits = cb_coder.cost_bits(symbols.ravel(), alphabet)
+            entry = {"encoding": LATTICE_INT_CODED, "alphabet_size": alphabet, "length": int(math.ceil(bits / 8))}
+            if bits + _entry_bits(entry) < table[0]:
+                table = (bits + _entry_bits(entry), bits)
+    total = (index_bits + table[0], index_bits + table[1])
+    return float(total[1] if coords is None or total[0] <= coords[0] else coords[1])
+
+
+def _entry_bits(codebook_entry: dict) -> float:
+    """Bits of a codebook entry's stored JSON: the part of the header entry that differs between the forms."""
+    return 8.0 * len(canonical_json(compact_codebook(codebook_entry)))
 
 
 def _encode_coords(
