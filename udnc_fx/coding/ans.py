@@ -97,6 +97,7 @@ _DECODE_CHUNK = 1 << 20
 # symbols' bits fill of it, plus padding to a 32-bit word: 36 bits on average, within ±24 per stream (measured on
 # random streams of 10 to 10^5 symbols, tests/format/test_rate_estimate.py).
 _STREAM_OVERHEAD_BITS = 36.0  # symbols per decode call of a single-context stream: bounds the int32 temporary
+_COUNT_CHUNK = 1 << 20  # symbols per counting step of the writer's table choice: bounds its int32 temporaries
 
 
 def dither_codes(key: int, count: int, n: int) -> np.ndarray:
@@ -313,16 +314,28 @@ def _group(symbols: np.ndarray, bins: np.ndarray | None, nbins: int) -> tuple[np
 
 def _row_density(arr: np.ndarray, row_length: int) -> tuple[np.ndarray, np.ndarray]:
     """Each row's count of symbols other than the most frequent one, and each row's length (the last row may be
-    shorter): what :func:`_row_labels` needs, computed once for every class count the writer tries."""
-    zero = int(np.argmax(np.bincount(arr)))
+    shorter): what :func:`_row_labels` needs, computed once for every class count the writer tries. Counted chunk by
+    chunk (chunks of whole rows): no temporary the size of the stream."""
+    step = max(1, _COUNT_CHUNK // row_length) * row_length
+    hist = np.zeros(0, np.int64)
+    for lo in range(0, arr.size, step):
+        part = np.bincount(arr[lo : lo + step])
+        if part.size > hist.size:
+            hist = np.concatenate([hist, np.zeros(part.size - hist.size, np.int64)])
+        hist[: part.size] += part
+    zero = int(np.argmax(hist))
     rows = -(-arr.size // row_length)
-    full = arr.size // row_length
     nonzero = np.empty(rows, np.int64)
-    nonzero[:full] = np.count_nonzero(arr[: full * row_length].reshape(full, row_length) != zero, axis=1)
+    for lo in range(0, arr.size, step):  # lo is a multiple of row_length; the last row may be shorter
+        part = arr[lo : lo + step] != zero
+        full = part.size // row_length
+        r0 = lo // row_length
+        nonzero[r0 : r0 + full] = np.count_nonzero(part[: full * row_length].reshape(full, row_length), axis=1)
+        if full * row_length < part.size:
+            nonzero[r0 + full] = np.count_nonzero(part[full * row_length :])
     lengths = np.full(rows, row_length, np.int64)
-    if full < rows:
-        nonzero[full] = np.count_nonzero(arr[full * row_length :] != zero)
-        lengths[full] = arr.size - full * row_length
+    if arr.size % row_length:
+        lengths[-1] = arr.size % row_length
     return nonzero, lengths
 
 
@@ -360,6 +373,8 @@ class AnsDitherCoder(Coder):
     accepts_row_length = True
     #: ``decode`` takes ``dtype=`` (the container passes the narrow index dtype it keeps).
     accepts_dtype = True
+    #: ``encode`` takes narrow integer streams as they are (``coder_base.encode_stream``: no int64 copy).
+    accepts_narrow = True
     _ROW_FLAG = 0x08
     _ROW_CLASSES = (2, 4, 8)
     _MAX_ROW = (1 << 32) - 1
@@ -368,7 +383,8 @@ class AnsDitherCoder(Coder):
 
     def encode(self, symbols: np.ndarray, alphabet_size: int, *, context: Any = None,
                row_length: int | None = None) -> bytes:
-        arr, k = check_symbols(symbols, alphabet_size, self.max_alphabet_size)
+        # narrow streams stay narrow (accepts_narrow): every step below reads values, never the dtype
+        arr, k = check_symbols(symbols, alphabet_size, self.max_alphabet_size, widen=False)
         n = arr.size
         if n == 0 or k == 1:
             return b""
@@ -385,11 +401,11 @@ class AnsDitherCoder(Coder):
             out += _table_bytes(q)
             models.append(_categorical(table_model(q)) if q.size >= 2 else None)
         encoder = _constriction().stream.stack.AnsCoder()
-        sym32 = arr.astype(np.int32)
         nctx = len(tables)
         for start in reversed(range(0, n, SEGMENT)):
             stop = min(n, start + SEGMENT)
-            grouped, per_ctx = _group(sym32[start:stop], None if ctx is None else ctx[start:stop], nctx)
+            sym32 = arr[start:stop].astype(np.int32)  # one segment at a time: no int32 copy of the whole stream
+            grouped, per_ctx = _group(sym32, None if ctx is None else ctx[start:stop], nctx)
             ends = np.cumsum(per_ctx)
             for i in reversed(range(nctx)):
                 if models[i] is not None and per_ctx[i]:
@@ -448,18 +464,30 @@ class AnsDitherCoder(Coder):
         # intp), the labels added row by row through a broadcast view instead of repeated to the stream's length.
         finest = max(row_classes, default=1)
         key_dtype = np.int32 if (finest << CONTEXT_BITS) * m <= np.iinfo(np.int32).max else np.int64
-        index = arr.astype(key_dtype)
-        if max_bits:
-            index += codes.astype(key_dtype) * key_dtype(m)
-        density = None
+        # Counted chunk by chunk (chunks of whole rows): only one chunk's keys exist at a time, and the counts are
+        # those of the whole stream.
+        density = shift = None
         if row_classes:
             density = _row_density(arr, row_length)
             shift = _labels_from_density(density, finest).astype(key_dtype) * key_dtype(m << CONTEXT_BITS)
-            full = arr.size // row_length
-            index[: full * row_length].reshape(full, row_length)[...] += shift[:full, None]
-            index[full * row_length :] += shift[full : full + 1]
-        fine = np.bincount(index, minlength=(finest << CONTEXT_BITS) * m).reshape(finest, 1 << CONTEXT_BITS, m)
-        del index
+        fine = np.zeros((finest << CONTEXT_BITS) * m, np.int64)
+        step = max(1, _COUNT_CHUNK // row_length) * row_length if row_classes else _COUNT_CHUNK
+        for lo in range(0, arr.size, step):
+            hi = min(arr.size, lo + step)
+            index = arr[lo:hi].astype(key_dtype)
+            if max_bits:
+                shifted = codes[lo:hi].astype(key_dtype)
+                shifted *= key_dtype(m)
+                index += shifted
+                del shifted
+            if shift is not None:  # element i of the stream is in row i // row_length (lo is a multiple of it)
+                r0 = lo // row_length
+                full = (hi - lo) // row_length
+                index[: full * row_length].reshape(full, row_length)[...] += shift[r0 : r0 + full, None]
+                index[full * row_length :] += shift[r0 + full : r0 + full + 1]
+            fine += np.bincount(index, minlength=fine.size)
+            del index
+        fine = fine.reshape(finest, 1 << CONTEXT_BITS, m)
         best: tuple | None = None
         options: list[tuple[int, np.ndarray | None]] = [(0, None)]
         options += [(c, _labels_from_density(density, c)) for c in row_classes]

@@ -403,12 +403,12 @@ def _encode_coords(
     if cb_int.size and (int(cb_int.min()) <= -_lc.MAX_COORDINATE or int(cb_int.max()) >= _lc.MAX_COORDINATE):
         return None  # far outside any quantizer's range; the symbol transforms would overflow
     # The reader rebuilds indices and codebook in the quantizer's order; use lattice-coords only where that gives
-    # back exactly these (a codebook with unused or reordered rows would come back different).
+    # back exactly these (a codebook with unused, repeated or reordered rows would come back different).
     if not _in_reader_order(cb_int, indices):
         return None
-    points = cb_int[np.asarray(indices, dtype=np.intp)]
     coded = _lc.encode_points(
-        lookup_coder(q.coder), points, q.lattice, n, key, q.dither == FORMAT_DEFAULT_DITHER, f"{where} coordinates"
+        lookup_coder(q.coder), cb_int, q.lattice, n, key, q.dither == FORMAT_DEFAULT_DITHER, f"{where} coordinates",
+        rows=indices,
     )
     if coded is None:
         return None
@@ -417,18 +417,27 @@ def _encode_coords(
     return alphabet, cb_entry, payload
 
 
+_BINCOUNT_CHUNK = 1 << 20  # indices counted per np.bincount call (it copies its input to intp)
+
+
 def _in_reader_order(cb_int: np.ndarray, indices: np.ndarray) -> bool:
     """Whether ``lattice_coords.index_points(cb_int[indices])`` gives back exactly ``(indices, cb_int)``.
 
     It does exactly when every row is used, the rows are distinct, and they are sorted by falling count, ties by
     the coordinates (the order ``index_points`` builds): then the distinct points of the vectors are the rows, in
     the same order, and each vector's rebuilt index is its own. Checked on the ``K`` rows and one count of the
-    indices, instead of rebuilding both from every vector (``tests/unit/test_payload_order.py`` holds the two
-    rules against each other).
+    indices (a chunk at a time), instead of rebuilding both from every vector (``tests/unit/test_payload_order.py``
+    holds the two rules against each other).
     """
     k = cb_int.shape[0]
-    counts = np.bincount(np.asarray(indices, dtype=np.intp), minlength=k)
-    if counts.size != k or (k and int(counts.min()) == 0):
+    indices = np.asarray(indices)
+    counts = np.zeros(k, np.int64)
+    for lo in range(0, indices.size, _BINCOUNT_CHUNK):  # np.bincount copies its input to intp: a chunk at a time
+        part = np.bincount(indices[lo : lo + _BINCOUNT_CHUNK], minlength=k)
+        if part.size != k:
+            return False
+        counts += part
+    if k and int(counts.min()) == 0:
         return False
     if k > 1 and _lc.index_points(cb_int)[1].shape[0] != k:  # repeated rows (each row once: distinct points)
         return False
@@ -507,14 +516,17 @@ def _decode_codebook(q: QEntry, data: bytes) -> tuple[np.ndarray | None, np.ndar
 def _decode_coords(q: QEntry, data: bytes) -> QuantizedTensor:
     """A ``lattice-coords`` tensor: decode every vector's point, then rebuild indices and ``codebook_int`` in the
     quantizer's order (``lattice_coords.index_points``)."""
-    points = _lc.decode_points(
+    parts = _lc.decode_point_parts(
         lookup_coder(q.coder), data, q.count, q.alphabet_size, q.layout, q.lattice, q.n, q.key,
         q.dither == FORMAT_DEFAULT_DITHER, f"quantized tensor {q.fqn!r} coordinates",
     )
     if q.count == 0:
         indices, codebook_int = np.zeros(0, np.int64), np.zeros((1, q.n), np.int64)
     else:
-        indices, codebook_int, _ = _lc.index_points(points)
+        from udnc_fx.quantizer import rank_rows  # lazy, as in lattice_coords.index_points
+
+        indices, codebook_int, _ = rank_rows(parts, q.n)
+        del parts
     zero_index = None
     if q.exact_zero:
         hits = np.flatnonzero(~codebook_int.any(axis=1))
