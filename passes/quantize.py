@@ -442,15 +442,21 @@ def make_params(
         sig = float((w**2).sum())
         # the record keeps the codewords' integer coordinates: the container stores those instead of floats while
         # fine-tuning leaves the codebook untouched
-        dlp = DitheredLatticeParam.from_record(
-            q,
-            fqn=cand.fqn,
-            aliases=tuple(f"{o}.{a}" if o else a for o, a in cand.owners[1:]),
-            sqnr_db=10 * math.log10(sig / err) if err > 0 else math.inf,
-        ).to(cand.param.device)
-        dlp.relative_step = cand.step / std if std > 0 else None
-        dlps.append(dlp)
+        dlps.append(_served(q, cand, sig, err, std))
     return dlps
+
+
+def _served(q, cand: Candidate, sig: float, err: float, std: float) -> DitheredLatticeParam:
+    """The module that serves one weight: the record, its names, its SQNR (``sig``/``err``: the weight's and the
+    rounding error's sums of squares) and the relative step it was rounded with."""
+    dlp = DitheredLatticeParam.from_record(
+        q,
+        fqn=cand.fqn,
+        aliases=tuple(f"{o}.{a}" if o else a for o, a in cand.owners[1:]),
+        sqnr_db=10 * math.log10(sig / err) if err > 0 else math.inf,
+    ).to(cand.param.device)
+    dlp.relative_step = cand.step / std if std > 0 else None
+    return dlp
 
 
 def _streamable(candidates: list[Candidate], calibration: Any) -> bool:
@@ -524,14 +530,7 @@ def _stream_params(candidates: list[Candidate], config: CompressConfig, progress
         # the general path's float(((decoded - w) ** 2).sum()) and float((w ** 2).sum()), summed in the same order
         err = blocked_sum(numel, lambda lo, hi: np.square(decoded(lo, hi) - wide(lo, hi)))
         sig = blocked_sum(numel, lambda lo, hi: np.square(wide(lo, hi)))
-        dlp = DitheredLatticeParam.from_record(
-            q,
-            fqn=cand.fqn,
-            aliases=tuple(f"{o}.{a}" if o else a for o, a in cand.owners[1:]),
-            sqnr_db=10 * math.log10(sig / err) if err > 0 else math.inf,
-        ).to(cand.param.device)
-        dlp.relative_step = cand.step / std if std > 0 else None
-        dlps.append(dlp)
+        dlps.append(_served(q, cand, sig, err, std))
     return dlps
 
 
