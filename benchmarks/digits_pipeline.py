@@ -1,20 +1,25 @@
 """Issue 10's last row: the demo CNN pruned, compressed with calibration and codeword fine-tuned, 5 dither seeds.
 
 Pipeline per point (``udnc_fx.demo``'s model, split and training recipe): fold BatchNorm into the convolutions,
-magnitude-prune ``sparsity`` of the Conv/Linear weights (``passes/prune.py``, whole vectors), retrain the kept float
-weights (``finetune_float``, pruned weights held at 0), ``compress(..., calibration=TRAIN batches)`` with
-``exact_zero=True`` (error-compensating dithered rounding and probe allocation, the defaults with calibration; pruned
-weights decode to exact zeros), fine-tune the codewords with the biases (``finetune``, ``TrainOptions``; the last
-epoch is kept, never a selection by a held-out score), write the ``.udnc`` file with float16 raw tensors and
-codebooks, load it onto a fresh folded model and score that. The target rate is the binary entropy of the sparsity
-plus ``kept_bits`` per kept weight. Pruning and the retraining do not depend on the dither seed and run once per
-sparsity; the data order of both trainings is fixed (generator seed 0), so the dither seed is the only thing that
-varies between seeds.
+magnitude-prune ``sparsity`` of the Conv/Linear weights (``passes/prune.py``, whole vectors, one global ranking;
+with a layer bound, ``prune(max_layer_sparsity=bound)``, no layer loses more than ``bound`` of its weights and the
+rest of the target is taken from the other layers: unbounded, ``fc1`` alone takes 98 % at 0.9 and collapses past it),
+retrain the kept float weights (``finetune_float``, pruned weights held at 0; with ``--distill-temperature T``
+distilled from the float model: KL of the logits at T plus the task loss), ``compress(..., calibration=TRAIN
+batches)`` with ``exact_zero=True`` (error-compensating dithered rounding and probe allocation, the defaults with
+calibration; pruned weights decode to exact zeros; with ``--seed-trials K``, ``seed_trials=K``: of K dither seeds
+the one whose compressed model is closest to the float one on the TRAIN calibration batches is kept, seed i trying
+seeds i·K ... i·K + K - 1 so that the trial sets of two seeds never overlap), fine-tune the codewords with the
+biases (``finetune``, ``TrainOptions``, the same distillation; the last epoch is kept, never a selection by a
+held-out score), write the ``.udnc`` file with float16 raw tensors and codebooks, load it onto a fresh folded model
+and score that. The target rate is the binary entropy of the sparsity plus ``kept_bits`` per kept weight. Pruning and the retraining do not depend on the dither
+seed and run once per sparsity; the data order of both trainings is fixed (generator seed 0), so the dither seed is
+the only thing that varies between seeds.
 
 Nothing is chosen on the test split. :func:`select_on_validation` carves a stratified validation split (20 %) out of
 the TRAIN split, trains the float model on the rest with the same recipe, and runs the same pipeline for each
-candidate sparsity along the kept-bits ladder; the sparsity with the highest ratio at which every seed stays within
-1 point (``VALIDATION_TOLERANCE``: 252 images) of the float model's *validation* accuracy is kept.
+candidate sparsity (and layer bound) along the kept-bits ladder; the candidate with the highest ratio at which every
+seed stays within 1 point (``VALIDATION_TOLERANCE``: 252 images) of the float model's *validation* accuracy is kept.
 :func:`sweep_on_test` then runs that sparsity on the real split (float model trained on the whole TRAIN split, scored
 on the test split) along the same ladder and reports every point, so the table shows both the robust best on test
 and the test result at the rate validation chose. The ratio's numerator is every float tensor of the original
@@ -22,7 +27,8 @@ and the test result at the rate validation chose. The ratio's numerator is every
 so it compares directly with NNCodec's.
 
 Run through ``benchmarks/encoder.py --model digits --pipeline`` (with NNCodec and the post-training rows in the same
-run) or alone: ``OMP_NUM_THREADS=1 python benchmarks/digits_pipeline.py [--seeds 0,1,2,3,4] [--quick]``.
+run) or alone: ``OMP_NUM_THREADS=1 python benchmarks/digits_pipeline.py [--seeds 0,1,2,3,4]
+[--sparsities 0.9@0.95,...] [--kept-bits 1.0,0.75,...] [--quick]``.
 """
 
 from __future__ import annotations
@@ -43,7 +49,8 @@ import _common as C  # noqa: E402
 
 #: bits per KEPT weight, fine to coarse (the target is h(sparsity) + (1 - sparsity)·kept_bits bits per weight)
 KEPT_BITS = [2.0, 1.5, 1.0, 0.75, 0.5, 0.35, 0.25, 0.15]
-SPARSITIES = [0.85, 0.9, 0.92]
+#: validation candidates: total sparsity, or "total@bound" with prune(max_layer_sparsity=bound)
+SPARSITIES = ["0.85", "0.9", "0.92", "0.9@0.95", "0.92@0.95"]
 VALIDATION_FRACTION = 0.2
 TOLERANCE = 0.5
 #: the validation split has 252 images, where 0.5 points is under 2 images and float itself may miss 1: the choice
@@ -54,14 +61,23 @@ METHOD = "udnc-fx prune + calibrated compress + codeword fine-tune"
 
 @dataclass(frozen=True)
 class Recipe:
-    """The pipeline's hyper-parameters (the project's demo defaults: ``udnc_fx.demo.run_demo``)."""
+    """The pipeline's hyper-parameters (the demo's training recipe, ``udnc_fx.demo.run_demo``, plus distillation
+    and seed trials)."""
 
     sparsity: float = 0.9
+    #: ``prune(max_layer_sparsity=...)``: the most of any one layer's weights that may be pruned (None: no bound)
+    max_layer_sparsity: float | None = None
     retrain_epochs: int = 30
     finetune_epochs: int = 8
     lr: float = 3e-3
     float_epochs: int = 30
     stop_after_failures: int = 2  # consecutive failing ladder points before a sweep stops
+    #: distil both trainings from the (folded) float model: KL of logits at this temperature plus the task loss;
+    #: 0 = task loss only (the default: on test it did not win, see README)
+    distill_temperature: float = 0.0
+    #: CompressConfig(seed_trials=K): seed i tries dither seeds i·K ... i·K + K - 1 and keeps the one closest to the
+    #: float model on the calibration (TRAIN) batches
+    seed_trials: int = 1
 
 
 def binary_entropy(p: float) -> float:
@@ -85,6 +101,10 @@ def validation_split(data, fraction: float = VALIDATION_FRACTION, seed: int = 0)
     return DigitsData(data.x_train[fit], data.y_train[fit], data.x_train[val], data.y_train[val])
 
 
+def _label(sparsity: float, cap: float | None) -> str:
+    return f"sparsity {sparsity:g}" + ("" if cap is None else f" (layer bound {cap:g})")
+
+
 def _loader(x, y):
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=64, shuffle=True,
                                        generator=torch.Generator().manual_seed(0))
@@ -106,59 +126,75 @@ class Pipeline:
         self.calibration = [data.x_train[i:i + 256] for i in range(0, len(data.x_train), 256)]
         self._pruned: dict[float, tuple] = {}
 
-    def pruned(self, sparsity: float):
-        """The pruned, retrained float model (cached per sparsity) and its accuracy."""
-        if sparsity not in self._pruned:
+    def _distill(self) -> dict:
+        t = self.recipe.distill_temperature
+        return {} if not t else {"teacher": self.base, "distill": "kl", "temperature": t}
+
+    def pruned(self, sparsity: float, cap: float | None = None):
+        """The pruned, retrained float model (cached per sparsity and per-layer bound) and its accuracy."""
+        key = (sparsity, cap)
+        if key not in self._pruned:
             import udnc_fx
             from udnc_fx.demo import evaluate
             from udnc_fx.passes.finetune import finetune_float
             from udnc_fx.passes.prune import prune
 
-            source, masks = prune(self.base, sparsity, config=udnc_fx.CompressConfig(exact_zero=True))
+            source, masks = prune(self.base, sparsity, config=udnc_fx.CompressConfig(exact_zero=True),
+                                  max_layer_sparsity=cap)
             finetune_float(source, masks, _loader(self.data.x_train, self.data.y_train), F.cross_entropy,
-                           epochs=self.recipe.retrain_epochs, lr=self.recipe.lr, keep="last", progress=False)
-            self._pruned[sparsity] = (source, evaluate(source, self.data.x_test, self.data.y_test))
-            C.log(f"  [pipeline] pruned {sparsity:g} + retrained float: {self._pruned[sparsity][1]:.2f} %")
-        return self._pruned[sparsity]
+                           epochs=self.recipe.retrain_epochs, lr=self.recipe.lr, keep="last", progress=False,
+                           **self._distill())
+            self._pruned[key] = (source, evaluate(source, self.data.x_test, self.data.y_test))
+            per_layer = " ".join(f"{k.split('.')[0]} {1 - float(m.float().mean()):.3f}" for k, m in masks.items())
+            C.log(f"  [pipeline] pruned {_label(sparsity, cap)} ({per_layer}) + retrained float: "
+                  f"{self._pruned[key][1]:.2f} %")
+        return self._pruned[key]
 
-    def run_seed(self, sparsity: float, kept_bits: float, seed: int) -> dict:
+    def run_seed(self, sparsity: float, kept_bits: float, seed: int, cap: float | None = None) -> dict:
         """One seed: compress with calibration, fine-tune the codewords, save, load, score the loaded model."""
         import udnc_fx
         from udnc_fx.demo import evaluate
         from udnc_fx.passes.finetune import TrainOptions, finetune
 
-        source, _ = self.pruned(sparsity)
-        cfg = udnc_fx.CompressConfig(seed=seed, target_bits=target_bits(sparsity, kept_bits), exact_zero=True)
+        source, _ = self.pruned(sparsity, cap)
+        # seed i tries the dither seeds i·K ... i·K + K - 1: the trial sets of different seeds never overlap
+        trials = self.recipe.seed_trials
+        cfg = udnc_fx.CompressConfig(seed=seed * trials, seed_trials=trials, exact_zero=True,
+                                     target_bits=target_bits(sparsity, kept_bits))
         with C.Stopwatch() as enc:
             gm = udnc_fx.compress(source, cfg, calibration=self.calibration, progress=False)
         compressed_acc = evaluate(gm, self.data.x_test, self.data.y_test)
         options = TrainOptions(epochs=self.recipe.finetune_epochs, lr=self.recipe.lr, train_bias=True,
-                               train_norm=True, keep="last", progress=False)
+                               train_norm=True, keep="last", progress=False, **self._distill())
         with C.Stopwatch() as ft:
             finetune(gm, _loader(self.data.x_train, self.data.y_train), F.cross_entropy, options=options)
-        path = self.tmp / f"pipeline-{sparsity}-{kept_bits}-{seed}.udnc"
+        path = self.tmp / f"pipeline-{sparsity}-{cap}-{kept_bits}-{seed}.udnc"
         nbytes = udnc_fx.save(gm, path, raw_float_dtype="float16", codebook_float_dtype="float16")
         acc = evaluate(udnc_fx.load(path, self.fresh), self.data.x_test, self.data.y_test)
         path.unlink()
+        chosen = (udnc_fx.inspect(gm).calibration or {}).get("chosen_seed", cfg.seed)
         return {"bytes": nbytes, "quality": {"acc": acc}, "encode_s": enc.s + ft.s, "decode_s": None,
                 "extra": {"compressed_acc": compressed_acc, "entropy_bits": udnc_fx.inspect(gm).mean_entropy_bits,
-                          "seed": seed}}
+                          "seed": seed, "dither_seed": chosen}}
 
-    def point(self, sparsity: float, kept_bits: float, seeds: list[int], log=C.log) -> C.Point:
-        per_seed = [self.run_seed(sparsity, kept_bits, s) for s in seeds]
+    def point(self, sparsity: float, kept_bits: float, seeds: list[int], log=C.log,
+              cap: float | None = None) -> C.Point:
+        per_seed = [self.run_seed(sparsity, kept_bits, s, cap) for s in seeds]
         target = target_bits(sparsity, kept_bits)
-        point = C.aggregate(METHOD, f"sparsity {sparsity:g}, {kept_bits:g} bits/kept ({target:g})", -target,
+        point = C.aggregate(METHOD, f"{_label(sparsity, cap)}, {kept_bits:g} bits/kept ({target:g})", -target,
                             per_seed, lambda a: a >= self.threshold, "acc", self.numerator)
-        point.extra.update(sparsity=sparsity, kept_bits=kept_bits,
+        point.extra.update(sparsity=sparsity, cap=cap, kept_bits=kept_bits,
                            per_seed_acc=[r["quality"]["acc"] for r in per_seed],
                            per_seed_ratio=[self.numerator / r["bytes"] for r in per_seed],
                            per_seed_compressed_acc=[r["extra"]["compressed_acc"] for r in per_seed])
-        log(f"  [pipeline] s={sparsity:g} b={kept_bits:g} ratio {point.ratio:6.2f}x acc "
+        log(f"  [pipeline] {_label(sparsity, cap)} b={kept_bits:g} ratio {point.ratio:6.2f}x acc "
             f"{', '.join(f'{a:.2f}' for a in point.extra['per_seed_acc'])} (bar {self.threshold:.2f}) "
-            f"{'pass' if point.passes else 'FAIL'}")
+            f"{'pass' if point.passes else 'FAIL'} (before fine-tune "
+            f"{', '.join(f'{a:.2f}' for a in point.extra['per_seed_compressed_acc'])})")
         return point
 
-    def sweep(self, sparsity: float, seeds: list[int], ladder: list[float] = KEPT_BITS) -> list[C.Point]:
+    def sweep(self, sparsity: float, seeds: list[int], ladder: list[float] = KEPT_BITS,
+              cap: float | None = None) -> list[C.Point]:
         """Fine to coarse until ``stop_after_failures`` consecutive points fail, or a layer is pruned away entirely
         (``compress`` refuses an all-zero layer: recorded as the end of the sweep)."""
         import udnc_fx
@@ -166,9 +202,9 @@ class Pipeline:
         points, fails = [], 0
         for b in ladder:
             try:
-                points.append(self.point(sparsity, b, seeds))
+                points.append(self.point(sparsity, b, seeds, cap=cap))
             except udnc_fx.ConfigError as exc:
-                C.log(f"  [pipeline] s={sparsity:g} b={b:g}: refused ({str(exc)[:100]})")
+                C.log(f"  [pipeline] {_label(sparsity, cap)} b={b:g}: refused ({str(exc)[:100]})")
                 break
             fails = 0 if points[-1].passes else fails + 1
             if fails >= self.recipe.stop_after_failures:
@@ -176,49 +212,65 @@ class Pipeline:
         return points
 
 
+def _candidates(sparsities) -> list[tuple[float, float | None]]:
+    """``[(sparsity, per-layer bound or None)]`` from floats, pairs or strings ``"0.92"`` / ``"0.92@0.95"``."""
+    out = []
+    for c in sparsities:
+        if isinstance(c, str):
+            s, _, cap = c.partition("@")
+            c = (float(s), float(cap) if cap else None)
+        out.append((float(c), None) if isinstance(c, (int, float)) else (float(c[0]), c[1]))
+    return out
+
+
 def select_on_validation(data, seeds: list[int], recipe: Recipe, numerator: int, tmp: Path,
                          sparsities=SPARSITIES, ladder=KEPT_BITS) -> dict:
-    """Choose the sparsity and the kept bits on a validation split of the TRAIN images (never the test split)."""
+    """Choose the sparsity (and per-layer bound) and the kept bits on a validation split of the TRAIN images (never
+    the test split)."""
     from udnc_fx.demo import train_digits_cnn
 
+    candidates = _candidates(sparsities)
     fit_val = validation_split(data)
     model = train_digits_cnn(fit_val, epochs=recipe.float_epochs, seed=0, progress=False)
     pipe = Pipeline(model, fit_val, recipe, numerator, tmp, tolerance=VALIDATION_TOLERANCE)
     C.log(f"  [pipeline] validation: {len(fit_val.y_train)} fit / {len(fit_val.y_test)} validation images, "
           f"float {pipe.float_acc:.2f} %")
     rows = {}
-    for s in sparsities:
-        rows[s] = pipe.sweep(s, seeds, ladder)
-    best = {s: C.robust_best(pts) for s, pts in rows.items()}
-    passing = {s: p for s, p in best.items() if p is not None}
-    chosen = max(passing, key=lambda s: passing[s].ratio) if passing else min(sparsities)
+    for s, cap in candidates:
+        rows[(s, cap)] = pipe.sweep(s, seeds, ladder, cap=cap)
+    best = {c: C.robust_best(pts) for c, pts in rows.items()}
+    passing = {c: p for c, p in best.items() if p is not None}
+    chosen = max(passing, key=lambda c: passing[c].ratio) if passing else min(candidates)
     return {"float_acc": pipe.float_acc, "images": len(fit_val.y_test), "points": rows, "best": best,
-            "sparsity": chosen, "kept_bits": passing[chosen].extra["kept_bits"] if passing else None}
+            "sparsity": chosen[0], "cap": chosen[1],
+            "kept_bits": passing[chosen].extra["kept_bits"] if passing else None}
 
 
 def sweep_on_test(task, seeds: list[int], recipe: Recipe, tmp: Path, ladder=KEPT_BITS) -> list[C.Point]:
     """The chosen recipe on the real split: the float model of ``peers.digits_task`` scored on the test images,
     every rate of ``ladder`` (no early stop)."""
     pipe = Pipeline(task.float_model, task.extra["data"], recipe, task.numerator, tmp)
-    return [pipe.point(recipe.sparsity, b, seeds) for b in ladder]
+    return [pipe.point(recipe.sparsity, b, seeds, cap=recipe.max_layer_sparsity) for b in ladder]
 
 
-def run(task, seeds: list[int], tmp: Path, *, quick: bool = False, sparsities=None) -> dict:
+def run(task, seeds: list[int], tmp: Path, *, quick: bool = False, sparsities=None,
+        recipe: Recipe | None = None, ladder: list[float] | None = None) -> dict:
     """Validation selection, then the test sweep; returns the points and the choice."""
-    recipe = Recipe()
-    ladder = KEPT_BITS
+    recipe = recipe or Recipe()
+    ladder = ladder or KEPT_BITS
     if quick:
         recipe = replace(recipe, retrain_epochs=2, finetune_epochs=1, float_epochs=3, stop_after_failures=1)
         ladder = [1.5]
-    sparsities = sparsities or ([0.9] if quick else SPARSITIES)
+    sparsities = sparsities or (["0.9@0.95"] if quick else SPARSITIES)
     sel = select_on_validation(task.extra["data"], seeds, recipe, task.numerator, tmp, sparsities, ladder)
-    recipe = replace(recipe, sparsity=sel["sparsity"])
-    C.log(f"  [pipeline] chosen on validation: sparsity {sel['sparsity']}, kept bits {sel['kept_bits']}")
+    recipe = replace(recipe, sparsity=sel["sparsity"], max_layer_sparsity=sel["cap"])
+    C.log(f"  [pipeline] chosen on validation: {_label(sel['sparsity'], sel['cap'])}, kept bits {sel['kept_bits']}")
     pipe = Pipeline(task.float_model, task.extra["data"], recipe, task.numerator, tmp)
-    points = pipe.sweep(recipe.sparsity, seeds, ladder)
+    cap = recipe.max_layer_sparsity
+    points = pipe.sweep(recipe.sparsity, seeds, ladder, cap=cap)
     if sel["kept_bits"] is not None and all(p.extra["kept_bits"] != sel["kept_bits"] for p in points):
         # the sweep stopped before the rate validation chose: measure that point too, so the table has it
-        points.append(pipe.point(recipe.sparsity, sel["kept_bits"], seeds))
+        points.append(pipe.point(recipe.sparsity, sel["kept_bits"], seeds, cap=cap))
     return {"selection": sel, "recipe": recipe, "points": points}
 
 
@@ -227,11 +279,13 @@ def report(res: dict, seeds: list[int]) -> str:
     lines = [f"### {METHOD}\n",
              f"Validation ({sel['images']} images carved from TRAIN, float {sel['float_acc']:.2f} %): best ratio "
              f"with every seed within {VALIDATION_TOLERANCE} point(s), per sparsity:\n"]
-    lines.append(C.md_table(["sparsity", "best ratio (every seed)", "kept bits there"],
-                            [[f"{s:g}", "none" if p is None else f"{p.ratio:.2f}x",
-                              "" if p is None else f"{p.extra['kept_bits']:g}"] for s, p in sel["best"].items()]))
-    lines.append(f"\nChosen: sparsity {sel['sparsity']:g}, {sel['kept_bits']} bits per kept weight. Test split, "
-                 f"seeds {seeds}:\n")
+    lines.append(C.md_table(["sparsity", "layer bound", "best ratio (every seed)", "kept bits there"],
+                            [[f"{s:g}", "none" if cap is None else f"{cap:g}",
+                              "none" if p is None else f"{p.ratio:.2f}x",
+                              "" if p is None else f"{p.extra['kept_bits']:g}"]
+                             for (s, cap), p in sel["best"].items()]))
+    lines.append(f"\nChosen: {_label(sel['sparsity'], sel['cap'])}, {sel['kept_bits']} bits per kept weight. Test "
+                 f"split, seeds {seeds}:\n")
     rows = []
     for p in pts:
         rows.append([p.extra["kept_bits"], f"{-p.order:g}", f"{p.ratio:.2f}x",
@@ -259,19 +313,28 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", default="0,1,2,3,4")
-    ap.add_argument("--sparsities", default=None, help="comma-separated candidates for the validation choice")
+    ap.add_argument("--sparsities", default=None,
+                    help="comma-separated candidates for the validation choice: SPARSITY or SPARSITY@LAYER_BOUND")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny epochs, one rate, one sparsity")
-    ap.add_argument("--test-only", default=None, metavar="SPARSITY:BITS,BITS",
+    ap.add_argument("--distill-temperature", type=float, default=0.0,
+                    help="distil both trainings from the float model at this temperature (0: task loss only)")
+    ap.add_argument("--seed-trials", type=int, default=1, help="CompressConfig(seed_trials=K) for every seed")
+    ap.add_argument("--kept-bits", default=None, help="comma-separated ladder of bits per kept weight, fine to coarse "
+                    f"(default {','.join(map(str, KEPT_BITS))})")
+    ap.add_argument("--test-only", default=None, metavar="SPARSITY[@LAYER_BOUND]:BITS,BITS",
                     help="skip the validation choice: this sparsity at these bits per kept weight on the test split")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     seeds = [int(s) for s in args.seeds.split(",")]
-    sparsities = [float(s) for s in args.sparsities.split(",")] if args.sparsities else None
+    sparsities = _candidates(args.sparsities.split(",")) if args.sparsities else None
+    ladder = [float(b) for b in args.kept_bits.split(",")] if args.kept_bits else None
+    recipe = Recipe(distill_temperature=args.distill_temperature, seed_trials=args.seed_trials)
     task = peers.digits_task()
     if args.test_only:
-        sparsity, _, bits = args.test_only.partition(":")
+        spec, _, bits = args.test_only.partition(":")
+        (sparsity, cap), = _candidates([spec])
         with tempfile.TemporaryDirectory() as tmp:
-            pts = sweep_on_test(task, seeds, Recipe(sparsity=float(sparsity)), Path(tmp),
+            pts = sweep_on_test(task, seeds, replace(recipe, sparsity=sparsity, max_layer_sparsity=cap), Path(tmp),
                                 [float(b) for b in bits.split(",")])
         print(C.md_table(["setting", "ratio (mean bytes)", "worst seed ratio", "acc per seed (loaded file)", ""],
                          [[p.setting, f"{p.ratio:.2f}x", f"{min(p.extra['per_seed_ratio']):.2f}x",
@@ -279,7 +342,7 @@ def main(argv=None) -> int:
                           for p in pts]))
         return 0
     with tempfile.TemporaryDirectory() as tmp:
-        res = run(task, seeds, Path(tmp), quick=args.quick, sparsities=sparsities)
+        res = run(task, seeds, Path(tmp), quick=args.quick, sparsities=sparsities, ladder=ladder, recipe=recipe)
     print(report(res, seeds))
     return 0
 

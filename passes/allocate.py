@@ -52,7 +52,7 @@ from torch import fx, nn
 from ..config import CompressConfig, LayerConfig
 from ..errors import ConfigError
 from ..lattice import get_lattice
-from ..quantizer import entropy_bits_per_weight, quantize_array, vectors_of
+from ..quantizer import coded_rate_bits_per_weight, entropy_bits_per_weight, quantize_array, vectors_of
 from ..record import raw_dither, weight_key
 from .quantize import layer_stats, solve_relative_step
 from .select import Candidate, refuse_non_float32, select_weights
@@ -244,13 +244,16 @@ def _solve(layers: list[_Layer], scales: dict[int, float], target: float) -> flo
     fixed_bits = fixed_numel = 0
     for L in layers:
         if L.fixed:
-            fixed_bits += entropy_bits_per_weight(L.v, L.lat, L.cand.step, L.u) * L.v.size
+            rate = coded_rate_bits_per_weight(L.v, L.lat, L.cand.step, L.u, key=L.key, shape=L.w.shape)
+            fixed_bits += rate * L.v.size
             fixed_numel += L.v.size
     # The solver searches a relative step in [1e-4, 1e3]: express the scales relative to each layer's std (their
     # geometric mean made 1) so that c is of the order of a relative step whatever units a_l came in.
     idx = [i for i, L in enumerate(layers) if not L.fixed]
     norm = math.exp(sum(math.log(scales[i] / layers[i].std) for i in idx) / len(idx))
-    free = [(layers[i].v, scales[i] / norm, layers[i].lat, layers[i].u) for i in idx]
+    free = [
+        (layers[i].v, scales[i] / norm, layers[i].lat, layers[i].u, layers[i].key, layers[i].w.shape) for i in idx
+    ]
     return solve_relative_step(free, fixed_bits, fixed_numel, target) / norm
 
 

@@ -429,12 +429,12 @@ def probe_scales(model: nn.Module, candidates: list[Candidate], config: Any, cal
             free.append((cand, w, std, lat, v, key, u))
         else:
             step = float(cand.step_value) * (1.0 if cand.step_kind == "step" else std)
-            fixed_bits += coded_rate_bits_per_weight(v, lat, step, u) * v.size
+            fixed_bits += coded_rate_bits_per_weight(v, lat, step, u, key=key, shape=w.shape) * v.size
             fixed_numel += v.size
     if not free:
         return
     s = solve_relative_step(
-        [(v, std, lat, u) for _, _, std, lat, v, _, u in free], fixed_bits, fixed_numel,
+        [(v, std, lat, u, key, w.shape) for _, w, std, lat, v, key, u in free], fixed_bits, fixed_numel,
         config.effective_target_bits,
     )
     calib.probe_step = s

@@ -75,6 +75,53 @@ def _vector_scores(weight: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Te
     return scores, elems
 
 
+def _check_caps(max_layer_sparsity, names: list[str]) -> list[float]:
+    """Per-layer upper bounds on the pruned fraction, one per name (1.0 = no bound)."""
+    if max_layer_sparsity is None:
+        return [1.0] * len(names)
+    if isinstance(max_layer_sparsity, Mapping):
+        unknown = sorted(set(max_layer_sparsity) - set(names))
+        if unknown:
+            raise ConfigError(
+                f"max_layer_sparsity names {unknown}, which are not pruned weights; the selected weights are {names}"
+            )
+        caps = {k: _check_cap(v, f"max_layer_sparsity[{k!r}]") for k, v in max_layer_sparsity.items()}
+        return [caps.get(name, 1.0) for name in names]
+    cap = _check_cap(max_layer_sparsity, "max_layer_sparsity")
+    return [cap] * len(names)
+
+
+def _check_cap(value, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{what} must be a number in [0, 1], got {value!r}")
+    if not 0.0 <= float(value) <= 1.0:
+        raise ConfigError(
+            f"{what} must be in [0, 1] (the most of a layer's elements that may be pruned), got {value!r}"
+        )
+    return float(value)
+
+
+def _capped_global(scores, elems, owner, caps, numels, target: float) -> torch.Tensor:
+    """Indices (into the concatenated vectors) of the smallest vectors overall, skipping a layer's vectors once it
+    would exceed its cap, until the pruned element count is closest to ``target``.
+
+    Equal to the plain global ranking when no cap binds: a cap only removes a layer's larger vectors from the
+    candidates, and every other layer's vectors keep their order."""
+    order = torch.argsort(scores, stable=True)
+    budget = torch.tensor([math.floor(c * m + 1e-9) for c, m in zip(caps, numels)], dtype=torch.int64)
+    # the k-th smallest vector of a layer is allowed when the layer's elements pruned so far, itself included,
+    # stay within its budget (vectors of one layer are taken in ascending order, so this is a prefix per layer)
+    owner_sorted, elems_sorted = owner[order], elems[order]
+    allowed = torch.zeros_like(order, dtype=torch.bool)
+    for i in range(len(caps)):
+        mine = owner_sorted == i
+        cum = elems_sorted[mine].cumsum(0)
+        allowed[mine] = cum <= budget[i]
+    order = order[allowed]
+    k = _how_many(elems[order], target)
+    return order[:k]
+
+
 def _how_many(elems_sorted: torch.Tensor, target: float) -> int:
     """Number of leading (smallest) vectors whose element count is closest to ``target``."""
     cum = torch.cat([torch.zeros(1, dtype=torch.float64), elems_sorted.cumsum(0).to(torch.float64)])
@@ -88,6 +135,7 @@ def prune(
     scope: str = "global",
     config: CompressConfig | None = None,
     n: int | None = None,
+    max_layer_sparsity: float | Mapping[str, float] | None = None,
 ) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """Magnitude-prune the weights ``compress(model, config)`` would quantize, to ``sparsity``, in whole n-vectors.
 
@@ -100,6 +148,12 @@ def prune(
             ``CompressConfig()``. Compress the pruned model with ``exact_zero=True`` so pruned vectors decode to 0.
         n: vector length for every layer; default each layer's lattice dimension from ``config`` (so a pruned
             vector is exactly one lattice point 0).
+        max_layer_sparsity: the most of each layer's elements that may be pruned, in ``[0, 1]``: one number for
+            every layer, or ``{parameter fqn: bound}`` for some (the others unbounded). With ``scope="global"``
+            the ranking skips a layer's vectors once it reaches its bound and takes the next smallest vectors of
+            the other layers instead, so the total stays ``sparsity`` (global magnitude pruning otherwise empties
+            the largest layer first: on the demo CNN at 0.9, ``fc1`` loses 98 %); with ``scope="layer"`` each
+            layer is pruned to ``min(sparsity, bound)``.
 
     Returns:
         ``(pruned, masks)``: the pruned deep copy, and ``{parameter fqn: bool tensor of the weight's shape}`` with
@@ -108,7 +162,8 @@ def prune(
 
     Raises:
         ConfigError: ``model`` is not an ``nn.Module``, sparsity outside ``[0, 1)``, an unknown scope, a bad ``n``,
-            or NaN/Inf weights.
+            NaN/Inf weights, a ``max_layer_sparsity`` bound outside ``[0, 1]`` or naming no selected weight, or
+            bounds so tight that ``sparsity`` cannot be reached.
         PassError: no weight is selected (nothing to prune, e.g. an already compressed model).
         UnsupportedModelError: torch.fx cannot trace ``model`` and ``config.fallback == "error"`` (as
             :func:`udnc_fx.compress` would refuse it).
@@ -143,20 +198,33 @@ def prune(
         scores, elems = _vector_scores(p, vec_n)
         layers.append((cand, vec_n, scores, elems))
 
+    caps = _check_caps(max_layer_sparsity, [cand.fqn for cand, *_ in layers])
+    numels = [cand.param.numel() for cand, *_ in layers]
     pruned_vectors: list[torch.Tensor] = []
     if scope == "layer":
-        for cand, vec_n, scores, elems in layers:
+        for (cand, vec_n, scores, elems), cap in zip(layers, caps):
             order = torch.argsort(scores, stable=True)
-            k = _how_many(elems[order], sparsity * cand.param.numel())
+            k = _how_many(elems[order], min(sparsity, cap) * cand.param.numel())
+            while k and int(elems[order[:k]].sum()) > math.floor(cap * cand.param.numel() + 1e-9):
+                k -= 1  # never past the bound
             pruned_vectors.append(order[:k])
     else:
         scores = torch.cat([s for _, _, s, _ in layers])
         elems = torch.cat([e for *_, e in layers])
         owner = torch.cat([torch.full((s.numel(),), i, dtype=torch.int64) for i, (_, _, s, _) in enumerate(layers)])
         local = torch.cat([torch.arange(s.numel()) for _, _, s, _ in layers])
-        order = torch.argsort(scores, stable=True)
-        k = _how_many(elems[order], sparsity * float(elems.sum()))
-        chosen = order[:k]
+        target = sparsity * float(elems.sum())
+        if max_layer_sparsity is None:
+            order = torch.argsort(scores, stable=True)
+            chosen = order[: _how_many(elems[order], target)]
+        else:
+            reachable = sum(math.floor(c * m + 1e-9) for c, m in zip(caps, numels))
+            if reachable < target - max(vec_n for _, vec_n, _, _ in layers):
+                raise ConfigError(
+                    f"max_layer_sparsity allows at most {reachable} of {int(elems.sum())} elements to be pruned "
+                    f"({reachable / float(elems.sum()):.4f}), below the target sparsity {sparsity}"
+                )
+            chosen = _capped_global(scores, elems, owner, caps, numels, target)
         for i in range(len(layers)):
             pruned_vectors.append(local[chosen[owner[chosen] == i]])
 

@@ -33,7 +33,14 @@ from ..errors import ConfigError, PassError
 from ..lattice import get_lattice
 from ..param import DitheredLatticeParam
 from ..progress import progress_bar
-from ..quantizer import coded_rate_bits_per_weight, coded_rate_of_raw_points, quantize_array, vectors_of
+from ..quantizer import (
+    blocked_std,
+    blocked_sum,
+    coded_rate_bits_per_weight,
+    coded_rate_of_raw_points,
+    quantize_array,
+    vectors_of,
+)
 from ..record import raw_dither, weight_key
 from ..record_store import set_record
 from .compensate import act_order, compensated_points, inverse_factor
@@ -211,22 +218,26 @@ def solve_relative_step(
     layers: list[tuple[np.ndarray, float, Any, np.ndarray]], fixed_bits: float, fixed_numel: int, target: float
 ) -> float:
     """Find one relative step ``s`` (Δ_l = s·std_l) so the weighted mean estimated coded rate over all layers
-    (:func:`udnc_fx.quantizer.coded_rate_bits_per_weight`: index entropy for Z¹, and for vector lattices the smaller of
-    indices plus a table of points and table-free ``lattice-coords``) is ``target``.
+    (:func:`udnc_fx.quantizer.coded_rate_bits_per_weight`: index entropy for Z¹, and for vector lattices what the default
+    coder writes for the smaller of indices plus a table of points and table-free ``lattice-coords``) is ``target``.
 
-    ``layers``: ``(vectors, std, lattice, u_raw)`` for each layer solved for; ``fixed_*``: the total bits and weights
-    of layers with explicit steps. Entropy falls as the step grows; the search is on ``log s``.
+    ``layers``: ``(vectors, std, lattice, u_raw)`` or ``(vectors, std, lattice, u_raw, key, shape)`` for each layer
+    solved for (the dither key and weight shape let the vector lattices' estimate count the dither contexts and row
+    classes of the file); ``fixed_*``: the total bits and weights of layers with explicit steps. Entropy falls as the
+    step grows; the search is on ``log s``.
 
     Raises:
         ConfigError: the target is outside what these layers can reach.
     """
-    total = fixed_numel + sum(v.size for v, *_ in layers)
+    total = fixed_numel + sum(layer[0].size for layer in layers)
+
+    def layer_bits(layer: tuple, s: float) -> float:
+        v, std, lat, u, *rest = layer
+        key, shape = rest if rest else (None, None)
+        return coded_rate_bits_per_weight(v, lat, s * std, u, key=key, shape=shape) * v.size
 
     def mean_bits(s: float) -> float:
-        bits = fixed_bits + sum(
-            coded_rate_bits_per_weight(v, lat, s * std, u) * v.size for v, std, lat, u in layers
-        )
-        return bits / total
+        return (fixed_bits + sum(layer_bits(layer, s) for layer in layers)) / total
 
     return solve_scale(mean_bits, target)
 
@@ -330,6 +341,8 @@ def make_params(
     that rounding really produces, and, when ``calibration.scales`` holds an allocation, each layer's step is
     ``c·scale_l`` instead of ``s·std_l``. Each candidate's ``extra["rounding"]`` says how it was rounded.
     """
+    if _streamable(candidates, calibration):
+        return _stream_params(candidates, config, progress)
     stats = [layer_stats(c) for c in candidates]
     prepared = []
     comp: dict[int, tuple[np.ndarray, list[np.ndarray]]] = {}  # id(cand) -> (w as rows × d, factors)
@@ -366,10 +379,15 @@ def make_params(
         last_points[id(cand)] = (step, pts)
         return pts
 
+    keys = {id(p[0]): (p[5], tuple(p[1].shape)) for p in prepared}
+
     def bits_of(cand, lat, v, step) -> float:
+        key, shape = keys[id(cand)]
         if id(cand) in comp:
-            return coded_rate_of_raw_points(points_of(cand, lat, step, config.exact_zero), lat) * v.size
-        return coded_rate_bits_per_weight(v, lat, step, us[id(cand)]) * v.size
+            points = points_of(cand, lat, step, config.exact_zero)
+            return coded_rate_of_raw_points(points, lat, key=key, shape=shape, exact_zero=config.exact_zero) * v.size
+        rate = coded_rate_bits_per_weight(v, lat, step, us[id(cand)], key=key, shape=shape, exact_zero=config.exact_zero)
+        return rate * v.size
 
     to_solve = [p for p in prepared if p[0].step_kind == "target_bits"]
     if to_solve:
@@ -428,14 +446,95 @@ def make_params(
         sig = float((w**2).sum())
         # the record keeps the codewords' integer coordinates: the container stores those instead of floats while
         # fine-tuning leaves the codebook untouched
-        dlp = DitheredLatticeParam.from_record(
-            q,
-            fqn=cand.fqn,
-            aliases=tuple(f"{o}.{a}" if o else a for o, a in cand.owners[1:]),
-            sqnr_db=10 * math.log10(sig / err) if err > 0 else math.inf,
-        ).to(cand.param.device)
-        dlp.relative_step = cand.step / std if std > 0 else None
-        dlps.append(dlp)
+        dlps.append(_served(q, cand, sig, err, std))
+    return dlps
+
+
+def _served(q, cand: Candidate, sig: float, err: float, std: float) -> DitheredLatticeParam:
+    """The module that serves one weight: the record, its names, its SQNR (``sig``/``err``: the weight's and the
+    rounding error's sums of squares) and the relative step it was rounded with."""
+    dlp = DitheredLatticeParam.from_record(
+        q,
+        fqn=cand.fqn,
+        aliases=tuple(f"{o}.{a}" if o else a for o, a in cand.owners[1:]),
+        sqnr_db=10 * math.log10(sig / err) if err > 0 else math.inf,
+    ).to(cand.param.device)
+    dlp.relative_step = cand.step / std if std > 0 else None
+    return dlp
+
+
+def _streamable(candidates: list[Candidate], calibration: Any) -> bool:
+    """Whether :func:`_stream_params` applies: every step known up front (no ``target_bits`` to solve over all
+    layers at once) and plain rounding (no calibration)."""
+    return calibration is None and all(c.step_kind != "target_bits" for c in candidates)
+
+
+def _native_flat(cand: Candidate) -> np.ndarray:
+    """A candidate's weight as a flat NumPy array in its own float dtype (no copy for a contiguous float32/float64
+    CPU tensor; other float dtypes go through float32, exactly)."""
+    t = cand.param.detach().to("cpu")
+    if t.dtype not in (torch.float32, torch.float64):
+        t = t.to(torch.float32)
+    return t.numpy().reshape(-1)
+
+
+def _stream_params(candidates: list[Candidate], config: CompressConfig, progress: bool | None):
+    """:func:`make_params` for absolute and relative steps without calibration, one layer at a time.
+
+    The same steps, indices and SQNR bit for bit as the general path, but no float64 copy of any weight and no
+    cached dither: the standard deviation and the SQNR are summed block by block in NumPy's own order
+    (:func:`udnc_fx.quantizer.blocked_std` / :func:`~udnc_fx.quantizer.blocked_sum`) and the quantizer regenerates
+    the dither chunk by chunk, so the memory added is that of one layer's indices plus a few MiB.
+    """
+    lats, keys, stds = [], [], []
+    for cand in candidates:  # validate every layer before anything is changed
+        lat = get_lattice(cand.lattice, cand.n)
+        flat = _native_flat(cand)
+        if flat.size == 0:
+            raise ConfigError(f"layer {cand.fqn} has zero elements: exclude it (override None) or remove it")
+        if -(-flat.size // lat.dim) * lat.dim > 2**32:
+            raise ConfigError(f"layer {cand.fqn} is too large for the 32-bit dither counter")
+        try:
+            std = blocked_std(flat)
+        except ConfigError:
+            bad = int((~np.isfinite(flat)).sum())
+            raise ConfigError(
+                f"layer {cand.fqn} has {bad} NaN/Inf weights: fix the model before compressing"
+            ) from None
+        if cand.step_kind == "step":
+            cand.step = float(cand.step_value)
+        elif std == 0.0:
+            raise ConfigError(
+                f"layer {cand.fqn} has all weights equal (std 0): a relative step is undefined; give it an absolute "
+                f"step with overrides={{'{cand.owners[0][0]}': LayerConfig(step=...)}} or leave it float (None)"
+            )
+        else:
+            cand.step = float(cand.step_value) * std
+        stds.append(std)
+        lats.append(lat)
+        keys.append(weight_key(config.seed, cand.fqn, config.dithered))
+    dlps = []
+    items = list(zip(candidates, lats, keys, stds))
+    bar = progress_bar(items, desc="quantizing", unit="layer", progress=progress) if len(items) > 1 else items
+    for cand, lat, key, std in bar:
+        flat = _native_flat(cand)
+        q = quantize_array(
+            flat.reshape(tuple(cand.param.shape)), lattice=lat.name, n=lat.dim, step=cand.step, key=key,
+            exact_zero=config.exact_zero,
+        )
+        n, numel = q.n, q.numel
+
+        def decoded(lo: int, hi: int, q=q, n=n) -> np.ndarray:
+            v0, v1 = lo // n, -(-hi // n)
+            return q.decode_rows(v0, v1).reshape(-1)[lo - v0 * n : hi - v0 * n].astype(np.float64)
+
+        def wide(lo: int, hi: int, flat=flat) -> np.ndarray:
+            return flat[lo:hi].astype(np.float64)
+
+        # the general path's float(((decoded - w) ** 2).sum()) and float((w ** 2).sum()), summed in the same order
+        err = blocked_sum(numel, lambda lo, hi: np.square(decoded(lo, hi) - wide(lo, hi)))
+        sig = blocked_sum(numel, lambda lo, hi: np.square(wide(lo, hi)))
+        dlps.append(_served(q, cand, sig, err, std))
     return dlps
 
 

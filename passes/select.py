@@ -12,7 +12,7 @@ from torch import fx, nn
 from ..config import CompressConfig, LayerConfig
 from ..errors import ConfigError, UnsupportedModelError
 
-__all__ = ["Change", "Candidate", "select_weights", "refuse_non_float32", "FUNCTIONAL_WEIGHT_OPS"]
+__all__ = ["Change", "Candidate", "select_weights", "lattice_and_step", "refuse_non_float32", "FUNCTIONAL_WEIGHT_OPS"]
 
 _TYPE_BY_NAME = {
     "Conv1d": nn.Conv1d,
@@ -201,7 +201,10 @@ def _check_exact_override_keys(config: CompressConfig, modules: dict[str, nn.Mod
         )
 
 
-def _resolve(fqn, owners, p, config: CompressConfig, override: LayerConfig | None, key, found_by) -> Candidate:
+def lattice_and_step(config: CompressConfig, override: LayerConfig | None) -> tuple[str, int | None, str, float | None]:
+    """``(lattice, n, step_kind, step_value)`` for one weight: the config's, with a layer override's lattice, ``n``
+    and step taking precedence (``step_value`` is ``None`` for ``target_bits``, solved later over all layers). The one
+    rule for ``compress`` and ``compress_checkpoint``."""
     lattice = config.lattice
     n = config.n
     step_kind, step_value = config.step_mode, None
@@ -216,6 +219,11 @@ def _resolve(fqn, owners, p, config: CompressConfig, override: LayerConfig | Non
             step_kind, step_value = "step", override.step
         elif override.relative_step is not None:
             step_kind, step_value = "relative_step", override.relative_step
+    return lattice, n, step_kind, step_value
+
+
+def _resolve(fqn, owners, p, config: CompressConfig, override: LayerConfig | None, key, found_by) -> Candidate:
+    lattice, n, step_kind, step_value = lattice_and_step(config, override)
     from ..lattice import get_lattice
 
     lat = get_lattice(lattice, n)

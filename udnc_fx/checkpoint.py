@@ -59,7 +59,7 @@ from .config import DEFAULT_LAYER_TYPES, CompressConfig
 from .errors import ConfigError
 from .lattice import get_lattice
 from .passes.quantize import solve_scale
-from .passes.select import select_weights
+from .passes.select import lattice_and_step, select_weights
 from .passes.trace import prepare
 from .progress import progress_bar
 from .quantizer import coded_rate_bits_per_weight, quantize_array, raw_dither, vectors_of
@@ -334,18 +334,7 @@ def _plan_by_rule(ckpt: _Checkpoint, config: CompressConfig):
             numel = math.prod(info.shape)
             found, override, _ = config.layer_override(module, None)
             if not (found and override is None) and not (numel and numel < config.min_numel):
-                lattice, n = config.lattice, config.n
-                kind = config.step_mode
-                value = None if kind == "target_bits" else getattr(config, kind)
-                if override is not None:
-                    if override.lattice is not None:
-                        lattice, n = override.lattice, override.n
-                    elif override.n is not None:
-                        n = override.n
-                    if override.step is not None:
-                        kind, value = "step", override.step
-                    elif override.relative_step is not None:
-                        kind, value = "relative_step", override.relative_step
+                lattice, n, kind, value = lattice_and_step(config, override)
                 lat = get_lattice(lattice, n)
                 weights.append(_Weight(name, (), name, info.shape, lat.name, lat.dim, kind, value))
                 continue

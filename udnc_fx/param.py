@@ -10,7 +10,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .lattice import get_lattice
-from .record import CompressedWeight, check_affine, index_dtype, lattice_factor, on_lattice, raw_dither, scaled_dither
+from .record import CompressedWeight, check_affine, index_dtype, lattice_factor, on_lattice, scaled_dither_rows
 
 __all__ = ["DitheredLatticeParam", "compute_dither", "index_dtype_for"]
 
@@ -31,7 +31,7 @@ def compute_dither(key: int, num_vectors: int, lattice: str, n: int, step: float
     :meth:`CompressedWeight.dither` applies too). ``step == 0`` is never stored.
     """
     lat = get_lattice(lattice, n)
-    return scaled_dither(raw_dither(key, num_vectors, lat), lattice_factor(lat, step))
+    return scaled_dither_rows(key, num_vectors, lat, lattice_factor(lat, step))
 
 
 class DitheredLatticeParam(nn.Module):
@@ -121,9 +121,9 @@ class DitheredLatticeParam(nn.Module):
             fqn, aliases, sqnr_db: bookkeeping, see the class docstring.
         """
         idx = record.indices
-        # uint8 (K <= 256) is the dtype the parameter keeps: no copy; others go through int64 (torch lacks most
-        # unsigned wider dtypes)
-        idx = idx if idx.dtype in (np.uint8, np.int64) else idx.astype(np.int64)
+        # the dtypes the parameter keeps (uint8, int16, int32: the quantizer's) and int64 are shared, no copy;
+        # others go through int64 (torch lacks most unsigned wider dtypes)
+        idx = idx if idx.dtype in (*_TORCH_INDEX_DTYPES, np.dtype(np.int64)) else idx.astype(np.int64)
         codebook = record.codebook if record.codebook.flags.writeable else record.codebook.copy()
         return cls(
             torch.from_numpy(idx),
@@ -198,7 +198,19 @@ class DitheredLatticeParam(nn.Module):
 
     @torch.no_grad()
     def materialize(self) -> torch.Tensor:
-        """The decoded weight as a plain float tensor (detached), equal to ``forward()`` bit for bit."""
+        """The decoded weight as a plain float tensor (detached), equal to ``forward()`` bit for bit.
+
+        A float32 parameter on the CPU whose dither is not cached yet is decoded in chunks of rows by
+        :meth:`CompressedWeight.decode` (the same float32 arithmetic), without building or caching the dither of
+        the whole tensor: materializing a model then adds one decoded weight at a time, not a dither per weight.
+        """
+        if (
+            self._dither_cache is None
+            and self.codebook.device.type == "cpu"
+            and self.codebook.dtype == torch.float32
+            and self.indices.device.type == "cpu"
+        ):
+            return torch.from_numpy(np.ascontiguousarray(self.record().decode()))
         return self.forward().detach().clone()
 
     def codeword_counts(self) -> torch.Tensor:
@@ -215,15 +227,18 @@ class DitheredLatticeParam(nn.Module):
         return float(-(p * p.log2()).sum()) / self.n if p.numel() else 0.0
 
     def rate_bits(self) -> float:
-        """Estimated coded rate in bits per weight (:func:`udnc_fx.quantizer.rate_bits_of_points`: the smaller of
-        indices plus a table of points and codebook-free ``lattice-coords``), what ``target_bits`` solves for.
+        """Estimated coded rate in bits per weight (:func:`udnc_fx.quantizer.rate_bits_of_points`: for vector
+        lattices what the default coder writes for the smaller of indices plus a table of points and codebook-free
+        ``lattice-coords``), what ``target_bits`` solves for.
         Equals :meth:`entropy_bits` for ``Z¹``; a fine-tuned codebook (no integer points) gives :meth:`entropy_bits`."""
         if self.codebook_int is None:
             return self.entropy_bits()
         from .quantizer import rate_bits_of_points
 
         points = self.codebook_int[self.indices.cpu().numpy().astype(np.int64)]
-        return rate_bits_of_points(points, self.lattice)
+        return rate_bits_of_points(
+            points, self.lattice, key=self.key, shape=tuple(self.shape), exact_zero=self.zero_index is not None
+        )
 
     def extra_repr(self) -> str:
         key = "none" if self.key is None else f"0x{self.key:016x}"

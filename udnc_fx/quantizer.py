@@ -18,6 +18,7 @@ from .record import (  # noqa: F401 (codebook_from_int, raw_dither: re-exported,
     CompressedWeight,
     codebook_from_int,
     entropy_from_counts,
+    index_dtype,
     lattice_factor,
     raw_dither,
     scaled_dither,
@@ -118,9 +119,12 @@ def _points_at(v: np.ndarray, u_raw: np.ndarray, lat: Lattice, step: float) -> n
     return lat.to_int(_lattice_points(v, scaled_dither(u_raw, factor), lat, factor))
 
 
-def coded_rate_of_raw_points(raw_points: np.ndarray, lat: Lattice) -> float:
+def coded_rate_of_raw_points(
+    raw_points: np.ndarray, lat: Lattice, *, key: int | None = None, shape: tuple[int, ...] | None = None,
+    exact_zero: bool = False,
+) -> float:
     """:func:`rate_bits_of_points` of raw lattice points ``(num_vectors, n)`` chosen by any rounding rule."""
-    return rate_bits_of_points(lat.to_int(raw_points), lat.name)
+    return rate_bits_of_points(lat.to_int(raw_points), lat.name, key=key, shape=shape, exact_zero=exact_zero)
 
 
 def entropy_bits_per_weight(
@@ -131,34 +135,80 @@ def entropy_bits_per_weight(
     return entropy_from_counts(_count_rows(points)) / lat.dim
 
 
-def rate_bits_of_points(points: np.ndarray, lattice: str) -> float:
+def rate_bits_of_points(
+    points: np.ndarray, lattice: str, *, key: int | None = None, shape: tuple[int, ...] | None = None,
+    exact_zero: bool = False,
+) -> float:
     """Estimated coded rate (bits per weight) of integer lattice points ``(m, n)`` as the container stores them.
 
-    The writer keeps the smaller of an explicit table (indices plus a coded table of the ``K`` distinct points) and
-    ``lattice-coords`` (every vector's coordinates, no table). Estimated here as ``min(H(k) + K·Hc / m, Hc) / n``
-    with ``H(k)`` the order-0 entropy of the indices and ``Hc`` the sum of the per-coordinate order-0 entropies of
-    the ``lattice-coords`` symbols (a table row costs about a coded vector). For ``Z¹`` both are ``H(k)``. Unlike
-    ``H(k)/n``, this does not saturate at ``log2(m)/n`` when every vector is its own point, so every target is
+    ``Z¹``: the order-0 entropy ``H(k)`` of the indices (the file's index stream is usually a little smaller: the
+    default coder conditions on the dither and on row density).
+
+    Vector lattices (``n > 1``): what the default coder (``ans-dither-v1``) writes for the tensor's two sections,
+    following the writer's choice between indices plus a table of points and table-free ``lattice-coords``
+    (:func:`udnc_fx.coding.payload.estimate_points_bits`): per-stream count tables, dither contexts (``key``: the
+    tensor's dither key, ``None`` for none) and row classes (``shape``: the weight's shape) included; the tensor's
+    header entry is not (``exact_zero``: the record keeps the point 0 exact, which the writer's choice of form
+    weighs). Why not entropies: on the pruned demo CNN at 1.12 bits/weight the index entropy plus a table
+    costed at the coordinates' entropy gave E8 1.12 where its sections took 2.00 (the cost of the table of points and
+    the per-stream count tables of small layers were missing; benchmarks/rate_estimate.py). Every target is
     reachable with every lattice.
     """
-    from udnc_fx.coding.lattice_coords import coordinate_entropy_bits
-
     m, n = points.shape
     if m == 0:
         return 0.0
-    counts = _count_rows(points)
-    h_joint = entropy_from_counts(counts)
     if n == 1:
-        return h_joint
-    h_coords = coordinate_entropy_bits(points, lattice)
-    return min(h_joint + counts.size * h_coords / m, h_coords) / n
+        return entropy_from_counts(_count_rows(points))
+    from udnc_fx.coding.payload import estimate_points_bits
+
+    return estimate_points_bits(points, lattice, n, key, shape, exact_zero=exact_zero) / (m * n)
 
 
-def coded_rate_bits_per_weight(v: np.ndarray, lat: Lattice, step: float, u_raw: np.ndarray) -> float:
+def coded_rate_bits_per_weight(
+    v: np.ndarray, lat: Lattice, step: float, u_raw: np.ndarray, *, key: int | None = None,
+    shape: tuple[int, ...] | None = None, exact_zero: bool = False,
+) -> float:
     """:func:`rate_bits_of_points` of the points ``v`` (num_vectors × n) would get at ``step``: what ``target_bits``
-    solves for."""
+    solves for (``key``, ``shape``: the tensor's dither key and shape, for the vector lattices' estimate)."""
     points = _points_at(v, u_raw, lat, step)
-    return rate_bits_of_points(points, lat.name)
+    return rate_bits_of_points(points, lat.name, key=key, shape=shape, exact_zero=exact_zero)
+
+
+#: Vectors per work item of :func:`quantize_array` (times ``n`` elements): the float64 temporaries of the nearest
+#: point search stay a few MiB whatever the tensor's size. Any value gives the same result (the dither is
+#: counter-based, the ranking of points is a total order); tests lower it to cross chunk boundaries.
+QUANTIZE_CHUNK_ELEMENTS = 1 << 18
+
+
+def _narrow_ints(a: np.ndarray) -> np.ndarray:
+    """``a`` (int64) in the narrowest signed dtype that holds its values (int8 .. int64)."""
+    if a.size == 0:
+        return a.astype(np.int8)
+    lo, hi = int(a.min()), int(a.max())
+    for dt in (np.int8, np.int16, np.int32):
+        info = np.iinfo(dt)
+        if info.min <= lo and hi <= info.max:
+            return a.astype(dt)
+    return a
+
+
+def _chunk_points(
+    flat: np.ndarray, v0: int, v1: int, lat: Lattice, step: float, key: int | None, u_raw: np.ndarray | None,
+    raw_points: np.ndarray | None,
+) -> np.ndarray:
+    """Integer lattice points (int64 ``(v1 − v0) × n``) of vectors ``v0 .. v1`` of the zero-padded ``flat``."""
+    n = lat.dim
+    lo, hi = v0 * n, min(v1 * n, flat.size)
+    v = np.asarray(flat[lo:hi], dtype=np.float64)
+    if not np.isfinite(v).all():
+        raise ConfigError("cannot quantize NaN or Inf values")
+    if raw_points is not None:
+        return lat.to_int(raw_points[v0:v1])
+    if hi - lo < (v1 - v0) * n:  # the last vector's zero padding (vectors_of)
+        v = np.concatenate([v, np.zeros((v1 - v0) * n - (hi - lo))])
+    v = v.reshape(-1, n)
+    u = raw_dither(key, v1 - v0, lat, v0) if u_raw is None else u_raw[v0:v1]
+    return _points_at(v, u, lat, step)
 
 
 def quantize_array(
@@ -174,13 +224,18 @@ def quantize_array(
 ) -> CompressedWeight:
     """Quantize ``values`` with the randomized lattice quantizer.
 
+    Works in chunks of rows (:data:`QUANTIZE_CHUNK_ELEMENTS`): the float64 temporaries are those of one chunk, the
+    points are kept in the narrowest integer dtype that holds them, and the indices come back in the smallest dtype
+    that holds ``K − 1`` (:func:`udnc_fx.record.index_dtype`), so the memory added is about 1–2 bytes per weight
+    plus 1–4 bytes per vector. The result does not depend on the chunk size.
+
     Args:
         values: any-shaped float array (finite).
         lattice, n: the lattice (see :func:`udnc_fx.lattice.get_lattice`).
         step: Δ > 0.
         key: the dither key (``None``: no dither, deterministic rounding).
         exact_zero: make the lattice point 0 decode to exactly 0 (pruned weights stay 0).
-        u_raw: precomputed :func:`raw_dither` (speeds up repeated calls).
+        u_raw: precomputed :func:`raw_dither` (speeds up repeated calls); default: regenerated chunk by chunk.
         raw_points: the lattice points (raw coordinates, ``num_vectors × n``) already chosen by another rounding
             rule (error-compensating rounding); ``values`` then only gives the shape. Default: nearest to ``v + u``.
 
@@ -188,27 +243,23 @@ def quantize_array(
         ConfigError: non-finite values or step, or an unknown lattice.
 
     Returns:
-        The :class:`~udnc_fx.record.CompressedWeight` of ``values`` (shape ``values.shape``; ``codebook_int`` set).
+        The :class:`~udnc_fx.record.CompressedWeight` of ``values`` (shape ``values.shape``; ``codebook_int`` set;
+        indices of dtype :func:`udnc_fx.record.index_dtype` of the codebook size).
     """
     lat = get_lattice(lattice, n)
     if not (isinstance(step, (int, float, np.floating)) and math.isfinite(step) and step > 0):
         raise ConfigError(f"step must be a finite number > 0, got {step!r}")
-    v = vectors_of(values, lat.dim)
-    if not np.isfinite(v).all():
-        raise ConfigError("cannot quantize NaN or Inf values")
-    if u_raw is None:
-        u_raw = raw_dither(key, v.shape[0], lat)
-    if raw_points is None:
-        points = _points_at(v, u_raw, lat, step)
-    else:
-        points = lat.to_int(np.asarray(raw_points, dtype=np.float64).reshape(v.shape))
-    uniq_points, inverse, counts = unique_rows(points)
-    # Most frequent codeword first (helps byte-oriented coders); ties broken by the integer coordinates.
-    order = np.lexsort(tuple(uniq_points[:, j] for j in range(lat.dim - 1, -1, -1)) + (-counts,))
-    rank = np.empty_like(order)
-    rank[order] = np.arange(order.size)
-    indices = rank[inverse.reshape(-1)].astype(np.int64)
-    codebook_int = uniq_points[order]
+    dim = lat.dim
+    flat = np.asarray(values).reshape(-1)
+    m = -(-flat.size // dim)
+    if raw_points is not None:
+        raw_points = np.asarray(raw_points, dtype=np.float64).reshape(m, dim)
+    chunk = max(1, QUANTIZE_CHUNK_ELEMENTS // dim)
+    bounds = [(v0, min(v0 + chunk, m)) for v0 in range(0, m, chunk)]
+    # Pass 1: every chunk's integer points, kept narrow; pass 2: rank the distinct points.
+    parts = [_narrow_ints(_chunk_points(flat, v0, v1, lat, float(step), key, u_raw, raw_points)) for v0, v1 in bounds]
+    indices, codebook_int, _ = rank_rows(parts, dim)
+    del parts
     zero_index = None
     if exact_zero:
         hits = np.flatnonzero(~codebook_int.any(axis=1))
@@ -226,3 +277,118 @@ def quantize_array(
         key=key,
         zero_index=zero_index,
     )
+
+
+def rank_rows(parts: list[np.ndarray], dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Index integer points given as consecutive chunks ``parts`` (each ``(rows, dim)``, any integer dtype).
+
+    Returns ``(indices, codebook_int, counts)``: the distinct points most frequent first, ties broken by the
+    coordinates (lexicographically) — the quantizer's codebook order — as int64 ``(K, dim)``, their counts, and each
+    row's position among them in the smallest dtype that holds ``K − 1`` (:func:`udnc_fx.record.index_dtype`).
+    Dense mixed-radix codes (:func:`_dense_codes`' rule) are counted chunk by chunk when the coordinate ranges
+    allow, so only one chunk's int64 codes exist at a time; otherwise all rows are sorted at once.
+    """
+    m = sum(p.shape[0] for p in parts)
+    lows = np.zeros(dim, np.int64)
+    highs = np.zeros(dim, np.int64)
+    first = True
+    for part in parts:
+        if part.shape[0]:
+            lo, hi = part.min(axis=0).astype(np.int64), part.max(axis=0).astype(np.int64)
+            lows, highs = (lo, hi) if first else (np.minimum(lows, lo), np.maximum(highs, hi))
+            first = False
+    radices = highs - lows + 1
+    span: int | None = 1
+    for r in radices.tolist():
+        span *= int(r)
+        if span > max(_MAX_DENSE_CODES, 4 * m) or span > 2**62:
+            span = None
+            break
+    if span is None:
+        points = np.concatenate([p.astype(np.int64) for p in parts]) if parts else np.zeros((0, dim), np.int64)
+        uniq, inverse, counts = unique_rows(points)
+        del points
+        position = inverse.reshape(-1)
+        positions = lambda: [position]  # noqa: E731
+    else:
+
+        def codes_of(part: np.ndarray) -> np.ndarray:
+            codes = np.zeros(part.shape[0], dtype=np.int64)
+            for j in range(dim):
+                codes *= radices[j]
+                codes += part[:, j].astype(np.int64) - lows[j]
+            return codes
+
+        all_counts = np.zeros(span, dtype=np.int64)
+        for part in parts:
+            all_counts += np.bincount(codes_of(part), minlength=span)
+        used = np.flatnonzero(all_counts)
+        uniq = np.empty((used.size, dim), dtype=np.int64)
+        rest = used.copy()
+        for j in range(dim - 1, -1, -1):  # undo the mixed radix, last coordinate first
+            uniq[:, j] = rest % radices[j] + lows[j]
+            rest //= radices[j]
+        counts = all_counts[used]
+        del all_counts
+        lookup = np.zeros(span, dtype=index_dtype(max(used.size, 1)))
+        lookup[used] = np.arange(used.size)
+        positions = lambda: (lookup[codes_of(part)] for part in parts)  # noqa: E731
+    # Most frequent codeword first (helps byte-oriented coders); ties broken by the integer coordinates.
+    order = np.lexsort(tuple(uniq[:, j] for j in range(dim - 1, -1, -1)) + (-counts,))
+    k = order.size
+    idx_dtype = index_dtype(max(k, 1))
+    rank = np.empty(k, dtype=idx_dtype)
+    rank[order] = np.arange(k, dtype=idx_dtype)
+    indices = np.empty(m, dtype=idx_dtype)
+    start = 0
+    for pos in positions():
+        indices[start : start + pos.size] = rank[pos]
+        start += pos.size
+    return indices, uniq[order], counts[order].astype(np.int64)
+
+
+#: Elements per block of :func:`blocked_sum`.
+SUM_BLOCK_ELEMENTS = 1 << 16
+
+
+def blocked_sum(size: int, block, leaf: int | None = None) -> float:
+    """``np.add.reduce`` of a float64 vector of ``size`` elements given block by block, bit for bit.
+
+    ``block(lo, hi)`` returns elements ``lo .. hi`` (float64). NumPy sums a contiguous float64 vector by pairwise
+    summation (split ``k`` elements at ``k/2`` rounded down to a multiple of 8, down to blocks of 128); this follows
+    the same splits down to blocks of at most ``leaf`` elements and sums each block with NumPy, so the result is that
+    of summing the whole vector at once while only one block is ever materialised (tested against ``np.sum``).
+    """
+    # below 128 elements NumPy sums with 8 accumulators, not by halving: a block is never split there
+    leaf = max(int(SUM_BLOCK_ELEMENTS if leaf is None else leaf), 128)
+
+    def rec(lo: int, k: int) -> float:
+        if k <= leaf:
+            return np.add.reduce(np.asarray(block(lo, lo + k), dtype=np.float64))
+        half = k // 2
+        half -= half % 8
+        return rec(lo, half) + rec(lo + half, k - half)
+
+    if size <= 0:
+        return 0.0
+    return float(rec(0, int(size)))
+
+
+def blocked_std(flat: np.ndarray, leaf: int | None = None) -> float:
+    """``float(np.std(flat.astype(np.float64)))`` bit for bit, without the float64 copy (:func:`blocked_sum`).
+
+    Raises:
+        ConfigError: ``flat`` holds NaN or Inf values (checked block by block).
+    """
+    size = flat.size
+
+    def values(lo: int, hi: int) -> np.ndarray:
+        x = np.asarray(flat[lo:hi], dtype=np.float64)
+        if not np.isfinite(x).all():
+            raise ConfigError("cannot quantize NaN or Inf values")
+        return x
+
+    # numpy's _var: mean = sum / n; x = arr - mean; sum(x * x) / n; sqrt
+    mean = np.float64(blocked_sum(size, values, leaf)) / size
+    sq = blocked_sum(size, lambda lo, hi: np.square(values(lo, hi) - mean), leaf)
+    return float(np.sqrt(np.float64(sq) / size))

@@ -49,6 +49,7 @@ __all__ = [
     "lattice_factor",
     "raw_dither",
     "scaled_dither",
+    "scaled_dither_rows",
     "codebook_from_int",
     "on_lattice",
     "check_affine",
@@ -57,6 +58,7 @@ __all__ = [
     "entropy_from_counts",
     "index_dtype",
     "DECODE_CHUNK_ELEMENTS",
+    "DITHER_CHUNK_ELEMENTS",
 ]
 
 #: Weights decoded per work item by :meth:`CompressedWeight.decode`: small enough that the float64 temporaries stay
@@ -109,6 +111,25 @@ def raw_dither(key: int | None, num_vectors: int, lat: Lattice, start: int = 0) 
 def scaled_dither(raw: np.ndarray, factor: float) -> np.ndarray:
     """``float32(raw · factor)``: the dither ``Δ·u`` every decoder subtracts (the float64 product rounded once)."""
     return (raw * factor).astype(np.float32)
+
+
+#: Dither elements per work item of :func:`scaled_dither_rows`: the float64 raw dither exists one chunk at a time.
+DITHER_CHUNK_ELEMENTS = 1 << 18
+
+
+def scaled_dither_rows(key: int | None, num_vectors: int, lat: Lattice, factor: float, start: int = 0) -> np.ndarray:
+    """``scaled_dither(raw_dither(key, num_vectors, lat, start), factor)`` (float32 ``num_vectors × n``), computed in
+    chunks of rows so the float64 raw dither (and its temporaries) never exists for the whole tensor. Every element
+    is computed by the same operations, so the result is the same bit for bit."""
+    out = np.empty((num_vectors, lat.dim), dtype=np.float32)
+    if key is None:
+        out[:] = 0.0
+        return out
+    chunk = max(1, DITHER_CHUNK_ELEMENTS // lat.dim)
+    for v0 in range(0, num_vectors, chunk):
+        v1 = min(v0 + chunk, num_vectors)
+        out[v0:v1] = scaled_dither(raw_dither(key, v1 - v0, lat, start + v0), factor)
+    return out
 
 
 def check_affine(affine) -> tuple[float, float] | None:
@@ -365,7 +386,8 @@ class CompressedWeight:
 
     def dither(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """``Δ·u`` (float32, ``(stop − start) × n``) exactly as every decoder subtracts it (zeros without a key)."""
-        return scaled_dither(self.raw_dither(start, stop), self.factor)
+        stop = self.num_vectors if stop is None else stop
+        return scaled_dither_rows(self.key, stop - start, self.lat, self.factor, start)
 
     def decode_rows(self, start: int, stop: int, raw: np.ndarray | None = None) -> np.ndarray:
         """Decoded vectors ``start .. stop`` (float32 ``(stop − start) × n``): ``C[k] − Δ·u``, zero index → 0.

@@ -80,3 +80,29 @@ def test_pipeline_target_bits(monkeypatch):
 
     assert digits_pipeline.target_bits(0.9, 1.5) == pytest.approx(0.469 + 0.15, abs=1e-3)
     assert digits_pipeline.target_bits(0.0, 2.0) == 2.0
+
+
+def test_pipeline_candidates_parse_sparsity_and_layer_bound(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import digits_pipeline
+
+    assert digits_pipeline._candidates(["0.9", "0.92@0.95", 0.85, (0.9, 0.97)]) == [
+        (0.9, None), (0.92, 0.95), (0.85, None), (0.9, 0.97)]
+    assert digits_pipeline._label(0.92, 0.95) == "sparsity 0.92 (layer bound 0.95)"
+
+
+@pytest.mark.slow
+def test_theory_gap_smoke(monkeypatch):
+    """The gap breakdown: the file costs at least the ideal rate of its own contexts (its tables cost bits), and for
+    Z¹ bins of the dither are bins of the hash variate (u = r − round(r)), so the two contexts agree."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import theory
+    import theory_gap
+
+    h = theory.differential_entropy_bits("gaussian")
+    x = theory.sample("gaussian", 16000, 0)
+    rows = {n: theory_gap.measure(x, h, lat, n, 3.0, key=0x5EED + n) for lat, n in (("Z", 1), ("E8", 8))}
+    for r in rows.values():
+        assert r["file"] >= r["file_ctx"] - 0.005
+        assert r["order0"] >= r["file_ctx"] - 1e-9  # a context never raises the empirical entropy
+    assert rows[1]["dither"] == pytest.approx(rows[1]["file_ctx"], abs=0.01)

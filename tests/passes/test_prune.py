@@ -7,6 +7,8 @@ from __future__ import annotations
 import math
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,6 +19,7 @@ from udnc_fx.demo import DigitsCNN
 from udnc_fx.passes.finetune import finetune, finetune_float
 from udnc_fx.passes.materialize import served_params
 from udnc_fx.passes.prune import mask_sparsity, prune
+from udnc_fx.record import apply_affine
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -140,7 +143,11 @@ def test_pruned_weights_decode_to_exact_zero_before_and_after_finetuning(lattice
              optimizer="adamw", progress=False)
     check()
     for fqn, row in zero_rows.items():
-        assert torch.equal(dlps[fqn].codebook.detach()[dlps[fqn].zero_index], row)
+        d = dlps[fqn]
+        # A trained table keeps its exact-zero row; under the affine correction (vector lattices) the row is the
+        # corrected zero point, never trained, and the decoder still maps the zero index to exactly 0 (check()).
+        expected = row if d.affine is None else torch.from_numpy(apply_affine(row.numpy()[None], d.affine)[0])
+        assert torch.equal(d.codebook.detach()[d.zero_index], expected), fqn
 
 
 def test_without_exact_zero_pruned_weights_get_dither_noise():
@@ -173,3 +180,91 @@ def test_other_bad_input_raises_clear_errors():
     with pytest.raises(ConfigError, match="NaN"):
         prune(model, 0.5)
     assert math.isnan(model.fc1.weight[0, 0].item())  # the user's model is untouched even on error
+
+
+def _layer_sparsity(masks) -> dict[str, float]:
+    return {k: 1 - m.float().mean().item() for k, m in masks.items()}
+
+
+@pytest.mark.parametrize("sparsity,cap,n", [(0.9, 0.95, 1), (0.9, 0.92, 4), (0.8, 0.85, 2)])
+def test_layer_bound_caps_global_pruning_and_moves_the_rest_to_other_layers(sparsity, cap, n):
+    model = cnn()
+    _, plain = prune(model, sparsity, n=n)
+    assert _layer_sparsity(plain)["fc1.weight"] > cap  # unbounded, the largest layer takes more than the bound
+    pruned, masks = prune(model, sparsity, n=n, max_layer_sparsity=cap)
+    total = sum(m.numel() for m in masks.values())
+    assert abs(mask_sparsity(masks) - sparsity) <= n / total  # the total still hits the target
+    per_layer = _layer_sparsity(masks)
+    assert all(v <= cap + 1e-9 for v in per_layer.values()), per_layer
+    assert per_layer["fc1.weight"] >= cap - n / masks["fc1.weight"].numel() - 1e-9  # the bound binds
+    # within the layers the bound does not bind, still smallest first: every pruned vector of an unbound layer is
+    # no larger than every kept vector of any unbound layer
+    params, original = dict(pruned.named_parameters()), dict(model.named_parameters())
+    unbound = [f for f, v in per_layer.items() if v < cap - n / masks[f].numel() - 1e-9]
+    kept, dropped = [], []
+    for fqn in unbound:
+        mv = vectors(masks[fqn].float(), n)
+        rms = vectors(original[fqn].detach(), n).norm(dim=1) / math.sqrt(n)
+        kept.append(rms[mv.sum(1) > 0])
+        dropped.append(rms[mv.sum(1) == 0])
+        assert torch.all(params[fqn].detach()[~masks[fqn]] == 0)
+    kept, dropped = torch.cat(kept), torch.cat(dropped)
+    assert dropped.numel() and dropped.max() <= kept.min()
+
+
+def test_a_bound_that_does_not_bind_changes_nothing():
+    model = cnn()
+    a, ma = prune(model, 0.5)
+    b, mb = prune(model, 0.5, max_layer_sparsity=1.0)
+    c, mc = prune(model, 0.5, max_layer_sparsity={"conv1.weight": 1.0})
+    for k in ma:
+        assert torch.equal(ma[k], mb[k]) and torch.equal(ma[k], mc[k])
+
+
+def test_per_layer_bounds_by_name_and_layer_scope():
+    _, masks = prune(cnn(), 0.9, max_layer_sparsity={"fc1.weight": 0.9, "conv1.weight": 0.0})
+    per_layer = _layer_sparsity(masks)
+    assert per_layer["conv1.weight"] == 0.0 and per_layer["fc1.weight"] <= 0.9 + 1e-9
+    assert abs(mask_sparsity(masks) - 0.9) <= 1 / sum(m.numel() for m in masks.values())
+    _, masks = prune(cnn(), 0.8, scope="layer", max_layer_sparsity={"fc2.weight": 0.5})
+    per_layer = _layer_sparsity(masks)
+    assert per_layer["fc2.weight"] <= 0.5 and abs(per_layer["fc2.weight"] - 0.5) <= 1 / 640 + 1e-9
+    assert abs(per_layer["conv2.weight"] - 0.8) <= 1 / 4608 + 1e-9
+
+
+@pytest.mark.parametrize("bound,match", [
+    (1.5, "max_layer_sparsity"), (-0.1, "max_layer_sparsity"), (float("nan"), "max_layer_sparsity"),
+    (True, "max_layer_sparsity"), ("0.9", "max_layer_sparsity"), ({"fc9.weight": 0.5}, "fc9.weight"),
+    ({"fc1.weight": 2.0}, "fc1.weight"), (0.5, "at most"),
+])
+def test_bad_layer_bounds_are_refused(bound, match):
+    model = cnn()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match=match):
+        prune(model, 0.9, max_layer_sparsity=bound)
+    assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    sparsity=st.floats(0.0, 0.99),
+    caps=st.lists(st.one_of(st.none(), st.floats(0.0, 1.0)), min_size=4, max_size=4),
+    n=st.sampled_from([1, 3]),
+)
+def test_bounds_always_hold_and_the_target_is_met_or_refused(sparsity, caps, n):
+    bounds = {f: c for f, c in zip(LAYERS, caps) if c is not None}
+    model = cnn()
+    try:
+        _, masks = prune(model, sparsity, n=n, max_layer_sparsity=bounds)
+    except ConfigError as exc:
+        assert "at most" in str(exc)
+        reachable = sum(math.floor(bounds.get(f, 1.0) * m.numel()) for f, m in model.named_parameters()
+                        if f in LAYERS)
+        assert reachable < sparsity * sum(p.numel() for f, p in model.named_parameters() if f in LAYERS)
+        return
+    per_layer = _layer_sparsity(masks)
+    for fqn, cap in bounds.items():
+        assert per_layer[fqn] <= cap + 1e-9
+    total = sum(m.numel() for m in masks.values())
+    # met to within one vector per layer (a bound can stop a layer one partial vector short)
+    assert abs(mask_sparsity(masks) - sparsity) <= len(LAYERS) * n / total

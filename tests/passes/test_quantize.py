@@ -514,8 +514,9 @@ def test_file_rate_tracks_the_solved_rate(lattice, n, tmp_path):
     coded = sum(8 * (t["indices"] + t["codebook"]) for t in sizes["tensors"].values() if t["kind"] == "quantized")
     weights = sum(d.numel for d in served_params(gm))
     assert all(q["codebook"]["encoding"] == "lattice-coords" for q in header["quantized"])
-    # measured 3.08-3.35: the static coder's per-stream tables are a visible share of layers of 320-3072 weights
-    assert 3.0 * 0.97 <= coded / weights <= 3.0 * 1.15
+    # the estimate counts the coder's per-stream tables and dither contexts (measured 2.999-3.007; was 3.08-3.35
+    # when it counted only coordinate entropies)
+    assert 3.0 * 0.98 <= coded / weights <= 3.0 * 1.02
 
 
 def test_default_config_targets_three_bits():

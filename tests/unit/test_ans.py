@@ -248,20 +248,53 @@ def test_bad_row_mode_payloads(data, n):
     assert info.value.kind == "corrupt_payload"
 
 
+def _one_table_rule(counts):
+    """The table rule written out width by width for one bin (the writer's definition, kept here as the reference
+    for the vectorised ``_best_tables``): trailing zeros trimmed, each width's quantized counts, its exact bytes
+    (``_table_cost``) plus the coded bits, the first of equal costs, stopping at the first width the counts fit."""
+    from udnc_fx.coding.ans import _PRECISION, _TABLE_WIDTHS, _quantize_counts, _table_cost, table_model
+
+    used = np.flatnonzero(counts)
+    if used.size == 0:
+        return np.zeros(0, np.int64), 1.0
+    m = int(used[-1]) + 1
+    if m == 1:
+        return np.ones(1, np.int64), 1.0
+    counts = np.asarray(counts[:m], np.int64)
+    best = None
+    for width in _TABLE_WIDTHS:
+        q = _quantize_counts(counts, width)
+        bits = float(np.sum(counts * (_PRECISION - np.log2(table_model(q)))))
+        cost = _table_cost(q) + bits / 8
+        if best is None or cost < best[1]:
+            best = (q, cost)
+        if width is None or int(counts.max()) < 1 << width:
+            break
+    return best
+
+
 def test_vectorised_table_choice_matches_the_one_table_rule():
+    """Same tables and the same costs, to the last bit, as the rule applied bin by bin: the writer's bytes depend
+    on them. Rows of every size of count (so every width is the best somewhere), empty rows, rows of one symbol,
+    trailing zeros, and blocks of widths (wide alphabets are evaluated a width at a time)."""
     from udnc_fx.coding.ans import _best_table, _best_tables
 
     rng = np.random.default_rng(0)
-    for _ in range(200):
-        m, rows = int(rng.integers(1, 40)), int(rng.integers(1, 6))
-        counts = rng.integers(0, 3, (rows, m)) * rng.integers(0, 10 ** int(rng.integers(1, 7)), (rows, m))
+    for trial in range(40):
+        m, rows = (int(rng.integers(1, 40)), int(rng.integers(1, 8))) if trial % 20 else (2000, 3)
+        scale = 10 ** rng.uniform(0, 9)
+        counts = np.floor(rng.exponential(scale, (rows, m)) * (rng.random((rows, m)) < rng.random())).astype(np.int64)
+        counts[rng.random(rows) < 0.2] = 0
         if rng.random() < 0.3:
             counts[:, m // 2 :] = 0
         tables, cost = _best_tables(counts)
-        reference = [_best_table(row) for row in counts]
-        assert cost == pytest.approx(sum(c for _, c in reference))
-        for got, (want, _) in zip(tables, reference):
+        reference = [_one_table_rule(row) for row in counts]
+        assert cost == pytest.approx(sum(c for _, c in reference), rel=1e-12)
+        for row, got, (want, want_cost) in zip(counts, tables, reference):
             np.testing.assert_array_equal(got, want)
+            one, one_cost = _best_table(row)
+            np.testing.assert_array_equal(one, want)
+            assert one_cost == want_cost  # exactly: the writer compares these costs
 
 
 @pytest.mark.parametrize("step", [0.05, 1.0, 3.0])  # one context (fine step) and dither-conditioned streams
@@ -304,3 +337,55 @@ def test_chosen_tables_are_the_best_tables_of_the_coded_contexts(trim):
     assert len(tables) == len(expected)
     for got, want in zip(tables, expected):
         np.testing.assert_array_equal(got, want)
+
+
+def _choice_one_pass_per_option(arr, codes, row_length):
+    """The writer's choice written out plainly: for no rows and each row-class count, the contexts built from the
+    labels and dither codes, counted in a pass of their own, then the same cost rule and early stop per option."""
+    from udnc_fx.coding.ans import CONTEXT_BITS, _best_tables, _label_cost, _row_labels
+
+    m = int(arr.max()) + 1
+    room = 4 * arr.size + (1 << 16)
+    max_bits = CONTEXT_BITS if codes is not None and m << CONTEXT_BITS <= room else 0
+    options = [(0, None)]
+    if row_length is not None:
+        options += [(c, _row_labels(arr, row_length, c)) for c in CODER._ROW_CLASSES if (m * c) << max_bits <= room]
+    best = None
+    for classes, labels in options:
+        label_q, label_cost = (None, 0.0) if labels is None else _label_cost(labels, classes)
+        label_cost += 0 if labels is None else 2
+        previous = np.inf
+        for bits in range(max_bits + 1):
+            ctx = CODER._contexts(codes, bits, labels, row_length, arr.size)
+            ctx = np.zeros(arr.size, np.int64) if ctx is None else ctx.astype(np.int64)
+            nctx = max(classes, 1) << bits
+            tables, cost = _best_tables(np.bincount(ctx * m + arr, minlength=nctx * m).reshape(nctx, m))
+            cost += 1 + label_cost
+            if best is None or cost < best[0]:
+                best = (cost, bits, classes, labels, tables, label_q)
+            if cost >= previous:
+                break
+            previous = cost
+    return best[1:]
+
+
+@pytest.mark.parametrize("case", ["rows", "rows-trimmed", "dither-only", "undithered-rows"])
+def test_choice_from_one_joint_count_is_the_choice_of_a_pass_per_option(case):
+    """The writer counts once at the finest row classes and sums for the coarser ones: the same choice (mode, labels,
+    tables) as counting each option's contexts on their own."""
+    if case == "dither-only":
+        stream, k, codes = dithered_z1(50_000, 1.0)
+        row_length = None
+    else:
+        stream, k, codes = row_stream(rows=48, length=300, seed=3)
+        if case == "rows-trimmed":
+            stream, codes = stream[:-77], codes[:-77]
+        if case == "undithered-rows":
+            codes = None
+        row_length = 300
+    got = CODER._choose(stream, None if codes is None else codes.astype(np.uint8), row_length)
+    want = _choice_one_pass_per_option(stream, None if codes is None else codes.astype(np.uint8), row_length)
+    assert got[:2] == want[:2]
+    assert (got[2] is None) == (want[2] is None) and (got[2] is None or np.array_equal(got[2], want[2]))
+    assert len(got[3]) == len(want[3]) and all(np.array_equal(a, b) for a, b in zip(got[3], want[3]))
+    assert (got[4] is None) == (want[4] is None) and (got[4] is None or np.array_equal(got[4], want[4]))

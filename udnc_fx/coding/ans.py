@@ -92,7 +92,12 @@ _TABLE_WIDTHS = (2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, None)
 _DENSE, _SPARSE = 0, 1  # table form tags; 2 + w - 1 for bit-packed counts of width w in 1..32
 _MAX_WIDTH = 32
 _HASH_CHUNK = 1 << 16  # elements per hashing step: the temporaries stay in cache
-_DECODE_CHUNK = 1 << 20  # symbols per decode call of a single-context stream: bounds the int32 temporary
+_DECODE_CHUNK = 1 << 20
+# What an ANS stream costs beyond its symbols' ideal bits: constriction's final 64-bit state, less what the first
+# symbols' bits fill of it, plus padding to a 32-bit word: 36 bits on average, within ±24 per stream (measured on
+# random streams of 10 to 10^5 symbols, tests/format/test_rate_estimate.py).
+_STREAM_OVERHEAD_BITS = 36.0  # symbols per decode call of a single-context stream: bounds the int32 temporary
+_COUNT_CHUNK = 1 << 20  # symbols per counting step of the writer's table choice: bounds its int32 temporaries
 
 
 def dither_codes(key: int, count: int, n: int) -> np.ndarray:
@@ -163,10 +168,13 @@ def _quantize_counts(counts: np.ndarray, width: int | None) -> np.ndarray:
 
 def _varint_bytes(values: np.ndarray) -> int:
     v = np.asarray(values, np.int64)
-    nbytes = np.ones(v.size, np.int64)
+    nbytes = v.size
+    top = int(v.max()) if v.size else 0
     for j in range(1, 10):
-        nbytes += v >= (1 << (7 * j))
-    return int(nbytes.sum())
+        if top < 1 << (7 * j):
+            break  # no value needs another byte
+        nbytes += int(np.count_nonzero(v >= (1 << (7 * j))))
+    return nbytes
 
 
 def _pack_bits(values: np.ndarray, width: int) -> bytes:
@@ -215,19 +223,11 @@ def _best_table(counts: np.ndarray) -> tuple[np.ndarray, float]:
     m = int(used[-1]) + 1
     if m == 1:
         return np.ones(1, np.int64), 1.0
-    counts = counts[:m]
-    best: tuple[np.ndarray, float] | None = None
-    for width in _TABLE_WIDTHS:
-        q = _quantize_counts(counts, width)
-        probs = table_model(q)
-        bits = float(np.sum(counts * (_PRECISION - np.log2(probs))))
-        cost = _table_cost(q) + bits / 8
-        if best is None or cost < best[1]:
-            best = (q, cost)
-        if width is None or int(counts.max()) < 1 << width:
-            break  # wider fields give the same exact counts
-    assert best is not None
-    return best
+    # The one-row case of _best_tables, on the trimmed counts: the same widths in the same order, the same integer
+    # form costs and the same bits (a sum over the same m values), so the same table and cost as trying each width
+    # with _quantize_counts, table_model and _table_cost (tests/unit/test_ans.py holds the two against each other).
+    tables, cost = _best_tables(np.asarray(counts[:m], np.int64)[None, :])
+    return tables[0], cost
 
 
 def _varint_lengths(values: np.ndarray) -> np.ndarray:
@@ -244,8 +244,12 @@ def _varint_lengths(values: np.ndarray) -> np.ndarray:
 def _best_tables(counts: np.ndarray) -> tuple[list[np.ndarray], float]:
     """:func:`_best_table` for every row of ``counts`` (contexts × symbols) at once: the tables and their total cost.
 
-    Vectorised over contexts: a stream with row classes and dither bins weighs hundreds of candidate tables, and
-    choosing them one by one in Python made saving a small model take seconds.
+    Vectorised over contexts and table widths: a stream with row classes and dither bins weighs hundreds of candidate
+    tables of a few dozen symbols each, so what costs is the number of NumPy calls, not the arithmetic. The widths
+    are evaluated in blocks of ``(widths, rows, m)`` (all twelve at once unless that array would be large), and for
+    each row only up to the first width its counts fit: every wider one keeps the same exact counts, so the same
+    cost, which cannot be strictly better. Each row's cost is computed element-wise and summed along its own
+    C-contiguous row, so it is the same number whatever else shares the block; ties keep the narrower width.
     """
     counts = counts.astype(np.int64)
     rows, m = counts.shape
@@ -253,37 +257,48 @@ def _best_tables(counts: np.ndarray) -> tuple[list[np.ndarray], float]:
     used = np.where(nonzero.any(axis=1), m - np.argmax(nonzero[:, ::-1], axis=1), 0)  # m_i: trailing zeros trimmed
     top = counts.max(axis=1)
     positions = np.arange(m)
-    inside = positions[None, :] < used[:, None]
     # sparse form: each non-zero count's distance to the previous one, minus one
     last_before = np.maximum.accumulate(np.where(nonzero, positions, -1), axis=1)
     gaps = positions - np.concatenate([np.full((rows, 1), -1), last_before[:, :-1]], axis=1) - 1
     gap_bytes = np.where(nonzero, _varint_lengths(gaps), 0).sum(axis=1)
+    nnz = nonzero.sum(axis=1)
     head = _varint_lengths(used) + 1 + 0.0  # m and the form byte
+    sparse_head = _varint_lengths(nnz) + gap_bytes
+    free = (_TOTAL - used)[:, None]
+    # The first width each row's counts fit (the exact table; None fits every row): its last candidate.
+    fits = np.array([w is None for w in _TABLE_WIDTHS])[:, None] | (
+        top[None, :] < np.array([1 << (w or 0) for w in _TABLE_WIDTHS])[:, None]
+    )
+    last = np.argmax(fits, axis=0)
     best_cost = np.full(rows, np.inf)
     best_q = np.zeros_like(counts)
-    free = (_TOTAL - used)[:, None]
-    for width in _TABLE_WIDTHS:
-        if width is None:
-            q = counts
-        else:
-            scaled = np.floor(counts * (((1 << width) - 1) / np.maximum(top, 1))[:, None] + 0.5).astype(np.int64)
-            q = np.where((top < 1 << width)[:, None], counts, np.where(nonzero, np.maximum(scaled, 1), 0))
-        cum = np.zeros((rows, m + 1), np.int64)
-        np.cumsum(q, axis=1, out=cum[:, 1:])
-        left = cum * free // np.maximum(cum[:, -1:], 1) + np.arange(m + 1)
-        probs = np.where(inside, np.diff(left, axis=1), 1)
-        bits = (counts * (_PRECISION - np.log2(np.maximum(probs, 1)))).sum(axis=1)
-        q_lengths = _varint_lengths(q)
-        dense = np.where(inside, q_lengths, 0).sum(axis=1)
-        sparse = _varint_lengths(nonzero.sum(axis=1)) + gap_bytes + np.where(nonzero, q_lengths, 0).sum(axis=1)
-        bit_width = np.maximum(1, np.floor(np.log2(np.maximum(q.max(axis=1), 1))).astype(np.int64) + 1)
-        packed = np.where(bit_width <= _MAX_WIDTH, (used * bit_width + 7) // 8, np.inf)
-        cost = head + np.minimum(np.minimum(dense, sparse), packed) + bits / 8
-        better = cost < best_cost
-        best_cost = np.where(better, cost, best_cost)
-        best_q[better] = q[better]
-        if width is None or bool(np.all(top < 1 << width)):
-            break  # wider fields give the same exact counts
+    block = max(1, (1 << 16) // max(1, rows * (m + 1)))
+    for start in range(0, int(last.max()) + 1, block):
+        idx = np.arange(start, min(start + block, int(last.max()) + 1))
+        exact = fits[idx]  # (widths, rows): these keep the counts as they are
+        maxima = np.array([(1 << w) - 1 if w is not None else 0 for w in (_TABLE_WIDTHS[i] for i in idx)])
+        scale = maxima[:, None] / np.maximum(top, 1)[None, :]
+        scaled = np.floor(counts[None] * scale[:, :, None] + 0.5).astype(np.int64)
+        # non-zero counts stay non-zero (>= 1), zero ones stay zero (they scale to floor(0.5) = 0)
+        q = np.where(exact[:, :, None], counts[None], np.maximum(scaled, nonzero[None]))
+        cum = np.zeros((idx.size, rows, m + 1), np.int64)
+        np.cumsum(q, axis=2, out=cum[:, :, 1:])
+        left = cum * free[None] // np.maximum(cum[:, :, -1:], 1) + np.arange(m + 1)
+        # every difference is >= 1 (for totals within the format's 2**32) and exactly 1 past the last used symbol
+        probs = np.diff(left, axis=2)
+        bits = (counts[None] * (_PRECISION - np.log2(np.maximum(probs, 1)))).sum(axis=2)
+        q_lengths = _varint_lengths(q).sum(axis=2)  # zeros cost one byte each in the dense form
+        dense = q_lengths - (m - used)[None]
+        sparse = sparse_head[None] + q_lengths - (m - nnz)[None]
+        bit_width = np.maximum(1, np.floor(np.log2(np.maximum(q.max(axis=2), 1))).astype(np.int64) + 1)
+        packed = np.where(bit_width <= _MAX_WIDTH, (used[None] * bit_width + 7) // 8, np.inf)
+        cost = head[None] + np.minimum(np.minimum(dense, sparse), packed) + bits / 8
+        cost = np.where(idx[:, None] <= last[None, :], cost, np.inf)
+        pick = np.argmin(cost, axis=0)  # the first of equal costs: the narrower width
+        block_cost = cost[pick, np.arange(rows)]
+        better = block_cost < best_cost
+        best_cost = np.where(better, block_cost, best_cost)
+        best_q[better] = q[pick[better], np.flatnonzero(better)]
     best_cost = np.where(used <= 1, 1.0, best_cost)  # m = 0 or 1: the m varint alone
     tables = [best_q[i, : used[i]] if used[i] >= 2 else np.ones(int(used[i]), np.int64) for i in range(rows)]
     return tables, float(best_cost.sum())
@@ -297,14 +312,42 @@ def _group(symbols: np.ndarray, bins: np.ndarray | None, nbins: int) -> tuple[np
     return symbols[order], np.bincount(bins, minlength=nbins)
 
 
+def _row_density(arr: np.ndarray, row_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's count of symbols other than the most frequent one, and each row's length (the last row may be
+    shorter): what :func:`_row_labels` needs, computed once for every class count the writer tries. Counted chunk by
+    chunk (chunks of whole rows): no temporary the size of the stream."""
+    step = max(1, _COUNT_CHUNK // row_length) * row_length
+    hist = np.zeros(0, np.int64)
+    for lo in range(0, arr.size, step):
+        part = np.bincount(arr[lo : lo + step])
+        if part.size > hist.size:
+            hist = np.concatenate([hist, np.zeros(part.size - hist.size, np.int64)])
+        hist[: part.size] += part
+    zero = int(np.argmax(hist))
+    rows = -(-arr.size // row_length)
+    nonzero = np.empty(rows, np.int64)
+    for lo in range(0, arr.size, step):  # lo is a multiple of row_length; the last row may be shorter
+        part = arr[lo : lo + step] != zero
+        full = part.size // row_length
+        r0 = lo // row_length
+        nonzero[r0 : r0 + full] = np.count_nonzero(part[: full * row_length].reshape(full, row_length), axis=1)
+        if full * row_length < part.size:
+            nonzero[r0 + full] = np.count_nonzero(part[full * row_length :])
+    lengths = np.full(rows, row_length, np.int64)
+    if arr.size % row_length:
+        lengths[-1] = arr.size % row_length
+    return nonzero, lengths
+
+
+def _labels_from_density(density: tuple[np.ndarray, np.ndarray], classes: int) -> np.ndarray:
+    nonzero, lengths = density
+    return (classes * nonzero // (lengths + 1)).astype(np.uint8)
+
+
 def _row_labels(arr: np.ndarray, row_length: int, classes: int) -> np.ndarray:
     """The writer's row classes: each row's density of symbols other than the most frequent one, in ``classes``
     equal steps (``floor(classes · k / (len + 1))``), so empty and full rows land in the first and last class."""
-    zero = int(np.argmax(np.bincount(arr)))
-    starts = np.arange(0, arr.size, row_length)
-    nonzero = np.add.reduceat((arr != zero).astype(np.int64), starts)
-    lengths = np.diff(np.append(starts, arr.size))
-    return (classes * nonzero // (lengths + 1)).astype(np.uint8)
+    return _labels_from_density(_row_density(arr, row_length), classes)
 
 
 def _label_cost(labels: np.ndarray, classes: int) -> tuple[np.ndarray, float]:
@@ -330,6 +373,8 @@ class AnsDitherCoder(Coder):
     accepts_row_length = True
     #: ``decode`` takes ``dtype=`` (the container passes the narrow index dtype it keeps).
     accepts_dtype = True
+    #: ``encode`` takes narrow integer streams as they are (``coder_base.encode_stream``: no int64 copy).
+    accepts_narrow = True
     _ROW_FLAG = 0x08
     _ROW_CLASSES = (2, 4, 8)
     _MAX_ROW = (1 << 32) - 1
@@ -338,7 +383,8 @@ class AnsDitherCoder(Coder):
 
     def encode(self, symbols: np.ndarray, alphabet_size: int, *, context: Any = None,
                row_length: int | None = None) -> bytes:
-        arr, k = check_symbols(symbols, alphabet_size, self.max_alphabet_size)
+        # narrow streams stay narrow (accepts_narrow): every step below reads values, never the dtype
+        arr, k = check_symbols(symbols, alphabet_size, self.max_alphabet_size, widen=False)
         n = arr.size
         if n == 0 or k == 1:
             return b""
@@ -355,11 +401,11 @@ class AnsDitherCoder(Coder):
             out += _table_bytes(q)
             models.append(_categorical(table_model(q)) if q.size >= 2 else None)
         encoder = _constriction().stream.stack.AnsCoder()
-        sym32 = arr.astype(np.int32)
         nctx = len(tables)
         for start in reversed(range(0, n, SEGMENT)):
             stop = min(n, start + SEGMENT)
-            grouped, per_ctx = _group(sym32[start:stop], None if ctx is None else ctx[start:stop], nctx)
+            sym32 = arr[start:stop].astype(np.int32)  # one segment at a time: no int32 copy of the whole stream
+            grouped, per_ctx = _group(sym32, None if ctx is None else ctx[start:stop], nctx)
             ends = np.cumsum(per_ctx)
             for i in reversed(range(nctx)):
                 if models[i] is not None and per_ctx[i]:
@@ -370,6 +416,25 @@ class AnsDitherCoder(Coder):
         out += varint(words.size)
         out += words.tobytes()
         return bytes(out)
+
+    def cost_bits(self, symbols: np.ndarray, alphabet_size: int, *, context: Any = None,
+                  row_length: int | None = None) -> float:
+        """The bits :meth:`encode` would write for these arguments, without coding: the mode byte, row labels and
+        tables exactly, the symbols at their ideal cost under the quantized tables (``−log2`` of each symbol's
+        probability), plus the ANS stream's final state and word padding (:data:`_STREAM_OVERHEAD_BITS`) and its
+        word-count varint. Within a few bytes of ``8·len(encode(...))`` per stream (tests/format)."""
+        arr, k = check_symbols(symbols, alphabet_size, self.max_alphabet_size)
+        n = arr.size
+        if n == 0 or k == 1:
+            return 0.0
+        codes = self._check_context(context, n, ConfigError)
+        if row_length is not None and not (isinstance(row_length, (int, np.integer)) and 1 <= row_length < n):
+            row_length = None
+        cost, _, classes, _, tables, label_q = self._choose_costed(arr, codes, row_length)
+        if all(q.size < 2 for q in tables) and not (classes and label_q.size >= 2):
+            return 8.0 * cost + 8.0  # nothing to code: the word count 0 alone
+        words = max(1, math.ceil((8.0 * cost) / 32.0))
+        return 8.0 * cost + _STREAM_OVERHEAD_BITS + 8.0 * len(varint(words))
 
     @staticmethod
     def _contexts(codes, bits: int, labels, row_length, n: int) -> np.ndarray | None:
@@ -383,37 +448,58 @@ class AnsDitherCoder(Coder):
 
     def _choose(self, arr: np.ndarray, codes: np.ndarray | None, row_length: int | None):
         """``(b, classes, labels, tables, label table)`` of least total cost; ties keep fewer contexts."""
+        return self._choose_costed(arr, codes, row_length)[1:]
+
+    def _choose_costed(self, arr: np.ndarray, codes: np.ndarray | None, row_length: int | None):
+        """:meth:`_choose`'s choice with its cost first, in bytes (the mode byte, labels and tables exactly, the
+        symbols' ideal bits / 8)."""
         m = int(arr.max()) + 1
         room = 4 * arr.size + (1 << 16)
         max_bits = CONTEXT_BITS if codes is not None and m << CONTEXT_BITS <= room else 0
+        row_classes = [c for c in self._ROW_CLASSES if (m * c) << max_bits <= room] if row_length is not None else []
+        # One joint count (label · 2^4 + code) · m + symbol, at the finest row classes tried: a row's label for
+        # C classes is floor(C·k / (len + 1)), and for C dividing the finest F it is floor(label_F / (F / C)), so
+        # each coarser option's counts are sums of the finest ones (integers: exactly the counts of its own pass).
+        # The key is built in the narrowest integer that holds it (int32 almost always: half the memory traffic of
+        # intp), the labels added row by row through a broadcast view instead of repeated to the stream's length.
+        finest = max(row_classes, default=1)
+        key_dtype = np.int32 if (finest << CONTEXT_BITS) * m <= np.iinfo(np.int32).max else np.int64
+        # Counted chunk by chunk (chunks of whole rows): only one chunk's keys exist at a time, and the counts are
+        # those of the whole stream.
+        density = shift = None
+        if row_classes:
+            density = _row_density(arr, row_length)
+            shift = _labels_from_density(density, finest).astype(key_dtype) * key_dtype(m << CONTEXT_BITS)
+        fine = np.zeros((finest << CONTEXT_BITS) * m, np.int64)
+        step = max(1, _COUNT_CHUNK // row_length) * row_length if row_classes else _COUNT_CHUNK
+        for lo in range(0, arr.size, step):
+            hi = min(arr.size, lo + step)
+            index = arr[lo:hi].astype(key_dtype)
+            if max_bits:
+                shifted = codes[lo:hi].astype(key_dtype)
+                shifted *= key_dtype(m)
+                index += shifted
+                del shifted
+            if shift is not None:  # element i of the stream is in row i // row_length (lo is a multiple of it)
+                r0 = lo // row_length
+                full = (hi - lo) // row_length
+                index[: full * row_length].reshape(full, row_length)[...] += shift[r0 : r0 + full, None]
+                index[full * row_length :] += shift[r0 + full : r0 + full + 1]
+            fine += np.bincount(index, minlength=fine.size)
+            del index
+        fine = fine.reshape(finest, 1 << CONTEXT_BITS, m)
         best: tuple | None = None
         options: list[tuple[int, np.ndarray | None]] = [(0, None)]
-        if row_length is not None:
-            options += [(c, _row_labels(arr, row_length, c)) for c in self._ROW_CLASSES if (m * c) << max_bits <= room]
-        # The joint index (label · 2^4 + code) · m + symbol, built once without the labels in the narrowest integer
-        # that holds it (int32 almost always: half the memory traffic of intp); each row-class option adds its
-        # labels row by row through a broadcast view instead of repeating them to the stream's length.
-        top = (max(c for c, _ in options) or 1) << CONTEXT_BITS
-        key_dtype = np.int32 if top * m <= np.iinfo(np.int32).max else np.int64
-        base = arr.astype(key_dtype)
-        if max_bits:
-            base += codes.astype(key_dtype) * key_dtype(m)
-        full = arr.size // row_length if row_length else 0
+        options += [(c, _labels_from_density(density, c)) for c in row_classes]
         for classes, labels in options:
             label_cost = 0.0
             label_q = None
-            index = base
-            if labels is not None:
-                shift = labels.astype(key_dtype) * key_dtype(m << CONTEXT_BITS)
-                index = np.empty_like(base)
-                np.add(base[: full * row_length].reshape(full, row_length), shift[:full, None],
-                       out=index[: full * row_length].reshape(full, row_length))
-                np.add(base[full * row_length :], shift[full:full + 1], out=index[full * row_length :])
+            if labels is None:
+                joint = fine.sum(axis=0, keepdims=True)
+            else:
+                joint = fine.reshape(classes, finest // classes, 1 << CONTEXT_BITS, m).sum(axis=1)
                 label_q, label_cost = _label_cost(labels, classes)
                 label_cost += 2  # row length and class count varints, about
-            groups = max(classes, 1) << CONTEXT_BITS
-            joint = np.bincount(index, minlength=groups * m).reshape(max(classes, 1), 1 << CONTEXT_BITS, m)
-            del index
             previous = math.inf
             for bits in range(max_bits + 1):
                 merged = joint.reshape(max(classes, 1), 1 << bits, -1, m).sum(axis=2).reshape(-1, m)
@@ -425,7 +511,7 @@ class AnsDitherCoder(Coder):
                     break  # more bins stopped paying: the gain shrinks and the tables grow with every bit
                 previous = cost
         assert best is not None
-        return best[1:]
+        return best
 
     # -- decode ------------------------------------------------------------------------------------------------
 

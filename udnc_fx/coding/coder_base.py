@@ -72,8 +72,11 @@ def check_alphabet(alphabet_size: Any, limit: int) -> int:
     return k
 
 
-def check_symbols(symbols: Any, alphabet_size: Any, limit: int = MAX_ALPHABET) -> tuple[np.ndarray, int]:
-    """Validate an index stream; returns it as a 1-D int64 array and ``K`` as an int."""
+def check_symbols(
+    symbols: Any, alphabet_size: Any, limit: int = MAX_ALPHABET, *, widen: bool = True
+) -> tuple[np.ndarray, int]:
+    """Validate an index stream; returns it as a 1-D int64 array (``widen=False``: in its own integer dtype) and
+    ``K`` as an int."""
     k = check_alphabet(alphabet_size, limit)
     if isinstance(symbols, np.ndarray):
         arr = symbols
@@ -92,7 +95,7 @@ def check_symbols(symbols: Any, alphabet_size: Any, limit: int = MAX_ALPHABET) -
             raise ConfigError(f"symbols must be non-negative, found {int(lo)}")
         if int(hi) >= k:
             raise ConfigError(f"symbols must be < alphabet_size={k}, found {int(hi)}")
-    return arr.astype(np.int64, copy=False), k
+    return (arr.astype(np.int64, copy=False) if widen else arr), k
 
 
 def check_decode_args(data: Any, count: Any, alphabet_size: Any, limit: int) -> tuple[memoryview, int, int]:
@@ -250,6 +253,14 @@ class Coder(abc.ABC):
                 stream that is not 1-D, or an alphabet this coder cannot handle.
         """
 
+    def cost_bits(self, symbols: np.ndarray, alphabet_size: int, **hints: Any) -> float:
+        """The size in bits :meth:`encode` gives ``symbols`` with the same keyword ``hints`` (a rate estimate).
+
+        The default codes the stream and counts its bytes (exact); a coder that can count its output without coding
+        it (:class:`~udnc_fx.coding.ans.AnsDitherCoder`) overrides this with a cheaper estimate.
+        """
+        return 8.0 * len(self.encode(np.ascontiguousarray(symbols, dtype=np.int64), alphabet_size, **hints))
+
     def decode(self, data: bytes, count: int, alphabet_size: int) -> np.ndarray:
         """Decode ``count`` symbols; returns an int64 array of length ``count``.
 
@@ -291,11 +302,19 @@ def register(coder: Coder) -> Coder:
     return coder
 
 
+#: Integer dtypes :func:`encode_stream` hands as they are to a coder with ``accepts_narrow``.
+_NARROW_DTYPES = tuple(np.dtype(t) for t in (np.uint8, np.int8, np.uint16, np.int16, np.uint32, np.int32, np.int64))
+
+
 def encode_stream(coder: Coder, symbols: np.ndarray, alphabet_size: int, what: str, **hints: Any) -> bytes:
     """``coder.encode`` of int64 ``symbols`` with its keyword ``hints`` (context, row length); any failure other than
     a ``FormatError`` becomes ``FormatError("bad_value")`` naming ``what`` (a writer meeting input it cannot code)."""
+    arr = np.asarray(symbols)
+    # Coders that take narrow integer streams (``accepts_narrow``) get them as they are: no int64 copy of a tensor's
+    # indices (8 bytes per symbol) while it is coded.
+    narrow = getattr(coder, "accepts_narrow", False) and arr.dtype in _NARROW_DTYPES
     try:
-        return bytes(coder.encode(np.ascontiguousarray(symbols, dtype=np.int64), alphabet_size, **hints))
+        return bytes(coder.encode(np.ascontiguousarray(arr, dtype=None if narrow else np.int64), alphabet_size, **hints))
     except FormatError:
         raise
     except Exception as exc:

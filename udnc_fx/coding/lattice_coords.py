@@ -31,6 +31,7 @@ vector's index into them; so a saved and loaded model has the same indices and c
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -49,6 +50,9 @@ __all__ = [
     "index_points",
     "encode_points",
     "decode_points",
+    "coded_bits",
+    "context_codes",
+    "decode_point_parts",
 ]
 
 ENCODING = "lattice-coords"
@@ -77,7 +81,7 @@ def symbol_width(lattice: str, n: int) -> int:
     return _ROW_SYMBOLS[lattice] or n
 
 
-def _dither_columns(lattice: str, n: int) -> np.ndarray:
+def dither_columns(lattice: str, n: int) -> np.ndarray:
     """For each symbol column, the coordinate whose dither code is its context (``E8``'s coset bit: coordinate 0)."""
     if lattice == "E8":
         return np.array([0, *range(8)], dtype=np.intp)
@@ -151,16 +155,14 @@ def points_from_vector_symbols(lattice: str, s: np.ndarray, where: str) -> np.nd
 
 def index_points(points: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(indices, codebook_int, counts)`` of integer points ``(m, n)``: the distinct points most frequent first,
-    ties broken by the coordinates (lexicographically), as :func:`udnc_fx.quantizer.quantize_array` orders them."""
-    from udnc_fx.quantizer import unique_rows  # lazy: the quantizer is not needed to read other encodings
+    ties broken by the coordinates (lexicographically), as :func:`udnc_fx.quantizer.quantize_array` orders them
+    (:func:`udnc_fx.quantizer.rank_rows`, chunk by chunk; the indices in the smallest dtype that holds them)."""
+    from udnc_fx.quantizer import QUANTIZE_CHUNK_ELEMENTS, rank_rows  # lazy: not needed to read other encodings
 
-    points = np.ascontiguousarray(points, dtype=np.int64)
-    n = points.shape[1]
-    uniq, inverse, counts = unique_rows(points)
-    order = np.lexsort(tuple(uniq[:, j] for j in range(n - 1, -1, -1)) + (-counts,))
-    rank = np.empty_like(order)
-    rank[order] = np.arange(order.size)
-    return rank[inverse.reshape(-1)].astype(np.int64), uniq[order], counts[order].astype(np.int64)
+    points = np.asarray(points)
+    m, n = points.shape
+    chunk = max(1, QUANTIZE_CHUNK_ELEMENTS // n)
+    return rank_rows([points[v0 : v0 + chunk] for v0 in range(0, m, chunk)], n)
 
 
 def _context_codes(coder: Any, key: int, dither_ok: bool, count: int, n: int, lattice: str):
@@ -169,7 +171,7 @@ def _context_codes(coder: Any, key: int, dither_ok: bool, count: int, n: int, la
         return None
     from udnc_fx.coding.ans import dither_codes
 
-    cols = _dither_columns(lattice, n)
+    cols = dither_columns(lattice, n)
 
     def codes() -> np.ndarray:
         return dither_codes(key, count * n, 1).reshape(count, n)[:, cols]
@@ -210,9 +212,18 @@ def _call_encode(coder: Any, symbols: np.ndarray, alphabet: int, context: Any, w
     return encode_stream(coder, symbols, alphabet, what, **({} if context is None else {"context": context}))
 
 
+def _narrow_symbols(symbols: np.ndarray) -> np.ndarray:
+    """Symbols (non-negative, below ``2**32``) in the narrowest unsigned dtype that holds them."""
+    top = int(symbols.max()) if symbols.size else 0
+    for dt in (np.uint8, np.uint16, np.uint32):
+        if top <= np.iinfo(dt).max:
+            return symbols.astype(dt)
+    return symbols
+
+
 def encode_points(
     coder: Any, points: np.ndarray, lattice: str, n: int, key: int, dither_ok: bool, what: str,
-    layouts: tuple[str, ...] = LAYOUTS,
+    layouts: tuple[str, ...] = LAYOUTS, *, rows: np.ndarray | None = None,
 ) -> tuple[int, str, bytes] | None:
     """Code the ``(count, n)`` integer lattice points of a tensor; returns ``(alphabet_size, layout, payload)`` of
     the smaller layout, or ``None`` when the symbols do not fit the coder's alphabet (then use a codebook).
@@ -224,18 +235,14 @@ def encode_points(
         key, dither_ok: the dither key and whether it is the hash dither (the coder may condition on it).
         what: names the tensor in errors.
         layouts: the layouts to try (default both; the smaller wins, ties keep ``interleaved``).
+        rows: when given, ``points`` is a table of points (every row used) and the tensor's points are
+            ``points[rows]``: the symbols are then computed once per table row and gathered in a narrow dtype (the
+            same bytes, without an int64 copy of every vector's coordinates).
     """
-    count = points.shape[0]
-    if count and (int(points.min()) <= -MAX_COORDINATE or int(points.max()) >= MAX_COORDINATE):
+    prepared = _prepare(coder, points, lattice, n, key, dither_ok, rows=rows)
+    if prepared is None:
         return None
-    symbols = vector_symbols(lattice, points)
-    alphabet = int(symbols.max()) + 1 if symbols.size else 1
-    if alphabet > int(getattr(coder, "max_alphabet_size", 0) or 0):
-        return None
-    if alphabet > max_index_alphabet(symbols.size):  # readers refuse it (coding.limits): use a codebook instead
-        return None
-    codes = _context_codes(coder, key, dither_ok, count, n, lattice)
-    ctx = None if codes is None else codes()
+    symbols, alphabet, ctx = prepared
     w = symbols.shape[1]
     best: tuple[int, str, bytes] | None = None
     if "interleaved" in layouts:
@@ -256,11 +263,94 @@ def encode_points(
     return best
 
 
+def _prepare(
+    coder: Any, points: np.ndarray, lattice: str, n: int, key: int, dither_ok: bool, codes: Any = None,
+    rows: np.ndarray | None = None,
+):
+    """``(symbols, alphabet, dither codes or None)`` of points :func:`encode_points` can code, else ``None``.
+    ``codes``: the ``(count, w)`` dither codes when the caller has them (the rate estimate caches them).
+    ``rows``: ``points`` is a table and the tensor's points are ``points[rows]`` (:func:`encode_points`)."""
+    if points.size and (int(points.min()) <= -MAX_COORDINATE or int(points.max()) >= MAX_COORDINATE):
+        return None
+    if rows is None:
+        count = points.shape[0]
+        symbols = vector_symbols(lattice, points)
+    else:  # symbols once per table row, gathered in a narrow dtype: no int64 copy of every vector's coordinates
+        count = rows.shape[0]
+        symbols = _narrow_symbols(vector_symbols(lattice, points))[np.asarray(rows)]
+    alphabet = int(symbols.max()) + 1 if symbols.size else 1
+    if alphabet > int(getattr(coder, "max_alphabet_size", 0) or 0):
+        return None
+    if alphabet > max_index_alphabet(symbols.size):  # readers refuse it (coding.limits): use a codebook instead
+        return None
+    if codes is None:
+        make = _context_codes(coder, key, dither_ok, count, n, lattice)
+        codes = None if make is None else make()
+    elif not getattr(coder, "accepts_context", False):
+        codes = None
+    return symbols, alphabet, codes
+
+
+def context_codes(coder: Any, key: int, dither_ok: bool, count: int, n: int, lattice: str) -> np.ndarray | None:
+    """The ``(count, w)`` dither codes :func:`encode_points` conditions the symbols on, or ``None`` (a coder
+    without contexts, or no hash dither)."""
+    make = _context_codes(coder, key, dither_ok, count, n, lattice)
+    return None if make is None else make()
+
+
+def coded_bits(
+    coder: Any, points: np.ndarray, lattice: str, n: int, key: int, dither_ok: bool,
+    layouts: tuple[str, ...] = LAYOUTS, codes: np.ndarray | None = None,
+) -> tuple[float, str] | None:
+    """``(bits, layout)`` of the payload :func:`encode_points` would write (the smaller layout), from the coder's
+    :meth:`~udnc_fx.coding.coder_base.Coder.cost_bits` instead of coding; ``None`` where it would return ``None``.
+    ``codes``: :func:`context_codes` for these arguments, when the caller already has them."""
+    prepared = _prepare(coder, points, lattice, n, key, dither_ok, codes)
+    if prepared is None:
+        return None
+    symbols, alphabet, ctx = prepared
+    w = symbols.shape[1]
+    best, layout = math.inf, "interleaved"
+    if "interleaved" in layouts:
+        hint = {} if ctx is None else {"context": np.ascontiguousarray(ctx).ravel()}
+        best = coder.cost_bits(symbols.ravel(), alphabet, **hint)
+    if "split" in layouts and (w > 1 or best == math.inf):
+        conditioned = getattr(coder, "accepts_context", False)
+        total = 0.0
+        for i in range(w):
+            c = _split_context(lattice, i, symbols, ctx) if conditioned else None
+            bits = coder.cost_bits(np.ascontiguousarray(symbols[:, i]), alphabet, **({} if c is None else {"context": c}))
+            # the length prefix of every stream but the last, as a varint of its bytes
+            total += bits + (8.0 * len(varint(int(math.ceil(bits / 8)))) if i < w - 1 else 0.0)
+        if total < best:
+            best, layout = total, "split"
+    return float(best), layout
+
+
 def decode_points(
     coder: Any, data: bytes, count: int, alphabet: int, layout: str, lattice: str, n: int, key: int,
     dither_ok: bool, what: str,
 ) -> np.ndarray:
-    """Inverse of :func:`encode_points`: the int64 ``(count, n)`` points.
+    """Inverse of :func:`encode_points`: the int64 ``(count, n)`` points (:func:`decode_point_parts` joined)."""
+    parts = decode_point_parts(coder, data, count, alphabet, layout, lattice, n, key, dither_ok, what)
+    return np.concatenate([p.astype(np.int64) for p in parts]) if parts else np.zeros((0, n), np.int64)
+
+
+def _symbol_dtype(alphabet: int) -> np.dtype:
+    for dt in (np.uint8, np.uint16, np.uint32):
+        if alphabet - 1 <= np.iinfo(dt).max:
+            return np.dtype(dt)
+    return np.dtype(np.int64)
+
+
+def decode_point_parts(
+    coder: Any, data: bytes, count: int, alphabet: int, layout: str, lattice: str, n: int, key: int,
+    dither_ok: bool, what: str,
+) -> list[np.ndarray]:
+    """Inverse of :func:`encode_points`, as consecutive chunks of the ``(count, n)`` points, each in the narrowest
+    signed dtype that holds it: the symbols are decoded into the narrowest unsigned dtype of the alphabet and turned
+    into points chunk by chunk, so no int64 array of every vector's coordinates is built
+    (:func:`index_points`' :func:`udnc_fx.quantizer.rank_rows` takes the chunks).
 
     The caller has checked ``layout`` and bounded ``count`` and ``alphabet``; every failure here is a
     :class:`~udnc_fx.errors.FormatError` (``bad_value`` for streams that do not decode, ``truncated`` /
@@ -268,10 +358,11 @@ def decode_points(
     """
     w = symbol_width(lattice, n)
     codes = _context_codes(coder, key, dither_ok, count, n, lattice)
+    sym_dtype = _symbol_dtype(alphabet)
     if layout == "interleaved":
         ctx = None if codes is None else (lambda: codes().ravel())
-        flat = decode_stream(coder, data, count * w, alphabet, what, context=ctx)
-        symbols = flat.reshape(count, w)
+        flat = decode_stream(coder, data, count * w, alphabet, what, context=ctx, dtype=sym_dtype)
+        symbols = flat.astype(sym_dtype, copy=False).reshape(count, w)
     elif layout == "split":
         view = memoryview(data)
         pos, lengths = 0, []
@@ -282,7 +373,7 @@ def decode_points(
         if sum(lengths) > rest:
             raise FormatError("truncated", f"{what}: split streams claim {sum(lengths)} bytes, {rest} present")
         lengths.append(rest - sum(lengths))
-        symbols = np.zeros((count, w), dtype=np.int64)
+        symbols = np.zeros((count, w), dtype=sym_dtype)
         cache: list[np.ndarray] = []
         conditioned = getattr(coder, "accepts_context", False)
 
@@ -299,13 +390,30 @@ def decode_points(
 
         for i, length in enumerate(lengths):
             stream = bytes(view[pos : pos + length])
-            symbols[:, i] = decode_stream(coder, stream, count, alphabet, what, context=column(i))
+            symbols[:, i] = decode_stream(coder, stream, count, alphabet, what, context=column(i), dtype=sym_dtype)
             pos += length
             if lattice == "E8" and i == 0 and count and int(symbols[:, 0].max()) > 1:  # before it is a context
                 raise FormatError("bad_value", f"{what}: an E8 coset (row parity) symbol is not 0 or 1")
     else:  # pragma: no cover - the header check rejects other layouts first
         raise FormatError("unknown_codec", f"{what}: unknown layout {layout[:40]!r}")
-    return points_from_vector_symbols(lattice, symbols, what)
+    from udnc_fx.quantizer import QUANTIZE_CHUNK_ELEMENTS  # lazy, as in index_points
+
+    chunk = max(1, QUANTIZE_CHUNK_ELEMENTS // n)
+    return [
+        _narrow_points(points_from_vector_symbols(lattice, symbols[v0 : v0 + chunk], what))
+        for v0 in range(0, count, chunk)
+    ]
+
+
+def _narrow_points(c: np.ndarray) -> np.ndarray:
+    """Integer points (int64) in the narrowest signed dtype that holds them."""
+    if c.size == 0:
+        return c
+    lo, hi = int(c.min()), int(c.max())
+    for dt in (np.int8, np.int16, np.int32):
+        if np.iinfo(dt).min <= lo and hi <= np.iinfo(dt).max:
+            return c.astype(dt)
+    return c
 
 
 def check_layout(layout: Any, what: str) -> str:

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 
 from udnc_fx.coding import lattice_coords as _lc
-from udnc_fx.coding.coder_base import decode_stream, encode_stream
+from udnc_fx.coding.coder_base import DEFAULT_CODER, decode_stream, encode_stream
 from udnc_fx.coding.format import (
     CODEBOOK_FLOAT_ENCODINGS, FORMAT_DEFAULT_CODEBOOK_CODER, FORMAT_DEFAULT_DITHER, INT_WIDTHS, LATTICE_DIMENSIONS,
     LATTICE_INT, LATTICE_INT_CODED, MAX_CODED_ALPHABET, MAX_NDIM, RAW_DTYPES, as_int, canonical_json,
@@ -35,6 +36,7 @@ from udnc_fx.record import check_affine, float32_json
 __all__ = [
     "weights_bar",
     "encode_quantized",
+    "estimate_points_bits",
     "points_bound",
     "encode_raw",
     "check_payload_digest",
@@ -279,6 +281,110 @@ def encode_quantized(q: QuantizedTensor, codebook_float_dtype: str, max_elements
     return entry, indices_bytes, codebook_bytes
 
 
+# The dither codes the estimate conditions on, by (key, count, n): a step solve evaluates every layer several times
+# at the same key. Least recently used first out, past this many bytes.
+_CODES_CACHE: "OrderedDict[tuple, np.ndarray]" = OrderedDict()
+_CODES_CACHE_BYTES = 1 << 28
+
+
+def _cached_codes(key: int, count: int, n: int) -> np.ndarray:
+    from udnc_fx.coding.ans import dither_codes
+
+    cache_key = (int(key), int(count), int(n))
+    codes = _CODES_CACHE.get(cache_key)
+    if codes is None:
+        codes = dither_codes(key, count, n)
+        codes.flags.writeable = False
+        _CODES_CACHE[cache_key] = codes
+        while sum(c.nbytes for c in _CODES_CACHE.values()) > _CODES_CACHE_BYTES and len(_CODES_CACHE) > 1:
+            _CODES_CACHE.popitem(last=False)
+    else:
+        _CODES_CACHE.move_to_end(cache_key)
+    return codes
+
+
+def estimate_points_bits(
+    points: np.ndarray, lattice: str, n: int, key: int | None, shape: tuple[int, ...] | None = None,
+    coder: str = DEFAULT_CODER, exact_zero: bool = False,
+) -> float:
+    """The bits of a tensor's two payload sections as :func:`encode_quantized` writes them for the integer lattice
+    points ``points`` (``(count, n)``, one per vector, in vector order), without coding the
+    large streams.
+
+    The writer's choice is followed: indices (ranks of the distinct points, most frequent first) plus the smaller
+    of a fixed-width ``lattice-int`` and a ``lattice-int-coded`` table, or ``lattice-coords`` in its smaller
+    layout, whichever is smaller; every stream with the contexts the writer gives it (the dither codes when ``key``
+    is not ``None``, the row length of ``shape``; ``exact_zero``: the record keeps the point 0 exact). Index and
+    coordinate streams are costed by the coder's
+    :meth:`~udnc_fx.coding.coder_base.Coder.cost_bits` (for ``ans-dither-v1``: tables exact, symbols at their ideal
+    cost, a few bytes per stream of ANS overhead); the coded table is coded (small where the table form can win).
+    The form is chosen as the writer chooses it, by sections plus the codebook's header entry (the JSON that differs
+    between the forms, 20-80 bytes); the result counts the sections only (the header entry, ~150 bytes of JSON per
+    tensor, does not depend on the step).
+    """
+    points = np.ascontiguousarray(points, dtype=np.int64)
+    count = points.shape[0]
+    if count == 0:
+        return 0.0
+    index_coder = lookup_coder(coder)
+    dithered = key is not None and getattr(index_coder, "accepts_context", False)
+    coords_codes = None
+    if dithered and n > 1:
+        cols = _lc.dither_columns(lattice, n)
+        coords_codes = _cached_codes(key, count * n, 1).reshape(count, n)[:, cols]
+    coords = None
+    if n > 1:
+        coded = _lc.coded_bits(index_coder, points, lattice, n, 0 if key is None else key, key is not None,
+                               codes=coords_codes)
+        if coded is not None:
+            # the record's zero_index (exact_zero and the point 0 used) is stored in the entry: 17 bytes more
+            zero = exact_zero and bool((~points.any(axis=1)).any())
+            entry = {"encoding": _lc.ENCODING, "layout": coded[1], "exact_zero": zero, "length": 0}
+            coords = (coded[0] + _entry_bits(entry), coded[0])  # (what the writer compares, the sections)
+    # The writer's order (most frequent first, ties by coordinates: lattice_coords.index_points) up to the order of
+    # ties, which changes the coded sizes by a few bytes at most and saves a sort of the points.
+    from udnc_fx.quantizer import unique_rows
+
+    uniq, inverse, counts = unique_rows(points)
+    order = np.argsort(-counts, kind="stable")
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)
+    indices = rank[inverse.reshape(-1)]
+    codebook_int = uniq[order]
+    k = codebook_int.shape[0]
+    hint: dict[str, Any] = {}
+    row_length = _row_length(list(shape), n, count) if shape is not None else None
+    if row_length and getattr(index_coder, "accepts_row_length", False):
+        hint["row_length"] = row_length
+    if dithered:
+        hint["context"] = _cached_codes(key, count, n)
+    index_bits = index_coder.cost_bits(indices, k, **hint)
+    if coords is not None and index_bits >= coords[0]:
+        return float(coords[1])  # the table form cannot win: no need to cost the table
+    z = _lc.zigzag_encode(codebook_int)
+    zmax = int(z.max()) if z.size else 0
+    width = next(w for w in (1, 2, 4, 8) if zmax < 1 << (8 * w))
+    fixed = 8.0 * width * codebook_int.size
+    table = (fixed + _entry_bits({"encoding": LATTICE_INT, "width": width}), fixed)
+    if -(1 << 40) < int(codebook_int.min()) and int(codebook_int.max()) < 1 << 40:
+        symbols = _codebook_symbols(lattice, codebook_int)
+        alphabet = int(symbols.max()) + 1
+        cb_coder = lookup_coder(FORMAT_DEFAULT_CODEBOOK_CODER)
+        limit = min(MAX_CODED_ALPHABET, getattr(cb_coder, "max_alphabet_size", 0), max(1 << 16, symbols.size))
+        if alphabet <= limit:
+            bits = cb_coder.cost_bits(symbols.ravel(), alphabet)
+            entry = {"encoding": LATTICE_INT_CODED, "alphabet_size": alphabet, "length": int(math.ceil(bits / 8))}
+            if bits + _entry_bits(entry) < table[0]:
+                table = (bits + _entry_bits(entry), bits)
+    total = (index_bits + table[0], index_bits + table[1])
+    return float(total[1] if coords is None or total[0] <= coords[0] else coords[1])
+
+
+def _entry_bits(codebook_entry: dict) -> float:
+    """Bits of a codebook entry's stored JSON: the part of the header entry that differs between the forms."""
+    return 8.0 * len(canonical_json(compact_codebook(codebook_entry)))
+
+
 def _encode_coords(
     q: QuantizedTensor, indices: np.ndarray, zero_index: int | None, key: int, n: int, where: str
 ) -> tuple[int, dict, bytes] | None:
@@ -296,22 +402,47 @@ def _encode_coords(
             return None
     if cb_int.size and (int(cb_int.min()) <= -_lc.MAX_COORDINATE or int(cb_int.max()) >= _lc.MAX_COORDINATE):
         return None  # far outside any quantizer's range; the symbol transforms would overflow
-    points = cb_int[np.asarray(indices, dtype=np.intp)]
     # The reader rebuilds indices and codebook in the quantizer's order; use lattice-coords only where that gives
-    # back exactly these (a codebook with unused or reordered rows would come back different).
-    rebuilt_indices, rebuilt_points, _ = _lc.index_points(points)
-    same = np.array_equal(rebuilt_points, cb_int) and np.array_equal(rebuilt_indices, indices)
-    del rebuilt_indices  # 8 bytes per vector, not to be held while the points are coded below
-    if not same:
+    # back exactly these (a codebook with unused, repeated or reordered rows would come back different).
+    if not _in_reader_order(cb_int, indices):
         return None
     coded = _lc.encode_points(
-        lookup_coder(q.coder), points, q.lattice, n, key, q.dither == FORMAT_DEFAULT_DITHER, f"{where} coordinates"
+        lookup_coder(q.coder), cb_int, q.lattice, n, key, q.dither == FORMAT_DEFAULT_DITHER, f"{where} coordinates",
+        rows=indices,
     )
     if coded is None:
         return None
     alphabet, layout, payload = coded
     cb_entry: dict[str, Any] = {"encoding": _lc.ENCODING, "layout": layout, "exact_zero": exact_zero, "length": 0}
     return alphabet, cb_entry, payload
+
+
+_BINCOUNT_CHUNK = 1 << 20  # indices counted per np.bincount call (it copies its input to intp)
+
+
+def _in_reader_order(cb_int: np.ndarray, indices: np.ndarray) -> bool:
+    """Whether ``lattice_coords.index_points(cb_int[indices])`` gives back exactly ``(indices, cb_int)``.
+
+    It does exactly when every row is used, the rows are distinct, and they are sorted by falling count, ties by
+    the coordinates (the order ``index_points`` builds): then the distinct points of the vectors are the rows, in
+    the same order, and each vector's rebuilt index is its own. Checked on the ``K`` rows and one count of the
+    indices (a chunk at a time), instead of rebuilding both from every vector (``tests/unit/test_payload_order.py``
+    holds the two rules against each other).
+    """
+    k = cb_int.shape[0]
+    indices = np.asarray(indices)
+    counts = np.zeros(k, np.int64)
+    for lo in range(0, indices.size, _BINCOUNT_CHUNK):  # np.bincount copies its input to intp: a chunk at a time
+        part = np.bincount(indices[lo : lo + _BINCOUNT_CHUNK], minlength=k)
+        if part.size != k:
+            return False
+        counts += part
+    if k and int(counts.min()) == 0:
+        return False
+    if k > 1 and _lc.index_points(cb_int)[1].shape[0] != k:  # repeated rows (each row once: distinct points)
+        return False
+    order = np.lexsort(tuple(cb_int[:, j] for j in range(cb_int.shape[1] - 1, -1, -1)) + (-counts,))
+    return bool(np.array_equal(order, np.arange(k)))
 
 
 def points_bound(entry: dict) -> int:
@@ -385,14 +516,17 @@ def _decode_codebook(q: QEntry, data: bytes) -> tuple[np.ndarray | None, np.ndar
 def _decode_coords(q: QEntry, data: bytes) -> QuantizedTensor:
     """A ``lattice-coords`` tensor: decode every vector's point, then rebuild indices and ``codebook_int`` in the
     quantizer's order (``lattice_coords.index_points``)."""
-    points = _lc.decode_points(
+    parts = _lc.decode_point_parts(
         lookup_coder(q.coder), data, q.count, q.alphabet_size, q.layout, q.lattice, q.n, q.key,
         q.dither == FORMAT_DEFAULT_DITHER, f"quantized tensor {q.fqn!r} coordinates",
     )
     if q.count == 0:
         indices, codebook_int = np.zeros(0, np.int64), np.zeros((1, q.n), np.int64)
     else:
-        indices, codebook_int, _ = _lc.index_points(points)
+        from udnc_fx.quantizer import rank_rows  # lazy, as in lattice_coords.index_points
+
+        indices, codebook_int, _ = rank_rows(parts, q.n)
+        del parts
     zero_index = None
     if q.exact_zero:
         hits = np.flatnonzero(~codebook_int.any(axis=1))

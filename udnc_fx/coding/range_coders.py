@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from udnc_fx.coding.coder_base import Coder, check_symbols, get_coder, read_varint, register, varint
@@ -150,6 +152,27 @@ class RangeAdaptiveCoder(Coder):
 
     name = "range-adaptive-v1"
     max_alphabet_size = (1 << _AdaptiveModel.PRECISION) - 2
+    #: Streams up to this many symbols are costed exactly (coded); longer ones by :meth:`cost_bits`'s formula.
+    EXACT_COST_SYMBOLS = 1 << 15
+
+    def cost_bits(self, symbols: np.ndarray, alphabet_size: int, **hints) -> float:
+        """The bits :meth:`encode` writes: exact (coded) up to :attr:`EXACT_COST_SYMBOLS` symbols; above, the
+        stream's order-0 entropy plus ``½·log2(n)`` bits per used symbol but one (the adaptive model's learning cost)
+        and 40 bits of words and varint, which the coder beats by 0-9 % on long streams whose statistics drift
+        (lattice codebooks sorted by frequency: measured on Gaussian A2/D4/E8 codebooks of 10^4 to 7·10^5 symbols).
+        Why: the adaptive model is rebuilt per block in Python, 0.8 s per 7·10^5 symbols, too slow for a step solve
+        that costs every layer's table several times."""
+        arr, k = check_symbols(symbols, alphabet_size, self.max_alphabet_size)
+        n = arr.size
+        if n == 0 or k == 1:
+            return 0.0
+        if n <= self.EXACT_COST_SYMBOLS:
+            return 8.0 * len(self.encode(arr, k))
+        counts = np.bincount(arr)
+        counts = counts[counts > 0]
+        p = counts / n
+        entropy = float(-(p * np.log2(p)).sum()) * n
+        return entropy + 0.5 * (counts.size - 1) * math.log2(n) + 40.0
 
     def encode(self, symbols: np.ndarray, alphabet_size: int) -> bytes:
         arr, k = check_symbols(symbols, alphabet_size, self.max_alphabet_size)
