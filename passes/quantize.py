@@ -569,6 +569,7 @@ def quantize(
     calibration: Any = None,
     progress: bool | None = None,
     how: str | None = None,
+    sources: dict[int, tuple[nn.Parameter, torch.Tensor]] | None = None,
 ) -> PassResult:
     """Quantize the selected weights of ``model`` (a traced ``GraphModule``, or a plain module for the
     module-swap fallback) in place, and record every decision.
@@ -577,6 +578,8 @@ def quantize(
     error-compensating rounding where a layer's input second moment is known; see :func:`make_params`.
     ``how``: how ``model`` was prepared (:func:`udnc_fx.passes.trace.prepare`'s note), stored with the config and
     the changes in the model's compression record (:mod:`udnc_fx.record_store`).
+    ``sources`` (:func:`udnc_fx.passes.trace.hollow_copy`'s): each selected weight that is a placeholder there is
+    read from its source instead (the user's parameter, never changed).
 
     Raises:
         ConfigError: bad weights (NaN/Inf, empty, constant with a relative step) or an unreachable target rate;
@@ -587,6 +590,10 @@ def quantize(
     candidates, changes = select_weights(model, config, gm)
     if config.strict and changes:
         raise PassError("strict mode: " + "; ".join(f"{c.fqn}: {c.reason}" for c in changes))
+    for cand in candidates if sources else ():
+        entry = sources.get(id(cand.param))
+        if entry is not None:
+            cand.param = entry[1]
     dlps = make_params(candidates, config, calibration, progress=progress)
     changes = install(model, candidates, dlps) + changes
     set_record(model, config=config, changes=changes, trace=how)

@@ -12,6 +12,7 @@ import copy
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -20,7 +21,7 @@ from ..errors import UnsupportedModelError
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import CompressConfig
 
-__all__ = ["prepare", "trace_model", "UdncTracer", "TRACED", "FALLBACK_PREFIX"]
+__all__ = ["prepare", "hollow_copy", "restore_hollow", "trace_model", "UdncTracer", "TRACED", "FALLBACK_PREFIX"]
 
 #: ``prepare``'s note for a model torch.fx traced (recorded as the compression record's ``"trace"``).
 TRACED = "torch.fx symbolic trace"
@@ -86,6 +87,41 @@ def trace_model(
         ) from exc
     name = type(model).__name__
     return fx.GraphModule(tracer.root, graph, name)
+
+
+def hollow_copy(model: nn.Module) -> tuple[nn.Module, dict[int, tuple[nn.Parameter, torch.Tensor]]]:
+    """Deep-copy ``model`` without copying its float parameters' values.
+
+    Each plain floating-point ``nn.Parameter`` becomes, in the copy, a placeholder of the same shape, dtype, device
+    and ``requires_grad`` backed by a single element (stride 0); tied parameters stay tied. The passes that replace
+    a weight read it from the user's model (``sources``) and :func:`restore_hollow` gives every placeholder still in
+    use its values afterwards, so the copy costs only the parameters that stay float, not the float model again.
+
+    Returns:
+        ``(copy, sources)``: ``sources`` maps ``id(placeholder)`` to ``(placeholder, the user's parameter)``.
+    """
+    memo: dict[int, Any] = {}
+    sources: dict[int, tuple[nn.Parameter, torch.Tensor]] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in memo or type(p) is not nn.Parameter or not p.is_floating_point() or p.layout != torch.strided:
+            continue
+        stand_in = nn.Parameter(torch.zeros((), dtype=p.dtype, device=p.device).expand(p.shape),
+                                requires_grad=p.requires_grad)
+        memo[id(p)] = stand_in
+        sources[id(stand_in)] = (stand_in, p)
+    return copy.deepcopy(model, memo), sources
+
+
+def restore_hollow(model: nn.Module, sources: dict[int, tuple[nn.Parameter, torch.Tensor]]) -> None:
+    """Give each placeholder of :func:`hollow_copy` that ``model`` still holds (as a parameter, untouched: a weight
+    a pass replaced or emptied is not one) a copy of its source's values, as ``copy.deepcopy`` would have."""
+    for _, p in model.named_parameters(remove_duplicate=False):
+        entry = sources.get(id(p))
+        if entry is None or p.shape != entry[1].shape or (p.numel() > 1 and any(s != 0 for s in p.stride())):
+            continue
+        with torch.no_grad():
+            p.data = entry[1].detach().clone(memory_format=torch.preserve_format)
+        del sources[id(p)]
 
 
 def prepare(model: nn.Module, config: CompressConfig, *, inplace: bool = False) -> tuple[nn.Module, str]:

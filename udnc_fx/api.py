@@ -19,7 +19,7 @@ from .passes.calibrate import Calibration, as_batches, collect_inputs, probe_sca
 from .passes.materialize import served_params
 from .passes.quantize import quantize
 from .passes.select import refuse_non_float32, select_weights
-from .passes.trace import FALLBACK_PREFIX, prepare
+from .passes.trace import FALLBACK_PREFIX, hollow_copy, prepare, restore_hollow
 from .progress import progress_bar
 from .record_store import compression_record, update_record
 
@@ -122,8 +122,15 @@ def compress(
     seeds = [(config.seed + i) % 2**64 for i in range(config.seed_trials)]
     for seed in progress_bar(seeds, desc="seed trials", unit="seed", progress=progress) if len(seeds) > 1 else seeds:
         trial_config = config if seed == config.seed else config.replace(seed=seed)
-        target, how = prepare(model, trial_config)
-        out = quantize(target, trial_config, calibration=calib, progress=progress, how=how).graph_module
+        # The copy does not copy the float weights: quantize reads the selected ones from the user's model, and the
+        # placeholders of the weights that stay float get their values afterwards (about the float model's bytes
+        # saved at the peak).
+        work, sources = hollow_copy(model)
+        target, how = prepare(work, trial_config, inplace=True)
+        out = quantize(target, trial_config, calibration=calib, progress=progress, how=how,
+                       sources=sources).graph_module
+        restore_hollow(out, sources)
+        del work, sources
         _refuse_non_float32(out)
         out.train(was_training)
         if len(seeds) > 1:
