@@ -1,4 +1,4 @@
-"""Speed and memory of compress (quantize + encode + save) and decompress (load + decode) from 1e5 to 1e8 weights.
+"""Speed and memory of compress (quantize + encode + save) and decompress (load + decode) from 1e5 to 1e9 weights.
 
 Models are stacks of ``nn.Linear`` layers of real shapes with synthetic Gaussian weights (std 1/√fan_in), compressed
 at one relative step (``relative_step=0.25``: about 4 bits per weight on Gaussian weights). Each measurement runs in
@@ -32,6 +32,7 @@ SIZES = {
     "1e7": [(768, 3072), (3072, 768), (768, 3072), (3072, 768)],  # two BERT-base FFN blocks, 9.4M
     "3e7": [(4096, 4096)] * 2,
     "1e8": [(4096, 4096)] * 6,  # 100.7M
+    "1e9": [(8192, 8192)] * 15,  # 1.007G (4 GB float32): only with --sizes 1e9 (about 15 GB free memory needed)
 }
 RELATIVE_STEP = 0.25
 
