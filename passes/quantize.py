@@ -40,6 +40,7 @@ from ..quantizer import (
     coded_rate_of_raw_points,
     quantize_array,
     vectors_of,
+    z1_rate_bits_chunked,
 )
 from ..record import raw_dither, weight_key
 from ..record_store import set_record
@@ -464,9 +465,13 @@ def _served(q, cand: Candidate, sig: float, err: float, std: float) -> DitheredL
 
 
 def _streamable(candidates: list[Candidate], calibration: Any) -> bool:
-    """Whether :func:`_stream_params` applies: every step known up front (no ``target_bits`` to solve over all
-    layers at once) and plain rounding (no calibration)."""
-    return calibration is None and all(c.step_kind != "target_bits" for c in candidates)
+    """Whether :func:`_stream_params` applies: plain rounding (no calibration), and every step known up front or
+    every layer on Z¹ (whose ``target_bits`` rate estimate, the index entropy, is counted chunk by chunk)."""
+    if calibration is not None:
+        return False
+    if all(c.step_kind != "target_bits" for c in candidates):
+        return True
+    return all(get_lattice(c.lattice, c.n).name == "Z" and get_lattice(c.lattice, c.n).dim == 1 for c in candidates)
 
 
 def _native_flat(cand: Candidate) -> np.ndarray:
@@ -508,11 +513,33 @@ def _stream_params(candidates: list[Candidate], config: CompressConfig, progress
                 f"layer {cand.fqn} has all weights equal (std 0): a relative step is undefined; give it an absolute "
                 f"step with overrides={{'{cand.owners[0][0]}': LayerConfig(step=...)}} or leave it float (None)"
             )
-        else:
+        elif cand.step_kind == "relative_step":
             cand.step = float(cand.step_value) * std
         stds.append(std)
         lats.append(lat)
         keys.append(weight_key(config.seed, cand.fqn, config.dithered))
+    to_solve = [i for i, c in enumerate(candidates) if c.step_kind == "target_bits"]
+    if to_solve:
+        # make_params' solve on Z¹ (every layer is, see _streamable), each layer's index entropy counted chunk by
+        # chunk: the same sums (math.fsum), hence the same step, bit for bit
+        def bits(i: int, step: float) -> float:
+            flat = _native_flat(candidates[i])
+            return z1_rate_bits_chunked(flat, step, keys[i]) * flat.size
+
+        fixed_terms, fixed_numel = [], 0
+        for i, cand in enumerate(candidates):
+            if cand.step_kind != "target_bits":
+                fixed_terms.append(bits(i, cand.step))
+                fixed_numel += candidates[i].param.numel()
+        total = fixed_numel + sum(candidates[i].param.numel() for i in to_solve)
+
+        def mean_bits(s: float) -> float:
+            return math.fsum(fixed_terms + [bits(i, s * stds[i]) for i in to_solve]) / total
+
+        s = solve_scale(mean_bits, config.effective_target_bits, start=1.0)
+        for i in to_solve:
+            candidates[i].step = s * stds[i]
+            candidates[i].extra["relative_step"] = candidates[i].step / stds[i]
     dlps = []
     items = list(zip(candidates, lats, keys, stds))
     bar = progress_bar(items, desc="quantizing", unit="layer", progress=progress) if len(items) > 1 else items

@@ -30,6 +30,7 @@ __all__ = [
     "raw_dither",
     "entropy_bits_per_weight",
     "coded_rate_bits_per_weight",
+    "z1_rate_bits_chunked",
     "rate_bits_of_points",
     "coded_rate_of_raw_points",
     "vectors_of",
@@ -178,6 +179,25 @@ def coded_rate_bits_per_weight(
 #: point search stay a few MiB whatever the tensor's size. Any value gives the same result (the dither is
 #: counter-based, the ranking of points is a total order); tests lower it to cross chunk boundaries.
 QUANTIZE_CHUNK_ELEMENTS = 1 << 18
+
+
+def z1_rate_bits_chunked(flat: np.ndarray, step: float, key: int | None) -> float:
+    """:func:`coded_rate_bits_per_weight` for Z¹ of the weights ``flat`` (1-D, any float dtype), bit for bit, in
+    chunks of :data:`QUANTIZE_CHUNK_ELEMENTS`: the dither is regenerated chunk by chunk and the index counts are
+    merged (in ascending order of the points, as the whole-tensor count gives them), so no float64 copy of the
+    weights, no dither and no array of points of the whole tensor is held."""
+    lat = get_lattice("Z", 1)
+    values = np.zeros(0, dtype=np.int64)
+    counts = np.zeros(0, dtype=np.int64)
+    for v0 in range(0, flat.size, QUANTIZE_CHUNK_ELEMENTS):
+        v1 = min(v0 + QUANTIZE_CHUNK_ELEMENTS, flat.size)
+        points = _chunk_points(flat, v0, v1, lat, step, key, None, None)[:, 0]
+        vals, cnts = np.unique(points, return_counts=True)
+        merged, inverse = np.unique(np.concatenate([values, vals]), return_inverse=True)
+        total = np.zeros(merged.size, dtype=np.int64)
+        np.add.at(total, inverse.reshape(-1), np.concatenate([counts, cnts]))
+        values, counts = merged, total
+    return entropy_from_counts(counts) if counts.size else 0.0
 
 
 def _narrow_ints(a: np.ndarray) -> np.ndarray:
