@@ -76,7 +76,8 @@ def compress(
 ) -> nn.Module:
     """Compress ``model``'s Conv/Linear weights with randomized lattice quantization.
 
-    The model is deep-copied first (never changed), traced with torch.fx, and each selected weight is replaced by a
+    The model is deep-copied first (never changed; the copy does not duplicate the float weights it replaces, which
+    are read from ``model``), traced with torch.fx, and each selected weight is replaced by a
     ``DitheredLatticeParam`` feeding the original op. Every decision is recorded (see :func:`inspect`).
 
     With ``calibration``, the batches run once through the float model (hooks on the selected layers) and are used
