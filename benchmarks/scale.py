@@ -83,7 +83,7 @@ def _build(layers):
     return torch.nn.Sequential(*mods).eval()
 
 
-def worker(phase: str, size: str, lattice: str, n: int, path: Path) -> dict:
+def worker(phase: str, size: str, lattice: str, n: int, path: Path, target_bits: float | None = None) -> dict:
     import torch
 
     torch.set_num_threads(1)
@@ -117,7 +117,8 @@ def worker(phase: str, size: str, lattice: str, n: int, path: Path) -> dict:
     # Each step's own high-water mark: the kernel's peak is reset between steps, and "adds" is a step's peak minus
     # the resident size just before it (what that step alone costs on top of what is already held).
     if phase == "compress":
-        cfg = udnc_fx.CompressConfig(lattice=lattice, n=n, relative_step=RELATIVE_STEP, seed=0)
+        goal = {"relative_step": RELATIVE_STEP} if target_bits is None else {"target_bits": target_bits}
+        cfg = udnc_fx.CompressConfig(lattice=lattice, n=n, seed=0, **goal)
         t0 = time.perf_counter()
         gm = udnc_fx.compress(model, cfg)
         t1 = time.perf_counter()
@@ -146,9 +147,10 @@ def worker(phase: str, size: str, lattice: str, n: int, path: Path) -> dict:
     return out
 
 
-def run_one(phase: str, size: str, lattice: str, n: int, path: Path, timeout: float = 1800) -> dict:
+def run_one(phase: str, size: str, lattice: str, n: int, path: Path, timeout: float = 1800,
+            target_bits: float | None = None) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", phase, "--size", size, "--lattice", lattice,
-           "--n", str(n), "--path", str(path)]
+           "--n", str(n), "--path", str(path)] + ([] if target_bits is None else ["--target-bits", str(target_bits)])
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if proc.returncode != 0:
@@ -157,7 +159,7 @@ def run_one(phase: str, size: str, lattice: str, n: int, path: Path, timeout: fl
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run(sizes: list[str], lattices: list[tuple[str, int, list[str]]], log=C.log) -> dict:
+def run(sizes: list[str], lattices: list[tuple[str, int, list[str]]], log=C.log, target_bits: float | None = None) -> dict:
     """``lattices``: (name, n, sizes it runs at)."""
     tmp = Path(tempfile.mkdtemp(prefix="udnc-scale-"))
     rows = []
@@ -166,7 +168,7 @@ def run(sizes: list[str], lattices: list[tuple[str, int, list[str]]], log=C.log)
             if size not in allowed:
                 continue
             path = tmp / f"{size}-{lattice}{n}.udnc"
-            comp = run_one("compress", size, lattice, n, path)
+            comp = run_one("compress", size, lattice, n, path, target_bits=target_bits)
             dec = run_one("decompress", size, lattice, n, path) if "error" not in comp else {"error": "skipped"}
             path.unlink(missing_ok=True)
             ref = run_one("safetensors", size, lattice, n, path)
@@ -183,7 +185,7 @@ def run(sizes: list[str], lattices: list[tuple[str, int, list[str]]], log=C.log)
                 f"({w / comp['seconds'] / 1e6:.2f} M/s), peak +{(comp['peak'] - comp['base_rss']) / w:.1f} B/w; "
                 f"decompress {dec['seconds']:.2f} s ({w / dec['seconds'] / 1e6:.2f} M/s), "
                 f"peak +{(dec['peak'] - dec['base_rss']) / w:.1f} B/w")
-    return {"rows": rows, "relative_step": RELATIVE_STEP}
+    return {"rows": rows, "relative_step": RELATIVE_STEP if target_bits is None else f"none (target_bits={target_bits})"}
 
 
 def report(res: dict) -> str:
@@ -261,6 +263,8 @@ def main(argv=None) -> int:
     parser.add_argument("--lattice", default="Z")
     parser.add_argument("--n", type=int, default=1)
     parser.add_argument("--path", type=Path)
+    parser.add_argument("--target-bits", type=float, default=None,
+                        help="compress with target_bits instead of relative_step=0.25 (the solve over all layers)")
     parser.add_argument("--report", type=Path, help="only print the report of an earlier run's scale.json")
     parser.add_argument("--out-name", default="scale", help="output names: OUT/<name>.json and OUT/<NAME>.md")
     args = parser.parse_args(argv)
@@ -268,12 +272,12 @@ def main(argv=None) -> int:
         print(report(json.loads(args.report.read_text())))
         return 0
     if args.worker:
-        print(json.dumps(worker(args.worker, args.size, args.lattice, args.n, args.path)))
+        print(json.dumps(worker(args.worker, args.size, args.lattice, args.n, args.path, args.target_bits)))
         return 0
     sizes, lattices = plan(args.quick)
     if args.sizes:
         sizes, lattices = args.sizes, [("Z", 1, args.sizes)]
-    res = run(sizes, lattices)
+    res = run(sizes, lattices, target_bits=args.target_bits)
     C.OUT.mkdir(parents=True, exist_ok=True)
     (C.OUT / f"{args.out_name}.json").write_text(json.dumps(res, indent=1))
     text = report(res)
