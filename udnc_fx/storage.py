@@ -332,6 +332,14 @@ def load(path: str | Path, model: nn.Module, *, progress: bool | None = None) ->
             if p is not None and id(p) not in memo:
                 hollow = torch.zeros((), dtype=p.dtype, device=p.device).expand(p.shape)
                 memo[id(p)] = nn.Parameter(hollow, requires_grad=p.requires_grad)
+        # Likewise every other tensor the file stores (biases, norms, buffers) is overwritten from the file before
+        # the model is returned (the header check below refuses a file that misses one): the copy gets uninitialised
+        # storage of the same shape and dtype instead of a copy of values that would be discarded.
+        stored_raw = {r["name"] for r in header["raw"]}
+        for name, t in model.state_dict(keep_vars=True).items():
+            if name in stored_raw and ".parametrizations." not in name and id(t) not in memo:
+                fresh = torch.empty_like(t)
+                memo[id(t)] = nn.Parameter(fresh, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else fresh
         work = copy.deepcopy(model, memo)
         target, how = prepare(work, config, inplace=True)  # traced (or refused) as compress did
         targets = _check_header_against(header, target, tensors, model_bytes)
