@@ -23,6 +23,7 @@ from .coding.container import (
     write_container,
 )
 from .coding.entries import entry_from_record, record_from_entry
+from .coding.payload import check_workers
 from .config import CompressConfig
 from .errors import ConfigError, FormatError
 from .param import DitheredLatticeParam
@@ -303,17 +304,25 @@ def _refuse_onnx_sidecar(header: dict, path: str | Path) -> None:
     )
 
 
-def load(path: str | Path, model: nn.Module, *, progress: bool | None = None) -> nn.Module:
+def load(
+    path: str | Path, model: nn.Module, *, progress: bool | None = None, workers: int = 1
+) -> nn.Module:
     """Rebuild the compressed model saved at ``path`` on ``model`` (an uncompressed model of the same
     architecture; it is deep-copied, never changed). Decoded weights equal the saved ones bit for bit.
     ``progress`` draws a bar over the decoded weights: ``None`` (default) on a terminal only, ``False`` never.
+    ``workers``: processes decoding the index streams side by side (forked, at most one tensor each in flight;
+    POSIX only); ``1`` (default) decodes in this process. The loaded model is the same, bit for bit, for every
+    count. Workers pay only with idle cores: on a busy 2-core machine (load 5.4) 2 workers loaded MiniLM 0.83x
+    as fast as 1.
 
     Raises:
+        ConfigError: ``workers`` is not an integer in [1, 256].
         FormatError: the file is malformed (any ``kind``), ``model_mismatch`` when the model's layers, shapes
             or other tensors do not match the file, or ``onnx_sidecar`` when it is an ONNX export's sidecar.
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"load() needs the float model to load onto, an nn.Module; got {type(model).__name__}")
+    check_workers(workers)
     tensors, model_bytes = _model_limits(model)
     prepared: dict[str, Any] = {}
 
@@ -354,6 +363,7 @@ def load(path: str | Path, model: nn.Module, *, progress: bool | None = None) ->
         max_header_length=limits.header_allowance(tensors),
         check_header=check,
         progress=progress,
+        workers=workers,
     )
     dlps, candidates = [], []
     device = None
