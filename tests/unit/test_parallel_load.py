@@ -90,3 +90,14 @@ def test_bad_worker_counts_are_a_config_error(saved, workers):
         udnc_fx.load(path, model, progress=False, workers=workers)
     with pytest.raises(ConfigError):
         next(iter_container(path, workers=workers))
+
+
+def test_workers_without_fork_are_a_config_error_and_one_worker_still_loads(saved, monkeypatch):
+    import multiprocessing
+
+    path, model, gm = saved
+    monkeypatch.setattr(multiprocessing, "get_all_start_methods", lambda: ["spawn"])
+    with pytest.raises(ConfigError, match="fork"):
+        udnc_fx.load(path, model, progress=False, workers=2)
+    x = torch.randn(2, 48)
+    assert torch.equal(udnc_fx.load(path, model, progress=False, workers=1)(x), gm(x))

@@ -549,6 +549,11 @@ def check_workers(workers: Any) -> int:
     """``workers`` as a count of processes (>= 1), or ConfigError."""
     if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or not 1 <= workers <= MAX_WORKERS:
         raise ConfigError(f"workers must be an integer in [1, {MAX_WORKERS}], got {workers!r}")
+    if workers > 1:
+        import multiprocessing
+
+        if "fork" not in multiprocessing.get_all_start_methods():
+            raise ConfigError("workers > 1 needs processes started by fork (Linux, macOS); use workers=1 here")
     return int(workers)
 
 
