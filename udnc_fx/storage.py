@@ -344,11 +344,19 @@ def load(
         # Likewise every other tensor the file stores (biases, norms, buffers) is overwritten from the file before
         # the model is returned (the header check below refuses a file that misses one): the copy gets uninitialised
         # storage of the same shape and dtype instead of a copy of values that would be discarded.
+        # Only plain tensors and parameters (a subclass is deep-copied as it is); their attributes are copied.
         stored_raw = {r["name"] for r in header["raw"]}
         for name, t in model.state_dict(keep_vars=True).items():
-            if name in stored_raw and ".parametrizations." not in name and id(t) not in memo:
+            if name not in stored_raw or ".parametrizations." in name or id(t) in memo:
+                continue
+            if type(t) is nn.Parameter:
+                fresh = nn.Parameter(torch.empty_like(t), requires_grad=t.requires_grad)
+            elif type(t) is torch.Tensor:
                 fresh = torch.empty_like(t)
-                memo[id(t)] = nn.Parameter(fresh, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else fresh
+            else:
+                continue
+            fresh.__dict__.update(copy.deepcopy(t.__dict__, memo))
+            memo[id(t)] = fresh
         work = copy.deepcopy(model, memo)
         target, how = prepare(work, config, inplace=True)  # traced (or refused) as compress did
         targets = _check_header_against(header, target, tensors, model_bytes)

@@ -182,3 +182,15 @@ def test_load_leaves_the_traced_model_alone_and_shares_no_storage_with_it(compre
     assert torch.equal(model.fc.bias, before["fc.bias"]) and torch.equal(model.table0, before["table0"])
     x = torch.randn(3, 32)
     assert torch.equal(udnc_fx.load(path, model, progress=False)(x), gm(x))
+
+
+def test_load_keeps_the_attributes_of_the_tensors_it_restores(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    model[0].bias.no_decay = True  # e.g. an optimizer's grouping mark
+    gm = udnc_fx.compress(model, udnc_fx.CompressConfig(relative_step=0.25, seed=0))
+    path = tmp_path / "a.udnc"
+    udnc_fx.save(gm, path, progress=False)
+    loaded = udnc_fx.load(path, model, progress=False)
+    bias = loaded.get_parameter("0.bias")
+    assert bias.no_decay is True and bias.requires_grad and torch.equal(bias, model[0].bias)
