@@ -10,7 +10,10 @@ within the same minute or two), times
   ``nncodec_env.py``), when its venv is available (``--nncodec-qp``; skipped with a note otherwise).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/save_load.py [--bits 3.75] [--repeats 3] [--no-nncodec]
-        [--coders ans-dither-v1,range-context-v1]
+        [--coders ans-dither-v1,range-context-v1] [--workers 1,2]
+
+With ``--workers 1,2`` every load is timed with each worker count in turn (the rows after the first repeat the
+first's save time).
 
 The ``spread`` columns give (worst − best) / best over the repeats.
 """
@@ -44,8 +47,11 @@ def main(argv=None) -> int:
     parser.add_argument("--no-nncodec", action="store_true")
     parser.add_argument("--nncodec-qp", type=int, default=-34)
     parser.add_argument("--coders", default=",".join(CODERS), help="comma-separated index coders to time")
+    parser.add_argument("--workers", default="1",
+                        help="comma-separated udnc_fx.load worker counts to time (a row each after the first)")
     args = parser.parse_args(argv)
     coders = [c for c in args.coders.split(",") if c]
+    worker_counts = [int(w) for w in args.workers.split(",") if w] or [1]
     torch.set_num_threads(1)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from udnc_fx.hf import drop_pooler, load_minilm, transformer_config
@@ -76,13 +82,16 @@ def main(argv=None) -> int:
                     path.unlink()
                 t = time.perf_counter()
                 size = udnc_fx.save(gm, path, coder=coder, progress=False)
-                t1 = time.perf_counter()
-                loaded = udnc_fx.load(path, model, progress=False)
-                t2 = time.perf_counter()
-                row = rows.setdefault(f"udnc-fx {coder}", {"bytes": size, "save": [], "load": []})
-                row["save"].append(t1 - t)
-                row["load"].append(t2 - t1)
-                del loaded
+                save_s = time.perf_counter() - t
+                for i, workers in enumerate(worker_counts):
+                    t1 = time.perf_counter()
+                    loaded = udnc_fx.load(path, model, progress=False, workers=workers)
+                    t2 = time.perf_counter()
+                    name = f"udnc-fx {coder}" + (f" (load workers={workers})" if i else "")
+                    row = rows.setdefault(name, {"bytes": size, "save": [], "load": []})
+                    row["save"].append(save_s)
+                    row["load"].append(t2 - t1)
+                    del loaded
             if not args.no_nncodec:  # once per repeat, between our runs: side by side under the same load
                 for name, row in run_nncodec(state, args.nncodec_qp, Path(tmp)).items():
                     if "note" in row:

@@ -23,6 +23,7 @@ from .coding.container import (
     write_container,
 )
 from .coding.entries import entry_from_record, record_from_entry
+from .coding.payload import check_workers
 from .config import CompressConfig
 from .errors import ConfigError, FormatError
 from .param import DitheredLatticeParam
@@ -303,17 +304,25 @@ def _refuse_onnx_sidecar(header: dict, path: str | Path) -> None:
     )
 
 
-def load(path: str | Path, model: nn.Module, *, progress: bool | None = None) -> nn.Module:
+def load(
+    path: str | Path, model: nn.Module, *, progress: bool | None = None, workers: int = 1
+) -> nn.Module:
     """Rebuild the compressed model saved at ``path`` on ``model`` (an uncompressed model of the same
     architecture; it is deep-copied, never changed). Decoded weights equal the saved ones bit for bit.
     ``progress`` draws a bar over the decoded weights: ``None`` (default) on a terminal only, ``False`` never.
+    ``workers``: processes decoding the index streams side by side (forked, at most one tensor each in flight;
+    POSIX only); ``1`` (default) decodes in this process. The loaded model is the same, bit for bit, for every
+    count. Workers pay only with idle cores: on a busy 2-core machine (load 5.4) 2 workers loaded MiniLM 0.83x
+    as fast as 1.
 
     Raises:
+        ConfigError: ``workers`` is not an integer in [1, 256].
         FormatError: the file is malformed (any ``kind``), ``model_mismatch`` when the model's layers, shapes
             or other tensors do not match the file, or ``onnx_sidecar`` when it is an ONNX export's sidecar.
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"load() needs the float model to load onto, an nn.Module; got {type(model).__name__}")
+    check_workers(workers)
     tensors, model_bytes = _model_limits(model)
     prepared: dict[str, Any] = {}
 
@@ -332,6 +341,22 @@ def load(path: str | Path, model: nn.Module, *, progress: bool | None = None) ->
             if p is not None and id(p) not in memo:
                 hollow = torch.zeros((), dtype=p.dtype, device=p.device).expand(p.shape)
                 memo[id(p)] = nn.Parameter(hollow, requires_grad=p.requires_grad)
+        # Likewise every other tensor the file stores (biases, norms, buffers) is overwritten from the file before
+        # the model is returned (the header check below refuses a file that misses one): the copy gets uninitialised
+        # storage of the same shape and dtype instead of a copy of values that would be discarded.
+        # Only plain tensors and parameters (a subclass is deep-copied as it is); their attributes are copied.
+        stored_raw = {r["name"] for r in header["raw"]}
+        for name, t in model.state_dict(keep_vars=True).items():
+            if name not in stored_raw or ".parametrizations." in name or id(t) in memo:
+                continue
+            if type(t) is nn.Parameter:
+                fresh = nn.Parameter(torch.empty_like(t), requires_grad=t.requires_grad)
+            elif type(t) is torch.Tensor:
+                fresh = torch.empty_like(t)
+            else:
+                continue
+            fresh.__dict__.update(copy.deepcopy(t.__dict__, memo))
+            memo[id(t)] = fresh
         work = copy.deepcopy(model, memo)
         target, how = prepare(work, config, inplace=True)  # traced (or refused) as compress did
         targets = _check_header_against(header, target, tensors, model_bytes)
@@ -346,6 +371,7 @@ def load(path: str | Path, model: nn.Module, *, progress: bool | None = None) ->
         max_header_length=limits.header_allowance(tensors),
         check_header=check,
         progress=progress,
+        workers=workers,
     )
     dlps, candidates = [], []
     device = None

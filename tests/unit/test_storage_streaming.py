@@ -160,3 +160,37 @@ def test_load_leaves_the_model_alone_and_the_result_usable_on_the_fallback_path(
     # the replaced weights' stand-ins are gone: the model moves and copies like any other
     double = copy.deepcopy(loaded).to(torch.float64)
     assert double(x.double()).dtype == torch.float64
+
+
+def test_load_leaves_the_traced_model_alone_and_shares_no_storage_with_it(compressed, tmp_path):
+    model, gm = compressed
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    modules_before = [(name, type(m)) for name, m in model.named_modules()]
+    path = tmp_path / "m.udnc"
+    udnc_fx.save(gm, path, progress=False)
+    loaded = udnc_fx.load(path, model, progress=False)
+    assert [(name, type(m)) for name, m in model.named_modules()] == modules_before
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+    # every tensor the file restores is the file's, in the loaded model's own storage
+    mine = {t.untyped_storage().data_ptr() for t in model.state_dict().values()}
+    for name, tensor in loaded.state_dict().items():
+        assert tensor.untyped_storage().data_ptr() not in mine, name
+    with torch.no_grad():
+        loaded.fc.bias.add_(1.0)
+        loaded.get_buffer("table0").add_(1.0)
+    assert torch.equal(model.fc.bias, before["fc.bias"]) and torch.equal(model.table0, before["table0"])
+    x = torch.randn(3, 32)
+    assert torch.equal(udnc_fx.load(path, model, progress=False)(x), gm(x))
+
+
+def test_load_keeps_the_attributes_of_the_tensors_it_restores(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    model[0].bias.no_decay = True  # e.g. an optimizer's grouping mark
+    gm = udnc_fx.compress(model, udnc_fx.CompressConfig(relative_step=0.25, seed=0))
+    path = tmp_path / "a.udnc"
+    udnc_fx.save(gm, path, progress=False)
+    loaded = udnc_fx.load(path, model, progress=False)
+    bias = loaded.get_parameter("0.bias")
+    assert bias.no_decay is True and bias.requires_grad and torch.equal(bias, model[0].bias)

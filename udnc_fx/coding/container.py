@@ -71,7 +71,8 @@ from udnc_fx.coding.header import (
 )
 from udnc_fx.coding.limits import DEFAULT_MAX_HEADER_LENGTH, MAX_HEADER_LENGTH
 from udnc_fx.coding.payload import (
-    check_payload_digest, decode_payload, decode_sections, encode_quantized, encode_raw, points_bound, weights_bar,
+    check_payload_digest, check_workers, decode_payload, decode_sections, encode_quantized, encode_raw, points_bound,
+    weights_bar,
 )
 from udnc_fx.coding.tempfiles import create_temp, fsync_dir, remove_stale_temps
 from udnc_fx.errors import FormatError
@@ -432,6 +433,7 @@ def iter_container(
     max_header_length: int = DEFAULT_MAX_HEADER_LENGTH,
     check_header: Any = None,
     progress: bool | None = None,
+    workers: int = 1,
 ) -> Iterator[QuantizedTensor | RawTensor]:
     """Reads a ``.udnc`` file tensor by tensor: the quantized tensors, then the raw ones, each decoded as it is
     needed, so a caller that puts each one where it belongs (``udnc_fx.load``) never holds the payload or a list
@@ -442,6 +444,8 @@ def iter_container(
     Args:
         path: a path (str or ``os.PathLike``) to a regular file.
         max_elements, max_header_length, check_header, progress: as for :func:`read_container`.
+        workers: processes decoding the quantized tensors side by side (1: in this process); at most ``workers``
+            tensors are in flight. The tensors and their order are the same for every count.
 
     Yields:
         :class:`QuantizedTensor` and :class:`RawTensor` objects, in file order, as :func:`read_container` gives them.
@@ -450,6 +454,7 @@ def iter_container(
         FormatError: for any defect of the content; ``truncated`` if the file shrinks while it is read. ``OSError``
             for a file that cannot be opened.
     """
+    check_workers(workers)
     with _open_regular(path) as handle:
         size = os.fstat(handle.fileno()).st_size
         preamble, header = _checked_header(handle.read(PREAMBLE_SIZE), handle.read, size, max_elements,
@@ -467,7 +472,7 @@ def iter_container(
                 raise FormatError("truncated", f"{section.where}: read {len(data)} of its {section.length} bytes")
             return data
 
-        tensors = decode_sections(header, section_bytes, progress)
+        tensors = decode_sections(header, section_bytes, progress, workers)
         while (tensor := _guarded(next, tensors, None)) is not None:  # a decoder's bug is a FormatError, as in _read
             yield tensor
 

@@ -545,18 +545,90 @@ def check_payload_digest(preamble: Preamble, digest: bytes) -> None:
         raise FormatError("checksum_mismatch", "the payload digest does not match (payload damaged)")
 
 
+def check_workers(workers: Any) -> int:
+    """``workers`` as a count of processes (>= 1), or ConfigError."""
+    if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or not 1 <= workers <= MAX_WORKERS:
+        raise ConfigError(f"workers must be an integer in [1, {MAX_WORKERS}], got {workers!r}")
+    if workers > 1:
+        import multiprocessing
+
+        if "fork" not in multiprocessing.get_all_start_methods():
+            raise ConfigError("workers > 1 needs processes started by fork (Linux, macOS); use workers=1 here")
+    return int(workers)
+
+
+#: The most decoding processes :func:`decode_sections` starts.
+MAX_WORKERS = 256
+def _quantized_sections(q: QEntry) -> list[Section]:
+    return [q.indices] if q.encoding == _lc.ENCODING else [q.indices, q.codebook]
+
+
+def _decode_in_worker(q: QEntry, data: dict) -> tuple[QuantizedTensor | None, tuple[str, str] | None]:
+    """A worker's task: ``q`` decoded from its sections' bytes (``data``, keyed by ``(offset, length)``), or the
+    error's ``(kind, message)`` (a FormatError's constructor does not survive pickling)."""
+    try:
+        return _decode_quantized(q, lambda s: data[(s.offset, s.length)]), None
+    except FormatError as exc:
+        return None, (exc.kind, exc.message)
+    except Exception as exc:  # noqa: BLE001 -- a decoder's bug is a FormatError, as in the reader's _guarded
+        return None, ("bad_value", f"unexpected {type(exc).__name__} while reading: {exc}")
+
+
+def _decode_parallel(
+    quantized: list[QEntry], section_bytes: Callable[[Section], bytes], workers: int, bar: Any
+) -> Iterator[QuantizedTensor]:
+    """The quantized tensors decoded by ``workers`` forked processes, yielded in file order. At most ``workers``
+    tensors are in flight (their sections' bytes sent, their decoded arrays not yet yielded): memory stays at one
+    tensor's working set per worker. The work is a pure function of each entry and its bytes, so the result is
+    the same for every worker count."""
+    import multiprocessing
+    from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    # fork: a worker starts in milliseconds with everything imported (spawn would import torch again, ~1 s each)
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        pending: deque = deque()
+        entries = iter(quantized)
+        try:
+            while True:
+                while len(pending) < workers and (q := next(entries, None)) is not None:
+                    data = {(s.offset, s.length): section_bytes(s) for s in _quantized_sections(q)}
+                    pending.append((q, pool.submit(_decode_in_worker, q, data)))
+                    del data
+                if not pending:
+                    return
+                q, future = pending.popleft()
+                try:
+                    tensor, error = future.result()
+                except BrokenProcessPool as exc:
+                    raise FormatError("bad_value", f"{q.fqn!r}: a decoding process died ({exc})") from None
+                if error is not None:
+                    raise FormatError(*error)
+                bar.update(q.count * q.n)
+                yield tensor
+        finally:
+            for _, future in pending:
+                future.cancel()
+
+
 def decode_sections(
-    header: Header, section_bytes: Callable[[Section], bytes], progress: bool | None = None
+    header: Header, section_bytes: Callable[[Section], bytes], progress: bool | None = None, workers: int = 1
 ) -> Iterator[QuantizedTensor | RawTensor]:
     """Decodes the sections of a validated ``header`` one tensor at a time, in file order: every quantized tensor,
     then every raw tensor. ``section_bytes`` returns a section's bytes (from memory or read from the file), so a
-    reader holds one tensor's sections and its decoded arrays at a time. The caller checks the payload digest
-    first (:func:`check_payload_digest`)."""
+    reader holds one tensor's sections and its decoded arrays at a time (``workers`` of them with ``workers > 1``
+    processes decoding the quantized tensors side by side; same results, in the same order). The caller checks the
+    payload digest first (:func:`check_payload_digest`)."""
+    workers = min(check_workers(workers), len(header.quantized))
     bar = weights_bar(header.quantized, "decoding", progress)
     try:
-        for q in header.quantized:
-            bar.update(q.count * q.n)
-            yield _decode_quantized(q, section_bytes)
+        if workers > 1:
+            yield from _decode_parallel(header.quantized, section_bytes, workers, bar)
+        else:
+            for q in header.quantized:
+                bar.update(q.count * q.n)
+                yield _decode_quantized(q, section_bytes)
     finally:
         bar.close()
     for r in header.raws:
