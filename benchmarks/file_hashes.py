@@ -23,8 +23,7 @@ def model(kind):
     if kind == "mlp":
         m = torch.nn.Sequential(torch.nn.Linear(300, 257), torch.nn.ReLU(), torch.nn.Linear(257, 33), torch.nn.Linear(33, 7))
     else:
-        m = torch.nn.Sequential(torch.nn.Conv2d(3, 17, 3), torch.nn.ReLU(), torch.nn.Conv2d(17, 9, 5), torch.nn.Flatten(), torch.nn.LazyLinear(10)) if False else \
-            torch.nn.Sequential(torch.nn.Conv2d(3, 17, 3), torch.nn.ReLU(), torch.nn.Conv2d(17, 9, 5))
+        m = torch.nn.Sequential(torch.nn.Conv2d(3, 17, 3), torch.nn.ReLU(), torch.nn.Conv2d(17, 9, 5))
     with torch.no_grad():
         for p in m.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.1)
