@@ -353,15 +353,7 @@ def make_params(
         if v.shape[0] * lat.dim > 2**32:
             raise ConfigError(f"layer {cand.fqn} is too large for the 32-bit dither counter")
         key = weight_key(config.seed, cand.fqn, config.dithered)
-        if cand.step_kind == "step":
-            cand.step = float(cand.step_value)
-        elif std == 0.0:
-            raise ConfigError(
-                f"layer {cand.fqn} has all weights equal (std 0): a relative step is undefined; give it an absolute "
-                f"step with overrides={{'{cand.owners[0][0]}': LayerConfig(step=...)}} or leave it float (None)"
-            )
-        elif cand.step_kind == "relative_step":
-            cand.step = float(cand.step_value) * std
+        _set_fixed_step(cand, std)
         factors, how = _compensation_factors(cand, lat, calibration, config)
         if how is not None:
             cand.extra["rounding"] = how
@@ -451,6 +443,19 @@ def make_params(
     return dlps
 
 
+def _set_fixed_step(cand: Candidate, std: float) -> None:
+    """``cand.step`` from an absolute or relative step (``target_bits`` steps are solved later, over all layers)."""
+    if cand.step_kind == "step":
+        cand.step = float(cand.step_value)
+    elif std == 0.0:
+        raise ConfigError(
+            f"layer {cand.fqn} has all weights equal (std 0): a relative step is undefined; give it an absolute "
+            f"step with overrides={{'{cand.owners[0][0]}': LayerConfig(step=...)}} or leave it float (None)"
+        )
+    elif cand.step_kind == "relative_step":
+        cand.step = float(cand.step_value) * std
+
+
 def _served(q, cand: Candidate, sig: float, err: float, std: float) -> DitheredLatticeParam:
     """The module that serves one weight: the record, its names, its SQNR (``sig``/``err``: the weight's and the
     rounding error's sums of squares) and the relative step it was rounded with."""
@@ -506,15 +511,7 @@ def _stream_params(candidates: list[Candidate], config: CompressConfig, progress
             raise ConfigError(
                 f"layer {cand.fqn} has {bad} NaN/Inf weights: fix the model before compressing"
             ) from None
-        if cand.step_kind == "step":
-            cand.step = float(cand.step_value)
-        elif std == 0.0:
-            raise ConfigError(
-                f"layer {cand.fqn} has all weights equal (std 0): a relative step is undefined; give it an absolute "
-                f"step with overrides={{'{cand.owners[0][0]}': LayerConfig(step=...)}} or leave it float (None)"
-            )
-        elif cand.step_kind == "relative_step":
-            cand.step = float(cand.step_value) * std
+        _set_fixed_step(cand, std)
         stds.append(std)
         lats.append(lat)
         keys.append(weight_key(config.seed, cand.fqn, config.dithered))
