@@ -21,7 +21,7 @@ from ..errors import UnsupportedModelError
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import CompressConfig
 
-__all__ = ["prepare", "hollow_copy", "restore_hollow", "trace_model", "UdncTracer", "TRACED", "FALLBACK_PREFIX"]
+__all__ = ["prepare", "hollow_parameter", "hollow_copy", "restore_hollow", "trace_model", "UdncTracer", "TRACED", "FALLBACK_PREFIX"]
 
 #: ``prepare``'s note for a model torch.fx traced (recorded as the compression record's ``"trace"``).
 TRACED = "torch.fx symbolic trace"
@@ -89,6 +89,12 @@ def trace_model(
     return fx.GraphModule(tracer.root, graph, name)
 
 
+def hollow_parameter(p: torch.Tensor) -> nn.Parameter:
+    """A placeholder for ``p`` in a deep copy: same shape, dtype, device and ``requires_grad``, backed by a single
+    element (stride 0), so the copy does not hold ``p``'s values again."""
+    return nn.Parameter(torch.zeros((), dtype=p.dtype, device=p.device).expand(p.shape), requires_grad=p.requires_grad)
+
+
 def hollow_copy(model: nn.Module) -> tuple[nn.Module, dict[int, tuple[nn.Parameter, torch.Tensor]]]:
     """Deep-copy ``model`` without copying its float parameters' values.
 
@@ -105,8 +111,7 @@ def hollow_copy(model: nn.Module) -> tuple[nn.Module, dict[int, tuple[nn.Paramet
     for _, p in model.named_parameters(remove_duplicate=False):
         if id(p) in memo or type(p) is not nn.Parameter or not p.is_floating_point() or p.layout != torch.strided:
             continue
-        stand_in = nn.Parameter(torch.zeros((), dtype=p.dtype, device=p.device).expand(p.shape),
-                                requires_grad=p.requires_grad)
+        stand_in = hollow_parameter(p)
         memo[id(p)] = stand_in
         sources[id(stand_in)] = (stand_in, p)
     return copy.deepcopy(model, memo), sources

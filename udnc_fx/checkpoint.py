@@ -516,9 +516,9 @@ def compress_checkpoint(
         q = quantize_array(_weight_array(ckpt, w), lattice=w.lattice, n=w.n, step=w.step,
                            key=weight_key(config.seed, w.fqn, config.dithered), exact_zero=config.exact_zero)
         bar.update(math.prod(w.shape))
-        # the indices in the narrow dtype a DitheredLatticeParam holds (1-2 bytes, not 8, per vector while the
-        # writer codes them): the writer widens them per tensor, so the bytes are the same
-        q = dataclasses.replace(q, indices=q.indices.astype(index_dtype(q.codebook_int.shape[0])))
+        # the indices in the narrow dtype a DitheredLatticeParam holds (quantize_array already returns them so:
+        # no copy then); the writer widens them per segment, so the bytes are the same
+        q = dataclasses.replace(q, indices=q.indices.astype(index_dtype(q.codebook_int.shape[0]), copy=False))
         return entry_from_record(q, fqn=w.fqn, coder=coder, meta={"aliases": list(w.aliases)} if w.aliases else {})
 
     def raw(r: _Raw) -> RawTensor:

@@ -30,7 +30,7 @@ from .param import DitheredLatticeParam
 from .passes.materialize import served_params
 from .passes.quantize import install
 from .passes.select import Candidate, param_owners
-from .passes.trace import prepare
+from .passes.trace import hollow_parameter, prepare
 from .record import on_lattice
 from .record_store import compression_record, set_record
 
@@ -339,8 +339,7 @@ def load(
         for entry in header["quantized"]:
             p = params.get(entry["fqn"])
             if p is not None and id(p) not in memo:
-                hollow = torch.zeros((), dtype=p.dtype, device=p.device).expand(p.shape)
-                memo[id(p)] = nn.Parameter(hollow, requires_grad=p.requires_grad)
+                memo[id(p)] = hollow_parameter(p)
         # Likewise every other tensor the file stores (biases, norms, buffers) is overwritten from the file before
         # the model is returned (the header check below refuses a file that misses one): the copy gets uninitialised
         # storage of the same shape and dtype instead of a copy of values that would be discarded.
