@@ -328,7 +328,8 @@ def _compensation_factors(cand: Candidate, lat, calibration: Any, config: Compre
     if factors is None:
         return None, f"plain rounding: {note}"
     order = ", columns by decreasing H_jj" if config.act_order else ""
-    how = f"compensated rounding (H from {rec.rows} input rows{order}{', ' + note if note else ''})"
+    source = "output-sensitivity H from {} token rows" if rec.source == "output" else "H from {} input rows"
+    how = f"compensated rounding ({source.format(rec.rows)}{order}{', ' + note if note else ''})"
     return factors, how
 
 

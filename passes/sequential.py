@@ -95,6 +95,12 @@ def sequential_points(
             for fqn in by_fqn:
                 if fqn not in compensated:
                     install(fqn, None)
+            staged = {fqn for stage in calibration.stages for fqn in stage}
+            for fqn in by_fqn:  # compensated with an H no stage re-measures (an Embedding's output sensitivity)
+                if fqn in compensated and fqn not in staged:
+                    points[fqn] = fallback_points(by_fqn[fqn][0])
+                    notes[fqn] = "float-model H: no stage re-measures it (an Embedding's output sensitivity)"
+                    install(fqn, points[fqn])
             for stage in calibration.stages:
                 todo = [fqn for fqn in stage if fqn in compensated]
                 if not todo:

@@ -15,7 +15,7 @@ from torch import fx, nn
 from .config import CompressConfig
 from .errors import ConfigError, UnsupportedModelError
 from .passes.allocate import first_tensor
-from .passes.calibrate import Calibration, as_batches, collect_inputs, probe_scales, run_batch
+from .passes.calibrate import Calibration, as_batches, collect_inputs, output_sensitivity, probe_scales, run_batch
 from .passes.materialize import served_params
 from .passes.quantize import quantize
 from .passes.select import refuse_non_float32, select_weights
@@ -32,6 +32,8 @@ def _calibrate(model: nn.Module, config: CompressConfig, batches: list) -> Calib
     gm = target if isinstance(target, fx.GraphModule) else None
     candidates, _ = select_weights(target, config, gm)
     calib = collect_inputs(target, candidates, batches, mask_padding=config.mask_padding)
+    if config.compensate and config.compensate_embeddings:
+        output_sensitivity(target, candidates, calib)  # Embedding weights: H from the output's sensitivity
     calib.model = target if config.sequential else None  # sequential compensation re-measures H on this copy
     if config.allocate and config.step_mode == "target_bits":
         probe_scales(target, candidates, config, calib)

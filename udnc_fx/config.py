@@ -155,6 +155,11 @@ class CompressConfig:
             tokenizer's output), leave the padded token positions (mask 0) out of each Linear layer's ``H``. Applies
             to Linear inputs whose leading dimensions are the mask's ``(batch, tokens)``; other inputs use every row.
             The allocation probe's output error then also counts real tokens only.
+        compensate_embeddings: with compensation, also round ``Embedding`` weights (a lookup has no input second
+            moment) with error compensation, using as ``H`` the sensitivity of the model's output to the layer's
+            output rows, ``G = E[JᵀJ]`` (one backward pass per calibration batch with a random projection of the
+            output; :func:`udnc_fx.passes.calibrate.output_sensitivity`). Every row of the table shares ``G``, so
+            rows of tokens the calibration never saw are compensated too. False: plain rounding for embeddings.
         seed_trials: how many dither seeds to try (``seed``, ``seed + 1``, ...); the one whose compressed model is
             closest to the float model on the calibration batches (or has the lowest ``score_fn``) is kept. 1..256.
         score_fn: ``score_fn(compressed_model) -> float``, lower is better (return ``-accuracy`` for an accuracy),
@@ -185,6 +190,7 @@ class CompressConfig:
     damping: float = 0.01
     act_order: bool = True
     mask_padding: bool = True
+    compensate_embeddings: bool = True
     seed_trials: int = 1
     score_fn: Callable[[Any], float] | None = None
 
@@ -223,7 +229,8 @@ class CompressConfig:
             raise ConfigError(f"fallback must be one of {', '.join(map(repr, FALLBACKS))}, got {self.fallback!r}")
         if self.include_embeddings not in (None, True, False):
             raise ConfigError(f"include_embeddings must be true, false or null (auto), got {self.include_embeddings!r}")
-        for name in ("compensate", "allocate", "sequential", "act_order", "mask_padding"):
+        for name in ("compensate", "allocate", "sequential", "act_order", "mask_padding",
+                     "compensate_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if (
