@@ -9,7 +9,10 @@ exactly as ``compress`` shares them between its own seed trials: each seed's mod
 Run: ``OMP_NUM_THREADS=1 python benchmarks/encoder_screen.py SETTINGS BITS SEEDS [JSON]``, e.g.
 ``... encoder_screen.py old,default 3.3,3.4 0,1,2,3,4``; JSON adds config fields, or ``{"docs": N}`` (documentation
 sentences added to calibration.txt's 32) and ``{"probe_batches": K}`` (batches the allocation probe measures on).
-Settings: ``default`` (act-order, masked H), ``old`` (neither), ``act`` (act-order alone), ``mask`` (masked H alone).
+Settings: ``default`` (act-order, masked H, compensated embeddings), ``old`` (act_order, mask_padding and
+compensate_embeddings off), ``act`` (act-order alone), ``mask`` (masked H alone), ``noemb`` (the default with
+plain-rounded embeddings), ``before`` (the default before ``compensate_embeddings`` and ``damping=0.15``: plain
+embeddings, damping 0.01).
 """
 
 from __future__ import annotations
@@ -27,9 +30,11 @@ import peers  # noqa: E402
 
 SETTINGS = {
     "default": {},
-    "old": {"act_order": False, "mask_padding": False},
+    "old": {"act_order": False, "mask_padding": False, "compensate_embeddings": False},
     "act": {"mask_padding": False},
     "mask": {"act_order": False},
+    "noemb": {"compensate_embeddings": False},
+    "before": {"compensate_embeddings": False, "damping": 0.01},
 }
 
 
