@@ -36,7 +36,7 @@ from .record_store import compression_record, set_record
 
 __all__ = ["save", "load", "read_header", "size_report", "round_for_storage", "stored_config", "SAVE_CODER"]
 
-#: The index coder ``save`` uses by default: the one default of ``udnc_fx.coding`` (``ans-dither-v1``: static ANS
+#: The index coder ``save`` uses by default: the one default of ``udnc_fx.coding`` (``ans-dither-v2``: static rANS
 #: with per-dither-bin tables), the same as ``QuantizedTensor``'s and the ONNX sidecar's.
 SAVE_CODER = DEFAULT_CODER
 #: Config fields ``load`` needs to rebuild the model (how to trace it); ``save`` stores only these by default.

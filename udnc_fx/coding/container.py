@@ -36,6 +36,7 @@ from typing import Any
 from udnc_fx.coding.coder_base import DEFAULT_CODER
 from udnc_fx.coding.format import (
     CODERS_SINCE_MINOR_1,
+    CODERS_SINCE_MINOR_4,
     DEFAULT_MAX_ELEMENTS,
     DEFAULT_RAW_DTYPE,
     DIGESTED,
@@ -218,7 +219,9 @@ def _encode_to(
     header_bytes = canonical_json(compact_header(header))
     if len(header_bytes) > MAX_HEADER_LENGTH:
         raise FormatError("bad_header", f"the header would be {len(header_bytes)} bytes (limit {MAX_HEADER_LENGTH})")
-    if any(e["codebook"].get("affine") is not None for e in quantized_entries):
+    if any(e["indices"]["coder"] in CODERS_SINCE_MINOR_4 for e in quantized_entries):
+        minor = 4
+    elif any(e["codebook"].get("affine") is not None for e in quantized_entries):
         minor = 3
     elif any(e["codebook"]["encoding"] in ENCODINGS_SINCE_MINOR_2 for e in quantized_entries):
         minor = 2

@@ -23,6 +23,7 @@ __all__ = [
     "MAGIC",
     "FORMAT_VERSION",
     "CODERS_SINCE_MINOR_1",
+    "CODERS_SINCE_MINOR_4",
     "ENCODINGS_SINCE_MINOR_2",
     "AFFINE",
     "DIGESTED",
@@ -61,10 +62,13 @@ __all__ = [
 ]
 
 MAGIC = b"\x89UDNC\r\n\x1a"
-FORMAT_VERSION = (1, 3)  # (major, minor): the newest this module writes and reads
+FORMAT_VERSION = (1, 4)  # (major, minor): the newest this module writes and reads
 #: Coders that need minor version 1 (dither-conditioned streams). A file using none of them is written as 1.0, the
 #: lowest version that reads it, so 1.0 readers keep reading what they can.
 CODERS_SINCE_MINOR_1 = frozenset({"ans-dither-v1"})
+#: Coders that need minor version 4 (``ans-dither-v2``: interleaved rANS compiled by numba). A file using one is
+#: written as 1.4, and a reader older than 1.4 refuses its streams with ``unknown_codec``.
+CODERS_SINCE_MINOR_4 = frozenset({"ans-dither-v2"})
 #: Codebook encodings that need minor version 2 (a file using one is written as 1.2; otherwise as above).
 ENCODINGS_SINCE_MINOR_2 = frozenset({_lc.ENCODING})
 #: The codebook encoding that wraps integer points with a per-layer affine correction ``(a, b)`` (format 1.3): a

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from udnc_fx.coding import lattice_coords as _lc
+from udnc_fx.coding.ans_native import coder_for_alphabet
 from udnc_fx.coding.coder_base import DEFAULT_CODER, decode_stream, encode_stream
 from udnc_fx.coding.format import (
     CODEBOOK_FLOAT_ENCODINGS, FORMAT_DEFAULT_CODEBOOK_CODER, FORMAT_DEFAULT_DITHER, INT_WIDTHS, LATTICE_DIMENSIONS,
@@ -241,8 +242,9 @@ def encode_quantized(q: QuantizedTensor, codebook_float_dtype: str, max_elements
         if not 0 <= zero_index < alphabet_size:
             raise FormatError("bad_value", f"{where}: zero_index {zero_index} outside [0, {alphabet_size})")
     check_json_object(q.meta, f"{where}: meta")
+    index_coder = coder_for_alphabet(q.coder, alphabet_size)  # ans-dither-v2 takes alphabets up to 2^16
     indices_bytes = _encode_stream(
-        q.coder, indices, alphabet_size, where, _row_length(shape, n, count), (key, q.dither, n)
+        index_coder, indices, alphabet_size, where, _row_length(shape, n, count), (key, q.dither, n)
     )
 
     entry: dict[str, Any] = {
@@ -255,7 +257,7 @@ def encode_quantized(q: QuantizedTensor, codebook_float_dtype: str, max_elements
         "dither": q.dither,
         "zero_index": zero_index,
         "meta": q.meta,
-        "indices": {"coder": q.coder, "alphabet_size": alphabet_size, "count": count, "length": len(indices_bytes)},
+        "indices": {"coder": index_coder, "alphabet_size": alphabet_size, "count": count, "length": len(indices_bytes)},
         "codebook": codebook_entry,
     }
     if q.codebook_int is not None:
@@ -358,7 +360,7 @@ def estimate_points_bits(
         hint["row_length"] = row_length
     if dithered:
         hint["context"] = _cached_codes(key, count, n)
-    index_bits = index_coder.cost_bits(indices, k, **hint)
+    index_bits = lookup_coder(coder_for_alphabet(coder, k)).cost_bits(indices, k, **hint)
     if coords is not None and index_bits >= coords[0]:
         return float(coords[1])  # the table form cannot win: no need to cost the table
     z = _lc.zigzag_encode(codebook_int)

@@ -1,0 +1,161 @@
+"""The numba kernels of ``ans-dither-v2``: interleaved rANS over 32-bit words (the format is in ``ans_native.py``).
+
+Every kernel is ``@njit(cache=True, nogil=True)``: compiled once per argument types and cached on disk, and it
+releases the GIL, so independent streams code in parallel threads. The kernels trust nothing they read from a
+payload: every read of the word buffer is bounds-checked here, and every other index is bounded by the caller's
+validation documented at each kernel (context counts, table sums). Every loop is bounded by its arguments.
+
+Coder state: ``S`` states ``x_j`` in ``[2^31, 2^63)`` (int64); position ``i`` of the coded sequence uses state
+``i mod S``. A symbol ``s`` of a table with frequencies ``f`` and cumulative frequencies ``c`` at precision ``P``
+(``Σ f = 2^P``, ``P <= 16``) is pushed by ``x -> floor(x / f_s) · 2^P + (x mod f_s) + c_s`` after emitting the low 32
+bits of ``x`` when ``x >= f_s · 2^(63 − P)`` (a symbol with ``f_s = 2^P`` leaves ``x`` as it is), and popped by
+``slot = x mod 2^P``, ``s = lut[slot]``, ``x -> f_s · floor(x / 2^P) + slot − c_s``, then ``x -> x · 2^32 + next
+word`` when ``x < 2^31``. Whatever the words, a popped state stays in ``[1, 2^63)`` and a refilled one in
+``[2^31, 2^63)``: no overflow, no unbounded loop.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+#: The states' lower bound: 2^31 (32-bit words, states below 2^63).
+LOW = 1 << 31
+
+# Error codes of the decode kernel (0 = fine).
+OK = 0
+ERR_WORDS = 1  # the stream ran out of words
+
+
+@njit(cache=True, nogil=True)
+def context_counts(n, codes, shift, labels, row_length, bits, nctx):
+    """Symbols per context of ``n`` stream positions: context ``(labels[i // L] << bits) + (codes[i] >> shift)``.
+
+    ``codes`` is used only when ``bits > 0``, ``labels`` only when it is not empty. The caller guarantees ``codes``
+    has ``n`` entries (when used), ``labels`` ``ceil(n / L)`` entries (when used), each below ``nctx >> bits``."""
+    counts = np.zeros(nctx, np.int64)
+    use_codes = bits > 0
+    use_labels = labels.size > 0
+    row = 0
+    left = row_length
+    base = 0
+    if use_labels and n > 0:
+        base = np.int64(labels[0]) << bits
+    for i in range(n):
+        c = base
+        if use_codes:
+            c += np.int64(codes[i]) >> shift
+        counts[c] += 1
+        if use_labels:
+            left -= 1
+            if left == 0 and i + 1 < n:
+                row += 1
+                left = row_length
+                base = np.int64(labels[row]) << bits
+    return counts
+
+
+@njit(cache=True, nogil=True)
+def build_lut(freq, cum, used, precision, lut):
+    """Fill ``lut`` (``rows << P`` zeros on entry) so that slot ``cum[c, s] + r`` (``r < freq[c, s]``) of row ``c``
+    holds ``s``, for the rows with ``used[c]``. The caller validated each used row: non-negative frequencies summing
+    to exactly ``2^P`` (so every write is inside the row's ``2^P`` slots)."""
+    rows, width = freq.shape
+    for c in range(rows):
+        if not used[c]:
+            continue
+        base = c << precision
+        for s in range(1, width):  # symbol 0's slots are already 0
+            start = base + cum[c, s]
+            for r in range(freq[c, s]):
+                lut[start + r] = s
+
+
+@njit(cache=True, nogil=True)
+def encode_symbols(sym, n, start, codes, shift, labels, row_length, bits, ctx_base, freq, cum, precision,
+                   states, out, opos):
+    """Push positions ``start + n − 1`` down to ``start`` of the coded sequence: ``sym[i]`` in context ``ctx_base
+    + (labels[i // L] << bits) + (codes[i] >> shift)`` (each term present as in :func:`context_counts`).
+
+    Words go downwards into ``out`` below ``opos``; returns the new ``opos``. The caller guarantees every symbol has
+    a non-zero frequency in its context and that ``out`` has room (at most one word per symbol)."""
+    if n == 0:
+        return opos
+    use_codes = bits > 0
+    use_labels = labels.size > 0
+    smask = states.size - 1  # a power of two
+    top = np.int64(1) << precision
+    hi_shift = 63 - precision
+    row = 0
+    left = 1
+    base = ctx_base
+    if use_labels:
+        row = (n - 1) // row_length
+        left = (n - 1) - row * row_length + 1  # positions of this row still to push, this one included
+        base = ctx_base + (np.int64(labels[row]) << bits)
+    for i in range(n - 1, -1, -1):
+        c = base
+        if use_codes:
+            c += np.int64(codes[i]) >> shift
+        s = np.int64(sym[i])
+        f = freq[c, s]
+        if f != top:  # a certain symbol costs nothing and leaves the state as it is
+            j = (start + i) & smask
+            x = states[j]
+            if x >= (f << hi_shift):
+                opos -= 1
+                out[opos] = x & 0xFFFFFFFF
+                x >>= 32
+            q = x // f
+            states[j] = (q << precision) + (x - q * f) + cum[c, s]
+        if use_labels:
+            left -= 1
+            if left == 0 and i > 0:
+                row -= 1
+                left = row_length
+                base = ctx_base + (np.int64(labels[row]) << bits)
+    return opos
+
+
+@njit(cache=True, nogil=True)
+def decode_symbols(words, wpos, n, start, codes, shift, labels, row_length, bits, ctx_base, freq, cum, lut,
+                   precision, states, out):
+    """Pop ``n`` symbols into ``out`` (positions ``start ..`` of the coded sequence), reading ``words`` from
+    ``wpos``; contexts as in :func:`encode_symbols`. Returns ``(error code, new wpos)``.
+
+    Safe on any words and any states in ``[2^31, 2^63)``: every word read is bounds-checked, and ``lut`` names only
+    symbols with ``freq >= 1`` and ``cum <= slot`` (:func:`build_lut`). The caller guarantees the contexts are in
+    range and that every context met has a built ``lut`` row (from the counts of :func:`context_counts`)."""
+    use_codes = bits > 0
+    use_labels = labels.size > 0
+    smask = states.size - 1  # a power of two
+    mask = (np.int64(1) << precision) - 1
+    nwords = words.size
+    row = 0
+    left = row_length
+    base = ctx_base
+    if use_labels and n > 0:
+        base = ctx_base + (np.int64(labels[0]) << bits)
+    for i in range(n):
+        c = base
+        if use_codes:
+            c += np.int64(codes[i]) >> shift
+        j = (start + i) & smask
+        x = states[j]
+        slot = x & mask
+        s = np.int64(lut[(c << precision) + slot])
+        x = freq[c, s] * (x >> precision) + slot - cum[c, s]
+        if x < LOW:
+            if wpos >= nwords:
+                return ERR_WORDS, wpos
+            x = (x << 32) | np.int64(words[wpos])
+            wpos += 1
+        states[j] = x
+        out[i] = s
+        if use_labels:
+            left -= 1
+            if left == 0 and i + 1 < n:
+                row += 1
+                left = row_length
+                base = ctx_base + (np.int64(labels[row]) << bits)
+    return OK, wpos
