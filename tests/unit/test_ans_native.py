@@ -30,9 +30,9 @@ def dithered_z1(n: int, step: float, key: int = 7, seed: int = 0):
     return k, int(k.max()) + 1, dither_codes(key, n, 1)
 
 
-def row_stream(rows: int = 64, length: int = 200, seed: int = 1):
-    """Pruned rows of very different density over a dithered Z¹ stream (row classes pay)."""
-    k, size, codes = dithered_z1(rows * length, 1.0, seed=seed)
+def row_stream(rows: int = 99, length: int = 200, seed: int = 1):
+    """Pruned rows of very different density over a dithered Z¹ stream (row classes and dither bins pay)."""
+    k, size, codes = dithered_z1(rows * length, 2.0, seed=seed)
     rng = np.random.default_rng(seed)
     keep = rng.random(rows * length) < np.repeat(rng.random(rows) ** 3, length)
     zero = int(np.bincount(k).argmax())
@@ -81,6 +81,32 @@ def test_rows_round_trip_and_use_row_classes():
     short = stream[:-77]  # a last row shorter than the others
     data = V2.encode(short, k, context=codes[:-77], row_length=200)
     np.testing.assert_array_equal(V2.decode(data, short.size, k, context=codes[:-77]), short)
+
+
+@pytest.mark.parametrize("trim", [0, 77])
+def test_four_state_kernels_are_the_generic_kernels(trim):
+    """The unrolled 4-state kernels push and pop exactly what the one-position-at-a-time kernels do (row labels
+    first, so the symbols start at a position that is not a multiple of 4)."""
+    from udnc_fx.coding import rans_kernels as kern
+    from udnc_fx.coding.ans_native import _freq_tables
+
+    stream, k, codes = row_stream()
+    stream, codes = stream[: stream.size - trim], codes[: codes.size - trim]
+    n = stream.size
+    bits, classes, labels, tables, label_q, precision = V2._choose(stream, codes, 200)
+    assert classes and bits and labels.size % 4 and n >= 1 << 14
+    data = V2.encode(stream, k, context=codes, row_length=200)
+    assert data[1] >> 4 == 2 and (data[1] & 15) + 1 == precision
+    freq, cum = _freq_tables(tables, label_q, precision)
+    sym, lab = stream.astype(np.uint8), labels.astype(np.uint8)
+    states = np.full(4, kern.LOW, np.int64)
+    words = np.empty(n + lab.size + 1, np.uint32)
+    opos = kern.encode_symbols(sym, n, lab.size, codes, 4 - bits, lab, 200, bits, 0, freq, cum, precision, states,
+                               words, words.size)
+    opos = kern.encode_symbols(lab, lab.size, 0, np.zeros(0, np.uint8), 0, np.zeros(0, np.uint8), 1, 0, len(tables),
+                               freq, cum, precision, states, words, opos)
+    assert data.endswith(states.astype("<u8").tobytes() + words[opos:].astype("<u4").tobytes())
+    np.testing.assert_array_equal(V2.decode(data, n, k, context=codes), stream)
 
 
 def test_decode_dtypes_and_narrow_inputs():

@@ -102,6 +102,16 @@ def coder_for_alphabet(name: str, alphabet_size: int) -> str:
     return name
 
 
+def _stream_contexts(kernels, n: int, codes: np.ndarray, bits: int, labels: np.ndarray, row_length: int | None):
+    """``(ctx, shift)`` for the 4-state kernels: the dither codes themselves (shifted in the kernel) without row
+    labels, every symbol's context with them, an empty array for a single context."""
+    if labels.size:
+        return kernels.contexts(n, codes, CONTEXT_BITS - bits, labels, row_length, bits), 0
+    if bits:
+        return codes, CONTEXT_BITS - bits
+    return _EMPTY, 0
+
+
 def _coded(tables: list[np.ndarray]) -> bool:
     """Whether any symbol costs bits: a table with two used symbols or more (else the payload has no states)."""
     return any(q.size >= 2 and int(np.count_nonzero(q)) >= 2 for q in tables)
@@ -169,8 +179,15 @@ class AnsNativeCoder(AnsDitherCoder):
         code_arr = codes if bits else _EMPTY
         states = np.full(nstates, _LOW, np.int64)
         words = np.empty(n + rows + 1, np.uint32)
-        opos = _k.encode_symbols(sym, n, rows, code_arr, CONTEXT_BITS - bits, label_arr, row_length or 1, bits, 0,
-                                 freq, cum, precision, states, words, words.size)
+        if nstates == 4:
+            ctx, shift = _stream_contexts(_k, n, code_arr, bits, label_arr, row_length)
+            turned = np.roll(states, -(rows % 4))  # symbol i is position rows + i: state (rows + i) mod 4
+            rcp = 1.0 / np.maximum(freq, 1)
+            opos = _k.encode4(sym, n, ctx, shift, ctx.size > 0, freq, cum, rcp, precision, turned, words, words.size)
+            states = np.roll(turned, rows % 4)
+        else:
+            opos = _k.encode_symbols(sym, n, rows, code_arr, CONTEXT_BITS - bits, label_arr, row_length or 1, bits,
+                                     0, freq, cum, precision, states, words, words.size)
         if rows:
             opos = _k.encode_symbols(label_arr, rows, 0, _EMPTY, 0, _EMPTY, 1, 0, len(tables), freq, cum,
                                      precision, states, words, opos)
@@ -304,8 +321,14 @@ class AnsNativeCoder(AnsDitherCoder):
         if (float(counts @ min_bits[:nctx]) + label_bits) * (1 - 1e-9) > budget:
             raise FormatError("corrupt_payload", f"{name}: {n} symbols cannot fit in {words_n} words")
         out = np.zeros(n, lut.dtype)
-        err, wpos = _k.decode_symbols(words, wpos, n, rows, codes, CONTEXT_BITS - bits, labels, row_length, bits, 0,
-                                      freq, cum, lut, precision, states, out)
+        if nstates == 4:
+            ctx, shift = _stream_contexts(_k, n, codes, bits, labels, row_length)
+            turned = np.roll(states, -(rows % 4))  # symbol i is position rows + i: state (rows + i) mod 4
+            err, wpos = _k.decode4(words, wpos, n, ctx, shift, ctx.size > 0, freq, cum, lut, precision, turned, out)
+            states = np.roll(turned, rows % 4)
+        else:
+            err, wpos = _k.decode_symbols(words, wpos, n, rows, codes, CONTEXT_BITS - bits, labels, row_length, bits,
+                                          0, freq, cum, lut, precision, states, out)
         if err:
             raise FormatError("truncated", f"{name}: the words end before symbol {n}")
         if wpos != words.size or int(states.min()) != _LOW or int(states.max()) != _LOW:

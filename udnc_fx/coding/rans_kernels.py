@@ -159,3 +159,209 @@ def decode_symbols(words, wpos, n, start, codes, shift, labels, row_length, bits
                 left = row_length
                 base = ctx_base + (np.int64(labels[row]) << bits)
     return OK, wpos
+
+
+@njit(cache=True, nogil=True)
+def contexts(n, codes, shift, labels, row_length, bits):
+    """Each position's context as uint8 (:func:`context_counts`'s rule; contexts are below 256)."""
+    out = np.empty(n, np.uint8)
+    use_codes = bits > 0
+    row = 0
+    left = row_length
+    base = np.int64(labels[0]) << bits if n > 0 else 0
+    for i in range(n):
+        c = base
+        if use_codes:
+            c += np.int64(codes[i]) >> shift
+        out[i] = c
+        left -= 1
+        if left == 0 and i + 1 < n:
+            row += 1
+            left = row_length
+            base = np.int64(labels[row]) << bits
+    return out
+
+
+@njit(cache=True, nogil=True)
+def decode4(words, wpos, n, ctx, shift, use_ctx, freq, cum, lut, precision, states, out):
+    """:func:`decode_symbols` for 4 states (``states[j]`` serves positions ``i`` with ``i mod 4 = j``), contexts
+    ``ctx[i] >> shift`` (or 0 without ``use_ctx``), four positions per step with the states in registers: the same
+    pops and the same words consumed in the same order. The same safety and caller guarantees."""
+    mask = (np.int64(1) << precision) - 1
+    nwords = words.size
+    x0 = states[0]
+    x1 = states[1]
+    x2 = states[2]
+    x3 = states[3]
+    c0 = c1 = c2 = c3 = 0
+    i = 0
+    while i + 4 <= n:
+        if use_ctx:
+            c0 = np.int64(ctx[i]) >> shift
+            c1 = np.int64(ctx[i + 1]) >> shift
+            c2 = np.int64(ctx[i + 2]) >> shift
+            c3 = np.int64(ctx[i + 3]) >> shift
+        slot = x0 & mask
+        s = np.int64(lut[(c0 << precision) + slot])
+        x0 = freq[c0, s] * (x0 >> precision) + slot - cum[c0, s]
+        out[i] = s
+        slot = x1 & mask
+        s = np.int64(lut[(c1 << precision) + slot])
+        x1 = freq[c1, s] * (x1 >> precision) + slot - cum[c1, s]
+        out[i + 1] = s
+        slot = x2 & mask
+        s = np.int64(lut[(c2 << precision) + slot])
+        x2 = freq[c2, s] * (x2 >> precision) + slot - cum[c2, s]
+        out[i + 2] = s
+        slot = x3 & mask
+        s = np.int64(lut[(c3 << precision) + slot])
+        x3 = freq[c3, s] * (x3 >> precision) + slot - cum[c3, s]
+        out[i + 3] = s
+        if x0 < LOW:
+            if wpos >= nwords:
+                return ERR_WORDS, wpos
+            x0 = (x0 << 32) | np.int64(words[wpos])
+            wpos += 1
+        if x1 < LOW:
+            if wpos >= nwords:
+                return ERR_WORDS, wpos
+            x1 = (x1 << 32) | np.int64(words[wpos])
+            wpos += 1
+        if x2 < LOW:
+            if wpos >= nwords:
+                return ERR_WORDS, wpos
+            x2 = (x2 << 32) | np.int64(words[wpos])
+            wpos += 1
+        if x3 < LOW:
+            if wpos >= nwords:
+                return ERR_WORDS, wpos
+            x3 = (x3 << 32) | np.int64(words[wpos])
+            wpos += 1
+        i += 4
+    states[0] = x0
+    states[1] = x1
+    states[2] = x2
+    states[3] = x3
+    for i in range(i, n):  # the last n mod 4 positions (states 0 .. n mod 4 − 1)
+        c = np.int64(ctx[i]) >> shift if use_ctx else 0
+        j = i & 3
+        x = states[j]
+        slot = x & mask
+        s = np.int64(lut[(c << precision) + slot])
+        x = freq[c, s] * (x >> precision) + slot - cum[c, s]
+        if x < LOW:
+            if wpos >= nwords:
+                return ERR_WORDS, wpos
+            x = (x << 32) | np.int64(words[wpos])
+            wpos += 1
+        states[j] = x
+        out[i] = s
+    return OK, wpos
+
+
+@njit(cache=True, nogil=True)
+def encode4(sym, n, ctx, shift, use_ctx, freq, cum, rcp, precision, states, out, opos):
+    """:func:`encode_symbols` for 4 states (``states[j]`` serves positions ``i`` with ``i mod 4 = j``), contexts
+    ``ctx[i] >> shift`` (or 0 without ``use_ctx``), four positions per step with the states in registers: the
+    mirror of :func:`decode4`. The same caller guarantees; ``rcp[c, s]`` is ``1 / freq[c, s]`` in float64 (the
+    quotients are estimated by a multiplication and corrected to the exact integer floor: the result does not depend
+    on how the float product rounds)."""
+    top = np.int64(1) << precision
+    hi_shift = 63 - precision
+    full = n - (n & 3)
+    for i in range(n - 1, full - 1, -1):  # the last n mod 4 positions first
+        c = np.int64(ctx[i]) >> shift if use_ctx else 0
+        s = np.int64(sym[i])
+        f = freq[c, s]
+        if f != top:
+            j = i & 3
+            x = states[j]
+            if x >= (f << hi_shift):
+                opos -= 1
+                out[opos] = x & 0xFFFFFFFF
+                x >>= 32
+            q = x // f
+            states[j] = (q << precision) + (x - q * f) + cum[c, s]
+    x0 = states[0]
+    x1 = states[1]
+    x2 = states[2]
+    x3 = states[3]
+    c0 = c1 = c2 = c3 = 0
+    i = full - 4
+    while i >= 0:
+        if use_ctx:
+            c0 = np.int64(ctx[i]) >> shift
+            c1 = np.int64(ctx[i + 1]) >> shift
+            c2 = np.int64(ctx[i + 2]) >> shift
+            c3 = np.int64(ctx[i + 3]) >> shift
+        s3 = np.int64(sym[i + 3])
+        s2 = np.int64(sym[i + 2])
+        s1 = np.int64(sym[i + 1])
+        s0 = np.int64(sym[i])
+        f3 = freq[c3, s3]
+        f2 = freq[c2, s2]
+        f1 = freq[c1, s1]
+        f0 = freq[c0, s0]
+        # renormalise in the order the reader refills (3, 2, 1, 0 pushed: words come out 3 first)
+        if f3 != top and x3 >= (f3 << hi_shift):
+            opos -= 1
+            out[opos] = x3 & 0xFFFFFFFF
+            x3 >>= 32
+        if f2 != top and x2 >= (f2 << hi_shift):
+            opos -= 1
+            out[opos] = x2 & 0xFFFFFFFF
+            x2 >>= 32
+        if f1 != top and x1 >= (f1 << hi_shift):
+            opos -= 1
+            out[opos] = x1 & 0xFFFFFFFF
+            x1 >>= 32
+        if f0 != top and x0 >= (f0 << hi_shift):
+            opos -= 1
+            out[opos] = x0 & 0xFFFFFFFF
+            x0 >>= 32
+        if f3 != top:
+            q = np.int64(np.float64(x3) * rcp[c3, s3])
+            r = x3 - q * f3
+            while r < 0:  # the estimate is within 1 of the floor for P >= 11, a few units for P >= 8
+                q -= 1
+                r += f3
+            while r >= f3:
+                q += 1
+                r -= f3
+            x3 = (q << precision) + r + cum[c3, s3]
+        if f2 != top:
+            q = np.int64(np.float64(x2) * rcp[c2, s2])
+            r = x2 - q * f2
+            while r < 0:  # the estimate is within 1 of the floor for P >= 11, a few units for P >= 8
+                q -= 1
+                r += f2
+            while r >= f2:
+                q += 1
+                r -= f2
+            x2 = (q << precision) + r + cum[c2, s2]
+        if f1 != top:
+            q = np.int64(np.float64(x1) * rcp[c1, s1])
+            r = x1 - q * f1
+            while r < 0:  # the estimate is within 1 of the floor for P >= 11, a few units for P >= 8
+                q -= 1
+                r += f1
+            while r >= f1:
+                q += 1
+                r -= f1
+            x1 = (q << precision) + r + cum[c1, s1]
+        if f0 != top:
+            q = np.int64(np.float64(x0) * rcp[c0, s0])
+            r = x0 - q * f0
+            while r < 0:  # the estimate is within 1 of the floor for P >= 11, a few units for P >= 8
+                q -= 1
+                r += f0
+            while r >= f0:
+                q += 1
+                r -= f0
+            x0 = (q << precision) + r + cum[c0, s0]
+        i -= 4
+    states[0] = x0
+    states[1] = x1
+    states[2] = x2
+    states[3] = x3
+    return opos
