@@ -109,6 +109,16 @@ def test_four_state_kernels_are_the_generic_kernels(trim):
     np.testing.assert_array_equal(V2.decode(data, n, k, context=codes), stream)
 
 
+@pytest.mark.parametrize("with_codes", [False, True])
+@pytest.mark.parametrize("with_labels", [False, True])
+def test_compiled_joint_counts_are_v1s(with_codes, with_labels):
+    stream, k, codes = row_stream()
+    stream = stream[:-33]
+    labels = (np.arange(-(-stream.size // 200)) * 7 % 8).astype(np.uint8) if with_labels else None
+    args = (stream, codes[: stream.size] if with_codes else None, labels, 200 if with_labels else None, 8, k)
+    np.testing.assert_array_equal(V2._joint_counts(*args), V1._joint_counts(*args))
+
+
 def test_decode_dtypes_and_narrow_inputs():
     stream, k, codes = dithered_z1(5000, 0.5)
     data = V2.encode(stream, k, context=codes)

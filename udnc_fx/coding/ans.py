@@ -470,6 +470,35 @@ class AnsDitherCoder(Coder):
         sparse)`` for :func:`table_model` (24-bit, every symbol up to ``m_i`` >= 1 here)."""
         return _PRECISION, False
 
+    def _joint_counts(self, arr: np.ndarray, codes: np.ndarray | None, labels: np.ndarray | None,
+                      row_length: int | None, finest: int, m: int) -> np.ndarray:
+        """The ``(finest, 2^4, m)`` counts of (row label, dither code, symbol) over the stream (label 0 without
+        ``labels``, code 0 without ``codes``)."""
+        key_dtype = np.int32 if (finest << CONTEXT_BITS) * m <= np.iinfo(np.int32).max else np.int64
+        # Counted chunk by chunk (chunks of whole rows): only one chunk's keys exist at a time, and the counts are
+        # those of the whole stream.
+        shift = None
+        if labels is not None:
+            shift = labels.astype(key_dtype) * key_dtype(m << CONTEXT_BITS)
+        fine = np.zeros((finest << CONTEXT_BITS) * m, np.int64)
+        step = max(1, _COUNT_CHUNK // row_length) * row_length if labels is not None else _COUNT_CHUNK
+        for lo in range(0, arr.size, step):
+            hi = min(arr.size, lo + step)
+            index = arr[lo:hi].astype(key_dtype)
+            if codes is not None:
+                shifted = codes[lo:hi].astype(key_dtype)
+                shifted *= key_dtype(m)
+                index += shifted
+                del shifted
+            if shift is not None:  # element i of the stream is in row i // row_length (lo is a multiple of it)
+                r0 = lo // row_length
+                full = (hi - lo) // row_length
+                index[: full * row_length].reshape(full, row_length)[...] += shift[r0 : r0 + full, None]
+                index[full * row_length :] += shift[r0 + full : r0 + full + 1]
+            fine += np.bincount(index, minlength=fine.size)
+            del index
+        return fine.reshape(finest, 1 << CONTEXT_BITS, m)
+
     def _choose(self, arr: np.ndarray, codes: np.ndarray | None, row_length: int | None):
         """``(b, classes, labels, tables, label table, precision)`` of least total cost; ties keep fewer contexts."""
         return self._choose_costed(arr, codes, row_length)[1:]
@@ -487,31 +516,11 @@ class AnsDitherCoder(Coder):
         # The key is built in the narrowest integer that holds it (int32 almost always: half the memory traffic of
         # intp), the labels added row by row through a broadcast view instead of repeated to the stream's length.
         finest = max(row_classes, default=1)
-        key_dtype = np.int32 if (finest << CONTEXT_BITS) * m <= np.iinfo(np.int32).max else np.int64
-        # Counted chunk by chunk (chunks of whole rows): only one chunk's keys exist at a time, and the counts are
-        # those of the whole stream.
-        density = shift = None
+        density = finest_labels = None
         if row_classes:
             density = _row_density(arr, row_length)
-            shift = _labels_from_density(density, finest).astype(key_dtype) * key_dtype(m << CONTEXT_BITS)
-        fine = np.zeros((finest << CONTEXT_BITS) * m, np.int64)
-        step = max(1, _COUNT_CHUNK // row_length) * row_length if row_classes else _COUNT_CHUNK
-        for lo in range(0, arr.size, step):
-            hi = min(arr.size, lo + step)
-            index = arr[lo:hi].astype(key_dtype)
-            if max_bits:
-                shifted = codes[lo:hi].astype(key_dtype)
-                shifted *= key_dtype(m)
-                index += shifted
-                del shifted
-            if shift is not None:  # element i of the stream is in row i // row_length (lo is a multiple of it)
-                r0 = lo // row_length
-                full = (hi - lo) // row_length
-                index[: full * row_length].reshape(full, row_length)[...] += shift[r0 : r0 + full, None]
-                index[full * row_length :] += shift[r0 + full : r0 + full + 1]
-            fine += np.bincount(index, minlength=fine.size)
-            del index
-        fine = fine.reshape(finest, 1 << CONTEXT_BITS, m)
+            finest_labels = _labels_from_density(density, finest)
+        fine = self._joint_counts(arr, codes if max_bits else None, finest_labels, row_length, finest, m)
         best: tuple | None = None
         options: list[tuple[int, np.ndarray | None]] = [(0, None)]
         options += [(c, _labels_from_density(density, c)) for c in row_classes]

@@ -151,6 +151,14 @@ class AnsNativeCoder(AnsDitherCoder):
     def _table_args(self, nctx: int, n: int, m: int) -> tuple[int, bool]:
         return precision_for(nctx, n, m), True
 
+    def _joint_counts(self, arr: np.ndarray, codes: np.ndarray | None, labels: np.ndarray | None,
+                      row_length: int | None, finest: int, m: int) -> np.ndarray:
+        # v1's counts in one compiled pass (no keys array); the same integers
+        sym = arr if arr.dtype in (np.uint8, np.uint16) else arr.astype(_narrow(m))
+        return _kernels().joint_counts(sym, _EMPTY if codes is None else codes, codes is not None,
+                                       _EMPTY if labels is None else labels.astype(np.uint8, copy=False),
+                                       row_length or 1, finest, m)
+
     # -- encode ------------------------------------------------------------------------------------------------
 
     def encode(self, symbols: np.ndarray, alphabet_size: int, *, context: Any = None,

@@ -365,3 +365,26 @@ def encode4(sym, n, ctx, shift, use_ctx, freq, cum, rcp, precision, states, out,
     states[2] = x2
     states[3] = x3
     return opos
+
+
+@njit(cache=True, nogil=True)
+def joint_counts(sym, codes, use_codes, labels, row_length, nlabels, m):
+    """The ``(nlabels, 16, m)`` counts of (row label, dither code, symbol): label ``labels[i // L]`` (0 when
+    ``labels`` is empty), code ``codes[i]`` (0 without ``use_codes``). Four interleaved count tables, summed at the
+    end, so that runs of one symbol do not serialise on one counter. The caller guarantees the ranges."""
+    n = sym.size
+    counts = np.zeros((4, nlabels, 16, m), np.int64)
+    use_labels = labels.size > 0
+    lab = np.int64(labels[0]) if use_labels and n > 0 else 0
+    left = row_length
+    row = 0
+    for i in range(n):
+        c = np.int64(codes[i]) if use_codes else 0
+        counts[i & 3, lab, c, np.int64(sym[i])] += 1
+        if use_labels:
+            left -= 1
+            if left == 0 and i + 1 < n:
+                row += 1
+                left = row_length
+                lab = np.int64(labels[row])
+    return counts[0] + counts[1] + counts[2] + counts[3]
