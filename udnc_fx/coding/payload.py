@@ -43,6 +43,8 @@ __all__ = [
     "check_payload_digest",
     "decode_sections",
     "decode_payload",
+    "check_threads",
+    "in_threads",
 ]
 
 
@@ -614,19 +616,71 @@ def _decode_parallel(
                 future.cancel()
 
 
+def check_threads(threads: Any) -> int:
+    """``threads`` as a count of threads (>= 1), or ConfigError."""
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or not 1 <= threads <= MAX_WORKERS:
+        raise ConfigError(f"threads must be an integer in [1, {MAX_WORKERS}], got {threads!r}")
+    return int(threads)
+
+
+def in_threads(items: list, work: Callable[[Any], Any], threads: int, prepare: Callable[[Any], Any] | None = None
+               ) -> Iterator[tuple[Any, Any]]:
+    """``(item, work(prepare(item)))`` for each item, in order, computed by ``threads`` threads with at most
+    ``threads`` items in flight (``prepare``, e.g. reading an item's bytes from a file, runs in the caller's thread).
+    The coders' compiled kernels release the GIL, so independent tensors code side by side; each result is a pure
+    function of its item, so the results are the same for every thread count. An exception is raised when its
+    item's turn comes, after the items before it."""
+    if threads <= 1:
+        for item in items:
+            yield item, work(item if prepare is None else prepare(item))
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="udnc-coding") as pool:
+        pending: deque = deque()
+        entries = iter(items)
+        try:
+            while True:
+                while len(pending) < threads and (item := next(entries, None)) is not None:
+                    arg = item if prepare is None else prepare(item)
+                    pending.append((item, pool.submit(work, arg)))
+                    del arg
+                if not pending:
+                    return
+                item, future = pending.popleft()
+                yield item, future.result()
+        finally:
+            for _, future in pending:
+                future.cancel()
+
+
 def decode_sections(
-    header: Header, section_bytes: Callable[[Section], bytes], progress: bool | None = None, workers: int = 1
+    header: Header, section_bytes: Callable[[Section], bytes], progress: bool | None = None, workers: int = 1,
+    threads: int = 1,
 ) -> Iterator[QuantizedTensor | RawTensor]:
     """Decodes the sections of a validated ``header`` one tensor at a time, in file order: every quantized tensor,
     then every raw tensor. ``section_bytes`` returns a section's bytes (from memory or read from the file), so a
     reader holds one tensor's sections and its decoded arrays at a time (``workers`` of them with ``workers > 1``
-    processes decoding the quantized tensors side by side; same results, in the same order). The caller checks the
-    payload digest first (:func:`check_payload_digest`)."""
+    processes, or ``threads`` of them with ``threads > 1`` threads, decoding the quantized tensors side by side;
+    same results, in the same order). The caller checks the payload digest first (:func:`check_payload_digest`)."""
     workers = min(check_workers(workers), len(header.quantized))
+    threads = min(check_threads(threads), len(header.quantized))
     bar = weights_bar(header.quantized, "decoding", progress)
     try:
         if workers > 1:
             yield from _decode_parallel(header.quantized, section_bytes, workers, bar)
+        elif threads > 1:
+
+            def sections(q: QEntry) -> dict:
+                return {(s.offset, s.length): section_bytes(s) for s in _quantized_sections(q)}
+
+            def work(arg: tuple) -> QuantizedTensor:
+                return _decode_quantized(arg[0], lambda s: arg[1][(s.offset, s.length)])
+
+            for q, tensor in in_threads(header.quantized, work, threads, lambda q: (q, sections(q))):
+                bar.update(q.count * q.n)
+                yield tensor
         else:
             for q in header.quantized:
                 bar.update(q.count * q.n)
