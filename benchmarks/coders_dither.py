@@ -32,7 +32,8 @@ from udnc_fx.coding.coders import empirical_entropy_bits, get_coder
 from udnc_fx.passes.materialize import served_params
 
 # "(no dither)": the same coder without the dither context (row classes still allowed), to isolate the dither's share
-CODERS = ["ans-dither-v1", "ans-dither-v1 (no dither)", "range-adaptive-v1", "range-context-v1"]
+CODERS = ["ans-dither-v2", "ans-dither-v1", "ans-dither-v2 (no dither)", "range-adaptive-v1", "range-context-v1"]
+_ANS = ("ans-dither-v1", "ans-dither-v2")
 
 
 def layers_for(model_name: str, bits: float, lattice: str) -> list[dict]:
@@ -99,10 +100,10 @@ def measure(layers: list[dict]) -> dict:
             s, k = layer["stream"], layer["k"]
             kwargs: dict = {}
             # what the container hands each coder: the dither codes (lazily) and the row length
-            if name == "ans-dither-v1" and layer["key"] is not None:
+            if name in _ANS and layer["key"] is not None:
                 key, count, n = layer["key"], s.size, layer["n"]
                 kwargs = {"context": lambda key=key, count=count, n=n: dither_codes(key, count, n)}
-            if name in ("ans-dither-v1", "ans-dither-v1 (no dither)", "range-context-v1") and layer["row_length"]:
+            if (name.split()[0] in _ANS or name == "range-context-v1") and layer["row_length"]:
                 kwargs["row_length"] = layer["row_length"]
             start = time.perf_counter()
             data = coder.encode(s, k, **kwargs)
