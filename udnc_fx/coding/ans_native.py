@@ -301,15 +301,15 @@ class AnsNativeCoder(AnsDitherCoder):
                 raise FormatError("corrupt_payload", f"{name}: a coder state outside [2^31, 2^63)")
             words = np.frombuffer(view[pos + 8 * nstates :], "<u4").astype(np.uint32)
         _k = _kernels()
-        used = np.zeros(freq.shape[0], np.bool_)
-        used[: len(tables)] = [q.size >= 1 for q in tables]
-        if label_q is not None:
-            used[-1] = True
+        # The slot tables: zeros (untouched pages cost nothing), filled row by row only for the row labels, then
+        # for the contexts that hold symbols, once the counts have been checked against the tables.
         lut = np.zeros(freq.shape[0] << precision, _narrow(width))
-        _k.build_lut(freq, cum, used, precision, lut)
         wpos = 0
         labels = _EMPTY
         if rows:
+            only_labels = np.zeros(freq.shape[0], np.bool_)
+            only_labels[-1] = True
+            _k.build_lut(freq, cum, only_labels, precision, lut)
             label_out = np.zeros(rows, lut.dtype)
             if label_q.size >= 2:
                 err, wpos = _k.decode_symbols(words, wpos, rows, 0, _EMPTY, 0, _EMPTY, 1, 0, nctx, freq, cum, lut,
@@ -328,6 +328,9 @@ class AnsNativeCoder(AnsDitherCoder):
                 raise FormatError("corrupt_payload", f"{name}: context {i} table does not match its symbols")
         if (float(counts @ min_bits[:nctx]) + label_bits) * (1 - 1e-9) > budget:
             raise FormatError("corrupt_payload", f"{name}: {n} symbols cannot fit in {words_n} words")
+        used = np.zeros(freq.shape[0], np.bool_)
+        used[:nctx] = counts > 0
+        _k.build_lut(freq, cum, used, precision, lut)
         out = np.zeros(n, lut.dtype)
         if nstates == 4:
             ctx, shift = _stream_contexts(_k, n, codes, bits, labels, row_length)
