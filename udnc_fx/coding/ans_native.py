@@ -24,7 +24,7 @@ refused by this coder (writers use ``ans-dither-v1`` for them: :func:`coder_for_
 
 1. the mode byte as in v1 (bits 0–2 ``b``, bit 3 the row flag, other bits zero);
 2. a byte: bits 0–3 ``P − 1``, bits 4–5 ``log2 S`` with ``S`` in ``{1, 2, 4}`` interleaved states (the writer uses
-   4 from 2^14 symbols on, 1 below), bits 6–7 zero;
+   4 from 2^16 symbols on, 1 below), bits 6–7 zero;
 3. with the row flag, ``L``, ``C`` and the label table exactly as in v1 (``1 <= L < count``, ``2 <= C <= 16``,
    ``C · 2^b <= 256``);
 4. the ``C · 2^b`` context tables exactly as in v1 (``m_i`` varint, form byte, counts), with ``u_i <= 2^P``;
@@ -69,8 +69,9 @@ __all__ = ["AnsNativeCoder", "MAX_PRECISION", "coder_for_alphabet", "precision_f
 
 #: Largest table precision (bits): the slot tables are ``2^P`` entries per context.
 MAX_PRECISION = 16
-#: Streams from this many symbols on use 4 interleaved states (shorter ones 1: each state costs ~6 bytes).
-_INTERLEAVE_FROM = 1 << 14
+#: Streams from this many symbols on use 4 interleaved states (shorter ones 1: each state costs ~6 bytes, 0.2 % of a
+#: 2^16-symbol stream at 1 bit/symbol).
+_INTERLEAVE_FROM = 1 << 16
 _EMPTY = np.zeros(0, np.uint8)
 _LOW = 1 << 31  # the coder states' lower bound (rans_kernels.LOW)
 
