@@ -18,7 +18,7 @@ instead of every distinct point, except for ``A2`` (:func:`vector_symbols`: ``a 
 **Streams.** The ``(count, w)`` symbols are coded with the tensor's index coder as one stream in vector order
 (``interleaved``: ``count·w`` symbols, one shared model) or as ``w`` streams, one per symbol column (``split``:
 ``w`` models; the payload starts with the byte lengths of the first ``w − 1`` streams as varints). The writer codes
-both and keeps the smaller. A coder that conditions on the dither (``ans-dither-v1``) gets, for the symbol of
+both and keeps the smaller. A coder that conditions on the dither (``ans-dither-v1``, ``-v2``) gets, for the symbol of
 coordinate ``i`` of vector ``j``, the 4-bit code of dither element ``j·n + i``
 (``dither_codes(key, count·n, 1)``); the ``E8`` coset bit gets coordinate 0's. In ``split`` streams, the symbols
 whose distribution shifts with a parity the reader already knows (``D4``'s halved last coordinate, ``E8``'s ``D8``
