@@ -321,3 +321,18 @@ def test_known_answer_four_states():
         "14256:c7265dc94f0ac31a06c4841bf96494e73aa0b219009ecb9301f8e564a6b49455"
     )
     np.testing.assert_array_equal(V2.decode(data, stream.size, 17), stream)
+
+
+@pytest.mark.parametrize("n", [3000, 70_000])  # one state and four
+def test_a_words_buffer_too_small_is_retried_with_the_worst_case(n, monkeypatch):
+    """The writer sizes its words buffer by the tables' cost; when that is too small the kernels say so (-1) and
+    the stream is coded again with room for a word per symbol: the same bytes."""
+    stream, k, codes = dithered_z1(n, 0.4)
+    want = V2.encode(stream, k, context=codes, row_length=100)
+    choose = type(V2)._choose_costed
+
+    def underestimate(self, *args):
+        return (0.0,) + choose(self, *args)[1:]
+
+    monkeypatch.setattr(type(V2), "_choose_costed", underestimate)
+    assert V2.encode(stream, k, context=codes, row_length=100) == want

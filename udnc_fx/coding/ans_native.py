@@ -171,7 +171,7 @@ class AnsNativeCoder(AnsDitherCoder):
         codes = self._check_context(context, n, ConfigError)
         if row_length is not None and not (isinstance(row_length, (int, np.integer)) and 1 <= row_length < n):
             row_length = None  # a hint: rows of one symbol or of the whole stream carry nothing
-        bits, classes, labels, tables, label_q, precision = self._choose(arr, codes, row_length)
+        cost, bits, classes, labels, tables, label_q, precision = self._choose_costed(arr, codes, row_length)
         nstates = 4 if n >= _INTERLEAVE_FROM else 1
         out = bytearray([bits | (self._ROW_FLAG if classes else 0), (precision - 1) | ((nstates >> 1) << 4)])
         if classes:
@@ -186,20 +186,27 @@ class AnsNativeCoder(AnsDitherCoder):
         rows = labels.size if classes else 0
         label_arr = labels.astype(np.uint8, copy=False) if classes else _EMPTY
         code_arr = codes if bits else _EMPTY
-        states = np.full(nstates, _LOW, np.int64)
-        words = np.empty(n + rows + 1, np.uint32)
-        if nstates == 4:
-            ctx, shift = _stream_contexts(_k, n, code_arr, bits, label_arr, row_length)
-            turned = np.roll(states, -(rows % 4))  # symbol i is position rows + i: state (rows + i) mod 4
-            rcp = 1.0 / np.maximum(freq, 1)
-            opos = _k.encode4(sym, n, ctx, shift, ctx.size > 0, freq, cum, rcp, precision, turned, words, words.size)
-            states = np.roll(turned, rows % 4)
-        else:
-            opos = _k.encode_symbols(sym, n, rows, code_arr, CONTEXT_BITS - bits, label_arr, row_length or 1, bits,
-                                     0, freq, cum, precision, states, words, words.size)
-        if rows:
-            opos = _k.encode_symbols(label_arr, rows, 0, _EMPTY, 0, _EMPTY, 1, 0, len(tables), freq, cum,
-                                     precision, states, words, opos)
+        ctx, shift = _stream_contexts(_k, n, code_arr, bits, label_arr, row_length) if nstates == 4 else (None, 0)
+        rcp = 1.0 / np.maximum(freq, 1)
+        # The words buffer is sized by the chosen tables' cost (it includes the tables' bytes: an overestimate of
+        # the words by far more than rANS's rounding), not by the worst case of a word per symbol (4 bytes per
+        # weight, the float tensor's size again); a stream that does not fit is coded again with the worst case.
+        for room in (int(cost * 1.001 / 4) + 64, n + rows + 1):
+            states = np.full(nstates, _LOW, np.int64)
+            words = np.empty(room, np.uint32)
+            if nstates == 4:
+                turned = np.roll(states, -(rows % 4))  # symbol i is position rows + i: state (rows + i) mod 4
+                opos = _k.encode4(sym, n, ctx, shift, ctx.size > 0, freq, cum, rcp, precision, turned, words,
+                                  words.size)
+                states = np.roll(turned, rows % 4)
+            else:
+                opos = _k.encode_symbols(sym, n, rows, code_arr, CONTEXT_BITS - bits, label_arr, row_length or 1,
+                                         bits, 0, freq, cum, precision, states, words, words.size)
+            if rows and opos >= 0:
+                opos = _k.encode_symbols(label_arr, rows, 0, _EMPTY, 0, _EMPTY, 1, 0, len(tables), freq, cum,
+                                         precision, states, words, opos)
+            if opos >= 0:
+                break
         coded = words[opos:]
         out += varint(coded.size)
         out += states.astype("<u8").tobytes()

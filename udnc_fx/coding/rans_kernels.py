@@ -77,8 +77,9 @@ def encode_symbols(sym, n, start, codes, shift, labels, row_length, bits, ctx_ba
     """Push positions ``start + n − 1`` down to ``start`` of the coded sequence: ``sym[i]`` in context ``ctx_base
     + (labels[i // L] << bits) + (codes[i] >> shift)`` (each term present as in :func:`context_counts`).
 
-    Words go downwards into ``out`` below ``opos``; returns the new ``opos``. The caller guarantees every symbol has
-    a non-zero frequency in its context and that ``out`` has room (at most one word per symbol)."""
+    Words go downwards into ``out`` below ``opos``; returns the new ``opos``, or -1 when ``out`` runs out of room
+    (at most one word per symbol is needed). The caller guarantees every symbol has a non-zero frequency in its
+    context."""
     if n == 0:
         return opos
     use_codes = bits > 0
@@ -103,6 +104,8 @@ def encode_symbols(sym, n, start, codes, shift, labels, row_length, bits, ctx_ba
             j = (start + i) & smask
             x = states[j]
             if x >= (f << hi_shift):
+                if opos == 0:
+                    return -1  # out of room: the caller retries with a larger buffer
                 opos -= 1
                 out[opos] = x & 0xFFFFFFFF
                 x >>= 32
@@ -277,6 +280,8 @@ def encode4(sym, n, ctx, shift, use_ctx, freq, cum, rcp, precision, states, out,
             j = i & 3
             x = states[j]
             if x >= (f << hi_shift):
+                if opos == 0:
+                    return -1  # out of room: the caller retries with a larger buffer
                 opos -= 1
                 out[opos] = x & 0xFFFFFFFF
                 x >>= 32
@@ -304,18 +309,26 @@ def encode4(sym, n, ctx, shift, use_ctx, freq, cum, rcp, precision, states, out,
         f0 = freq[c0, s0]
         # renormalise in the order the reader refills (3, 2, 1, 0 pushed: words come out 3 first)
         if f3 != top and x3 >= (f3 << hi_shift):
+            if opos == 0:
+                return -1  # out of room: the caller retries with a larger buffer
             opos -= 1
             out[opos] = x3 & 0xFFFFFFFF
             x3 >>= 32
         if f2 != top and x2 >= (f2 << hi_shift):
+            if opos == 0:
+                return -1  # out of room: the caller retries with a larger buffer
             opos -= 1
             out[opos] = x2 & 0xFFFFFFFF
             x2 >>= 32
         if f1 != top and x1 >= (f1 << hi_shift):
+            if opos == 0:
+                return -1  # out of room: the caller retries with a larger buffer
             opos -= 1
             out[opos] = x1 & 0xFFFFFFFF
             x1 >>= 32
         if f0 != top and x0 >= (f0 << hi_shift):
+            if opos == 0:
+                return -1  # out of room: the caller retries with a larger buffer
             opos -= 1
             out[opos] = x0 & 0xFFFFFFFF
             x0 >>= 32
