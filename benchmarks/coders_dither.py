@@ -13,6 +13,7 @@ same ``dither_codes`` the container computes). Reported per setting:
   same layers' float32 bytes in the same run (a machine-independent yardstick).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/coders_dither.py [--models digits minilm] [--bits 1 1.5 2 3 4]
+        [--coders ans-dither-v2 ans-dither-v1]
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def conditional_entropy_bits(stream: np.ndarray, k: int, context: np.ndarray, co
     return total
 
 
-def measure(layers: list[dict]) -> dict:
+def measure(layers: list[dict], coders: list[str] = CODERS) -> dict:
     weights = sum(layer["numel"] for layer in layers)
     h0 = sum(empirical_entropy_bits(layer["stream"], layer["k"]) for layer in layers)
     h_u = h_p = h_up = 0.0
@@ -93,7 +94,7 @@ def measure(layers: list[dict]) -> dict:
     t_zd = time.perf_counter() - start
     result = {"weights": weights, "h0": h0, "h_u8": h_u, "h_prev": h_p, "h_u8_prev": h_up, "zlib_c": t_zc,
               "zlib_d": t_zd, "coders": {}}
-    for name in CODERS:
+    for name in coders:
         coder = get_coder(name.split()[0])
         size = t_enc = t_dec = 0.0
         for layer in layers:
@@ -124,6 +125,7 @@ def main(argv=None) -> int:
     parser.add_argument("--models", nargs="*", default=["digits", "minilm"])
     parser.add_argument("--bits", nargs="*", type=float, default=[1.0, 1.5, 2.0, 3.0, 4.0])
     parser.add_argument("--lattices", nargs="*", default=["Z"])
+    parser.add_argument("--coders", nargs="*", default=CODERS, help="a subset of " + ", ".join(CODERS))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     print(f"torch threads 1, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}")
@@ -134,7 +136,7 @@ def main(argv=None) -> int:
                   "| enc / zlib-1 c | dec / zlib-1 d |")
             print("|---|---|---|---|---|---|---|---|---|---|---|")
             for bits in args.bits:
-                r = measure(layers_for(model, bits, lattice))
+                r = measure(layers_for(model, bits, lattice), args.coders)
                 w, h0 = r["weights"], r["h0"]
                 for i, (name, c) in enumerate(r["coders"].items()):
                     lead = (f"| {bits} | {h0 / w:.4f} | {r['h_u8'] / h0:.4f} | {r['h_prev'] / h0:.4f} | "
