@@ -153,6 +153,8 @@ def test_edge_lengths_and_interleaving(n):
     if len(data) > 1:
         assert data[1] >> 4 == (2 if n >= 1 << 16 else 0)  # 4 states from 2^16 symbols on
     np.testing.assert_array_equal(V2.decode(data, n, k, context=codes), stream)
+    plain = V2.encode(stream, k)  # no dither context: one table, the 4-state kernels without contexts
+    np.testing.assert_array_equal(V2.decode(plain, n, k), stream)
 
 
 def test_constant_and_one_symbol_streams_cost_almost_nothing():
