@@ -3,9 +3,9 @@
 Indices of a subtractively dithered Z¹ quantizer on Laplacian weights at a coarse and a fine step; encode and decode
 timed with the dither codes computed inside the timed call (as the container does: decode hashes the dither only
 for conditioned streams), each coder in turn, interleaved with zlib level 1 compressing / decompressing the weights'
-float32 bytes, best of ``--repeats`` (the machine is shared). One thread. The last two columns divide by the process's CPU time
-instead of the wall time (what one core does, whatever else the machine runs). The first call of each coder (numba's
-compile or cache load for v2) is made before the timed ones.
+float32 bytes, best of ``--repeats`` (the machine is shared). One thread. The last two columns divide by the
+process's CPU time instead of the wall time (what one core does, whatever else the machine runs). The first call of
+each coder (numba's compile or cache load for v2) is made before the timed ones.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ans_throughput.py [--n 10000000] [--repeats 3]
         [--coders ans-dither-v2,ans-dither-v1]
