@@ -78,6 +78,7 @@ _LOW = 1 << 31  # the coder states' lower bound (rans_kernels.LOW)
 
 def _kernels():
     """The numba kernels, imported on first use (numba's import costs ~0.3 s; a file without v2 streams never pays)."""
+    import numba  # noqa: F401,PLC0415 -- a missing numba is an ImportError naming it, even once the kernels loaded
     from udnc_fx.coding import rans_kernels  # noqa: PLC0415
 
     return rans_kernels
