@@ -213,3 +213,41 @@ def test_e8_coset_symbol_two_is_rejected_in_grouped_u():
     with pytest.raises(FormatError) as err:
         LC.decode_points(coder, data, count, alphabet, "grouped-u", "E8", 8, q.key, True, "t")
     assert err.value.kind == "bad_value"
+
+
+def test_heavy_tails_take_the_escape_and_it_pays(monkeypatch):
+    """A Student-t3 weight at ~3 bits/weight: the -u column layouts escape the rare large symbols into one tail
+    table (T > 0 in the payload's first byte), the file is smaller than without, and it round-trips."""
+    x = np.random.default_rng(3).standard_t(3, 400_000)
+    c = None
+    qa = quantize_array(x, lattice="A2", n=2, step=0.15, key=5)
+    c = qa.codebook_int[qa.indices]
+    coder = get_coder(ANS)
+    alphabet, name, data = LC.encode_points(coder, c, "A2", 2, 5, True, "t", layouts=("split",))
+    assert name == "split-u" and data[0] in LC.ESCAPES
+    monkeypatch.setattr(LC, "ESCAPES", ())
+    plain = LC.encode_points(coder, c, "A2", 2, 5, True, "t", layouts=("split",))[2]
+    monkeypatch.undo()
+    assert plain[0] == 0 and len(data) < len(plain)
+    np.testing.assert_array_equal(LC.decode_points(coder, data, c.shape[0], alphabet, name, "A2", 2, 5, True, "t"), c)
+    # the estimate follows the writer's choice of T
+    bits, layout = LC.coded_bits(coder, c, "A2", 2, 5, True, layouts=("split",))
+    assert layout == name and abs(bits - 8 * len(data)) <= 24 + 0.01 * 8 * len(data) + 32
+
+
+@pytest.mark.parametrize("escape", [1 << 40, 1, 7, 9])
+def test_a_bad_escape_threshold_is_refused(escape):
+    """T must be 0 or in [1, S − 1); any T the writer did not choose makes the streams not decode: bad_value."""
+    from udnc_fx.coding.coder_base import read_varint, varint
+
+    _, q = _quantized("D4", 4)
+    c = q.codebook_int[q.indices]
+    coder = get_coder(ANS)
+    alphabet, name, data = LC.encode_points(coder, c, "D4", 4, q.key, True, "t", layouts=("grouped",))
+    t, pos = read_varint(memoryview(data), 0)
+    bad = varint(alphabet + escape if escape > 9 else escape) + data[pos:]
+    if escape == t:
+        return
+    with pytest.raises(FormatError) as err:
+        LC.decode_points(coder, bad, c.shape[0], alphabet, name, "D4", 4, q.key, True, "t")
+    assert err.value.kind in ("bad_value", "truncated", "corrupt_payload")
