@@ -70,7 +70,7 @@ OWN_DITHER_LAYOUTS = OWN_DITHER_LAYOUTS | {"grouped-u"}
 #: ``>= T`` are coded as ``T`` in the stream, the excess ``s − T`` in a tail stream after it with one table and no
 #: context (heavy tails: their rare large symbols cost table entries in every context; Student-t₃ at 3 bits/weight:
 #: 0.008 bit/weight saved, benchmarks/theory_gap.py).
-ESCAPES = (8, 12, 16, 24)
+ESCAPES = (8, 16)
 #: What :func:`encode_points` may try (``layouts=``): the stream layouts, each under the tensor's context rule.
 STREAM_LAYOUTS = ("interleaved", "split", "grouped")
 #: Every layout name a reader accepts.
