@@ -24,6 +24,12 @@ coordinate ``i`` of vector ``j``, the 4-bit code of dither element ``j·n + i``
 whose distribution shifts with a parity the reader already knows (``D4``'s halved last coordinate, ``E8``'s ``D8``
 coordinates) take that parity in the context's top bits (:func:`_split_context`).
 
+**Format 1.4** (:data:`OWN_DITHER_LAYOUTS`, docs/FORMAT.md): for ``A2``, ``D4`` and ``E8`` under a coder that
+takes contexts and the hash dither, the contexts are bins of each coordinate's own dither ``u_i``
+(:func:`own_dither_codes`) instead of the hash codes, ``A2`` codes ``b`` first, ``grouped-u`` puts the exchangeable
+columns in one stream, and the column layouts may escape rare large symbols into one tail stream per stream
+(:data:`ESCAPES`).
+
 **Reading** rebuilds what the quantizer held in memory: the distinct points, most frequent first with ties broken
 by the integer coordinates (:func:`index_points`, the order of :func:`udnc_fx.quantizer.quantize_array`), and each
 vector's index into them; so a saved and loaded model has the same indices and codebook, and decodes bit for bit.
@@ -61,11 +67,10 @@ ENCODING = "lattice-coords"
 #: coordinate's own dither ``u_i`` (:func:`own_dither_codes`), which the writer uses where
 #: :func:`own_dither_applies`.
 LAYOUTS = ("interleaved", "split")
-#: The layouts whose contexts are bins of each coordinate's own dither (format 1.4).
-OWN_DITHER_LAYOUTS = frozenset({"interleaved-u", "split-u"})
-#: ``grouped-u`` (format 1.4): ``split-u`` with the exchangeable columns in one stream each (one model per
-#: context instead of one per column: a seventh of ``E8``'s tables), :data:`COLUMN_GROUPS`.
-OWN_DITHER_LAYOUTS = OWN_DITHER_LAYOUTS | {"grouped-u"}
+#: The layouts whose contexts are bins of each coordinate's own dither (format 1.4); ``grouped-u`` is ``split-u``
+#: with the exchangeable columns in one stream each (one model per context instead of one per column: a seventh of
+#: ``E8``'s tables), :data:`COLUMN_GROUPS`.
+OWN_DITHER_LAYOUTS = frozenset({"interleaved-u", "split-u", "grouped-u"})
 #: The escape thresholds ``T`` a writer tries for the ``split-u``/``grouped-u`` streams (``0``: no escape): symbols
 #: ``>= T`` are coded as ``T`` in the stream, the excess ``s − T`` in a tail stream after it with one table and no
 #: context (heavy tails: their rare large symbols cost table entries in every context; Student-t₃ at 3 bits/weight:
@@ -136,7 +141,8 @@ def own_dither_codes(key: int, count: int, lattice: str, n: int) -> np.ndarray:
 
     Why: a symbol's distribution shifts with the dither of the coordinate it codes; the hash codes bin the uniform
     variate ``r_i`` behind the dither, which for ``A2``, ``D4`` and ``E8`` (``u = x − Q(x)``, ``x = r ⊙ box``) follows
-    ``u_i`` only loosely (benchmarks/theory_gap.py: 0.010-0.021 bit/sample at 3 bits/weight).
+    ``u_i`` only loosely (benchmarks/theory_gap.py: the ideal rate of the contexts 0.011-0.023 bit/weight lower at 3
+    bits/weight on Gaussian, Laplacian and Student-t₃ sources).
     """
     from udnc_fx.lattice import get_lattice  # lazy: only the -u layouts need it
     from udnc_fx.record import DITHER_CHUNK_ELEMENTS, raw_dither
