@@ -74,6 +74,9 @@ ENCODINGS_SINCE_MINOR_2 = frozenset({_lc.ENCODING})
 #: The codebook encoding that wraps integer points with a per-layer affine correction ``(a, b)`` (format 1.3): a
 #: file using it is written as 1.3, and readers older than 1.3 refuse it (``unknown_codec``) instead of ignoring it.
 AFFINE = "affine"
+#: Minor version 4: ``lattice-coords`` layouts whose contexts are bins of each coordinate's own dither
+#: (``lattice_coords.OWN_DITHER_LAYOUTS``), with an affine correction stored flat in the entry (``"affine": [a, b]``).
+#: Readers older than 1.4 refuse the layout names (``unknown_codec``).
 
 # magic, major, minor, header length H, payload length P, payload SHA-256, header SHA-256
 DIGESTED = struct.Struct("<8sHHIQ32s")  # everything before the header digest, which covers it
