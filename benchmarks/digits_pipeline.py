@@ -78,6 +78,12 @@ class Recipe:
     #: CompressConfig(seed_trials=K): seed i tries dither seeds i·K ... i·K + K - 1 and keeps the one closest to the
     #: float model on the calibration (TRAIN) batches
     seed_trials: int = 1
+    #: gradual pruning, ``prune(steps=...)``: this many steps along the cubic schedule, ``prune_step_epochs`` of
+    #: retraining (same lr and distillation) between steps, then the ``retrain_epochs`` as after one-shot pruning
+    prune_steps: int = 1
+    prune_step_epochs: int = 6
+    #: ``save(coder=...)``: the index coder of the file (None: the library's default)
+    coder: str | None = None
 
 
 def binary_entropy(p: float) -> float:
@@ -136,11 +142,17 @@ class Pipeline:
         if key not in self._pruned:
             import udnc_fx
             from udnc_fx.demo import evaluate
-            from udnc_fx.passes.finetune import finetune_float
+            from udnc_fx.passes.finetune import TrainOptions, finetune_float
             from udnc_fx.passes.prune import prune
 
+            gradual = {}
+            if self.recipe.prune_steps > 1:
+                gradual = dict(steps=self.recipe.prune_steps, data=_loader(self.data.x_train, self.data.y_train),
+                               loss_fn=F.cross_entropy,
+                               options=TrainOptions(epochs=self.recipe.prune_step_epochs, lr=self.recipe.lr,
+                                                    keep="last", progress=False, **self._distill()))
             source, masks = prune(self.base, sparsity, config=udnc_fx.CompressConfig(exact_zero=True),
-                                  max_layer_sparsity=cap)
+                                  max_layer_sparsity=cap, **gradual)
             finetune_float(source, masks, _loader(self.data.x_train, self.data.y_train), F.cross_entropy,
                            epochs=self.recipe.retrain_epochs, lr=self.recipe.lr, keep="last", progress=False,
                            **self._distill())
@@ -169,7 +181,8 @@ class Pipeline:
         with C.Stopwatch() as ft:
             finetune(gm, _loader(self.data.x_train, self.data.y_train), F.cross_entropy, options=options)
         path = self.tmp / f"pipeline-{sparsity}-{cap}-{kept_bits}-{seed}.udnc"
-        nbytes = udnc_fx.save(gm, path, raw_float_dtype="float16", codebook_float_dtype="float16")
+        coder = {} if self.recipe.coder is None else {"coder": self.recipe.coder}
+        nbytes = udnc_fx.save(gm, path, raw_float_dtype="float16", codebook_float_dtype="float16", **coder)
         acc = evaluate(udnc_fx.load(path, self.fresh), self.data.x_test, self.data.y_test)
         path.unlink()
         chosen = (udnc_fx.inspect(gm).calibration or {}).get("chosen_seed", cfg.seed)
@@ -319,6 +332,10 @@ def main(argv=None) -> int:
     ap.add_argument("--distill-temperature", type=float, default=0.0,
                     help="distil both trainings from the float model at this temperature (0: task loss only)")
     ap.add_argument("--seed-trials", type=int, default=1, help="CompressConfig(seed_trials=K) for every seed")
+    ap.add_argument("--prune-steps", type=int, default=1,
+                    help="gradual pruning: prune(steps=K) along the cubic schedule, retraining between steps")
+    ap.add_argument("--prune-step-epochs", type=int, default=6, help="retraining epochs between pruning steps")
+    ap.add_argument("--coder", default=None, help="save(coder=...) for the files (default: the library's default)")
     ap.add_argument("--kept-bits", default=None, help="comma-separated ladder of bits per kept weight, fine to coarse "
                     f"(default {','.join(map(str, KEPT_BITS))})")
     ap.add_argument("--test-only", default=None, metavar="SPARSITY[@LAYER_BOUND]:BITS,BITS",
@@ -328,7 +345,8 @@ def main(argv=None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     sparsities = _candidates(args.sparsities.split(",")) if args.sparsities else None
     ladder = [float(b) for b in args.kept_bits.split(",")] if args.kept_bits else None
-    recipe = Recipe(distill_temperature=args.distill_temperature, seed_trials=args.seed_trials)
+    recipe = Recipe(distill_temperature=args.distill_temperature, seed_trials=args.seed_trials,
+                    prune_steps=args.prune_steps, prune_step_epochs=args.prune_step_epochs, coder=args.coder)
     task = peers.digits_task()
     if args.test_only:
         spec, _, bits = args.test_only.partition(":")
