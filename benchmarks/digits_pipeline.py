@@ -3,7 +3,9 @@
 Pipeline per point (``udnc_fx.demo``'s model, split and training recipe): fold BatchNorm into the convolutions,
 magnitude-prune ``sparsity`` of the Conv/Linear weights (``passes/prune.py``, whole vectors, one global ranking;
 with a layer bound, ``prune(max_layer_sparsity=bound)``, no layer loses more than ``bound`` of its weights and the
-rest of the target is taken from the other layers: unbounded, ``fc1`` alone takes 98 % at 0.9 and collapses past it),
+rest of the target is taken from the other layers: unbounded, ``fc1`` alone takes 98 % at 0.9 and collapses past it;
+with ``--prune-steps K``, gradually: ``prune(steps=K, data=TRAIN, ...)`` rises to the sparsity along the cubic schedule
+with ``--prune-step-epochs`` of retraining, same lr and distillation, between steps),
 retrain the kept float weights (``finetune_float``, pruned weights held at 0; with ``--distill-temperature T``
 distilled from the float model: KL of the logits at T plus the task loss), ``compress(..., calibration=TRAIN
 batches)`` with ``exact_zero=True`` (error-compensating dithered rounding and probe allocation, the defaults with
@@ -12,7 +14,8 @@ the one whose compressed model is closest to the float one on the TRAIN calibrat
 seeds i·K ... i·K + K - 1 so that the trial sets of two seeds never overlap), fine-tune the codewords with the
 biases (``finetune``, ``TrainOptions``, the same distillation; the last epoch is kept, never a selection by a
 held-out score), write the ``.udnc`` file with float16 raw tensors and codebooks, load it onto a fresh folded model
-and score that. The target rate is the binary entropy of the sparsity plus ``kept_bits`` per kept weight. Pruning and the retraining do not depend on the dither
+and score that (``--coder``: ``save(coder=...)``, e.g. ``range-context-v1``, whose row-density contexts code the
+pruned layers' zeros in fewer bytes than the default's static tables). The target rate is the binary entropy of the sparsity plus ``kept_bits`` per kept weight. Pruning and the retraining do not depend on the dither
 seed and run once per sparsity; the data order of both trainings is fixed (generator seed 0), so the dither seed is
 the only thing that varies between seeds.
 

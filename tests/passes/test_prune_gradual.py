@@ -128,3 +128,44 @@ def test_bad_gradual_input_is_refused_and_changes_nothing(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         prune(model, 0.9, **kwargs)
     assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.slow
+def test_gradual_pruning_keeps_the_demo_cnn_closer_to_float_than_one_shot_at_equal_epochs():
+    """The reason for ``steps``: on the demo CNN (digits, a validation split carved from TRAIN) at 0.9 bounded at
+    0.95, 5 steps with 6 epochs between them plus 30 epochs after are measured at about half the KL to the float
+    model of one-shot pruning with the same 54 epochs (0.0039 against 0.0077)."""
+    from sklearn.model_selection import train_test_split
+
+    from udnc_fx.demo import load_digits_split, train_digits_cnn
+    from udnc_fx.passes.finetune import finetune_float
+    from udnc_fx.passes.fold import fold_batchnorm
+
+    data = load_digits_split()
+    fit, val = train_test_split(range(len(data.y_train)), test_size=0.2, random_state=0,
+                                stratify=data.y_train.numpy())
+    fit, val = torch.tensor(fit), torch.tensor(val)
+    data = type(data)(data.x_train[fit], data.y_train[fit], data.x_train[val], data.y_train[val])
+    base = fold_batchnorm(train_digits_cnn(data, epochs=30, seed=0, progress=False))
+
+    def loader():
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data.x_train, data.y_train), batch_size=64,
+                                           shuffle=True, generator=torch.Generator().manual_seed(0))
+
+    def options(epochs):
+        return TrainOptions(epochs=epochs, lr=3e-3, keep="last", progress=False, teacher=base, temperature=2.0)
+
+    def kl(model):
+        with torch.no_grad():
+            ref = F.log_softmax(base(data.x_test), 1)
+            return float(F.kl_div(F.log_softmax(model.eval()(data.x_test), 1), ref, log_target=True,
+                                  reduction="batchmean"))
+
+    config = udnc_fx.CompressConfig(exact_zero=True)
+    one, one_masks = prune(base, 0.9, config=config, max_layer_sparsity=0.95)
+    finetune_float(one, one_masks, loader(), F.cross_entropy, options=options(54))
+    grad, grad_masks = prune(base, 0.9, config=config, max_layer_sparsity=0.95, steps=5, data=loader(),
+                             loss_fn=F.cross_entropy, options=options(6))
+    finetune_float(grad, grad_masks, loader(), F.cross_entropy, options=options(30))
+    assert abs(mask_sparsity(grad_masks) - mask_sparsity(one_masks)) < 1e-3
+    assert kl(grad) < 0.75 * kl(one), (kl(grad), kl(one))
