@@ -324,6 +324,42 @@ def report(res: dict, seeds: list[int]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def logit_kl(model, reference, x) -> float:
+    """Mean KL divergence (nats per image) of ``model``'s softmax from ``reference``'s on ``x``."""
+    with torch.no_grad():
+        ref = F.log_softmax(reference.eval()(x), 1)
+        return float(F.kl_div(F.log_softmax(model.eval()(x), 1), ref, log_target=True, reduction="batchmean"))
+
+
+def compare_pruning(task, spec: str, recipe: Recipe) -> str:
+    """The pruned, retrained float model alone (before any quantization), one-shot against gradual pruning at equal
+    and unequal epochs: accuracy and KL to the float model on the validation split (float trained on the rest of
+    TRAIN) and on the test split."""
+    from udnc_fx.demo import train_digits_cnn
+
+    (sparsity, cap), = _candidates([spec])
+    steps = max(recipe.prune_steps, 2)
+    total = recipe.retrain_epochs + (steps - 1) * recipe.prune_step_epochs
+    variants = [(f"one-shot, {recipe.retrain_epochs} epochs", replace(recipe, prune_steps=1)),
+                (f"one-shot, {total} epochs", replace(recipe, prune_steps=1, retrain_epochs=total)),
+                (f"gradual, {steps} steps, {recipe.prune_step_epochs} epochs between, then {recipe.retrain_epochs}",
+                 replace(recipe, prune_steps=steps))]
+    splits = {"validation": validation_split(task.extra["data"]), "test": task.extra["data"]}
+    floats = {"validation": train_digits_cnn(splits["validation"], epochs=recipe.float_epochs, seed=0,
+                                             progress=False),
+              "test": task.float_model}
+    rows = []
+    for name, r in variants:
+        row = [name]
+        for split, data in splits.items():
+            pipe = Pipeline(floats[split], data, r, task.numerator, Path("."))
+            model, acc = pipe.pruned(sparsity, cap)
+            row.append(f"{acc:.2f} % / {logit_kl(model, pipe.base, data.x_test):.4f}")
+        rows.append(row)
+    return C.md_table([f"{_label(sparsity, cap)}, pruned + retrained float", "validation acc / KL to float",
+                       "test acc / KL to float"], rows)
+
+
 def main(argv=None) -> int:
     import peers
 
@@ -343,6 +379,8 @@ def main(argv=None) -> int:
                     f"(default {','.join(map(str, KEPT_BITS))})")
     ap.add_argument("--test-only", default=None, metavar="SPARSITY[@LAYER_BOUND]:BITS,BITS",
                     help="skip the validation choice: this sparsity at these bits per kept weight on the test split")
+    ap.add_argument("--compare-pruning", default=None, metavar="SPARSITY[@LAYER_BOUND]",
+                    help="only the pruned, retrained float model: one-shot against gradual (--prune-steps, default 5)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -351,6 +389,11 @@ def main(argv=None) -> int:
     recipe = Recipe(distill_temperature=args.distill_temperature, seed_trials=args.seed_trials,
                     prune_steps=args.prune_steps, prune_step_epochs=args.prune_step_epochs, coder=args.coder)
     task = peers.digits_task()
+    if args.compare_pruning:
+        if recipe.prune_steps == 1:
+            recipe = replace(recipe, prune_steps=5)
+        print(compare_pruning(task, args.compare_pruning, recipe))
+        return 0
     if args.test_only:
         spec, _, bits = args.test_only.partition(":")
         (sparsity, cap), = _candidates([spec])
