@@ -51,9 +51,13 @@ def test_every_lattice_round_trips_bit_exact(lattice, n, exact_zero, step):
     q = quantized("layer.weight", lattice, n, step, exact_zero=exact_zero)
     data = encode_container(Container([q], [RawTensor("b", np.ones(3, np.float32))]))
     assert encode_container(Container([q], [RawTensor("b", np.ones(3, np.float32))])) == data
-    # 1.2 exactly when the points are stored as coordinates (lattice-coords), else 1.1 (the ans-dither-v1 coder)
-    coords = read_header(data)["quantized"][0]["codebook"]["encoding"] == "lattice-coords"
-    assert minor_version(data) == (2 if coords else 1)
+    # 1.2 exactly when the points are stored as coordinates (lattice-coords), 1.4 in the -u layouts (A2, D4, E8:
+    # contexts from each coordinate's own dither), else 1.1 (the ans-dither-v1 coder)
+    codebook = read_header(data)["quantized"][0]["codebook"]
+    coords = codebook["encoding"] == "lattice-coords"
+    own = coords and codebook["layout"].endswith("-u")
+    assert own is (coords and lattice in ("A2", "D4", "E8"))
+    assert minor_version(data) == (4 if own else 2 if coords else 1)
     back = decode_container(data).quantized[0]
     np.testing.assert_array_equal(back.indices, q.indices)
     assert back.coder == "ans-dither-v1" and back.zero_index == q.zero_index

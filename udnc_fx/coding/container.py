@@ -33,6 +33,7 @@ import stat
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from udnc_fx.coding import lattice_coords as _lc
 from udnc_fx.coding.coder_base import DEFAULT_CODER
 from udnc_fx.coding.format import (
     CODERS_SINCE_MINOR_1,
@@ -218,7 +219,12 @@ def _encode_to(
     header_bytes = canonical_json(compact_header(header))
     if len(header_bytes) > MAX_HEADER_LENGTH:
         raise FormatError("bad_header", f"the header would be {len(header_bytes)} bytes (limit {MAX_HEADER_LENGTH})")
-    if any(e["codebook"].get("affine") is not None for e in quantized_entries):
+    if any(
+        e["codebook"]["encoding"] == _lc.ENCODING and _lc.uses_own_dither(e["codebook"].get("layout"))
+        for e in quantized_entries
+    ):
+        minor = 4
+    elif any(e["codebook"].get("affine") is not None for e in quantized_entries):
         minor = 3
     elif any(e["codebook"]["encoding"] in ENCODINGS_SINCE_MINOR_2 for e in quantized_entries):
         minor = 2

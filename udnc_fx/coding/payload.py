@@ -287,13 +287,15 @@ _CODES_CACHE: "OrderedDict[tuple, np.ndarray]" = OrderedDict()
 _CODES_CACHE_BYTES = 1 << 28
 
 
-def _cached_codes(key: int, count: int, n: int) -> np.ndarray:
+def _cached_codes(key: int, count: int, n: int, own: str | None = None) -> np.ndarray:
+    """The hash dither codes ``dither_codes(key, count, n)``, or with ``own`` (a lattice name) the ``(count, n)``
+    bins of each coordinate's own dither (``lattice_coords.own_dither_codes``)."""
     from udnc_fx.coding.ans import dither_codes
 
-    cache_key = (int(key), int(count), int(n))
+    cache_key = (int(key), int(count), int(n), own)
     codes = _CODES_CACHE.get(cache_key)
     if codes is None:
-        codes = dither_codes(key, count, n)
+        codes = dither_codes(key, count, n) if own is None else _lc.own_dither_codes(key, count, own, n)
         codes.flags.writeable = False
         _CODES_CACHE[cache_key] = codes
         while sum(c.nbytes for c in _CODES_CACHE.values()) > _CODES_CACHE_BYTES and len(_CODES_CACHE) > 1:
@@ -330,8 +332,10 @@ def estimate_points_bits(
     dithered = key is not None and getattr(index_coder, "accepts_context", False)
     coords_codes = None
     if dithered and n > 1:
-        cols = _lc.dither_columns(lattice, n)
-        coords_codes = _cached_codes(key, count * n, 1).reshape(count, n)[:, cols]
+        if _lc.own_dither_applies(index_coder, lattice, True):  # the writer's -u layouts
+            coords_codes = _cached_codes(key, count, n, own=lattice)[:, _lc.dither_columns(lattice, n, True)]
+        else:
+            coords_codes = _cached_codes(key, count * n, 1).reshape(count, n)[:, _lc.dither_columns(lattice, n)]
     coords = None
     if n > 1:
         coded = _lc.coded_bits(index_coder, points, lattice, n, 0 if key is None else key, key is not None,
