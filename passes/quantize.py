@@ -35,10 +35,10 @@ from ..param import DitheredLatticeParam
 from ..progress import progress_bar
 from ..quantizer import (
     blocked_std,
-    blocked_sum,
     coded_rate_bits_per_weight,
     coded_rate_of_raw_points,
     quantize_array,
+    signal_and_error_sums,
     vectors_of,
     z1_rate_bits_chunked,
 )
@@ -546,18 +546,8 @@ def _stream_params(candidates: list[Candidate], config: CompressConfig, progress
             flat.reshape(tuple(cand.param.shape)), lattice=lat.name, n=lat.dim, step=cand.step, key=key,
             exact_zero=config.exact_zero,
         )
-        n, numel = q.n, q.numel
-
-        def decoded(lo: int, hi: int, q=q, n=n) -> np.ndarray:
-            v0, v1 = lo // n, -(-hi // n)
-            return q.decode_rows(v0, v1).reshape(-1)[lo - v0 * n : hi - v0 * n].astype(np.float64)
-
-        def wide(lo: int, hi: int, flat=flat) -> np.ndarray:
-            return flat[lo:hi].astype(np.float64)
-
         # the general path's float(((decoded - w) ** 2).sum()) and float((w ** 2).sum()), summed in the same order
-        err = blocked_sum(numel, lambda lo, hi: np.square(decoded(lo, hi) - wide(lo, hi)))
-        sig = blocked_sum(numel, lambda lo, hi: np.square(wide(lo, hi)))
+        sig, err = signal_and_error_sums(q, flat)
         dlps.append(_served(q, cand, sig, err, std))
     return dlps
 
