@@ -488,6 +488,43 @@ def _native_flat(cand: Candidate) -> np.ndarray:
     return t.numpy().reshape(-1)
 
 
+#: Threads that quantize independent layers at once in the streaming path (``None``: the environment's
+#: ``UDNC_THREADS``, else the CPU count, at most 4). Used only with the native kernels, which release the GIL; the
+#: result is the same bit for bit whatever the count (tests/passes/test_quantize_threads.py).
+LAYER_THREADS: int | None = None
+
+
+class _Serial:
+    """``ThreadPoolExecutor``'s ``map`` in the caller's thread (one worker: no thread at all)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    @staticmethod
+    def map(fn, items):
+        return map(fn, items)
+
+
+def _layer_threads(largest: int):
+    """An executor for per-layer work: threads when the native kernels run the loops (``largest``: the largest
+    layer's size, which decides whether they load, :func:`udnc_fx.dither.native`), else the caller's thread."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ..dither import native
+
+    count = LAYER_THREADS
+    if count is None:
+        env = os.environ.get("UDNC_THREADS", "")
+        count = int(env) if env.isdigit() and int(env) > 0 else min(4, os.cpu_count() or 1)
+    if count <= 1 or native(largest) is None:
+        return _Serial()
+    return ThreadPoolExecutor(max_workers=count, thread_name_prefix="udnc-quantize")
+
+
 def _stream_params(candidates: list[Candidate], config: CompressConfig, progress: bool | None):
     """:func:`make_params` for absolute and relative steps without calibration, one layer at a time.
 
@@ -537,10 +574,7 @@ def _stream_params(candidates: list[Candidate], config: CompressConfig, progress
         for i in to_solve:
             candidates[i].step = s * stds[i]
             candidates[i].extra["relative_step"] = candidates[i].step / stds[i]
-    dlps = []
-    items = list(zip(candidates, lats, keys, stds))
-    bar = progress_bar(items, desc="quantizing", unit="layer", progress=progress) if len(items) > 1 else items
-    for cand, lat, key, std in bar:
+    def quantized(cand: Candidate, lat, key: int | None):
         flat = _native_flat(cand)
         q = quantize_array(
             flat.reshape(tuple(cand.param.shape)), lattice=lat.name, n=lat.dim, step=cand.step, key=key,
@@ -548,7 +582,18 @@ def _stream_params(candidates: list[Candidate], config: CompressConfig, progress
         )
         # the general path's float(((decoded - w) ** 2).sum()) and float((w ** 2).sum()), summed in the same order
         sig, err = signal_and_error_sums(q, flat)
-        dlps.append(_served(q, cand, sig, err, std))
+        return q, sig, err
+
+    dlps = []
+    items = list(zip(candidates, lats, keys, stds))
+    bar = progress_bar(total=len(items), desc="quantizing", unit="layer", progress=progress if len(items) > 1 else False)
+    with bar, _layer_threads(max((c.param.numel() for c in candidates), default=0)) as pool:
+        # layers are independent: each one's result is the same whichever thread computes it, and the modules are
+        # built here, in the caller's thread, in the layers' order
+        results = pool.map(lambda item: quantized(item[0], item[1], item[2]), items)
+        for (cand, lat, key, std), (q, sig, err) in zip(items, results):
+            dlps.append(_served(q, cand, sig, err, std))
+            bar.update(1)
     return dlps
 
 
