@@ -533,21 +533,36 @@ def _stream_params(candidates: list[Candidate], config: CompressConfig, progress
     (:func:`udnc_fx.quantizer.blocked_std` / :func:`~udnc_fx.quantizer.blocked_sum`) and the quantizer regenerates
     the dither chunk by chunk, so the memory added is that of one layer's indices plus a few MiB.
     """
-    lats, keys, stds = [], [], []
-    for cand in candidates:  # validate every layer before anything is changed
+    with _layer_threads(max((c.param.numel() for c in candidates), default=0)) as pool:
+        # Layers are independent: each one's numbers are the same whichever thread computes them. Results are taken
+        # in the layers' order, so errors are raised for the first bad layer and modules are built in order, here.
+        return _stream_params_on(pool, candidates, config, progress)
+
+
+def _stream_params_on(pool, candidates: list[Candidate], config: CompressConfig, progress: bool | None):
+    """:func:`_stream_params` with the per-layer work mapped on ``pool`` (an executor's ``map``, in order)."""
+
+    def measured(cand: Candidate) -> tuple[float | None, int]:
+        """``(std, 0)``, or ``(None, number of NaN/Inf weights)``; ``(None, 0)`` for a layer refused by size."""
         lat = get_lattice(cand.lattice, cand.n)
         flat = _native_flat(cand)
-        if flat.size == 0:
-            raise ConfigError(f"layer {cand.fqn} has zero elements: exclude it (override None) or remove it")
-        if -(-flat.size // lat.dim) * lat.dim > 2**32:
-            raise ConfigError(f"layer {cand.fqn} is too large for the 32-bit dither counter")
+        if flat.size == 0 or -(-flat.size // lat.dim) * lat.dim > 2**32:
+            return None, 0
         try:
-            std = blocked_std(flat)
+            return blocked_std(flat), 0
         except ConfigError:
-            bad = int((~np.isfinite(flat)).sum())
-            raise ConfigError(
-                f"layer {cand.fqn} has {bad} NaN/Inf weights: fix the model before compressing"
-            ) from None
+            return None, int((~np.isfinite(flat)).sum())
+
+    lats, keys, stds = [], [], []
+    for cand, (std, bad) in zip(candidates, pool.map(measured, candidates)):  # validate every layer first
+        lat = get_lattice(cand.lattice, cand.n)
+        numel = cand.param.numel()
+        if numel == 0:
+            raise ConfigError(f"layer {cand.fqn} has zero elements: exclude it (override None) or remove it")
+        if -(-numel // lat.dim) * lat.dim > 2**32:
+            raise ConfigError(f"layer {cand.fqn} is too large for the 32-bit dither counter")
+        if std is None:
+            raise ConfigError(f"layer {cand.fqn} has {bad} NaN/Inf weights: fix the model before compressing")
         _set_fixed_step(cand, std)
         stds.append(std)
         lats.append(lat)
@@ -560,21 +575,21 @@ def _stream_params(candidates: list[Candidate], config: CompressConfig, progress
             flat = _native_flat(candidates[i])
             return z1_rate_bits_chunked(flat, step, keys[i]) * flat.size
 
-        fixed_terms, fixed_numel = [], 0
-        for i, cand in enumerate(candidates):
-            if cand.step_kind != "target_bits":
-                fixed_terms.append(bits(i, cand.step))
-                fixed_numel += candidates[i].param.numel()
+        fixed = [i for i, c in enumerate(candidates) if c.step_kind != "target_bits"]
+        fixed_terms = list(pool.map(lambda i: bits(i, candidates[i].step), fixed))
+        fixed_numel = sum(candidates[i].param.numel() for i in fixed)
         total = fixed_numel + sum(candidates[i].param.numel() for i in to_solve)
 
         def mean_bits(s: float) -> float:
-            return math.fsum(fixed_terms + [bits(i, s * stds[i]) for i in to_solve]) / total
+            return math.fsum(fixed_terms + list(pool.map(lambda i: bits(i, s * stds[i]), to_solve))) / total
 
         s = solve_scale(mean_bits, config.effective_target_bits, start=1.0)
         for i in to_solve:
             candidates[i].step = s * stds[i]
             candidates[i].extra["relative_step"] = candidates[i].step / stds[i]
-    def quantized(cand: Candidate, lat, key: int | None):
+
+    def quantized(item) -> tuple:
+        cand, lat, key, _ = item
         flat = _native_flat(cand)
         q = quantize_array(
             flat.reshape(tuple(cand.param.shape)), lattice=lat.name, n=lat.dim, step=cand.step, key=key,
@@ -587,11 +602,8 @@ def _stream_params(candidates: list[Candidate], config: CompressConfig, progress
     dlps = []
     items = list(zip(candidates, lats, keys, stds))
     bar = progress_bar(total=len(items), desc="quantizing", unit="layer", progress=progress if len(items) > 1 else False)
-    with bar, _layer_threads(max((c.param.numel() for c in candidates), default=0)) as pool:
-        # layers are independent: each one's result is the same whichever thread computes it, and the modules are
-        # built here, in the caller's thread, in the layers' order
-        results = pool.map(lambda item: quantized(item[0], item[1], item[2]), items)
-        for (cand, lat, key, std), (q, sig, err) in zip(items, results):
+    with bar:
+        for (cand, lat, key, std), (q, sig, err) in zip(items, pool.map(quantized, items)):
             dlps.append(_served(q, cand, sig, err, std))
             bar.update(1)
     return dlps
