@@ -38,7 +38,7 @@ from ..quantizer import (
     coded_rate_bits_per_weight,
     coded_rate_of_raw_points,
     quantize_array,
-    signal_and_error_sums,
+    quantize_with_sums,
     vectors_of,
     z1_rate_bits_chunked,
 )
@@ -591,13 +591,11 @@ def _stream_params_on(pool, candidates: list[Candidate], config: CompressConfig,
     def quantized(item) -> tuple:
         cand, lat, key, _ = item
         flat = _native_flat(cand)
-        q = quantize_array(
+        # with the general path's float((w ** 2).sum()) and float(((decoded - w) ** 2).sum()), in the same order
+        return quantize_with_sums(
             flat.reshape(tuple(cand.param.shape)), lattice=lat.name, n=lat.dim, step=cand.step, key=key,
             exact_zero=config.exact_zero,
         )
-        # the general path's float(((decoded - w) ** 2).sum()) and float((w ** 2).sum()), summed in the same order
-        sig, err = signal_and_error_sums(q, flat)
-        return q, sig, err
 
     dlps = []
     items = list(zip(candidates, lats, keys, stds))

@@ -111,6 +111,42 @@ def z_points(flat, e0, size, a, b, dithered, factor, out):
 
 
 @njit(cache=True, nogil=True)
+def z1_points_sums(flat, e0, a, b, dithered, factor, exact_zero, out, sig, err):
+    """:func:`z_points` for ``Z¹`` (no padding: every element is a vector), and for each element ``sig = w²`` and
+    ``err = (float64(w_hat) − w)²`` with ``w_hat`` its decode: the codeword ``float32(float64(p) · factor)``
+    (``record.codebook_from_int``) minus the float32 dither (not subtracted without dither), or 0 for the point 0
+    when ``exact_zero`` (the record's ``zero_index``): what :func:`z_sq_err` and :func:`squares` give from the
+    record, without hashing again."""
+    lo = np.inf
+    hi = -np.inf
+    finite = True
+    for j in range(out.size):
+        v = np.float64(flat[e0 + j])
+        finite &= np.isfinite(v)
+        d = np.float32(0.0)
+        if dithered:
+            d = _z_dither32(a, b, np.uint64(e0 + j), factor)
+        y = np.rint((v + np.float64(d)) / factor)
+        lo = min(lo, y)
+        hi = max(hi, y)
+        p = np.int64(y) if abs(y) <= _LIMIT else 0
+        out[j] = p
+        if exact_zero and p == 0:
+            w_hat = np.float32(0.0)
+        else:
+            w_hat = np.float32(np.float64(p) * factor)
+            if dithered:
+                w_hat = np.float32(w_hat - d)
+        diff = np.float64(w_hat) - v
+        err[j] = diff * diff
+        sig[j] = v * v
+    ok = finite and out.size > 0 and -_LIMIT <= lo and hi <= _LIMIT
+    if not ok:
+        return False, 0, 0
+    return True, np.int64(lo), np.int64(hi)
+
+
+@njit(cache=True, nogil=True)
 def count_codes(part, lows, radices, counts):
     """``counts[code] += 1`` for the mixed-radix code ``Σ_j (part[i, j] − lows[j]) · Π_{l>j} radices[l]`` of every
     row ``i`` (``quantizer.rank_rows``' dense codes)."""

@@ -38,6 +38,7 @@ __all__ = [
     "blocked_sum",
     "blocked_std",
     "signal_and_error_sums",
+    "quantize_with_sums",
 ]
 
 
@@ -330,8 +331,15 @@ def quantize_array(
     parts = [
         _narrow_chunk_points(flat, v0, v1, lat, float(step), key, u_raw, raw_points, native) for v0, v1 in bounds
     ]
-    indices, codebook_int, _ = rank_rows(parts, dim)
-    del parts
+    return _ranked_record(parts, values, lat, step, key, exact_zero)
+
+
+def _ranked_record(
+    parts: list[np.ndarray], values: np.ndarray, lat: Lattice, step: float, key: int | None, exact_zero: bool
+) -> CompressedWeight:
+    """The record of the points ``parts`` (consecutive chunks, :func:`rank_rows`) of ``values``."""
+    indices, codebook_int, _ = rank_rows(parts, lat.dim)
+    parts.clear()
     zero_index = None
     if exact_zero:
         hits = np.flatnonzero(~codebook_int.any(axis=1))
@@ -349,6 +357,51 @@ def quantize_array(
         key=key,
         zero_index=zero_index,
     )
+
+
+class _GaveUp(Exception):
+    """The native kernel met a weight it leaves to the NumPy path (NaN/Inf, a point past ±2**62)."""
+
+
+def quantize_with_sums(
+    values: np.ndarray, *, lattice: str, n: int, step: float, key: int | None, exact_zero: bool = False,
+    leaf: int | None = None,
+) -> tuple[CompressedWeight, float, float]:
+    """``(q, Σ w², Σ (ŵ − w)²)``: :func:`quantize_array` and :func:`signal_and_error_sums` of its result, bit for
+    bit, in one pass over the weights where the native ``Z¹`` kernel applies (float32/float64 weights): each block
+    of the sums' pairwise tree is rounded, decoded and squared as it is hashed, so the dither is generated once.
+    Elsewhere the two functions are called one after the other.
+
+    Raises:
+        ConfigError: as :func:`quantize_array`.
+    """
+    lat = get_lattice(lattice, n)
+    flat = np.asarray(values).reshape(-1)
+    k = _native_flat_kernels(flat)
+    valid_step = isinstance(step, (int, float, np.floating)) and math.isfinite(step) and step > 0
+    if k is None or lat.name != "Z" or lat.dim != 1 or flat.size == 0 or not valid_step:
+        q = quantize_array(values, lattice=lattice, n=n, step=step, key=key, exact_zero=exact_zero)
+        return (q, *signal_and_error_sums(q, flat, leaf))
+    a, b = _dither.key_words(key) if key is not None else (0, 0)
+    factor = lattice_factor(lat, float(step))
+    parts: list[np.ndarray] = []
+
+    def block(lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        points, sig, err = np.empty(hi - lo, np.int64), np.empty(hi - lo), np.empty(hi - lo)
+        ok, p_lo, p_hi = k.z1_points_sums(
+            flat, lo, np.uint64(a), np.uint64(b), key is not None, factor, exact_zero, points, sig, err
+        )
+        if not ok:
+            raise _GaveUp
+        parts.append(_narrow_ints(points.reshape(-1, 1), int(p_lo), int(p_hi)))
+        return sig, err
+
+    try:
+        sig, err = _blocked_sums(flat.size, block, leaf, 2)
+    except _GaveUp:
+        q = quantize_array(values, lattice=lattice, n=n, step=step, key=key, exact_zero=exact_zero)
+        return (q, *signal_and_error_sums(q, flat, leaf))
+    return _ranked_record(parts, values, lat, float(step), key, exact_zero), sig, err
 
 
 def rank_rows(parts: list[np.ndarray], dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -462,19 +515,26 @@ def blocked_sum(size: int, block, leaf: int | None = None) -> float:
     the same splits down to blocks of at most ``leaf`` elements and sums each block with NumPy, so the result is that
     of summing the whole vector at once while only one block is ever materialised (tested against ``np.sum``).
     """
+    return _blocked_sums(size, lambda lo, hi: (block(lo, hi),), leaf, 1)[0]
+
+
+def _blocked_sums(size: int, block, leaf: int | None, count: int) -> tuple[float, ...]:
+    """:func:`blocked_sum` of ``count`` vectors at once: ``block(lo, hi)`` returns a tuple of their elements
+    ``lo .. hi``; the blocks are asked for in increasing order and each exactly once."""
     # below 128 elements NumPy sums with 8 accumulators, not by halving: a block is never split there
     leaf = max(int(SUM_BLOCK_ELEMENTS if leaf is None else leaf), 128)
 
-    def rec(lo: int, k: int) -> float:
+    def rec(lo: int, k: int) -> tuple:
         if k <= leaf:
-            return np.add.reduce(np.asarray(block(lo, lo + k), dtype=np.float64))
+            return tuple(np.add.reduce(np.asarray(x, dtype=np.float64)) for x in block(lo, lo + k))
         half = k // 2
         half -= half % 8
-        return rec(lo, half) + rec(lo + half, k - half)
+        left, right = rec(lo, half), rec(lo + half, k - half)
+        return tuple(x + y for x, y in zip(left, right))
 
     if size <= 0:
-        return 0.0
-    return float(rec(0, int(size)))
+        return (0.0,) * count
+    return tuple(float(x) for x in rec(0, int(size)))
 
 
 def _native_flat_kernels(flat: np.ndarray):

@@ -194,3 +194,32 @@ def test_signal_and_error_sums_match_the_whole_tensor_sums(monkeypatch, lattice,
 def test_key_words_in_kernel_range():
     a, b = key_words(2**64 - 1)
     assert 0 <= a < 2**32 and 0 <= b < 2**32
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("key,step,exact_zero", [(tensor_key(1, "w"), 0.03, False), (tensor_key(2, "w"), 0.3, True),
+                                                 (None, 0.05, True), (None, 0.25, False)])
+@pytest.mark.parametrize("leaf", [128, 1000, None])
+def test_quantize_with_sums_is_quantize_then_sums(monkeypatch, dtype, key, step, exact_zero, leaf):
+    rng = np.random.default_rng(7)
+    w = (rng.standard_normal(5003) * 0.1).astype(dtype)
+    w[::3] = 0
+    w[1::7] = (np.arange(w[1::7].size) - 300 + 0.5) * 0.25  # exact ties without dither at step 0.25
+    monkeypatch.setenv("UDNC_NATIVE", "0")
+    q_ref = Q.quantize_array(w, lattice="Z", n=1, step=step, key=key, exact_zero=exact_zero)
+    sums_ref = Q.signal_and_error_sums(q_ref, w, leaf)
+    for mode in ("0", "1"):
+        monkeypatch.setenv("UDNC_NATIVE", mode)
+        q, sig, err = Q.quantize_with_sums(w, lattice="Z", n=1, step=step, key=key, exact_zero=exact_zero, leaf=leaf)
+        _same_record(q_ref, q)
+        assert [sig.hex(), err.hex()] == [x.hex() for x in sums_ref]
+
+
+def test_quantize_with_sums_falls_back_on_bad_weights(monkeypatch):
+    monkeypatch.setenv("UDNC_NATIVE", "1")
+    w = np.ones(3000, np.float32)
+    w[2999] = np.nan
+    with pytest.raises(ConfigError, match="NaN or Inf"):
+        Q.quantize_with_sums(w, lattice="Z", n=1, step=0.1, key=1)
+    with pytest.raises(ConfigError, match="step"):
+        Q.quantize_with_sums(w[:10], lattice="Z", n=1, step=-1.0, key=1)
