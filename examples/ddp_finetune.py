@@ -85,6 +85,9 @@ def _worker(rank: int, world: int, args: argparse.Namespace, init_method: str | 
             print(f"codebooks identical on every rank: {bool(same.item())}")
         if not bool(same.item()):
             raise SystemExit(1)
+        # Every rank reaches teardown together: a rank that destroys its gloo group while a peer still talks to it
+        # can abort the process at exit ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

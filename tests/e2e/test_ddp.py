@@ -74,6 +74,7 @@ def _worker(rank: int, init_method: str, out_dir: str) -> None:
                 "steps": result.steps,
             }
         torch.save(results, f"{out_dir}/rank{rank}.pt")
+        dist.barrier()  # both ranks reach teardown together (see examples/ddp_finetune.py)
     finally:
         dist.destroy_process_group()
 
