@@ -70,7 +70,7 @@ def _same_record(a, b):
     assert np.array_equal(a.codebook.view(np.uint32), b.codebook.view(np.uint32))
 
 
-@pytest.mark.parametrize("n", [1, 2, 3, 8])
+@pytest.mark.parametrize("n", [1, 3, pytest.param(2, marks=pytest.mark.slow), pytest.param(8, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("chunk", [7, 1 << 18])
 def test_z_quantize_native_equal_numpy(monkeypatch, n, dtype, chunk):
@@ -199,7 +199,7 @@ def test_key_words_in_kernel_range():
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("key,step,exact_zero", [(tensor_key(1, "w"), 0.03, False), (tensor_key(2, "w"), 0.3, True),
                                                  (None, 0.05, True), (None, 0.25, False)])
-@pytest.mark.parametrize("leaf", [128, 1000, None])
+@pytest.mark.parametrize("leaf", [128, pytest.param(1000, marks=pytest.mark.slow), None])
 def test_quantize_with_sums_is_quantize_then_sums(monkeypatch, dtype, key, step, exact_zero, leaf):
     rng = np.random.default_rng(7)
     w = (rng.standard_normal(5003) * 0.1).astype(dtype)
