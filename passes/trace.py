@@ -95,25 +95,85 @@ def hollow_parameter(p: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(torch.zeros((), dtype=p.dtype, device=p.device).expand(p.shape), requires_grad=p.requires_grad)
 
 
-def hollow_copy(model: nn.Module) -> tuple[nn.Module, dict[int, tuple[nn.Parameter, torch.Tensor]]]:
-    """Deep-copy ``model`` without copying its float parameters' values.
+def _storage_key(t: torch.Tensor) -> tuple | None:
+    """What identifies ``t``'s storage among the model's tensors, or ``None`` when it has none to share (not
+    strided, on ``meta``, or empty)."""
+    if t.layout != torch.strided or t.device.type == "meta":
+        return None
+    storage = t.untyped_storage()
+    return (t.device, storage.data_ptr()) if storage.nbytes() else None
 
-    Each plain floating-point ``nn.Parameter`` becomes, in the copy, a placeholder of the same shape, dtype, device
-    and ``requires_grad`` backed by a single element (stride 0); tied parameters stay tied. The passes that replace
-    a weight read it from the user's model (``sources``) and :func:`restore_hollow` gives every placeholder still in
-    use its values afterwards, so the copy costs only the parameters that stay float, not the float model again.
+
+def hollow_copy(
+    model: nn.Module, *, replaced: Iterable[str] | None = None, overwritten: Iterable[str] = ()
+) -> tuple[nn.Module, dict[int, tuple[nn.Parameter, torch.Tensor]]]:
+    """Deep-copy ``model`` without copying the values of the tensors the caller replaces or overwrites.
+
+    * ``replaced`` (parameter names; ``None``: every plain floating-point parameter) become placeholders of the
+      same shape, dtype, device and ``requires_grad`` backed by a single element (:func:`hollow_parameter`). A
+      caller replaces them (``load``: by the decoded weights), or reads their values from the user's model
+      (``sources``) and gives those still in use their values afterwards with :func:`restore_hollow`
+      (``compress``).
+    * ``overwritten`` (parameter and buffer names) get uninitialised storage, with the same shape, dtype, device,
+      ``requires_grad`` and attributes (strides where dense): the caller writes every value before the copy is used
+      (``load``: what the file stores). Storage is shared as ``copy.deepcopy`` shares it: a parameter gets its own,
+      buffers that view one storage get views of one fresh storage when all of them are overwritten, and are
+      deep-copied with their values otherwise. Only plain tensors and parameters (a subclass is deep-copied).
+
+    Everything else is deep-copied, so the user's model is never changed and the copy shares nothing with it. Tied
+    tensors (one object under several names) stay tied. A tensor attribute the model does not register (neither
+    parameter nor buffer) that views an overwritten buffer's storage gets its own copy of the user's values.
 
     Returns:
-        ``(copy, sources)``: ``sources`` maps ``id(placeholder)`` to ``(placeholder, the user's parameter)``.
+        ``(copy, sources)``: ``sources`` maps ``id(placeholder)`` to ``(placeholder, the user's parameter)`` for
+        every placeholder of a replaced parameter.
     """
+    params = list(model.named_parameters(remove_duplicate=False))
+    if replaced is None:
+        chosen = [p for _, p in params if type(p) is nn.Parameter and p.is_floating_point() and p.layout == torch.strided]
+    else:
+        by_name = dict(params)
+        chosen = [by_name[name] for name in replaced if name in by_name]
     memo: dict[int, Any] = {}
     sources: dict[int, tuple[nn.Parameter, torch.Tensor]] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in memo or type(p) is not nn.Parameter or not p.is_floating_point() or p.layout != torch.strided:
+    for p in chosen:
+        if id(p) not in memo:
+            stand_in = hollow_parameter(p)
+            stand_in.__dict__.update(copy.deepcopy(p.__dict__, memo))  # as a deep copy: the marks users set
+            memo[id(p)] = stand_in
+            sources[id(stand_in)] = (stand_in, p)
+    registered = dict(params)
+    buffers = list(model.named_buffers(remove_duplicate=False))
+    registered.update(buffers)
+    # copy.deepcopy clones each parameter's values into storage of its own and copies a storage once for all the
+    # plain tensors on it: the buffers sharing a storage with others are those whose stand-ins must share one too
+    users: dict[tuple, set[int]] = {}
+    for _, t in buffers:
+        key = _storage_key(t)
+        if key is not None and type(t) is torch.Tensor:
+            users.setdefault(key, set()).add(id(t))
+    rewritten = [
+        t for t in (registered[name] for name in overwritten if name in registered)
+        if id(t) not in memo and type(t) in (nn.Parameter, torch.Tensor) and t.layout == torch.strided
+    ]
+    covered = {id(t) for t in rewritten}
+    storages: dict[tuple, torch.UntypedStorage] = {}
+    for t in rewritten:
+        if id(t) in memo:  # tied: stood in under its first name
             continue
-        stand_in = hollow_parameter(p)
-        memo[id(p)] = stand_in
-        sources[id(stand_in)] = (stand_in, p)
+        key = None if type(t) is nn.Parameter else _storage_key(t)
+        if key is None or users[key] == {id(t)}:
+            data = torch.empty_like(t.detach())
+        elif users[key] <= covered:  # shared by buffers that are all overwritten: one fresh storage, the same views
+            if key not in storages:
+                storages[key] = torch.UntypedStorage(t.untyped_storage().nbytes(), device=t.device)
+            data = torch.empty(0, dtype=t.dtype, device=t.device)
+            data.set_(storages[key], t.storage_offset(), t.size(), t.stride())
+        else:
+            continue  # shares its storage with a tensor whose values the copy keeps: deep-copied with it
+        fresh = nn.Parameter(data, requires_grad=t.requires_grad) if type(t) is nn.Parameter else data
+        fresh.__dict__.update(copy.deepcopy(t.__dict__, memo))
+        memo[id(t)] = fresh
     return copy.deepcopy(model, memo), sources
 
 

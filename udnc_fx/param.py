@@ -122,8 +122,10 @@ class DitheredLatticeParam(nn.Module):
         """
         idx = record.indices
         # the dtypes the parameter keeps (uint8, int16, int32: the quantizer's) and int64 are shared, no copy;
-        # others go through int64 (torch lacks most unsigned wider dtypes)
-        idx = idx if idx.dtype in (*_TORCH_INDEX_DTYPES, np.dtype(np.int64)) else idx.astype(np.int64)
+        # others (the reader's uint16, uint32: torch lacks most unsigned wider dtypes) become the one it keeps
+        # (the record's indices are in [0, K): they fit)
+        if idx.dtype not in (*_TORCH_INDEX_DTYPES, np.dtype(np.int64)):
+            idx = idx.astype(index_dtype(record.num_codewords))
         codebook = record.codebook if record.codebook.flags.writeable else record.codebook.copy()
         return cls(
             torch.from_numpy(idx),

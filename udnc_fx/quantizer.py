@@ -435,16 +435,18 @@ def rank_rows(parts: list[np.ndarray], dim: int) -> tuple[np.ndarray, np.ndarray
         uniq, inverse, counts = unique_rows(points)
         del points
         position = inverse.reshape(-1)
-        positions = lambda: [position]  # noqa: E731
+        positions = lambda rank: [rank[position]]  # noqa: E731
     elif native is not None:
         return _rank_dense_native(native, parts, m, dim, lows, radices, span)
     else:
 
         def codes_of(part: np.ndarray) -> np.ndarray:
-            codes = np.zeros(part.shape[0], dtype=np.int64)
-            for j in range(dim):
+            codes = part[:, 0].astype(np.int64)
+            codes -= lows[0]
+            for j in range(1, dim):
                 codes *= radices[j]
-                codes += part[:, j].astype(np.int64) - lows[j]
+                codes += part[:, j]
+                codes -= lows[j]
             return codes
 
         all_counts = np.zeros(span, dtype=np.int64)
@@ -460,7 +462,13 @@ def rank_rows(parts: list[np.ndarray], dim: int) -> tuple[np.ndarray, np.ndarray
         del all_counts
         lookup = np.zeros(span, dtype=index_dtype(max(used.size, 1)))
         lookup[used] = np.arange(used.size)
-        positions = lambda: (lookup[codes_of(part)] for part in parts)  # noqa: E731
+
+        def positions(rank: np.ndarray):
+            if not rank.size:  # no rows
+                return ()
+            table = rank[lookup]  # each code's rank: one gather per chunk, by the int64 codes themselves
+            del rank
+            return (np.take(table, codes_of(part)) for part in parts)
     # Most frequent codeword first (helps byte-oriented coders); ties broken by the integer coordinates.
     order = np.lexsort(tuple(uniq[:, j] for j in range(dim - 1, -1, -1)) + (-counts,))
     k = order.size
@@ -469,9 +477,9 @@ def rank_rows(parts: list[np.ndarray], dim: int) -> tuple[np.ndarray, np.ndarray
     rank[order] = np.arange(k, dtype=idx_dtype)
     indices = np.empty(m, dtype=idx_dtype)
     start = 0
-    for pos in positions():
-        indices[start : start + pos.size] = rank[pos]
-        start += pos.size
+    for ranks in positions(rank):
+        indices[start : start + ranks.size] = ranks
+        start += ranks.size
     return indices, uniq[order], counts[order].astype(np.int64)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from .param import DitheredLatticeParam
 from .passes.materialize import served_params
 from .passes.quantize import install
 from .passes.select import Candidate, param_owners
-from .passes.trace import hollow_parameter, prepare
+from .passes.trace import hollow_copy, prepare
 from .record import on_lattice
 from .record_store import compression_record, set_record
 
@@ -331,32 +330,13 @@ def load(
         # the model, so decoding does only the work a valid file of this model needs.
         _refuse_onnx_sidecar(header, path)
         config = _config_from(header["config"], header["seed"])
-        # The copy never holds the float weights the file replaces: each is a placeholder of the same shape, dtype
-        # and device backed by a single element (stride 0), which install() drops (or empties) when it serves
-        # the decoded weight. Copying them would cost the float model's size again, for nothing.
-        params = dict(model.named_parameters(remove_duplicate=False))
-        memo: dict[int, Any] = {}
-        for entry in header["quantized"]:
-            p = params.get(entry["fqn"])
-            if p is not None and id(p) not in memo:
-                memo[id(p)] = hollow_parameter(p)
-        # Likewise every other tensor the file stores (biases, norms, buffers) is overwritten from the file before
-        # the model is returned (the header check below refuses a file that misses one): the copy gets uninitialised
-        # storage of the same shape and dtype instead of a copy of values that would be discarded.
-        # Only plain tensors and parameters (a subclass is deep-copied as it is); their attributes are copied.
-        stored_raw = {r["name"] for r in header["raw"]}
-        for name, t in model.state_dict(keep_vars=True).items():
-            if name not in stored_raw or ".parametrizations." in name or id(t) in memo:
-                continue
-            if type(t) is nn.Parameter:
-                fresh = nn.Parameter(torch.empty_like(t), requires_grad=t.requires_grad)
-            elif type(t) is torch.Tensor:
-                fresh = torch.empty_like(t)
-            else:
-                continue
-            fresh.__dict__.update(copy.deepcopy(t.__dict__, memo))
-            memo[id(t)] = fresh
-        work = copy.deepcopy(model, memo)
+        # The copy holds neither the float weights the file replaces (placeholders backed by one element, which
+        # install() drops or empties when it serves the decoded weights) nor the values of every other tensor the
+        # file stores (biases, norms, buffers: uninitialised storage, filled from the file before the model is
+        # returned; the header check below refuses a file that misses one).
+        work, _ = hollow_copy(
+            model, replaced=[e["fqn"] for e in header["quantized"]], overwritten=[r["name"] for r in header["raw"]]
+        )
         target, how = prepare(work, config, inplace=True)  # traced (or refused) as compress did
         targets = _check_header_against(header, target, tensors, model_bytes)
         prepared.update(config=config, target=target, how=how, targets=targets)

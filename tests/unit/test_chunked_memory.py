@@ -5,7 +5,6 @@ instead of several times its float bytes."""
 from __future__ import annotations
 
 import math
-import tracemalloc
 
 import numpy as np
 import pytest
@@ -210,15 +209,6 @@ def test_materialize_without_a_dither_cache_is_forward(monkeypatch):
 N_OUT, N_IN = 1024, 1024  # one 4 MiB float32 layer
 
 
-def _traced_peak(fn):
-    tracemalloc.start()
-    try:
-        result = fn()
-        return result, tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-
-
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Chunks of 2**14 elements: the working set of a chunk is then small next to the 1M-weight layer, so the
@@ -239,23 +229,23 @@ def big_layer():
     return model.eval()
 
 
-def test_quantize_array_memory(big_layer, small_chunks):
+def test_quantize_array_memory(big_layer, small_chunks, traced_peak):
     w = big_layer[0].weight.detach().numpy()
-    q, peak = _traced_peak(lambda: quantizer.quantize_array(w, lattice="Z", n=1, step=0.01, key=3))
+    q, peak = traced_peak(lambda: quantizer.quantize_array(w, lattice="Z", n=1, step=0.01, key=3))
     assert q.indices.dtype == np.uint8
     # Before chunking: float64 copies, int64 points, codes, inverse and indices: 12.0x the float bytes traced
     # (measured with the old code). Now int8 points, uint8 indices and one chunk's temporaries: 0.6x.
     assert peak < 1.0 * w.nbytes, f"quantize_array traced {peak / w.nbytes:.2f}x the float bytes"
 
 
-def test_compress_save_load_materialize_memory(big_layer, tmp_path, small_chunks):
+def test_compress_save_load_materialize_memory(big_layer, tmp_path, small_chunks, traced_peak):
     float_bytes = 4 * N_OUT * N_IN
     cfg = udnc_fx.CompressConfig(relative_step=0.25, seed=0)
-    gm, compress_peak = _traced_peak(lambda: udnc_fx.compress(big_layer, cfg, progress=False))
+    gm, compress_peak = traced_peak(lambda: udnc_fx.compress(big_layer, cfg, progress=False))
     path = tmp_path / "m.udnc"
-    _, save_peak = _traced_peak(lambda: udnc_fx.save(gm, path, progress=False))
-    loaded, load_peak = _traced_peak(lambda: udnc_fx.load(path, big_layer, progress=False))
-    _, mat_peak = _traced_peak(lambda: materialize(loaded, inplace=True))
+    _, save_peak = traced_peak(lambda: udnc_fx.save(gm, path, progress=False))
+    loaded, load_peak = traced_peak(lambda: udnc_fx.load(path, big_layer, progress=False))
+    _, mat_peak = traced_peak(lambda: materialize(loaded, inplace=True))
     # Traced NumPy memory (torch storage is not traced), over the float bytes of the layer. The old code measured
     # compress 10.2x, save 8.3x, load 10.3x, materialize 8.0x; this code 0.8x, 1.5-2.3x, 1.2x, 1.2x.
     assert compress_peak < 1.5 * float_bytes, compress_peak / float_bytes

@@ -259,3 +259,20 @@ def test_invalid_construction_raises_config_error(kwargs, match):
     indices, codebook = args.pop("indices"), args.pop("codebook")
     with pytest.raises(ConfigError, match=match):
         DitheredLatticeParam(indices, codebook, **args)
+
+
+@pytest.mark.parametrize("k, stored, kept", [(300, np.uint16, torch.int16), (70000, np.uint32, torch.int32),
+                                             (200, np.uint8, torch.uint8), (300, np.int64, torch.int16)])
+def test_from_record_keeps_the_narrow_index_dtype(k, stored, kept):
+    """The reader's unsigned indices become the dtype the parameter keeps without an int64 copy in between; the
+    decoded weight is the record's."""
+    from udnc_fx.record import CompressedWeight
+
+    rng = np.random.default_rng(k)
+    indices = rng.integers(0, k, 1000).astype(stored)
+    record = CompressedWeight(indices=indices, codebook=rng.standard_normal((k, 1)).astype(np.float32),
+                              shape=(40, 25), lattice="Z", n=1, step=0.1, key=7)
+    param = DitheredLatticeParam.from_record(record)
+    assert param.indices.dtype == kept
+    assert np.array_equal(param.indices.numpy().astype(np.int64), indices.astype(np.int64))
+    assert torch.equal(param.materialize(), torch.from_numpy(record.decode()))

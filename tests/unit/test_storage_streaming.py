@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import os
-import tracemalloc
 
 import numpy as np
 import pytest
@@ -45,26 +44,16 @@ class WithTables(nn.Module):
         return out
 
 
-def _traced_peak(fn):
-    """``(result, peak traced bytes)`` of ``fn()`` (NumPy arrays and Python objects; torch storage is not traced)."""
-    tracemalloc.start()
-    try:
-        result = fn()
-        return result, tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-
-
 @pytest.fixture(scope="module")
 def compressed():
     model = WithTables().eval()
     return model, udnc_fx.compress(model, udnc_fx.CompressConfig(relative_step=0.25, seed=0))
 
 
-def test_save_holds_one_tensor_at_a_time(compressed, tmp_path):
+def test_save_holds_one_tensor_at_a_time(compressed, tmp_path, traced_peak):
     _, gm = compressed
     path = tmp_path / "m.udnc"
-    size, peak = _traced_peak(lambda: udnc_fx.save(gm, path, progress=False))
+    size, peak = traced_peak(lambda: udnc_fx.save(gm, path, progress=False))
     assert size == path.stat().st_size > TABLES * TABLE_SIZE * 4
     # Holding the payload (let alone joining it into the file's bytes) would cost its whole size; one table and
     # its stored copy are 2 × 256 KiB, the copy buffer 1 MiB (measured: 0.2x the file; before streaming, 3x).
@@ -72,11 +61,11 @@ def test_save_holds_one_tensor_at_a_time(compressed, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["m.udnc"]  # both temporary files are gone
 
 
-def test_load_decodes_one_tensor_at_a_time(compressed, tmp_path):
+def test_load_decodes_one_tensor_at_a_time(compressed, tmp_path, traced_peak):
     model, gm = compressed
     path = tmp_path / "m.udnc"
     size = udnc_fx.save(gm, path, progress=False)
-    loaded, peak = _traced_peak(lambda: udnc_fx.load(path, model, progress=False))
+    loaded, peak = traced_peak(lambda: udnc_fx.load(path, model, progress=False))
     assert peak < 0.5 * size, f"load traced {peak} bytes for a {size}-byte file"
     for name, tensor in gm.state_dict().items():
         if name.startswith("table"):

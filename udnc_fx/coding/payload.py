@@ -534,7 +534,7 @@ def _decode_coords(q: QEntry, data: bytes) -> QuantizedTensor:
     k = codebook_int.shape[0]
     return QuantizedTensor(
         fqn=q.fqn, shape=q.shape, lattice=q.lattice, n=q.n, step=q.step, key=q.key, dither=q.dither,
-        indices=indices.astype(narrow_index_dtype(k)), codebook=None, codebook_int=codebook_int, coder=q.coder,
+        indices=indices.astype(narrow_index_dtype(k), copy=False), codebook=None, codebook_int=codebook_int, coder=q.coder,
         zero_index=zero_index, meta=q.meta, affine=q.affine,
     )
 
