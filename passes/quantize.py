@@ -599,7 +599,8 @@ def _stream_params_on(pool, candidates: list[Candidate], config: CompressConfig,
 
     dlps = []
     items = list(zip(candidates, lats, keys, stds))
-    bar = progress_bar(total=len(items), desc="quantizing", unit="layer", progress=progress if len(items) > 1 else False)
+    shown = progress if len(items) > 1 else False
+    bar = progress_bar(total=len(items), desc="quantizing", unit="layer", progress=shown)
     with bar:
         for (cand, lat, key, std), (q, sig, err) in zip(items, pool.map(quantized, items)):
             dlps.append(_served(q, cand, sig, err, std))

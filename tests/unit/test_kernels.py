@@ -46,7 +46,8 @@ def test_hash_vectors_native(key, expected):
 @pytest.mark.parametrize("key", [0, 1, 0x0123456789ABCDEF, 2**64 - 1, tensor_key(3, "fc.weight")])
 @pytest.mark.parametrize("start,count", [(0, 70_001), (2**32 - 5_000, 5_000), (12_345, 0), (2**31 - 7, 19)])
 def test_hash_and_uniform_native_equal_numpy(key, start, count):
-    assert np.array_equal(hash_stream_np(key, count, start, native=False), hash_stream_np(key, count, start, native=True))
+    ref = hash_stream_np(key, count, start, native=False)
+    assert np.array_equal(ref, hash_stream_np(key, count, start, native=True))
     for dtype in (np.float32, np.float64):
         ref = uniform_np(key, count, start, dtype=dtype, native=False)
         got = uniform_np(key, count, start, dtype=dtype, native=True)
@@ -78,7 +79,8 @@ def test_z_quantize_native_equal_numpy(monkeypatch, n, dtype, chunk):
     rng = np.random.default_rng(n)
     w = (rng.standard_normal((37, 29)) * 0.1).astype(dtype)
     w[:, ::5] = 0  # exact zeros
-    for key, step, exact_zero in ((tensor_key(1, "w"), 0.03, False), (tensor_key(2, "w"), 0.3, True), (None, 0.05, True)):
+    cases = ((tensor_key(1, "w"), 0.03, False), (tensor_key(2, "w"), 0.3, True), (None, 0.05, True))
+    for key, step, exact_zero in cases:
         ref, got = both(monkeypatch, lambda: Q.quantize_array(w, lattice="Z", n=n, step=step, key=key,
                                                                 exact_zero=exact_zero))
         _same_record(ref, got)
