@@ -101,6 +101,12 @@ def _load():
             from . import kernels as module  # noqa: PLC0415
         except ImportError:  # numba is not installed (or not for this Python): NumPy only
             module = None
+        except Exception as exc:  # noqa: BLE001 -- e.g. numba finds no writable cache folder: NumPy, same bits
+            import warnings  # noqa: PLC0415
+
+            warnings.warn(f"udnc_fx: native kernels unavailable ({exc}); using NumPy (same results, slower)",
+                          RuntimeWarning, stacklevel=3)
+            module = None
         _NATIVE.append(module)
     return _NATIVE[0]
 

@@ -225,3 +225,28 @@ def test_quantize_with_sums_falls_back_on_bad_weights(monkeypatch):
         Q.quantize_with_sums(w, lattice="Z", n=1, step=0.1, key=1)
     with pytest.raises(ConfigError, match="step"):
         Q.quantize_with_sums(w[:10], lattice="Z", n=1, step=-1.0, key=1)
+
+
+def test_kernels_that_fail_to_load_fall_back_to_numpy(monkeypatch):
+    import sys
+
+    import udnc_fx
+    import udnc_fx.dither as D
+
+    class Refuse:  # numba's own failures at import, e.g. no writable cache folder, arrive as RuntimeError
+        @staticmethod
+        def find_spec(name, path=None, target=None):
+            if name == "udnc_fx.kernels":
+                raise RuntimeError("cannot cache function: no locator available")
+            return None
+
+    monkeypatch.setattr(D, "_NATIVE", [])
+    monkeypatch.delitem(sys.modules, "udnc_fx.kernels", raising=False)
+    monkeypatch.delattr(udnc_fx, "kernels", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [Refuse, *sys.meta_path])
+    monkeypatch.setenv("UDNC_NATIVE", "1")
+    with pytest.warns(RuntimeWarning, match="native kernels unavailable"):
+        assert D.native(1 << 30) is None
+    w = np.linspace(-1, 1, 999, dtype=np.float32)
+    q = Q.quantize_array(w, lattice="Z", n=1, step=0.1, key=5)  # the NumPy path, no error
+    assert q.indices.size == 999
