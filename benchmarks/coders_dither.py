@@ -13,6 +13,7 @@ same ``dither_codes`` the container computes). Reported per setting:
   same layers' float32 bytes in the same run (a machine-independent yardstick).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/coders_dither.py [--models digits minilm] [--bits 1 1.5 2 3 4]
+        [--coders ans-dither-v2 ans-dither-v1]
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from udnc_fx.coding.coders import empirical_entropy_bits, get_coder
 from udnc_fx.passes.materialize import served_params
 
 # "(no dither)": the same coder without the dither context (row classes still allowed), to isolate the dither's share
-CODERS = ["ans-dither-v1", "ans-dither-v1 (no dither)", "range-adaptive-v1", "range-context-v1"]
+CODERS = ["ans-dither-v2", "ans-dither-v1", "ans-dither-v2 (no dither)", "range-adaptive-v1", "range-context-v1"]
+_ANS = ("ans-dither-v1", "ans-dither-v2")
 
 
 def layers_for(model_name: str, bits: float, lattice: str) -> list[dict]:
@@ -71,7 +73,7 @@ def conditional_entropy_bits(stream: np.ndarray, k: int, context: np.ndarray, co
     return total
 
 
-def measure(layers: list[dict]) -> dict:
+def measure(layers: list[dict], coders: list[str] = CODERS) -> dict:
     weights = sum(layer["numel"] for layer in layers)
     h0 = sum(empirical_entropy_bits(layer["stream"], layer["k"]) for layer in layers)
     h_u = h_p = h_up = 0.0
@@ -92,17 +94,17 @@ def measure(layers: list[dict]) -> dict:
     t_zd = time.perf_counter() - start
     result = {"weights": weights, "h0": h0, "h_u8": h_u, "h_prev": h_p, "h_u8_prev": h_up, "zlib_c": t_zc,
               "zlib_d": t_zd, "coders": {}}
-    for name in CODERS:
+    for name in coders:
         coder = get_coder(name.split()[0])
         size = t_enc = t_dec = 0.0
         for layer in layers:
             s, k = layer["stream"], layer["k"]
             kwargs: dict = {}
             # what the container hands each coder: the dither codes (lazily) and the row length
-            if name == "ans-dither-v1" and layer["key"] is not None:
+            if name in _ANS and layer["key"] is not None:
                 key, count, n = layer["key"], s.size, layer["n"]
                 kwargs = {"context": lambda key=key, count=count, n=n: dither_codes(key, count, n)}
-            if name in ("ans-dither-v1", "ans-dither-v1 (no dither)", "range-context-v1") and layer["row_length"]:
+            if (name.split()[0] in _ANS or name == "range-context-v1") and layer["row_length"]:
                 kwargs["row_length"] = layer["row_length"]
             start = time.perf_counter()
             data = coder.encode(s, k, **kwargs)
@@ -123,6 +125,7 @@ def main(argv=None) -> int:
     parser.add_argument("--models", nargs="*", default=["digits", "minilm"])
     parser.add_argument("--bits", nargs="*", type=float, default=[1.0, 1.5, 2.0, 3.0, 4.0])
     parser.add_argument("--lattices", nargs="*", default=["Z"])
+    parser.add_argument("--coders", nargs="*", default=CODERS, help="a subset of " + ", ".join(CODERS))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     print(f"torch threads 1, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}")
@@ -133,7 +136,7 @@ def main(argv=None) -> int:
                   "| enc / zlib-1 c | dec / zlib-1 d |")
             print("|---|---|---|---|---|---|---|---|---|---|---|")
             for bits in args.bits:
-                r = measure(layers_for(model, bits, lattice))
+                r = measure(layers_for(model, bits, lattice), args.coders)
                 w, h0 = r["weights"], r["h0"]
                 for i, (name, c) in enumerate(r["coders"].items()):
                     lead = (f"| {bits} | {h0 / w:.4f} | {r['h_u8'] / h0:.4f} | {r['h_prev'] / h0:.4f} | "

@@ -3,7 +3,9 @@
 Pipeline per point (``udnc_fx.demo``'s model, split and training recipe): fold BatchNorm into the convolutions,
 magnitude-prune ``sparsity`` of the Conv/Linear weights (``passes/prune.py``, whole vectors, one global ranking;
 with a layer bound, ``prune(max_layer_sparsity=bound)``, no layer loses more than ``bound`` of its weights and the
-rest of the target is taken from the other layers: unbounded, ``fc1`` alone takes 98 % at 0.9 and collapses past it),
+rest of the target is taken from the other layers: unbounded, ``fc1`` alone takes 98 % at 0.9 and collapses past it;
+with ``--prune-steps K``, gradually: ``prune(steps=K, data=TRAIN, ...)`` rises to the sparsity along the cubic schedule
+with ``--prune-step-epochs`` of retraining, same lr and distillation, between steps),
 retrain the kept float weights (``finetune_float``, pruned weights held at 0; with ``--distill-temperature T``
 distilled from the float model: KL of the logits at T plus the task loss), ``compress(..., calibration=TRAIN
 batches)`` with ``exact_zero=True`` (error-compensating dithered rounding and probe allocation, the defaults with
@@ -12,7 +14,8 @@ the one whose compressed model is closest to the float one on the TRAIN calibrat
 seeds i·K ... i·K + K - 1 so that the trial sets of two seeds never overlap), fine-tune the codewords with the
 biases (``finetune``, ``TrainOptions``, the same distillation; the last epoch is kept, never a selection by a
 held-out score), write the ``.udnc`` file with float16 raw tensors and codebooks, load it onto a fresh folded model
-and score that. The target rate is the binary entropy of the sparsity plus ``kept_bits`` per kept weight. Pruning and the retraining do not depend on the dither
+and score that (``--coder``: ``save(coder=...)``, e.g. ``range-context-v1``, whose row-density contexts code the
+pruned layers' zeros in fewer bytes than the default's static tables). The target rate is the binary entropy of the sparsity plus ``kept_bits`` per kept weight. Pruning and the retraining do not depend on the dither
 seed and run once per sparsity; the data order of both trainings is fixed (generator seed 0), so the dither seed is
 the only thing that varies between seeds.
 
@@ -78,6 +81,12 @@ class Recipe:
     #: CompressConfig(seed_trials=K): seed i tries dither seeds i·K ... i·K + K - 1 and keeps the one closest to the
     #: float model on the calibration (TRAIN) batches
     seed_trials: int = 1
+    #: gradual pruning, ``prune(steps=...)``: this many steps along the cubic schedule, ``prune_step_epochs`` of
+    #: retraining (same lr and distillation) between steps, then the ``retrain_epochs`` as after one-shot pruning
+    prune_steps: int = 1
+    prune_step_epochs: int = 6
+    #: ``save(coder=...)``: the index coder of the file (None: the library's default)
+    coder: str | None = None
 
 
 def binary_entropy(p: float) -> float:
@@ -136,11 +145,17 @@ class Pipeline:
         if key not in self._pruned:
             import udnc_fx
             from udnc_fx.demo import evaluate
-            from udnc_fx.passes.finetune import finetune_float
+            from udnc_fx.passes.finetune import TrainOptions, finetune_float
             from udnc_fx.passes.prune import prune
 
+            gradual = {}
+            if self.recipe.prune_steps > 1:
+                gradual = dict(steps=self.recipe.prune_steps, data=_loader(self.data.x_train, self.data.y_train),
+                               loss_fn=F.cross_entropy,
+                               options=TrainOptions(epochs=self.recipe.prune_step_epochs, lr=self.recipe.lr,
+                                                    keep="last", progress=False, **self._distill()))
             source, masks = prune(self.base, sparsity, config=udnc_fx.CompressConfig(exact_zero=True),
-                                  max_layer_sparsity=cap)
+                                  max_layer_sparsity=cap, **gradual)
             finetune_float(source, masks, _loader(self.data.x_train, self.data.y_train), F.cross_entropy,
                            epochs=self.recipe.retrain_epochs, lr=self.recipe.lr, keep="last", progress=False,
                            **self._distill())
@@ -169,7 +184,8 @@ class Pipeline:
         with C.Stopwatch() as ft:
             finetune(gm, _loader(self.data.x_train, self.data.y_train), F.cross_entropy, options=options)
         path = self.tmp / f"pipeline-{sparsity}-{cap}-{kept_bits}-{seed}.udnc"
-        nbytes = udnc_fx.save(gm, path, raw_float_dtype="float16", codebook_float_dtype="float16")
+        coder = {} if self.recipe.coder is None else {"coder": self.recipe.coder}
+        nbytes = udnc_fx.save(gm, path, raw_float_dtype="float16", codebook_float_dtype="float16", **coder)
         acc = evaluate(udnc_fx.load(path, self.fresh), self.data.x_test, self.data.y_test)
         path.unlink()
         chosen = (udnc_fx.inspect(gm).calibration or {}).get("chosen_seed", cfg.seed)
@@ -308,6 +324,42 @@ def report(res: dict, seeds: list[int]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def logit_kl(model, reference, x) -> float:
+    """Mean KL divergence (nats per image) of ``model``'s softmax from ``reference``'s on ``x``."""
+    with torch.no_grad():
+        ref = F.log_softmax(reference.eval()(x), 1)
+        return float(F.kl_div(F.log_softmax(model.eval()(x), 1), ref, log_target=True, reduction="batchmean"))
+
+
+def compare_pruning(task, spec: str, recipe: Recipe) -> str:
+    """The pruned, retrained float model alone (before any quantization), one-shot against gradual pruning at equal
+    and unequal epochs: accuracy and KL to the float model on the validation split (float trained on the rest of
+    TRAIN) and on the test split."""
+    from udnc_fx.demo import train_digits_cnn
+
+    (sparsity, cap), = _candidates([spec])
+    steps = max(recipe.prune_steps, 2)
+    total = recipe.retrain_epochs + (steps - 1) * recipe.prune_step_epochs
+    variants = [(f"one-shot, {recipe.retrain_epochs} epochs", replace(recipe, prune_steps=1)),
+                (f"one-shot, {total} epochs", replace(recipe, prune_steps=1, retrain_epochs=total)),
+                (f"gradual, {steps} steps, {recipe.prune_step_epochs} epochs between, then {recipe.retrain_epochs}",
+                 replace(recipe, prune_steps=steps))]
+    splits = {"validation": validation_split(task.extra["data"]), "test": task.extra["data"]}
+    floats = {"validation": train_digits_cnn(splits["validation"], epochs=recipe.float_epochs, seed=0,
+                                             progress=False),
+              "test": task.float_model}
+    rows = []
+    for name, r in variants:
+        row = [name]
+        for split, data in splits.items():
+            pipe = Pipeline(floats[split], data, r, task.numerator, Path("."))
+            model, acc = pipe.pruned(sparsity, cap)
+            row.append(f"{acc:.2f} % / {logit_kl(model, pipe.base, data.x_test):.4f}")
+        rows.append(row)
+    return C.md_table([f"{_label(sparsity, cap)}, pruned + retrained float", "validation acc / KL to float",
+                       "test acc / KL to float"], rows)
+
+
 def main(argv=None) -> int:
     import peers
 
@@ -319,17 +371,29 @@ def main(argv=None) -> int:
     ap.add_argument("--distill-temperature", type=float, default=0.0,
                     help="distil both trainings from the float model at this temperature (0: task loss only)")
     ap.add_argument("--seed-trials", type=int, default=1, help="CompressConfig(seed_trials=K) for every seed")
+    ap.add_argument("--prune-steps", type=int, default=1,
+                    help="gradual pruning: prune(steps=K) along the cubic schedule, retraining between steps")
+    ap.add_argument("--prune-step-epochs", type=int, default=6, help="retraining epochs between pruning steps")
+    ap.add_argument("--coder", default=None, help="save(coder=...) for the files (default: the library's default)")
     ap.add_argument("--kept-bits", default=None, help="comma-separated ladder of bits per kept weight, fine to coarse "
                     f"(default {','.join(map(str, KEPT_BITS))})")
     ap.add_argument("--test-only", default=None, metavar="SPARSITY[@LAYER_BOUND]:BITS,BITS",
                     help="skip the validation choice: this sparsity at these bits per kept weight on the test split")
+    ap.add_argument("--compare-pruning", default=None, metavar="SPARSITY[@LAYER_BOUND]",
+                    help="only the pruned, retrained float model: one-shot against gradual (--prune-steps, default 5)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     seeds = [int(s) for s in args.seeds.split(",")]
     sparsities = _candidates(args.sparsities.split(",")) if args.sparsities else None
     ladder = [float(b) for b in args.kept_bits.split(",")] if args.kept_bits else None
-    recipe = Recipe(distill_temperature=args.distill_temperature, seed_trials=args.seed_trials)
+    recipe = Recipe(distill_temperature=args.distill_temperature, seed_trials=args.seed_trials,
+                    prune_steps=args.prune_steps, prune_step_epochs=args.prune_step_epochs, coder=args.coder)
     task = peers.digits_task()
+    if args.compare_pruning:
+        if recipe.prune_steps == 1:
+            recipe = replace(recipe, prune_steps=5)
+        print(compare_pruning(task, args.compare_pruning, recipe))
+        return 0
     if args.test_only:
         spec, _, bits = args.test_only.partition(":")
         (sparsity, cap), = _candidates([spec])

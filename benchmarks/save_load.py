@@ -10,7 +10,7 @@ within the same minute or two), times
   ``nncodec_env.py``), when its venv is available (``--nncodec-qp``; skipped with a note otherwise).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/save_load.py [--bits 3.75] [--repeats 3] [--no-nncodec]
-        [--coders ans-dither-v1,range-context-v1] [--workers 1,2]
+        [--coders ans-dither-v2,ans-dither-v1] [--workers 1,2] [--threads 1,2]
 
 With ``--workers 1,2`` every load is timed with each worker count in turn (the rows after the first repeat the
 first's save time).
@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import udnc_fx  # noqa: E402
 
-CODERS = ["ans-dither-v1", "range-context-v1"]
+CODERS = ["ans-dither-v2", "ans-dither-v1"]
 
 
 def main(argv=None) -> int:
@@ -49,9 +49,12 @@ def main(argv=None) -> int:
     parser.add_argument("--coders", default=",".join(CODERS), help="comma-separated index coders to time")
     parser.add_argument("--workers", default="1",
                         help="comma-separated udnc_fx.load worker counts to time (a row each after the first)")
+    parser.add_argument("--threads", default="1",
+                        help="comma-separated udnc_fx.save/load thread counts to time (a row each after the first)")
     args = parser.parse_args(argv)
     coders = [c for c in args.coders.split(",") if c]
     worker_counts = [int(w) for w in args.workers.split(",") if w] or [1]
+    thread_counts = [int(t) for t in args.threads.split(",") if t] or [1]
     torch.set_num_threads(1)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from udnc_fx.hf import drop_pooler, load_minilm, transformer_config
@@ -76,18 +79,19 @@ def main(argv=None) -> int:
             row = rows.setdefault("zlib-1 (float32 bytes)", {"bytes": len(packed), "save": [], "load": []})
             row["save"].append(t1 - t)
             row["load"].append(t2 - t1)
-            for coder in coders:
+            for coder, threads in [(c, t) for c in coders for t in thread_counts]:
                 path = Path(tmp) / f"{coder}.udnc"
                 if path.exists():
                     path.unlink()
                 t = time.perf_counter()
-                size = udnc_fx.save(gm, path, coder=coder, progress=False)
+                size = udnc_fx.save(gm, path, coder=coder, progress=False, threads=threads)
                 save_s = time.perf_counter() - t
                 for i, workers in enumerate(worker_counts):
                     t1 = time.perf_counter()
-                    loaded = udnc_fx.load(path, model, progress=False, workers=workers)
+                    loaded = udnc_fx.load(path, model, progress=False, workers=workers, threads=threads)
                     t2 = time.perf_counter()
-                    name = f"udnc-fx {coder}" + (f" (load workers={workers})" if i else "")
+                    name = (f"udnc-fx {coder}" + (f" threads={threads}" if len(thread_counts) > 1 else "")
+                            + (f" (load workers={workers})" if i else ""))
                     row = rows.setdefault(name, {"bytes": size, "save": [], "load": []})
                     row["save"].append(save_s)
                     row["load"].append(t2 - t1)

@@ -4,14 +4,16 @@ For each source and lattice at one nominal rate (the quantizer, keys and samples
 gap above the Shannon lower bound of:
 
 * ``file``: the real sections the writer produces (default coder ``ans-dither-v1``; no header);
-* ``ideal, file's contexts``: the empirical conditional entropy of the symbols the file codes, with the contexts the
-  file gives them (for ``lattice-coords``: per symbol column, the parity bits the reader knows and the top bits of
-  the 4-bit dither code of the coordinate, i.e. ``floor(16·r_i)`` of the uniform variate ``r_i`` behind it), with
-  no table cost: ``file − ideal`` is the coder's side information (count tables) and overhead;
-* ``order 0``: the same without any context;
-* ``dither bins``: the same with 16 bins of the coordinate's own dither ``u_i`` (what the decoder regenerates) in
-  place of the bins of ``r_i`` (plus the parity bits). For ``Z¹``, ``u = r − round(r)`` and the two coincide; for
-  ``A2``, ``D4`` and ``E8``, ``u = x − Q(x)`` with ``x = r ⊙ box``, which the bins of ``r_i`` only loosely follow.
+* ``ideal, file's contexts``: the empirical conditional entropy of the symbols, per symbol column, with the
+  contexts the writer gives them, with no table cost: ``file − ideal`` is the coder's side information (count
+  tables) and overhead. For ``A2``, ``D4`` and ``E8`` (format 1.4, the ``-u`` layouts): the parity bits the reader
+  knows and the 4-bit bin of the coordinate's own dither ``u_i`` (``lattice_coords.own_dither_codes``, ``A2``'s
+  ``b`` first); for ``Z^n``: the top bits of the hash code ``floor(16·r_i)`` of the uniform variate behind the
+  dither (for ``Z``, ``u = r − round(r)``: the same bins);
+* ``ideal, hash codes (1.2)``: the same with the format 1.2 contexts, the hash codes ``floor(16·r_i)`` in place of
+  the bins of ``u_i`` (for ``A2``, ``D4`` and ``E8``, ``u = x − Q(x)`` with ``x = r ⊙ box`` only loosely follows
+  ``r_i``);
+* ``order 0``: the same without any context.
 
 Empirical conditional entropies are biased low by about ``(contexts · alphabet) / (2 ln 2 · symbols)`` bits per
 symbol (a few thousandths here); the columns are comparable with each other, not exact.
@@ -44,10 +46,12 @@ def entropy_bits(symbols: np.ndarray, context: np.ndarray | None = None) -> floa
     return entropy_bits(context * (int(symbols.max()) + 1) + symbols) - entropy_bits(context)
 
 
-def parity_bits(lattice: str, column: int, symbols: np.ndarray) -> list[np.ndarray]:
+def parity_bits(lattice: str, column: int, symbols: np.ndarray, own: bool = False) -> list[np.ndarray]:
     """The parity bits the reader knows before symbol column ``column`` (docs/FORMAT.md, *lattice-coords*)."""
     from udnc_fx.coding.lattice_coords import zigzag_decode
 
+    if own and lattice == "A2" and column == 1:
+        return [zigzag_decode(symbols[:, 0].astype(np.uint64)) & 1]
     if lattice == "D4" and column == 3:
         return [zigzag_decode(symbols[:, :3].astype(np.uint64)).sum(axis=1) & 1]
     if lattice == "E8" and 1 <= column <= 7:
@@ -64,7 +68,7 @@ def measure(x: np.ndarray, h: float, lattice: str, n: int, rate: float, key: int
     from udnc_fx.coding.format import DEFAULT_MAX_ELEMENTS
     from udnc_fx.coding.payload import encode_quantized
     from udnc_fx.lattice import get_lattice
-    from udnc_fx.quantizer import quantize_array, raw_dither
+    from udnc_fx.quantizer import quantize_array
 
     lat = get_lattice(lattice, n)
     q = quantize_array(x, lattice=lattice, n=n, step=2.0 ** (h - rate), key=key)
@@ -73,27 +77,34 @@ def measure(x: np.ndarray, h: float, lattice: str, n: int, rate: float, key: int
     entry, indices, codebook = encode_quantized(entry_from_record(q, fqn="x"), "float32", DEFAULT_MAX_ELEMENTS)
     points = np.asarray(q.codebook_int)[np.asarray(q.indices)]
     m = points.shape[0]
-    symbols = lc.vector_symbols(lattice, points)
-    columns = lc.dither_columns(lattice, n)
-    codes = dither_codes(key, m * n, 1).reshape(m, n)[:, columns].astype(np.int64)
-    u = raw_dither(key, m, lat)[:, columns]
-    u_bins = np.clip(((u - u.min(axis=0)) / (np.ptp(u, axis=0) + 1e-300) * 16).astype(np.int64), 0, 15)
-    order0 = file_ctx = dither = 0.0
-    for i in range(symbols.shape[1]):
-        col = symbols[:, i]
-        bits = parity_bits(lattice, i, symbols)
-        order0 += entropy_bits(col)
-        ctx = codes[:, i] >> len(bits)  # the file's context: parity bits on top of the dither code's top bits
-        ctx_u = u_bins[:, i]
-        for b in bits:
-            ctx = ctx * 2 + b
-            ctx_u = ctx_u * 2 + b
-        file_ctx += entropy_bits(col, ctx)
-        dither += entropy_bits(col, ctx_u)
+    own = lattice in lc.OWN_DITHER_LATTICES  # the writer's -u layouts (ans-dither-v1, hash dither)
+    order0 = file_ctx = hashed = 0.0
+    for rule in (False, True) if own else (False,):
+        symbols = lc.vector_symbols(lattice, points, rule)
+        columns = lc.dither_columns(lattice, n, rule)
+        if rule:
+            codes = lc.own_dither_codes(key, m, lattice, n)[:, columns].astype(np.int64)
+        else:
+            codes = dither_codes(key, m * n, 1).reshape(m, n)[:, columns].astype(np.int64)
+        total = 0.0
+        for i in range(symbols.shape[1]):
+            col = symbols[:, i]
+            bits = parity_bits(lattice, i, symbols, rule)
+            if not rule:
+                order0 += entropy_bits(col)
+            ctx = codes[:, i] >> len(bits)  # the file's context: parity bits on top of the dither code's top bits
+            for b in bits:
+                ctx = ctx * 2 + b
+            total += entropy_bits(col, ctx)
+        if rule or not own:
+            file_ctx = total
+        if not rule:
+            hashed = total
     count = x.size
     return {"lattice": lat.label, "loss": theory.space_filling_loss(lat.G), "encoding": entry["codebook"]["encoding"],
+            "layout": entry["codebook"].get("layout", ""),
             "file": 8 * (len(indices) + len(codebook)) / count - slb, "file_ctx": file_ctx / count - slb,
-            "order0": order0 / count - slb, "dither": dither / count - slb,
+            "order0": order0 / count - slb, "hashed": hashed / count - slb,
             "low_rate": 0.5 * math.log2(1 + distortion)}
 
 
@@ -105,9 +116,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     print(f"Gap above the Shannon lower bound, bits per sample, at {args.rate:g} bits nominal, {args.samples:,} samples "
           "(keys and samples as theory.py)\n")
-    print("| source | lattice | space-filling loss | ½·log2(1+D) | file | ideal, file's contexts | order 0 "
-          "| dither bins | encoding |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| source | lattice | space-filling loss | ½·log2(1+D) | file | file − loss | ideal, file's contexts "
+          "| ideal, hash codes (1.2) | order 0 | encoding |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for source in args.sources.split(","):
         si = theory.SOURCES.index(source)
         h = theory.differential_entropy_bits(source)
@@ -115,8 +126,10 @@ def main(argv=None) -> int:
         for lattice, n in theory.LATTICES:
             key = 0x5EED0000 + 97 * si + 7 * n + int(args.rate * 10)
             r = measure(x, h, lattice, n, args.rate, key)
+            enc = r["encoding"] + (f" {r['layout']}" if r["layout"] else "")
             print(f"| {source} | {r['lattice']} | {r['loss']:.3f} | {r['low_rate']:.3f} | {r['file']:.3f} | "
-                  f"{r['file_ctx']:.3f} | {r['order0']:.3f} | {r['dither']:.3f} | {r['encoding']} |", flush=True)
+                  f"{r['file'] - r['loss']:+.3f} | {r['file_ctx']:.3f} | {r['hashed']:.3f} | {r['order0']:.3f} | "
+                  f"{enc} |", flush=True)
     return 0
 
 

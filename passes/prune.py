@@ -15,23 +15,35 @@ point 0, and with ``CompressConfig(exact_zero=True)`` it decodes to exactly 0 wi
 then cost one symbol of the index stream and need no separate mask. The paper's pipeline is
 ``prune`` → :func:`~udnc_fx.passes.finetune.finetune_float` (retrain the kept weights) → ``compress`` →
 :func:`~udnc_fx.passes.finetune.finetune` (fine-tune the codewords).
+
+Gradual pruning (``prune(model, 0.9, steps=5, data=loader, loss_fn=F.cross_entropy, options=...)``): the sparsity
+rises along the cubic schedule of Zhu & Gupta (2017, "To prune, or not to prune"),
+``s_i = s + (s_0 - s)(1 - i/steps)^3`` for ``i = 1 … steps``, and the kept weights are retrained
+(:func:`~udnc_fx.passes.finetune.finetune_float`) after every step but the last; a vector pruned once stays pruned.
+The many small steps early and the few late ones let the network move its weight onto the vectors it keeps before
+the last ones go: on the demo CNN at 0.9 (layer bound 0.95), 5 steps with 6 epochs between them and 30 after leave
+the pruned float model at half the KL to the float model of one-shot pruning retrained for the same 54 epochs (test
+split: 0.0067 against 0.0132; ``benchmarks/digits_pipeline.py --distill-temperature 2 --compare-pruning 0.9@0.95``).
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import fx, nn
 
 from ..config import CompressConfig
 from ..errors import ConfigError, PassError, UnsupportedModelError
+from .finetune import finetune_float
 from .select import Candidate, refuse_non_float32, select_weights
+from .train import TrainOptions
 from .trace import prepare
 
-__all__ = ["prune", "mask_sparsity", "check_sparsity"]
+__all__ = ["prune", "mask_sparsity", "check_sparsity", "sparsity_schedule"]
 
 _SCOPES = ("global", "layer")
 
@@ -128,6 +140,23 @@ def _how_many(elems_sorted: torch.Tensor, target: float) -> int:
     return int((cum - target).abs().argmin())
 
 
+def sparsity_schedule(sparsity: float, steps: int, initial_sparsity: float = 0.0) -> list[float]:
+    """The sparsity after each of ``steps`` pruning steps: Zhu & Gupta's cubic schedule
+    ``s_i = s + (s_0 - s)(1 - i/steps)^3``, ``i = 1 … steps`` (large steps first, the last one ends at ``sparsity``).
+
+    Raises:
+        ConfigError: a bad sparsity, ``steps`` not a positive integer, or ``initial_sparsity`` outside
+            ``[0, sparsity]``.
+    """
+    sparsity = check_sparsity(sparsity)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f"steps must be a positive integer (the number of pruning steps), got {steps!r}")
+    s0 = check_sparsity(initial_sparsity)
+    if s0 > sparsity:
+        raise ConfigError(f"initial_sparsity must be in [0, sparsity={sparsity}], got {initial_sparsity!r}")
+    return [sparsity + (s0 - sparsity) * (1.0 - i / steps) ** 3 for i in range(1, steps + 1)]
+
+
 def prune(
     model: nn.Module,
     sparsity: float,
@@ -136,6 +165,11 @@ def prune(
     config: CompressConfig | None = None,
     n: int | None = None,
     max_layer_sparsity: float | Mapping[str, float] | None = None,
+    steps: int = 1,
+    data: Iterable | None = None,
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+    options: TrainOptions | None = None,
+    initial_sparsity: float = 0.0,
 ) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """Magnitude-prune the weights ``compress(model, config)`` would quantize, to ``sparsity``, in whole n-vectors.
 
@@ -154,6 +188,17 @@ def prune(
             the other layers instead, so the total stays ``sparsity`` (global magnitude pruning otherwise empties
             the largest layer first: on the demo CNN at 0.9, ``fc1`` loses 98 %); with ``scope="layer"`` each
             layer is pruned to ``min(sparsity, bound)``.
+        steps: gradual pruning: prune in this many steps along :func:`sparsity_schedule` (cubic, from
+            ``initial_sparsity`` to ``sparsity``) and retrain the kept weights with
+            :func:`~udnc_fx.passes.finetune.finetune_float` on ``data`` after every step but the last (``steps - 1``
+            retrainings; retrain the result once more before compressing, as after one-shot pruning). Each step
+            ranks the vectors by their magnitude after the retraining before it; a vector pruned once stays
+            pruned. 1 (default): one-shot pruning, no training.
+        data, loss_fn, options: the retraining between steps, as for ``finetune_float`` (``data``: a re-iterable
+            of ``(inputs, targets)`` batches; ``options``: a :class:`~udnc_fx.TrainOptions`, e.g. its ``epochs``
+            per step, ``lr``, ``teacher`` to distil from). Only with ``steps > 1``.
+        initial_sparsity: the schedule's start ``s_0`` (its first step prunes to more than this), in
+            ``[0, sparsity]``.
 
     Returns:
         ``(pruned, masks)``: the pruned deep copy, and ``{parameter fqn: bool tensor of the weight's shape}`` with
@@ -163,12 +208,25 @@ def prune(
     Raises:
         ConfigError: ``model`` is not an ``nn.Module``, sparsity outside ``[0, 1)``, an unknown scope, a bad ``n``,
             NaN/Inf weights, a ``max_layer_sparsity`` bound outside ``[0, 1]`` or naming no selected weight, or
-            bounds so tight that ``sparsity`` cannot be reached.
-        PassError: no weight is selected (nothing to prune, e.g. an already compressed model).
+            bounds so tight that ``sparsity`` cannot be reached; a bad ``steps`` or ``initial_sparsity``,
+            ``steps > 1`` without ``data`` or without a loss (``loss_fn`` or ``options.teacher``), or ``data``,
+            ``loss_fn`` or ``options`` with ``steps == 1``; as for ``finetune_float`` (bad data, options).
+        PassError: no weight is selected (nothing to prune, e.g. an already compressed model); as for
+            ``finetune_float`` (a non-finite loss).
         UnsupportedModelError: torch.fx cannot trace ``model`` and ``config.fallback == "error"`` (as
             :func:`udnc_fx.compress` would refuse it).
     """
     sparsity = check_sparsity(sparsity)
+    schedule = sparsity_schedule(sparsity, steps, initial_sparsity)
+    if steps == 1 and (data is not None or loss_fn is not None or options is not None):
+        raise ConfigError("data, loss_fn and options are the retraining between pruning steps: give steps > 1")
+    if steps > 1:
+        if data is None:
+            raise ConfigError(f"steps={steps} retrains between pruning steps: give data (and loss_fn or a teacher)")
+        if options is not None and not isinstance(options, TrainOptions):
+            raise ConfigError(f"options must be a TrainOptions, got {type(options).__name__}")
+        if loss_fn is None and (options is None or options.teacher is None):
+            raise ConfigError("give a loss_fn(outputs, targets), or options with a teacher model to distil from")
     if scope not in _SCOPES:
         raise ConfigError(f"scope must be 'global' or 'layer', got {scope!r}")
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
@@ -187,18 +245,39 @@ def prune(
             "prune() found no weights to prune: no Conv/Linear weight is selected by this config "
             "(is the model already compressed?)"
         )
+    candidates = [cand for cand in candidates if cand.param.numel()]
+    caps = _check_caps(max_layer_sparsity, [cand.fqn for cand in candidates])
+    masks: dict[str, torch.Tensor] | None = None
+    for i, target in enumerate(schedule):
+        if i:
+            finetune_float(work, masks, data, loss_fn, options=options)
+        masks = _prune_step(candidates, target, scope, n, caps, max_layer_sparsity is not None, masks)
+    return work, masks
+
+
+def _prune_step(
+    candidates: list[Candidate],
+    sparsity: float,
+    scope: str,
+    n: int | None,
+    caps: list[float],
+    bounded: bool,
+    previous: dict[str, torch.Tensor] | None,
+) -> dict[str, torch.Tensor]:
+    """Zero the smallest vectors of ``candidates`` in place to ``sparsity``; vectors ``previous`` pruned rank below
+    every other (so they stay pruned: the schedule only rises, and a bound held before holds again)."""
     layers = []
     for cand in candidates:
         p = cand.param
-        if p.numel() == 0:
-            continue
         if not torch.isfinite(p.detach()).all():
             raise ConfigError(f"layer {cand.fqn} has NaN/Inf weights: fix the model before pruning")
         vec_n = n if n is not None else cand.n
         scores, elems = _vector_scores(p, vec_n)
+        if previous is not None:
+            kept = _vector_scores(previous[cand.fqn].to(torch.float64), vec_n)[0] > 0
+            scores = torch.where(kept, scores, torch.full_like(scores, -1.0))
         layers.append((cand, vec_n, scores, elems))
 
-    caps = _check_caps(max_layer_sparsity, [cand.fqn for cand, *_ in layers])
     numels = [cand.param.numel() for cand, *_ in layers]
     pruned_vectors: list[torch.Tensor] = []
     if scope == "layer":
@@ -214,7 +293,7 @@ def prune(
         owner = torch.cat([torch.full((s.numel(),), i, dtype=torch.int64) for i, (_, _, s, _) in enumerate(layers)])
         local = torch.cat([torch.arange(s.numel()) for _, _, s, _ in layers])
         target = sparsity * float(elems.sum())
-        if max_layer_sparsity is None:
+        if not bounded:
             order = torch.argsort(scores, stable=True)
             chosen = order[: _how_many(elems[order], target)]
         else:
@@ -237,7 +316,7 @@ def prune(
             mask = keep.repeat_interleave(vec_n)[: p.numel()].view(p.shape).to(p.device)
             p.masked_fill_(~mask, 0.0)
             masks[cand.fqn] = mask
-    return work, masks
+    return masks
 
 
 def mask_sparsity(masks: Mapping[str, torch.Tensor]) -> float:

@@ -492,7 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "|y - y_hat|^2 / |y|^2 on --calibration stays <= this")
     comp.add_argument("--plot", metavar="PNG", help="with --max-loss: draw the explored rate-quality curve")
     comp.add_argument("--coder", default=None,
-                      help="index coder (default ans-dither-v1, static ANS conditioned on the dither; see "
+                      help="index coder (default ans-dither-v2, static rANS conditioned on the dither; see "
                            "udnc_fx.coding.available_coders)")
     comp.add_argument("--raw-dtype", choices=["float32", "float16"], default="float32",
                       help="storage of uncompressed tensors (biases, norms)")
@@ -522,7 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="for a folder with config.json: how a model torch.fx cannot trace is handled (as compress)")
     ckp.add_argument("--leaf-module", action="append", metavar="CLASS",
                      help="a module class name the tracer keeps whole (repeatable)")
-    ckp.add_argument("--coder", default=None, help="index coder (default ans-dither-v1)")
+    ckp.add_argument("--coder", default=None, help="index coder (default ans-dither-v2)")
     ckp.add_argument("--raw-dtype", choices=["float32", "float16"], default="float32",
                      help="storage of uncompressed tensors (biases, norms)")
     ckp.add_argument("--quiet", action="store_true", help="only errors, notes and the final line; no progress bars")

@@ -150,7 +150,7 @@ def rate_bits_of_points(
     ``Z¹``: the order-0 entropy ``H(k)`` of the indices (the file's index stream is usually a little smaller: the
     default coder conditions on the dither and on row density).
 
-    Vector lattices (``n > 1``): what the default coder (``ans-dither-v1``) writes for the tensor's two sections,
+    Vector lattices (``n > 1``): what the default coder (``ans-dither-v2``) writes for the tensor's two sections,
     following the writer's choice between indices plus a table of points and table-free ``lattice-coords``
     (:func:`udnc_fx.coding.payload.estimate_points_bits`): per-stream count tables, dither contexts (``key``: the
     tensor's dither key, ``None`` for none) and row classes (``shape``: the weight's shape) included; the tensor's

@@ -35,7 +35,7 @@ from .record_store import compression_record, set_record
 
 __all__ = ["save", "load", "read_header", "size_report", "round_for_storage", "stored_config", "SAVE_CODER"]
 
-#: The index coder ``save`` uses by default: the one default of ``udnc_fx.coding`` (``ans-dither-v1``: static ANS
+#: The index coder ``save`` uses by default: the one default of ``udnc_fx.coding`` (``ans-dither-v2``: static rANS
 #: with per-dither-bin tables), the same as ``QuantizedTensor``'s and the ONNX sidecar's.
 SAVE_CODER = DEFAULT_CODER
 #: Config fields ``load`` needs to rebuild the model (how to trace it); ``save`` stores only these by default.
@@ -84,6 +84,7 @@ def save(
     full_config: bool = False,
     metadata: dict[str, Any] | None = None,
     progress: bool | None = None,
+    threads: int = 1,
 ) -> int:
     """Write a compressed model (from :func:`udnc_fx.compress`, possibly fine-tuned) to a ``.udnc`` container.
 
@@ -98,6 +99,8 @@ def save(
     only the fields :func:`load` uses (``leaf_modules``, ``fallback``) are stored, when not at their defaults;
     ``full_config=True`` stores the whole config (its non-default fields), about 50-100 bytes more.
     ``progress`` draws a bar over the coded weights: ``None`` (default) on a terminal only, ``False`` never.
+    ``threads``: tensors coded side by side (the default coder's kernels release the GIL; at most ``threads``
+    tensors in flight); the file's bytes are the same for every count.
 
     ``metadata`` is a JSON object stored as is in the container's free-form ``metadata`` section (e.g. a Hugging
     Face config from :func:`udnc_fx.hf_io.hf_metadata`, which ``udnc compress`` stores for checkpoint directories);
@@ -127,7 +130,7 @@ def save(
     )
     return write_container(
         Path(path), container, raw_float_dtype=raw_float_dtype, codebook_float_dtype=codebook_float_dtype,
-        progress=progress,
+        progress=progress, threads=threads,
     )
 
 
@@ -304,7 +307,7 @@ def _refuse_onnx_sidecar(header: dict, path: str | Path) -> None:
 
 
 def load(
-    path: str | Path, model: nn.Module, *, progress: bool | None = None, workers: int = 1
+    path: str | Path, model: nn.Module, *, progress: bool | None = None, workers: int = 1, threads: int = 1
 ) -> nn.Module:
     """Rebuild the compressed model saved at ``path`` on ``model`` (an uncompressed model of the same
     architecture; it is deep-copied, never changed). Decoded weights equal the saved ones bit for bit.
@@ -312,7 +315,8 @@ def load(
     ``workers``: processes decoding the index streams side by side (forked, at most one tensor each in flight;
     POSIX only); ``1`` (default) decodes in this process. The loaded model is the same, bit for bit, for every
     count. Workers pay only with idle cores: on a busy 2-core machine (load 5.4) 2 workers loaded MiniLM 0.83x
-    as fast as 1.
+    as fast as 1. ``threads``: threads decoding the index streams side by side (with ``workers == 1``; the default
+    coder's kernels release the GIL), the same model for every count.
 
     Raises:
         ConfigError: ``workers`` is not an integer in [1, 256].
@@ -351,6 +355,7 @@ def load(
         check_header=check,
         progress=progress,
         workers=workers,
+        threads=threads,
     )
     dlps, candidates = [], []
     device = None

@@ -74,6 +74,31 @@ def test_digits_pipeline_smoke(tmp_path, monkeypatch):
     assert "robust best on test" in text and "Validation (252 images" in text
 
 
+@pytest.mark.slow
+def test_digits_pipeline_gradual_pruning_and_coder(tmp_path, monkeypatch):
+    """--prune-steps prunes gradually through prune(steps=...) (the masks hit the sparsity and its layer bound), and
+    --coder reaches save(coder=...)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import digits_pipeline
+    import udnc_fx
+    from udnc_fx.demo import load_digits_split, train_digits_cnn
+
+    data = load_digits_split()
+    model = train_digits_cnn(data, epochs=2, seed=0, progress=False)
+    recipe = digits_pipeline.Recipe(retrain_epochs=1, finetune_epochs=1, prune_steps=3, prune_step_epochs=1,
+                                    coder="range-context-v1")
+    pipe = digits_pipeline.Pipeline(model, data, recipe, 153_896, tmp_path)
+    source, _ = pipe.pruned(0.9, 0.95)
+    weights = [m.weight for m in (source.conv1, source.conv2, source.fc1, source.fc2)]
+    zero = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+    assert zero == pytest.approx(0.9, abs=2e-3) and max(float((w == 0).float().mean()) for w in weights) <= 0.95
+    coders = []
+    real_save = udnc_fx.save
+    monkeypatch.setattr(udnc_fx, "save", lambda *a, **k: coders.append(k.get("coder")) or real_save(*a, **k))
+    row = pipe.run_seed(0.9, 1.0, 0, 0.95)
+    assert coders == ["range-context-v1"] and row["bytes"] > 0
+
+
 def test_pipeline_target_bits(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCH))
     import digits_pipeline
@@ -93,8 +118,8 @@ def test_pipeline_candidates_parse_sparsity_and_layer_bound(monkeypatch):
 
 @pytest.mark.slow
 def test_theory_gap_smoke(monkeypatch):
-    """The gap breakdown: the file costs at least the ideal rate of its own contexts (its tables cost bits), and for
-    Z¹ bins of the dither are bins of the hash variate (u = r − round(r)), so the two contexts agree."""
+    """The gap breakdown: the file costs at least the ideal rate of its own contexts (its tables cost bits); for Z¹
+    the file's contexts are the hash codes, for E8 bins of each coordinate's own dither, which beat the hash codes."""
     monkeypatch.syspath_prepend(str(BENCH))
     import theory
     import theory_gap
@@ -105,4 +130,5 @@ def test_theory_gap_smoke(monkeypatch):
     for r in rows.values():
         assert r["file"] >= r["file_ctx"] - 0.005
         assert r["order0"] >= r["file_ctx"] - 1e-9  # a context never raises the empirical entropy
-    assert rows[1]["dither"] == pytest.approx(rows[1]["file_ctx"], abs=0.01)
+    assert rows[1]["hashed"] == rows[1]["file_ctx"]
+    assert rows[8]["hashed"] > rows[8]["file_ctx"] and rows[8]["layout"].endswith("-u")

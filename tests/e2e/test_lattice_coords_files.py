@@ -29,6 +29,9 @@ def test_save_load_bit_exact_with_coordinates(tmp_path, lattice, n, exact_zero):
     encodings = {q["codebook"]["encoding"] for q in read_header(path)["quantized"]}
     if n > 1:  # at 4 bits/weight the vector lattices' points are (nearly) all distinct: no table in the file
         assert "lattice-coords" in encodings
+    layouts = {q["codebook"].get("layout") for q in read_header(path)["quantized"]} - {None}
+    # A2, D4, E8 (ans-dither-v1, hash dither): contexts from each coordinate's own dither (format 1.4)
+    assert all(lay.endswith("-u") for lay in layouts) if lattice != "Z" else not any(l.endswith("-u") for l in layouts)
     back = udnc_fx.load(path, DigitsCNN().eval())
     saved = {d.fqn: d for d in served_params(gm)}
     for d in served_params(back):
@@ -48,7 +51,9 @@ def test_onnx_sidecar_with_coordinates_decodes_bit_exact(tmp_path, lattice, n):
     gm = _compress(lattice, n)
     x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(2))
     result = to_onnx(gm, (x,), tmp_path / "m.onnx", sidecar=True)
-    assert "lattice-coords" in {q["codebook"]["encoding"] for q in read_header(result.sidecar_path)["quantized"]}
+    entries = read_header(result.sidecar_path)["quantized"]
+    assert "lattice-coords" in {q["codebook"]["encoding"] for q in entries}
+    assert any(q["codebook"].get("layout", "").endswith("-u") for q in entries)  # format 1.4 contexts
     decoded = prepare_model(tmp_path / "m.onnx", decode="numpy")
     inits = {i.name: numpy_helper.to_array(i) for i in decoded.graph.initializer}
     for d in served_params(gm):

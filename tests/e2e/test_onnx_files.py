@@ -410,7 +410,7 @@ def test_external_data_initializer_is_refused(models, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("package", ["constriction", "onnxruntime", "onnx"])
+@pytest.mark.parametrize("package", ["numba", "onnxruntime", "onnx"])  # numba: the default coder's kernels
 def test_missing_package_is_an_import_error_naming_it(pair, monkeypatch, package):
     monkeypatch.setitem(sys.modules, package, None)  # `import package` now raises ImportError
     with pytest.raises(ImportError) as info:

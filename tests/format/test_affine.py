@@ -63,7 +63,14 @@ def test_the_rule_is_two_float32_operations_in_order():
 def test_exact_round_trip_for_every_lattice(lattice, n, shape, prune):
     rec = _record(lattice, n, shape, prune=prune)
     data, back = _roundtrip(rec)
-    assert struct.unpack_from("<H", data, 10)[0] == 3  # an affine codebook makes the file 1.3
+    entry = read_header(data)["quantized"][0]
+    # an affine codebook makes the file 1.3; flat in a -dither lattice-coords entry (A2, D4, E8), 1.4; and 1.4
+    # whenever a stream uses ans-dither-v2 (the default coder)
+    flat = entry["codebook"].get("layout") in ("interleaved-u", "split-u", "grouped-u")
+    assert flat is (lattice != "Z" and shape == (16, 64))
+    assert struct.unpack_from("<H", data, 10)[0] == (4 if flat or b"ans-dither-v2" in data else 3)
+    stored = _stored_codebook(data)
+    assert (stored.get("encoding") == "affine") is not flat and (stored.get("affine") is not None) is flat
     assert back.affine == rec.affine
     assert np.array_equal(back.codebook_int, rec.codebook_int) and np.array_equal(back.indices, rec.indices)
     assert _bits(back.codebook) == _bits(rec.codebook)
@@ -76,11 +83,35 @@ def test_exact_round_trip_for_every_lattice(lattice, n, shape, prune):
     assert entry["codebook"]["affine"] == [1.0625, -0.001]  # the shortest decimals, resolved as stored
 
 
-def test_without_a_correction_the_file_is_unchanged():
-    rec = _record("E8", 8, affine=None)
+def _stored_codebook(data: bytes) -> dict:
+    """The codebook object as the file stores it (compact form)."""
+    h = struct.unpack_from("<I", data, 12)[0]
+    return json.loads(data[PREAMBLE_SIZE : PREAMBLE_SIZE + h])["quantized"][0].get("codebook", {})
+
+
+@pytest.mark.parametrize("lattice,n", LATTICES)
+def test_without_a_correction_the_file_is_unchanged(lattice, n):
+    rec = _record(lattice, n, affine=None)
     data, back = _roundtrip(rec)
-    assert struct.unpack_from("<H", data, 10)[0] == 2 and back.affine is None
-    assert b"affine" not in data
+    # Z: the version its coder needs (1.1 or 1.2; 1.4 for ans-dither-v2, the default); A2, D4, E8: 1.4 for their
+    # -u coordinates, not for a correction
+    v2 = b"ans-dither-v2" in data
+    assert struct.unpack_from("<H", data, 10)[0] == (4 if v2 or lattice != "Z" else 2 if n > 1 else 1)
+    assert back.affine is None and b"affine" not in data
+
+
+def test_the_flat_correction_is_at_least_25_bytes_smaller_than_the_wrapper():
+    """Format 1.4 stores ``[a, b]`` flat in a -dither lattice-coords entry; the 1.3 wrapper re-nests the points."""
+    from udnc_fx.coding.header import compact_codebook
+
+    def size(cb):
+        return len(json.dumps(compact_codebook(cb), separators=(",", ":")))
+
+    cb = {"encoding": "lattice-coords", "layout": "split-u", "exact_zero": False, "length": 0}
+    ab = {"affine": [1.0123457, -0.0012345]}
+    flat = size({**cb, **ab}) - size(cb)  # what the correction adds to the entry
+    wrapped = size({**cb, **ab, "layout": "split"}) - size({**cb, "layout": "split"})
+    assert wrapped - flat >= 25 and flat <= 32, (wrapped, flat)
 
 
 @settings(max_examples=30, deadline=None)

@@ -1,4 +1,4 @@
-"""The container with the dither-conditioned coder (format 1.1): every lattice round-trips bit-exact, the version
+"""The container with the dither-conditioned coders (format 1.1, v2 1.4): every lattice round-trips bit-exact, the version
 written is the lowest that reads the file, a golden file pins the 1.1 bytes, and damaged 1.1 files raise FormatError."""
 
 from __future__ import annotations
@@ -47,16 +47,21 @@ def minor_version(data: bytes) -> int:
 @pytest.mark.parametrize("lattice,n", LATTICES)
 @pytest.mark.parametrize("exact_zero", [False, True])
 @pytest.mark.parametrize("step", [2.0, 0.3])
-def test_every_lattice_round_trips_bit_exact(lattice, n, exact_zero, step):
-    q = quantized("layer.weight", lattice, n, step, exact_zero=exact_zero)
+@pytest.mark.parametrize("coder", ["ans-dither-v1", "ans-dither-v2"])
+def test_every_lattice_round_trips_bit_exact(lattice, n, exact_zero, step, coder):
+    q = quantized("layer.weight", lattice, n, step, exact_zero=exact_zero, coder=coder)
     data = encode_container(Container([q], [RawTensor("b", np.ones(3, np.float32))]))
     assert encode_container(Container([q], [RawTensor("b", np.ones(3, np.float32))])) == data
-    # 1.2 exactly when the points are stored as coordinates (lattice-coords), else 1.1 (the ans-dither-v1 coder)
-    coords = read_header(data)["quantized"][0]["codebook"]["encoding"] == "lattice-coords"
-    assert minor_version(data) == (2 if coords else 1)
+    # 1.2 exactly when the points are stored as coordinates (lattice-coords), 1.4 in the -u layouts (A2, D4, E8:
+    # contexts from each coordinate's own dither), else 1.1 (the ans-dither-v1 coder); ans-dither-v2: always 1.4
+    codebook = read_header(data)["quantized"][0]["codebook"]
+    coords = codebook["encoding"] == "lattice-coords"
+    own = coords and codebook["layout"].endswith("-u")
+    assert own is (coords and lattice in ("A2", "D4", "E8"))
+    assert minor_version(data) == (4 if own or coder == "ans-dither-v2" else 2 if coords else 1)
     back = decode_container(data).quantized[0]
     np.testing.assert_array_equal(back.indices, q.indices)
-    assert back.coder == "ans-dither-v1" and back.zero_index == q.zero_index
+    assert back.coder == coder and back.zero_index == q.zero_index
 
 
 def test_conditioning_pays_at_low_rate_and_costs_nothing_at_high_rate():
@@ -99,8 +104,9 @@ def test_undithered_tensors_are_coded_without_bins():
     np.testing.assert_array_equal(decode_container(data).quantized[0].indices, q.indices)
 
 
-def test_damaged_1_1_files_raise_format_error():
-    data = bytearray(encode_container(Container([quantized("w", "Z", 1, 2.5)])))
+@pytest.mark.parametrize("coder", ["ans-dither-v1", "ans-dither-v2"])
+def test_damaged_files_raise_format_error(coder):
+    data = bytearray(encode_container(Container([quantized("w", "Z", 1, 2.5, coder=coder)])))
     for cut in (len(data) - 1, len(data) // 2, 100):
         with pytest.raises(FormatError):
             decode_container(bytes(data[:cut]))
@@ -117,7 +123,7 @@ def test_damaged_1_1_files_raise_format_error():
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def golden_1_1() -> Container:
+def golden_1_1(coder: str = "ans-dither-v1") -> Container:
     """4096 indices of a dithered Z¹ quantizer (key 1, step 1) on uniform data from the dither hash itself (key 2):
     integer hashing and exact float64 arithmetic only, so the same on every platform."""
     v = uniform_np(2, 4096) * 3.0 - 1.5
@@ -126,7 +132,7 @@ def golden_1_1() -> Container:
     q = QuantizedTensor(
         fqn="w", shape=(64, 64), lattice="Z", n=1, step=1.0, key=1, dither="udnc-hash32-v1",
         indices=y - y.min(), codebook=None, codebook_int=np.arange(y.min(), y.max() + 1)[:, None],
-        coder="ans-dither-v1",
+        coder=coder,
     )
     return Container([q], [], {}, {})
 
@@ -145,10 +151,25 @@ def test_golden_1_1_bytes():
     np.testing.assert_array_equal(decode_container(data).quantized[0].indices, golden_1_1().quantized[0].indices)
 
 
+# Golden file, format 1.4: the same tensor coded with ans-dither-v2 (docs/FORMAT.md, ``ans-dither-v2``)
+GOLDEN_1_4 = "1236:c550bf318894c9818da5e891060b72c4e106ebb7f75301a41f96f911b4a57ac5"
+
+
+def test_golden_1_4_bytes():
+    data = encode_container(golden_1_1("ans-dither-v2"))
+    assert minor_version(data) == 4
+    header = read_header(data)
+    payload_start = len(data) - header["payload_length"]
+    assert header["quantized"][0]["indices"]["coder"] == "ans-dither-v2" and data[payload_start] > 0  # dither bins
+    assert f"{len(data)}:{hashlib.sha256(data).hexdigest()}" == GOLDEN_1_4
+    np.testing.assert_array_equal(decode_container(data).quantized[0].indices, golden_1_1().quantized[0].indices)
+
+
+@pytest.mark.parametrize("coder", ["ans-dither-v1", "ans-dither-v2"])
 @pytest.mark.parametrize("step", [0.3, 0.002])  # K <= 256 (uint8) and K > 256 (uint16)
-def test_indices_decode_straight_into_the_narrow_dtype(step):
-    """The reader asks ans-dither-v1 for the narrow dtype it keeps (no int64 copy): same values as written."""
-    q = quantized("w", "Z", 1, step, shape=(300, 250))
+def test_indices_decode_straight_into_the_narrow_dtype(step, coder):
+    """The reader asks the ANS coders for the narrow dtype it keeps (no int64 copy): same values as written."""
+    q = quantized("w", "Z", 1, step, shape=(300, 250), coder=coder)
     back = decode_container(encode_container(Container([q]))).quantized[0]
     k = int(q.indices.max()) + 1
     assert back.indices.dtype == (np.uint8 if k <= 256 else np.uint16)

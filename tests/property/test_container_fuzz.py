@@ -110,11 +110,27 @@ def _build(coders: list[str], *, lattice_int: bool, seed: int, affine: bool = Fa
     return encode_container(container, **options)
 
 
+def _build_u(seed: int) -> bytes:
+    """Format 1.4: heavy-tailed A2/D4/E8 weights under ans-dither-v1, coded in the -u layouts (contexts from each
+    coordinate's own dither, grouped streams, escape thresholds), one with a flat affine correction."""
+    rng = np.random.default_rng(seed)
+    quantized = []
+    for i, (lattice, n, shape) in enumerate((("A2", 2, (8, 64)), ("D4", 4, (12, 64)), ("E8", 8, (16, 64)))):
+        qa = quantize_array(rng.standard_t(3, shape), lattice=lattice, n=n, step=0.08, key=40 + i)
+        quantized.append(QuantizedTensor(
+            f"l{i}.weight", shape, lattice, n, 0.08, 40 + i, "udnc-hash32-v1", qa.indices, None,
+            codebook_int=qa.codebook_int, coder="ans-dither-v1",
+        ))
+    quantized[2].affine = (float(np.float32(1.03)), float(np.float32(-0.002)))
+    return encode_container(Container(quantized, [RawTensor("b", rng.standard_normal(3).astype(np.float32))]))
+
+
 FILES = [
     _build(["range-adaptive-v1"], lattice_int=False, seed=0),
     _build(CODERS, lattice_int=True, seed=1, raw_float_dtype="float16"),
     _build(list(reversed(CODERS)), lattice_int=False, seed=2, codebook_float_dtype="float16"),
     _build(CODERS, lattice_int=True, seed=3, affine=True),
+    _build_u(4),
 ]
 
 
@@ -330,6 +346,13 @@ def test_crafted_payload_bytes(data, which):
 def test_pristine_files_decode(which):
     assert fingerprint(read_container(FILES[which])) == REFERENCE[which]
     assert len(set(FILES)) == len(FILES)
+
+
+def test_the_corpus_holds_the_1_4_layouts_and_a_flat_correction():
+    entries = read_header(FILES[4])["quantized"]
+    assert struct.unpack_from("<H", FILES[4], 10)[0] == 4
+    assert all(q["codebook"]["layout"].endswith("-u") for q in entries)
+    assert entries[2]["codebook"]["affine"] and b'"affine":[' in FILES[4]  # stored flat
 
 
 def test_the_files_cover_every_codebook_encoding():

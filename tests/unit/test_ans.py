@@ -49,7 +49,7 @@ def test_coded_length_is_the_ideal_length_of_the_stored_model():
     """constriction codes with exactly table_model's probabilities: the payload is their ideal length + O(1)."""
     stream, k, codes = dithered_z1(200_000, 1.0)
     data = CODER.encode(stream, k, context=codes)
-    bits, classes, _, tables, _ = CODER._choose(stream, codes, None)
+    bits, classes, _, tables, _, _ = CODER._choose(stream, codes, None)
     assert classes == 0
     bins = codes >> (4 - bits)
     ideal = 0.0
@@ -63,9 +63,9 @@ def test_coded_length_is_the_ideal_length_of_the_stored_model():
 
 def _header_of(data: bytes, tables) -> bytes:
     """Everything before the words: b, the tables and the word count."""
-    from udnc_fx.coding.ans import _table_bytes
+    from udnc_fx.coding.ans import table_bytes
 
-    head = bytes([data[0]]) + b"".join(_table_bytes(q) for q in tables)
+    head = bytes([data[0]]) + b"".join(table_bytes(q) for q in tables)
     rest = data[len(head) :]
     # the varint word count
     i = 0
@@ -328,7 +328,7 @@ def test_chosen_tables_are_the_best_tables_of_the_coded_contexts(trim):
 
     stream, k, codes = row_stream()
     stream, codes = stream[: stream.size - trim], codes[: codes.size - trim]
-    bits, classes, labels, tables, _ = CODER._choose(stream, codes, 512)
+    bits, classes, labels, tables, _, _ = CODER._choose(stream, codes, 512)
     assert classes and bits  # both the row and the dither paths are exercised
     ctx = CODER._contexts(codes, bits, labels, 512, stream.size).astype(np.int64)
     m = int(stream.max()) + 1

@@ -11,7 +11,7 @@ import pytest
 from udnc_fx.coding import DEFAULT_CODER, Coder, available_coders, empirical_entropy_bits, get_coder
 from udnc_fx.errors import ConfigError, FormatError
 
-ALL = ["ans-dither-v1", "bz2-v1", "huffman-static-v1", "lzma-v1", "range-adaptive-v1", "range-context-v1", "zlib-v1", "zstd-v1"]
+ALL = ["ans-dither-v1", "ans-dither-v2", "bz2-v1", "huffman-static-v1", "lzma-v1", "range-adaptive-v1", "range-context-v1", "zlib-v1", "zstd-v1"]
 
 
 def laplace_stream(n: int, scale: float, k: int, seed: int = 0) -> np.ndarray:
@@ -33,7 +33,7 @@ def compact(stream: np.ndarray) -> tuple[np.ndarray, int]:
 
 def test_registry():
     assert available_coders() == ALL
-    assert DEFAULT_CODER == "ans-dither-v1"
+    assert DEFAULT_CODER == "ans-dither-v2"
     for name in ALL:
         coder = get_coder(name)
         assert isinstance(coder, Coder) and coder.name == name
@@ -87,6 +87,10 @@ ROUND_TRIP_CASES = [
 @pytest.mark.parametrize("label,stream,k", ROUND_TRIP_CASES, ids=[c[0] for c in ROUND_TRIP_CASES])
 def test_round_trip(name, label, stream, k):
     coder = get_coder(name)
+    if k > coder.max_alphabet_size:  # ans-dither-v2 takes up to 2^16 symbols (writers fall back to v1)
+        with pytest.raises(ConfigError):
+            coder.encode(stream, k)
+        return
     data = coder.encode(stream, k)
     assert isinstance(data, bytes)
     assert coder.encode(stream, k) == data  # deterministic
@@ -203,6 +207,8 @@ def test_huge_count_does_not_escape_as_memory_error():
 GOLDEN_STREAM = np.array([0, 1, 2, 3, 2, 1, 0, 0, 0, 5, 7, 7, 1, 2, 0, 0], np.int64)
 GOLDEN = {
     "ans-dither-v1": "0008036b4402133014493d5e6e00",  # b = 0; m = 8 counts packed 2 bits each; 2 words
+    # b = 0; P = 16, one state; the same table; W = 1; the final state (u64) and one word
+    "ans-dither-v2": "000f08036b4401844448f418000000f9c1d79e",
     "bz2-v1": "01425a6839314159265359207218ba00000240007a80200021a6d08300012312bb2ef177245385090207218ba0",
     "huffman-static-v1": "060202020444431ba40fd980",
     "lzma-v1": "015d00100000ffffffffffffffff00000052500a317812b4aa8a543926e3819be9bffe250800",
@@ -242,6 +248,7 @@ def integer_stream(n: int = 20_000) -> np.ndarray:
 GOLDEN_SHA256 = {  # length:sha256; the range coder picks the fast model for 44 of its 82 blocks here
     "huffman-static-v1": "4246:8f0765ee84edb932ef814d2d5dc518effccdcd761607d1b635963fb9af1692e9",
     "range-adaptive-v1": "4118:37bd2785093b05926f77a2cd00b1698c2546387d57d637034f6f9fcb338f9839",
+    "ans-dither-v2": "4090:f38fe8a916f016607e5bbb45e78a649d6a698b4544085ccfb28337544da078ea",  # one state
 }
 
 

@@ -50,13 +50,13 @@ def test_save_writes_the_short_header_and_loads_bit_exact(tmp_path, seed):
     # no config; the coder (not the format's 1.0 default) and the untouched codebooks' integer coordinates are
     # named once for the file
     assert set(header) == ({"quantized", "raw", "codebook_encoding", "coder"} | ({"seed"} if seed else set()))
-    assert header["coder"] == udnc_fx.storage.SAVE_CODER == "ans-dither-v1"
+    assert header["coder"] == udnc_fx.storage.SAVE_CODER == "ans-dither-v2"
     assert header.get("seed", 0) == seed and header["codebook_encoding"] == "lattice-int"
     for entry in header["quantized"]:
         assert set(entry) == {"fqn", "shape", "step", "indices", "zero_index"}  # key, lattice, codebook: defaults
     assert header["raw"] == [["conv1.bias", [16]], ["conv2.bias", [32]], ["fc1.bias", [64]], ["fc2.bias", [10]]]
     resolved = udnc_fx.read_header(path)
-    assert {q["indices"]["coder"] for q in resolved["quantized"]} == {"ans-dither-v1"}
+    assert {q["indices"]["coder"] for q in resolved["quantized"]} == {"ans-dither-v2"}
     loaded = udnc_fx.load(path, fold_batchnorm(DigitsCNN()).eval())
     x = torch.rand(5, 1, 8, 8)
     assert torch.equal(loaded(x), gm(x))

@@ -77,7 +77,7 @@ from udnc_fx.coding.coder_base import (
 )
 from udnc_fx.errors import ConfigError, FormatError
 
-__all__ = ["AnsDitherCoder", "CONTEXT_BITS", "SEGMENT", "dither_codes", "table_model"]
+__all__ = ["AnsDitherCoder", "CONTEXT_BITS", "SEGMENT", "dither_codes", "table_bytes", "table_model"]
 
 #: Bits of dither context per symbol (the code is in ``[0, 2**CONTEXT_BITS)``); a stream uses its top ``b <= 4``.
 CONTEXT_BITS = 4
@@ -131,18 +131,25 @@ def dither_codes(key: int, count: int, n: int) -> np.ndarray:
     return out
 
 
-def table_model(q: np.ndarray) -> np.ndarray:
-    """The integer model of a table ``q`` (length ``m >= 2``): the ``m`` probabilities out of ``2**24``, each >= 1.
+def table_model(q: np.ndarray, precision: int = _PRECISION, sparse: bool = False) -> np.ndarray:
+    """The integer model of a table ``q`` (length ``m >= 2``): the ``m`` probabilities out of ``T = 2**precision``.
 
-    ``left_j = floor(C_j · (2^24 − m) / Q) + j`` with ``C_j`` the prefix sums of ``q`` and ``Q`` their total; exact
-    in int64 because ``Q <= 2**32`` and ``2^24 − m < 2^24``.
+    ``left_j = floor(C_j · (T − m) / Q) + j`` with ``C_j`` the prefix sums of ``q`` and ``Q`` their total (every
+    symbol >= 1: ``ans-dither-v1``, 24 bits); with ``sparse``, ``left_j = floor(C_j · (T − u) / Q) + U_j`` where
+    ``U_j`` counts the non-zero ``q_l`` with ``l < j`` and ``u = U_m`` (a symbol of count 0 gets probability 0, every
+    other >= 1: ``ans-dither-v2``; needs ``u <= T``). Exact in int64 because ``Q <= 2**32`` and ``T <= 2^24``.
     """
     q = np.asarray(q, np.int64)
     m = q.size
     cum = np.zeros(m + 1, np.int64)
     np.cumsum(q, out=cum[1:])
-    free = _TOTAL - m
-    left = cum * free // int(cum[-1]) + np.arange(m + 1, dtype=np.int64)
+    if sparse:
+        floor = np.zeros(m + 1, np.int64)
+        np.cumsum(q > 0, out=floor[1:])
+    else:
+        floor = np.arange(m + 1, dtype=np.int64)
+    free = (1 << precision) - int(floor[-1])
+    left = cum * free // int(cum[-1]) + floor
     return np.diff(left)
 
 
@@ -195,7 +202,7 @@ def _table_forms(q: np.ndarray) -> list[tuple[int, int]]:
     return forms
 
 
-def _table_bytes(q: np.ndarray) -> bytes:
+def table_bytes(q: np.ndarray) -> bytes:
     """A table's bytes: ``m``, then for ``m >= 2`` the shortest form (the first on a tie)."""
     head = varint(q.size)
     if q.size < 2:
@@ -211,11 +218,11 @@ def _table_bytes(q: np.ndarray) -> bytes:
 
 
 def _table_cost(q: np.ndarray) -> int:
-    """``len(_table_bytes(q))`` without building the bytes."""
+    """``len(table_bytes(q))`` without building the bytes."""
     return _varint_bytes(np.array([q.size])) + min(c for _, c in _table_forms(q))
 
 
-def _best_table(counts: np.ndarray) -> tuple[np.ndarray, float]:
+def _best_table(counts: np.ndarray, precision: int = _PRECISION, sparse: bool = False) -> tuple[np.ndarray, float]:
     """The table of a bin (``q``, trailing zeros trimmed) minimising table bytes + coded bits/8, and that cost."""
     used = np.flatnonzero(counts)
     if used.size == 0:
@@ -226,7 +233,7 @@ def _best_table(counts: np.ndarray) -> tuple[np.ndarray, float]:
     # The one-row case of _best_tables, on the trimmed counts: the same widths in the same order, the same integer
     # form costs and the same bits (a sum over the same m values), so the same table and cost as trying each width
     # with _quantize_counts, table_model and _table_cost (tests/unit/test_ans.py holds the two against each other).
-    tables, cost = _best_tables(np.asarray(counts[:m], np.int64)[None, :])
+    tables, cost = _best_tables(np.asarray(counts[:m], np.int64)[None, :], precision, sparse)
     return tables[0], cost
 
 
@@ -241,7 +248,8 @@ def _varint_lengths(values: np.ndarray) -> np.ndarray:
     return out
 
 
-def _best_tables(counts: np.ndarray) -> tuple[list[np.ndarray], float]:
+def _best_tables(counts: np.ndarray, precision: int = _PRECISION, sparse: bool = False
+                 ) -> tuple[list[np.ndarray], float]:
     """:func:`_best_table` for every row of ``counts`` (contexts × symbols) at once: the tables and their total cost.
 
     Vectorised over contexts and table widths: a stream with row classes and dither bins weighs hundreds of candidate
@@ -264,7 +272,14 @@ def _best_tables(counts: np.ndarray) -> tuple[list[np.ndarray], float]:
     nnz = nonzero.sum(axis=1)
     head = _varint_lengths(used) + 1 + 0.0  # m and the form byte
     sparse_head = _varint_lengths(nnz) + gap_bytes
-    free = (_TOTAL - used)[:, None]
+    # the model of table_model(q, precision, sparse): every symbol up to m_i >= 1, or (sparse) every used one
+    floor = np.zeros((rows, m + 1), np.int64)
+    if sparse:
+        np.cumsum(nonzero, axis=1, out=floor[:, 1:])
+        free = ((1 << precision) - nnz)[:, None]
+    else:
+        floor[:] = np.arange(m + 1)
+        free = ((1 << precision) - used)[:, None]
     # The first width each row's counts fit (the exact table; None fits every row): its last candidate.
     fits = np.array([w is None for w in _TABLE_WIDTHS])[:, None] | (
         top[None, :] < np.array([1 << (w or 0) for w in _TABLE_WIDTHS])[:, None]
@@ -283,10 +298,10 @@ def _best_tables(counts: np.ndarray) -> tuple[list[np.ndarray], float]:
         q = np.where(exact[:, :, None], counts[None], np.maximum(scaled, nonzero[None]))
         cum = np.zeros((idx.size, rows, m + 1), np.int64)
         np.cumsum(q, axis=2, out=cum[:, :, 1:])
-        left = cum * free[None] // np.maximum(cum[:, :, -1:], 1) + np.arange(m + 1)
+        left = cum * free[None] // np.maximum(cum[:, :, -1:], 1) + floor[None]
         # every difference is >= 1 (for totals within the format's 2**32) and exactly 1 past the last used symbol
         probs = np.diff(left, axis=2)
-        bits = (counts[None] * (_PRECISION - np.log2(np.maximum(probs, 1)))).sum(axis=2)
+        bits = (counts[None] * (precision - np.log2(np.maximum(probs, 1)))).sum(axis=2)
         q_lengths = _varint_lengths(q).sum(axis=2)  # zeros cost one byte each in the dense form
         dense = q_lengths - (m - used)[None]
         sparse = sparse_head[None] + q_lengths - (m - nnz)[None]
@@ -350,8 +365,9 @@ def _row_labels(arr: np.ndarray, row_length: int, classes: int) -> np.ndarray:
     return _labels_from_density(_row_density(arr, row_length), classes)
 
 
-def _label_cost(labels: np.ndarray, classes: int) -> tuple[np.ndarray, float]:
-    return _best_table(np.bincount(labels, minlength=classes))
+def _label_cost(labels: np.ndarray, classes: int, precision: int = _PRECISION, sparse: bool = False
+                ) -> tuple[np.ndarray, float]:
+    return _best_table(np.bincount(labels, minlength=classes), precision, sparse)
 
 
 class AnsDitherCoder(Coder):
@@ -391,14 +407,14 @@ class AnsDitherCoder(Coder):
         codes = self._check_context(context, n, ConfigError)
         if row_length is not None and not (isinstance(row_length, (int, np.integer)) and 1 <= row_length < n):
             row_length = None  # a hint: rows of one symbol or of the whole stream carry nothing
-        bits, classes, labels, tables, label_q = self._choose(arr, codes, row_length)
+        bits, classes, labels, tables, label_q, _ = self._choose(arr, codes, row_length)
         ctx = self._contexts(codes, bits, labels, row_length, n)
         out = bytearray([bits | (self._ROW_FLAG if classes else 0)])
         if classes:
-            out += varint(row_length) + varint(classes) + _table_bytes(label_q)
+            out += varint(row_length) + varint(classes) + table_bytes(label_q)
         models: list[Any] = []
         for q in tables:
-            out += _table_bytes(q)
+            out += table_bytes(q)
             models.append(_categorical(table_model(q)) if q.size >= 2 else None)
         encoder = _constriction().stream.stack.AnsCoder()
         nctx = len(tables)
@@ -430,7 +446,7 @@ class AnsDitherCoder(Coder):
         codes = self._check_context(context, n, ConfigError)
         if row_length is not None and not (isinstance(row_length, (int, np.integer)) and 1 <= row_length < n):
             row_length = None
-        cost, _, classes, _, tables, label_q = self._choose_costed(arr, codes, row_length)
+        cost, _, classes, _, tables, label_q, _ = self._choose_costed(arr, codes, row_length)
         if all(q.size < 2 for q in tables) and not (classes and label_q.size >= 2):
             return 8.0 * cost + 8.0  # nothing to code: the word count 0 alone
         words = max(1, math.ceil((8.0 * cost) / 32.0))
@@ -446,8 +462,45 @@ class AnsDitherCoder(Coder):
             ctx = ctx + (np.repeat(labels, row_length)[:n] << np.uint8(bits))
         return ctx
 
+    #: Bytes of the payload's head beyond the mode byte (none here; ``ans-dither-v2`` adds its precision byte).
+    _extra_bytes = 0
+
+    def _table_args(self, nctx: int, n: int, m: int) -> tuple[int, bool]:
+        """The table model of a stream of ``n`` symbols (largest ``m - 1``) with ``nctx`` contexts: ``(precision,
+        sparse)`` for :func:`table_model` (24-bit, every symbol up to ``m_i`` >= 1 here)."""
+        return _PRECISION, False
+
+    def _joint_counts(self, arr: np.ndarray, codes: np.ndarray | None, labels: np.ndarray | None,
+                      row_length: int | None, finest: int, m: int) -> np.ndarray:
+        """The ``(finest, 2^4, m)`` counts of (row label, dither code, symbol) over the stream (label 0 without
+        ``labels``, code 0 without ``codes``)."""
+        key_dtype = np.int32 if (finest << CONTEXT_BITS) * m <= np.iinfo(np.int32).max else np.int64
+        # Counted chunk by chunk (chunks of whole rows): only one chunk's keys exist at a time, and the counts are
+        # those of the whole stream.
+        shift = None
+        if labels is not None:
+            shift = labels.astype(key_dtype) * key_dtype(m << CONTEXT_BITS)
+        fine = np.zeros((finest << CONTEXT_BITS) * m, np.int64)
+        step = max(1, _COUNT_CHUNK // row_length) * row_length if labels is not None else _COUNT_CHUNK
+        for lo in range(0, arr.size, step):
+            hi = min(arr.size, lo + step)
+            index = arr[lo:hi].astype(key_dtype)
+            if codes is not None:
+                shifted = codes[lo:hi].astype(key_dtype)
+                shifted *= key_dtype(m)
+                index += shifted
+                del shifted
+            if shift is not None:  # element i of the stream is in row i // row_length (lo is a multiple of it)
+                r0 = lo // row_length
+                full = (hi - lo) // row_length
+                index[: full * row_length].reshape(full, row_length)[...] += shift[r0 : r0 + full, None]
+                index[full * row_length :] += shift[r0 + full : r0 + full + 1]
+            fine += np.bincount(index, minlength=fine.size)
+            del index
+        return fine.reshape(finest, 1 << CONTEXT_BITS, m)
+
     def _choose(self, arr: np.ndarray, codes: np.ndarray | None, row_length: int | None):
-        """``(b, classes, labels, tables, label table)`` of least total cost; ties keep fewer contexts."""
+        """``(b, classes, labels, tables, label table, precision)`` of least total cost; ties keep fewer contexts."""
         return self._choose_costed(arr, codes, row_length)[1:]
 
     def _choose_costed(self, arr: np.ndarray, codes: np.ndarray | None, row_length: int | None):
@@ -463,50 +516,35 @@ class AnsDitherCoder(Coder):
         # The key is built in the narrowest integer that holds it (int32 almost always: half the memory traffic of
         # intp), the labels added row by row through a broadcast view instead of repeated to the stream's length.
         finest = max(row_classes, default=1)
-        key_dtype = np.int32 if (finest << CONTEXT_BITS) * m <= np.iinfo(np.int32).max else np.int64
-        # Counted chunk by chunk (chunks of whole rows): only one chunk's keys exist at a time, and the counts are
-        # those of the whole stream.
-        density = shift = None
+        density = finest_labels = None
         if row_classes:
             density = _row_density(arr, row_length)
-            shift = _labels_from_density(density, finest).astype(key_dtype) * key_dtype(m << CONTEXT_BITS)
-        fine = np.zeros((finest << CONTEXT_BITS) * m, np.int64)
-        step = max(1, _COUNT_CHUNK // row_length) * row_length if row_classes else _COUNT_CHUNK
-        for lo in range(0, arr.size, step):
-            hi = min(arr.size, lo + step)
-            index = arr[lo:hi].astype(key_dtype)
-            if max_bits:
-                shifted = codes[lo:hi].astype(key_dtype)
-                shifted *= key_dtype(m)
-                index += shifted
-                del shifted
-            if shift is not None:  # element i of the stream is in row i // row_length (lo is a multiple of it)
-                r0 = lo // row_length
-                full = (hi - lo) // row_length
-                index[: full * row_length].reshape(full, row_length)[...] += shift[r0 : r0 + full, None]
-                index[full * row_length :] += shift[r0 + full : r0 + full + 1]
-            fine += np.bincount(index, minlength=fine.size)
-            del index
-        fine = fine.reshape(finest, 1 << CONTEXT_BITS, m)
+            finest_labels = _labels_from_density(density, finest)
+        fine = self._joint_counts(arr, codes if max_bits else None, finest_labels, row_length, finest, m)
         best: tuple | None = None
         options: list[tuple[int, np.ndarray | None]] = [(0, None)]
         options += [(c, _labels_from_density(density, c)) for c in row_classes]
         for classes, labels in options:
-            label_cost = 0.0
-            label_q = None
             if labels is None:
                 joint = fine.sum(axis=0, keepdims=True)
             else:
                 joint = fine.reshape(classes, finest // classes, 1 << CONTEXT_BITS, m).sum(axis=1)
-                label_q, label_cost = _label_cost(labels, classes)
-                label_cost += 2  # row length and class count varints, about
+            label_costs: dict = {}
             previous = math.inf
             for bits in range(max_bits + 1):
+                precision, sparse = self._table_args(max(classes, 1) << bits, arr.size, m)
+                label_cost = 0.0
+                label_q = None
+                if labels is not None:
+                    if precision not in label_costs:
+                        label_costs[precision] = _label_cost(labels, classes, precision, sparse)
+                    label_q, label_cost = label_costs[precision]
+                    label_cost += 2  # row length and class count varints, about
                 merged = joint.reshape(max(classes, 1), 1 << bits, -1, m).sum(axis=2).reshape(-1, m)
-                tables, tables_cost = _best_tables(merged)
-                cost = 1 + label_cost + tables_cost
+                tables, tables_cost = _best_tables(merged, precision, sparse)
+                cost = 1 + label_cost + tables_cost + self._extra_bytes
                 if best is None or cost < best[0]:
-                    best = (cost, bits, classes, labels, tables, label_q)
+                    best = (cost, bits, classes, labels, tables, label_q, precision)
                 if cost >= previous:
                     break  # more bins stopped paying: the gain shrinks and the tables grow with every bit
                 previous = cost

@@ -50,9 +50,10 @@ __all__ = [
     "as_format_error",
 ]
 
-#: The index coder new files use (save, QuantizedTensor, the ONNX sidecar): static ANS conditioned on the dither,
-#: defined in ``udnc_fx.coding.ans`` (registered when ``udnc_fx.coding`` is imported).
-DEFAULT_CODER = "ans-dither-v1"
+#: The index coder new files use (save, QuantizedTensor, the ONNX sidecar): static interleaved rANS conditioned on the
+#: dither, compiled by numba, defined in ``udnc_fx.coding.ans_native`` (registered when ``udnc_fx.coding`` is
+#: imported; alphabets over 2^16 fall back to ``ans-dither-v1``, ``ans_native.coder_for_alphabet``).
+DEFAULT_CODER = "ans-dither-v2"
 
 # The byte-oriented coders pack symbols in at most 4 bytes.
 MAX_ALPHABET = 1 << 32

@@ -9,7 +9,9 @@ module and registers itself when imported, which this module does for all of the
 - :mod:`~udnc_fx.coding.bytecoders`: ``bz2-v1``, ``zlib-v1``, ``lzma-v1``, ``zstd-v1`` over packed symbols;
 - :mod:`~udnc_fx.coding.range_coders`: ``range-adaptive-v1``, ``range-context-v1`` (constriction);
 - :mod:`~udnc_fx.coding.huffman`: ``huffman-static-v1``;
-- :mod:`~udnc_fx.coding.ans`: ``ans-dither-v1`` (the default), static ANS conditioned on the dither.
+- :mod:`~udnc_fx.coding.ans`: ``ans-dither-v1``, static ANS conditioned on the dither (constriction);
+- :mod:`~udnc_fx.coding.ans_native`: ``ans-dither-v2`` (the default), the same modelling with an interleaved rANS
+  compiled by numba.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from udnc_fx.coding.bytecoders import ByteCompressorCoder, Bz2Coder, LzmaCoder, 
 from udnc_fx.coding.range_coders import RangeAdaptiveCoder, RangeContextCoder
 from udnc_fx.coding.huffman import HuffmanStaticCoder
 from udnc_fx.coding import ans as _ans  # noqa: F401 -- registers ans-dither-v1
+from udnc_fx.coding import ans_native as _ans_native  # noqa: F401 -- registers ans-dither-v2
 
 __all__ = [
     "Coder",

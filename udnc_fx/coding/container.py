@@ -33,9 +33,11 @@ import stat
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from udnc_fx.coding import lattice_coords as _lc
 from udnc_fx.coding.coder_base import DEFAULT_CODER
 from udnc_fx.coding.format import (
     CODERS_SINCE_MINOR_1,
+    CODERS_SINCE_MINOR_4,
     DEFAULT_MAX_ELEMENTS,
     DEFAULT_RAW_DTYPE,
     DIGESTED,
@@ -71,7 +73,8 @@ from udnc_fx.coding.header import (
 )
 from udnc_fx.coding.limits import DEFAULT_MAX_HEADER_LENGTH, MAX_HEADER_LENGTH
 from udnc_fx.coding.payload import (
-    check_payload_digest, check_workers, decode_payload, decode_sections, encode_quantized, encode_raw, points_bound,
+    check_payload_digest, check_threads, check_workers, decode_payload, decode_sections, encode_quantized, encode_raw,
+    in_threads, points_bound,
     weights_bar,
 )
 from udnc_fx.coding.tempfiles import create_temp, fsync_dir, remove_stale_temps
@@ -110,6 +113,7 @@ def encode_container(
     codebook_float_dtype: str = "float32",
     max_elements: int = DEFAULT_MAX_ELEMENTS,
     progress: bool | None = None,
+    threads: int = 1,
 ) -> bytes:
     """Serialises ``container`` to the ``.udnc`` bytes (see ``docs/FORMAT.md``). Identical inputs give identical bytes.
 
@@ -123,6 +127,8 @@ def encode_container(
         codebook_float_dtype: ``"float32"`` or ``"float16"`` for float codebooks (``codebook_int`` overrides it).
         max_elements: refuse to write what a default reader would refuse to read.
         progress: a bar over the coded weights (``udnc_fx.progress``: ``None`` draws it on a terminal only).
+        threads: quantized tensors coded side by side by this many threads (at most this many in flight); the bytes
+            are the same for every count.
 
     Returns:
         The file's bytes.
@@ -134,7 +140,7 @@ def encode_container(
     parts: list[bytes] = []
     prefix, _ = _encode_to(
         container, parts.append, raw_float_dtype=raw_float_dtype, codebook_float_dtype=codebook_float_dtype,
-        max_elements=max_elements, progress=progress,
+        max_elements=max_elements, progress=progress, threads=threads,
     )
     return prefix + b"".join(parts)
 
@@ -147,6 +153,7 @@ def _encode_to(
     codebook_float_dtype: str,
     max_elements: int,
     progress: bool | None,
+    threads: int = 1,
 ) -> tuple[bytes, int]:
     """Encodes ``container`` one tensor at a time, handing each section to ``write`` as soon as it is coded (the
     payload, in file order), and returns ``(prefix, payload length)``: the preamble and header, which precede the
@@ -180,8 +187,10 @@ def _encode_to(
     total_elements = 0
     quantized_entries = []
     bar = weights_bar(container.quantized, "coding", progress)
-    for q in container.quantized:
-        entry, indices_bytes, codebook_bytes = encode_quantized(q, codebook_float_dtype, max_elements)
+    # ``threads`` tensors coded side by side (their sections emitted in file order: the same bytes for every count)
+    coded = in_threads(list(container.quantized), lambda q: encode_quantized(q, codebook_float_dtype, max_elements),
+                       min(check_threads(threads), max(1, len(container.quantized))))
+    for _, (entry, indices_bytes, codebook_bytes) in coded:
         bar.update(entry["indices"]["count"] * entry["n"])
         total_elements += prod(entry["shape"], max_elements) + points_bound(entry) * entry["n"]
         if entry["fqn"] in names:
@@ -218,7 +227,12 @@ def _encode_to(
     header_bytes = canonical_json(compact_header(header))
     if len(header_bytes) > MAX_HEADER_LENGTH:
         raise FormatError("bad_header", f"the header would be {len(header_bytes)} bytes (limit {MAX_HEADER_LENGTH})")
-    if any(e["codebook"].get("affine") is not None for e in quantized_entries):
+    if any(e["indices"]["coder"] in CODERS_SINCE_MINOR_4 for e in quantized_entries) or any(
+        e["codebook"]["encoding"] == _lc.ENCODING and _lc.uses_own_dither(e["codebook"].get("layout"))
+        for e in quantized_entries
+    ):
+        minor = 4
+    elif any(e["codebook"].get("affine") is not None for e in quantized_entries):
         minor = 3
     elif any(e["codebook"]["encoding"] in ENCODINGS_SINCE_MINOR_2 for e in quantized_entries):
         minor = 2
@@ -259,6 +273,7 @@ def write_container(
     codebook_float_dtype: str = "float32",
     max_elements: int = DEFAULT_MAX_ELEMENTS,
     progress: bool | None = None,
+    threads: int = 1,
 ) -> int:
     """Writes ``container`` to a path (atomically) or to a binary file object.
 
@@ -275,7 +290,7 @@ def write_container(
     """
     options = dict(
         raw_float_dtype=raw_float_dtype, codebook_float_dtype=codebook_float_dtype, max_elements=max_elements,
-        progress=progress,
+        progress=progress, threads=threads,
     )
     if hasattr(path_or_file, "write") and not isinstance(path_or_file, (str, bytes, os.PathLike)):
         data = encode_container(container, **options)
@@ -434,6 +449,7 @@ def iter_container(
     check_header: Any = None,
     progress: bool | None = None,
     workers: int = 1,
+    threads: int = 1,
 ) -> Iterator[QuantizedTensor | RawTensor]:
     """Reads a ``.udnc`` file tensor by tensor: the quantized tensors, then the raw ones, each decoded as it is
     needed, so a caller that puts each one where it belongs (``udnc_fx.load``) never holds the payload or a list
@@ -446,6 +462,8 @@ def iter_container(
         max_elements, max_header_length, check_header, progress: as for :func:`read_container`.
         workers: processes decoding the quantized tensors side by side (1: in this process); at most ``workers``
             tensors are in flight. The tensors and their order are the same for every count.
+        threads: threads decoding the quantized tensors side by side (with ``workers == 1``); at most ``threads``
+            tensors in flight; the same tensors in the same order for every count.
 
     Yields:
         :class:`QuantizedTensor` and :class:`RawTensor` objects, in file order, as :func:`read_container` gives them.
@@ -455,6 +473,7 @@ def iter_container(
             for a file that cannot be opened.
     """
     check_workers(workers)
+    check_threads(threads)
     with _open_regular(path) as handle:
         size = os.fstat(handle.fileno()).st_size
         preamble, header = _checked_header(handle.read(PREAMBLE_SIZE), handle.read, size, max_elements,
@@ -472,7 +491,7 @@ def iter_container(
                 raise FormatError("truncated", f"{section.where}: read {len(data)} of its {section.length} bytes")
             return data
 
-        tensors = decode_sections(header, section_bytes, progress, workers)
+        tensors = decode_sections(header, section_bytes, progress, workers, threads)
         while (tensor := _guarded(next, tensors, None)) is not None:  # a decoder's bug is a FormatError, as in _read
             yield tensor
 

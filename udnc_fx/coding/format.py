@@ -23,6 +23,7 @@ __all__ = [
     "MAGIC",
     "FORMAT_VERSION",
     "CODERS_SINCE_MINOR_1",
+    "CODERS_SINCE_MINOR_4",
     "ENCODINGS_SINCE_MINOR_2",
     "AFFINE",
     "DIGESTED",
@@ -61,15 +62,21 @@ __all__ = [
 ]
 
 MAGIC = b"\x89UDNC\r\n\x1a"
-FORMAT_VERSION = (1, 3)  # (major, minor): the newest this module writes and reads
+FORMAT_VERSION = (1, 4)  # (major, minor): the newest this module writes and reads
 #: Coders that need minor version 1 (dither-conditioned streams). A file using none of them is written as 1.0, the
 #: lowest version that reads it, so 1.0 readers keep reading what they can.
 CODERS_SINCE_MINOR_1 = frozenset({"ans-dither-v1"})
+#: Coders that need minor version 4 (``ans-dither-v2``: interleaved rANS compiled by numba). A file using one is
+#: written as 1.4, and a reader older than 1.4 refuses its streams with ``unknown_codec``.
+CODERS_SINCE_MINOR_4 = frozenset({"ans-dither-v2"})
 #: Codebook encodings that need minor version 2 (a file using one is written as 1.2; otherwise as above).
 ENCODINGS_SINCE_MINOR_2 = frozenset({_lc.ENCODING})
 #: The codebook encoding that wraps integer points with a per-layer affine correction ``(a, b)`` (format 1.3): a
 #: file using it is written as 1.3, and readers older than 1.3 refuse it (``unknown_codec``) instead of ignoring it.
 AFFINE = "affine"
+#: Minor version 4: ``lattice-coords`` layouts whose contexts are bins of each coordinate's own dither
+#: (``lattice_coords.OWN_DITHER_LAYOUTS``), with an affine correction stored flat in the entry (``"affine": [a, b]``).
+#: Readers older than 1.4 refuse the layout names (``unknown_codec``).
 
 # magic, major, minor, header length H, payload length P, payload SHA-256, header SHA-256
 DIGESTED = struct.Struct("<8sHHIQ32s")  # everything before the header digest, which covers it

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from udnc_fx.coding import lattice_coords as _lc
+from udnc_fx.coding.ans_native import coder_for_alphabet
 from udnc_fx.coding.coder_base import DEFAULT_CODER, decode_stream, encode_stream
 from udnc_fx.coding.format import (
     CODEBOOK_FLOAT_ENCODINGS, FORMAT_DEFAULT_CODEBOOK_CODER, FORMAT_DEFAULT_DITHER, INT_WIDTHS, LATTICE_DIMENSIONS,
@@ -42,6 +43,8 @@ __all__ = [
     "check_payload_digest",
     "decode_sections",
     "decode_payload",
+    "check_threads",
+    "in_threads",
 ]
 
 
@@ -241,8 +244,9 @@ def encode_quantized(q: QuantizedTensor, codebook_float_dtype: str, max_elements
         if not 0 <= zero_index < alphabet_size:
             raise FormatError("bad_value", f"{where}: zero_index {zero_index} outside [0, {alphabet_size})")
     check_json_object(q.meta, f"{where}: meta")
+    index_coder = coder_for_alphabet(q.coder, alphabet_size)  # ans-dither-v2 takes alphabets up to 2^16
     indices_bytes = _encode_stream(
-        q.coder, indices, alphabet_size, where, _row_length(shape, n, count), (key, q.dither, n)
+        index_coder, indices, alphabet_size, where, _row_length(shape, n, count), (key, q.dither, n)
     )
 
     entry: dict[str, Any] = {
@@ -255,7 +259,7 @@ def encode_quantized(q: QuantizedTensor, codebook_float_dtype: str, max_elements
         "dither": q.dither,
         "zero_index": zero_index,
         "meta": q.meta,
-        "indices": {"coder": q.coder, "alphabet_size": alphabet_size, "count": count, "length": len(indices_bytes)},
+        "indices": {"coder": index_coder, "alphabet_size": alphabet_size, "count": count, "length": len(indices_bytes)},
         "codebook": codebook_entry,
     }
     if q.codebook_int is not None:
@@ -287,13 +291,15 @@ _CODES_CACHE: "OrderedDict[tuple, np.ndarray]" = OrderedDict()
 _CODES_CACHE_BYTES = 1 << 28
 
 
-def _cached_codes(key: int, count: int, n: int) -> np.ndarray:
+def _cached_codes(key: int, count: int, n: int, own: str | None = None) -> np.ndarray:
+    """The hash dither codes ``dither_codes(key, count, n)``, or with ``own`` (a lattice name) the ``(count, n)``
+    bins of each coordinate's own dither (``lattice_coords.own_dither_codes``)."""
     from udnc_fx.coding.ans import dither_codes
 
-    cache_key = (int(key), int(count), int(n))
+    cache_key = (int(key), int(count), int(n), own)
     codes = _CODES_CACHE.get(cache_key)
     if codes is None:
-        codes = dither_codes(key, count, n)
+        codes = dither_codes(key, count, n) if own is None else _lc.own_dither_codes(key, count, own, n)
         codes.flags.writeable = False
         _CODES_CACHE[cache_key] = codes
         while sum(c.nbytes for c in _CODES_CACHE.values()) > _CODES_CACHE_BYTES and len(_CODES_CACHE) > 1:
@@ -330,8 +336,10 @@ def estimate_points_bits(
     dithered = key is not None and getattr(index_coder, "accepts_context", False)
     coords_codes = None
     if dithered and n > 1:
-        cols = _lc.dither_columns(lattice, n)
-        coords_codes = _cached_codes(key, count * n, 1).reshape(count, n)[:, cols]
+        if _lc.own_dither_applies(index_coder, lattice, True):  # the writer's -u layouts
+            coords_codes = _cached_codes(key, count, n, own=lattice)[:, _lc.dither_columns(lattice, n, True)]
+        else:
+            coords_codes = _cached_codes(key, count * n, 1).reshape(count, n)[:, _lc.dither_columns(lattice, n)]
     coords = None
     if n > 1:
         coded = _lc.coded_bits(index_coder, points, lattice, n, 0 if key is None else key, key is not None,
@@ -358,7 +366,7 @@ def estimate_points_bits(
         hint["row_length"] = row_length
     if dithered:
         hint["context"] = _cached_codes(key, count, n)
-    index_bits = index_coder.cost_bits(indices, k, **hint)
+    index_bits = lookup_coder(coder_for_alphabet(coder, k)).cost_bits(indices, k, **hint)
     if coords is not None and index_bits >= coords[0]:
         return float(coords[1])  # the table form cannot win: no need to cost the table
     z = _lc.zigzag_encode(codebook_int)
@@ -612,19 +620,71 @@ def _decode_parallel(
                 future.cancel()
 
 
+def check_threads(threads: Any) -> int:
+    """``threads`` as a count of threads (>= 1), or ConfigError."""
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or not 1 <= threads <= MAX_WORKERS:
+        raise ConfigError(f"threads must be an integer in [1, {MAX_WORKERS}], got {threads!r}")
+    return int(threads)
+
+
+def in_threads(items: list, work: Callable[[Any], Any], threads: int, prepare: Callable[[Any], Any] | None = None
+               ) -> Iterator[tuple[Any, Any]]:
+    """``(item, work(prepare(item)))`` for each item, in order, computed by ``threads`` threads with at most
+    ``threads`` items in flight (``prepare``, e.g. reading an item's bytes from a file, runs in the caller's thread).
+    The coders' compiled kernels release the GIL, so independent tensors code side by side; each result is a pure
+    function of its item, so the results are the same for every thread count. An exception is raised when its
+    item's turn comes, after the items before it."""
+    if threads <= 1:
+        for item in items:
+            yield item, work(item if prepare is None else prepare(item))
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="udnc-coding") as pool:
+        pending: deque = deque()
+        entries = iter(items)
+        try:
+            while True:
+                while len(pending) < threads and (item := next(entries, None)) is not None:
+                    arg = item if prepare is None else prepare(item)
+                    pending.append((item, pool.submit(work, arg)))
+                    del arg
+                if not pending:
+                    return
+                item, future = pending.popleft()
+                yield item, future.result()
+        finally:
+            for _, future in pending:
+                future.cancel()
+
+
 def decode_sections(
-    header: Header, section_bytes: Callable[[Section], bytes], progress: bool | None = None, workers: int = 1
+    header: Header, section_bytes: Callable[[Section], bytes], progress: bool | None = None, workers: int = 1,
+    threads: int = 1,
 ) -> Iterator[QuantizedTensor | RawTensor]:
     """Decodes the sections of a validated ``header`` one tensor at a time, in file order: every quantized tensor,
     then every raw tensor. ``section_bytes`` returns a section's bytes (from memory or read from the file), so a
     reader holds one tensor's sections and its decoded arrays at a time (``workers`` of them with ``workers > 1``
-    processes decoding the quantized tensors side by side; same results, in the same order). The caller checks the
-    payload digest first (:func:`check_payload_digest`)."""
+    processes, or ``threads`` of them with ``threads > 1`` threads, decoding the quantized tensors side by side;
+    same results, in the same order). The caller checks the payload digest first (:func:`check_payload_digest`)."""
     workers = min(check_workers(workers), len(header.quantized))
+    threads = min(check_threads(threads), len(header.quantized))
     bar = weights_bar(header.quantized, "decoding", progress)
     try:
         if workers > 1:
             yield from _decode_parallel(header.quantized, section_bytes, workers, bar)
+        elif threads > 1:
+
+            def sections(q: QEntry) -> dict:
+                return {(s.offset, s.length): section_bytes(s) for s in _quantized_sections(q)}
+
+            def work(arg: tuple) -> QuantizedTensor:
+                return _decode_quantized(arg[0], lambda s: arg[1][(s.offset, s.length)])
+
+            for q, tensor in in_threads(header.quantized, work, threads, lambda q: (q, sections(q))):
+                bar.update(q.count * q.n)
+                yield tensor
         else:
             for q in header.quantized:
                 bar.update(q.count * q.n)
