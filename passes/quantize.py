@@ -35,10 +35,10 @@ from ..param import DitheredLatticeParam
 from ..progress import progress_bar
 from ..quantizer import (
     blocked_std,
-    blocked_sum,
     coded_rate_bits_per_weight,
     coded_rate_of_raw_points,
     quantize_array,
+    quantize_with_sums,
     vectors_of,
     z1_rate_bits_chunked,
 )
@@ -489,6 +489,43 @@ def _native_flat(cand: Candidate) -> np.ndarray:
     return t.numpy().reshape(-1)
 
 
+#: Threads that quantize independent layers at once in the streaming path (``None``: the environment's
+#: ``UDNC_THREADS``, else the CPU count, at most 4). Used only with the native kernels, which release the GIL; the
+#: result is the same bit for bit whatever the count (tests/passes/test_quantize_threads.py).
+LAYER_THREADS: int | None = None
+
+
+class _Serial:
+    """``ThreadPoolExecutor``'s ``map`` in the caller's thread (one worker: no thread at all)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    @staticmethod
+    def map(fn, items):
+        return map(fn, items)
+
+
+def _layer_threads(largest: int):
+    """An executor for per-layer work: threads when the native kernels run the loops (``largest``: the largest
+    layer's size, which decides whether they load, :func:`udnc_fx.dither.native`), else the caller's thread."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ..dither import native
+
+    count = LAYER_THREADS
+    if count is None:
+        env = os.environ.get("UDNC_THREADS", "")
+        count = int(env) if env.isdigit() and int(env) > 0 else min(4, os.cpu_count() or 1)
+    if count <= 1 or native(largest) is None:
+        return _Serial()
+    return ThreadPoolExecutor(max_workers=count, thread_name_prefix="udnc-quantize")
+
+
 def _stream_params(candidates: list[Candidate], config: CompressConfig, progress: bool | None):
     """:func:`make_params` for absolute and relative steps without calibration, one layer at a time.
 
@@ -497,21 +534,36 @@ def _stream_params(candidates: list[Candidate], config: CompressConfig, progress
     (:func:`udnc_fx.quantizer.blocked_std` / :func:`~udnc_fx.quantizer.blocked_sum`) and the quantizer regenerates
     the dither chunk by chunk, so the memory added is that of one layer's indices plus a few MiB.
     """
-    lats, keys, stds = [], [], []
-    for cand in candidates:  # validate every layer before anything is changed
+    with _layer_threads(max((c.param.numel() for c in candidates), default=0)) as pool:
+        # Layers are independent: each one's numbers are the same whichever thread computes them. Results are taken
+        # in the layers' order, so errors are raised for the first bad layer and modules are built in order, here.
+        return _stream_params_on(pool, candidates, config, progress)
+
+
+def _stream_params_on(pool, candidates: list[Candidate], config: CompressConfig, progress: bool | None):
+    """:func:`_stream_params` with the per-layer work mapped on ``pool`` (an executor's ``map``, in order)."""
+
+    def measured(cand: Candidate) -> tuple[float | None, int]:
+        """``(std, 0)``, or ``(None, number of NaN/Inf weights)``; ``(None, 0)`` for a layer refused by size."""
         lat = get_lattice(cand.lattice, cand.n)
         flat = _native_flat(cand)
-        if flat.size == 0:
-            raise ConfigError(f"layer {cand.fqn} has zero elements: exclude it (override None) or remove it")
-        if -(-flat.size // lat.dim) * lat.dim > 2**32:
-            raise ConfigError(f"layer {cand.fqn} is too large for the 32-bit dither counter")
+        if flat.size == 0 or -(-flat.size // lat.dim) * lat.dim > 2**32:
+            return None, 0
         try:
-            std = blocked_std(flat)
+            return blocked_std(flat), 0
         except ConfigError:
-            bad = int((~np.isfinite(flat)).sum())
-            raise ConfigError(
-                f"layer {cand.fqn} has {bad} NaN/Inf weights: fix the model before compressing"
-            ) from None
+            return None, int((~np.isfinite(flat)).sum())
+
+    lats, keys, stds = [], [], []
+    for cand, (std, bad) in zip(candidates, pool.map(measured, candidates)):  # validate every layer first
+        lat = get_lattice(cand.lattice, cand.n)
+        numel = cand.param.numel()
+        if numel == 0:
+            raise ConfigError(f"layer {cand.fqn} has zero elements: exclude it (override None) or remove it")
+        if -(-numel // lat.dim) * lat.dim > 2**32:
+            raise ConfigError(f"layer {cand.fqn} is too large for the 32-bit dither counter")
+        if std is None:
+            raise ConfigError(f"layer {cand.fqn} has {bad} NaN/Inf weights: fix the model before compressing")
         _set_fixed_step(cand, std)
         stds.append(std)
         lats.append(lat)
@@ -524,42 +576,36 @@ def _stream_params(candidates: list[Candidate], config: CompressConfig, progress
             flat = _native_flat(candidates[i])
             return z1_rate_bits_chunked(flat, step, keys[i]) * flat.size
 
-        fixed_terms, fixed_numel = [], 0
-        for i, cand in enumerate(candidates):
-            if cand.step_kind != "target_bits":
-                fixed_terms.append(bits(i, cand.step))
-                fixed_numel += candidates[i].param.numel()
+        fixed = [i for i, c in enumerate(candidates) if c.step_kind != "target_bits"]
+        fixed_terms = list(pool.map(lambda i: bits(i, candidates[i].step), fixed))
+        fixed_numel = sum(candidates[i].param.numel() for i in fixed)
         total = fixed_numel + sum(candidates[i].param.numel() for i in to_solve)
 
         def mean_bits(s: float) -> float:
-            return math.fsum(fixed_terms + [bits(i, s * stds[i]) for i in to_solve]) / total
+            return math.fsum(fixed_terms + list(pool.map(lambda i: bits(i, s * stds[i]), to_solve))) / total
 
         s = solve_scale(mean_bits, config.effective_target_bits, start=1.0)
         for i in to_solve:
             candidates[i].step = s * stds[i]
             candidates[i].extra["relative_step"] = candidates[i].step / stds[i]
-    dlps = []
-    items = list(zip(candidates, lats, keys, stds))
-    bar = progress_bar(items, desc="quantizing", unit="layer", progress=progress) if len(items) > 1 else items
-    for cand, lat, key, std in bar:
+
+    def quantized(item) -> tuple:
+        cand, lat, key, _ = item
         flat = _native_flat(cand)
-        q = quantize_array(
+        # with the general path's float((w ** 2).sum()) and float(((decoded - w) ** 2).sum()), in the same order
+        return quantize_with_sums(
             flat.reshape(tuple(cand.param.shape)), lattice=lat.name, n=lat.dim, step=cand.step, key=key,
             exact_zero=config.exact_zero,
         )
-        n, numel = q.n, q.numel
 
-        def decoded(lo: int, hi: int, q=q, n=n) -> np.ndarray:
-            v0, v1 = lo // n, -(-hi // n)
-            return q.decode_rows(v0, v1).reshape(-1)[lo - v0 * n : hi - v0 * n].astype(np.float64)
-
-        def wide(lo: int, hi: int, flat=flat) -> np.ndarray:
-            return flat[lo:hi].astype(np.float64)
-
-        # the general path's float(((decoded - w) ** 2).sum()) and float((w ** 2).sum()), summed in the same order
-        err = blocked_sum(numel, lambda lo, hi: np.square(decoded(lo, hi) - wide(lo, hi)))
-        sig = blocked_sum(numel, lambda lo, hi: np.square(wide(lo, hi)))
-        dlps.append(_served(q, cand, sig, err, std))
+    dlps = []
+    items = list(zip(candidates, lats, keys, stds))
+    shown = progress if len(items) > 1 else False
+    bar = progress_bar(total=len(items), desc="quantizing", unit="layer", progress=shown)
+    with bar:
+        for (cand, lat, key, std), (q, sig, err) in zip(items, pool.map(quantized, items)):
+            dlps.append(_served(q, cand, sig, err, std))
+            bar.update(1)
     return dlps
 
 

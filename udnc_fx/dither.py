@@ -21,6 +21,7 @@ structure a single keyed permutation leaves between neighbouring counters and ke
 from __future__ import annotations
 
 import hashlib
+import os
 
 import numpy as np
 
@@ -37,6 +38,7 @@ __all__ = [
     "hash_stream_np",
     "uniform_np",
     "uniform_torch",
+    "native",
 ]
 
 DITHER_ID = "udnc-hash32-v1"
@@ -86,16 +88,73 @@ def key_words(key: int) -> tuple[int, int]:
     return a, b
 
 
+_NATIVE: list = []  # [module or None] once loaded
+
+#: Below this many elements a call keeps to NumPy unless the kernels are already loaded: importing numba and
+#: loading the compiled kernels costs about a second once per process, which a small model would not win back.
+NATIVE_MIN_ELEMENTS = 1 << 22
+
+
+def _load():
+    if not _NATIVE:
+        try:
+            from . import kernels as module  # noqa: PLC0415
+        except ImportError:  # numba is not installed (or not for this Python): NumPy only
+            module = None
+        except Exception as exc:  # noqa: BLE001 -- e.g. numba finds no writable cache folder: NumPy, same bits
+            import warnings  # noqa: PLC0415
+
+            warnings.warn(f"udnc_fx: native kernels unavailable ({exc}); using NumPy (same results, slower)",
+                          RuntimeWarning, stacklevel=3)
+            module = None
+        _NATIVE.append(module)
+    return _NATIVE[0]
+
+
+def native(size: int | None = None):
+    """The numba kernels (:mod:`udnc_fx.kernels`) for a piece of work of ``size`` elements, or ``None`` for the
+    NumPy path, which gives the same bits (tested).
+
+    The environment variable ``UDNC_NATIVE`` decides: ``0`` never, ``1`` always (the kernels are loaded on first
+    use), unset (or anything else) when numba is installed and either the kernels are already loaded or ``size`` is
+    at least :data:`NATIVE_MIN_ELEMENTS` (``None``: only when already loaded).
+    """
+    mode = os.environ.get("UDNC_NATIVE", "")
+    if mode == "0":
+        return None
+    if _NATIVE or mode == "1" or (size is not None and size >= NATIVE_MIN_ELEMENTS):
+        return _load()
+    return None
+
+
+def _use_native(flag: bool | None, size: int):
+    """The kernels for ``flag``: ``None``: :func:`native`'s rule; ``False``: never; ``True``: always (a
+    ``ConfigError`` without numba)."""
+    if flag is None:
+        return native(size)
+    if not flag:
+        return None
+    k = _load()
+    if k is None:
+        raise ConfigError("the native kernels need numba (pip install numba)")
+    return k
+
+
 def _check_range(start: int, count: int) -> None:
     if count < 0 or start < 0 or start + count > MAX_COUNT:
         raise ConfigError(f"dither range [{start}, {start + count}) is outside the 32-bit counter space")
 
 
-def fmix32_np(h: np.ndarray) -> np.ndarray:
+def fmix32_np(h: np.ndarray, *, native: bool | None = None) -> np.ndarray:
     """The definition's ``fmix32`` finaliser on a uint32 array, in place (also returned).
 
     The ANS coder's dither contexts hash their own counters with it (``udnc_fx.coding.ans.dither_codes``).
+    ``native``: use the numba kernel (``None``: when available, and ``h`` is a contiguous uint32 array).
     """
+    k = _use_native(native, h.size)
+    if k is not None and isinstance(h, np.ndarray) and h.dtype == np.uint32 and h.flags.c_contiguous:
+        k.fmix_inplace(h.reshape(-1))
+        return h
     # uint32 array arithmetic wraps modulo 2**32 (what the definition asks); in-place to spare memory.
     h ^= h >> np.uint32(16)
     h *= np.uint32(_C1)
@@ -105,20 +164,39 @@ def fmix32_np(h: np.ndarray) -> np.ndarray:
     return h
 
 
-def hash_stream_np(key: int, count: int, start: int = 0) -> np.ndarray:
-    """Hash values ``h_i`` for ``i`` in ``[start, start + count)`` as a uint32 array."""
+def hash_stream_np(key: int, count: int, start: int = 0, *, native: bool | None = None) -> np.ndarray:
+    """Hash values ``h_i`` for ``i`` in ``[start, start + count)`` as a uint32 array.
+
+    ``native``: compute with the numba kernel (one pass; ``None``: when available) or with NumPy (``False``): the
+    same bits.
+    """
     _check_range(start, count)
     a, b = key_words(key)
+    k = _use_native(native, count)
+    if k is not None:
+        out = np.empty(count, np.uint32)
+        k.hash_fill(np.uint64(a), np.uint64(b), np.uint64(start), out)
+        return out
     h = np.arange(start, start + count, dtype=np.uint64).astype(np.uint32)
     h ^= np.uint32(a)
-    h = fmix32_np(h)
+    h = fmix32_np(h, native=False)
     h ^= np.uint32(b)
-    return fmix32_np(h)
+    return fmix32_np(h, native=False)
 
 
-def uniform_np(key: int, count: int, start: int = 0, dtype=np.float64) -> np.ndarray:
-    """Uniform floats ``r_i`` in ``[0, 1)`` (top 24 bits of the hash, exact in float32 and float64)."""
-    h = hash_stream_np(key, count, start)
+def uniform_np(key: int, count: int, start: int = 0, dtype=np.float64, *, native: bool | None = None) -> np.ndarray:
+    """Uniform floats ``r_i`` in ``[0, 1)`` (top 24 bits of the hash, exact in float32 and float64).
+
+    ``native``: as :func:`hash_stream_np`.
+    """
+    k = _use_native(native, count)
+    if k is not None and np.dtype(dtype) in (np.dtype(np.float32), np.dtype(np.float64)):
+        _check_range(start, count)
+        a, b = key_words(key)
+        out = np.empty(count, dtype)
+        k.uniform_fill(np.uint64(a), np.uint64(b), np.uint64(start), out)
+        return out
+    h = hash_stream_np(key, count, start, native=False)
     return (h >> np.uint32(8)).astype(dtype) * dtype(2.0**-24)
 
 

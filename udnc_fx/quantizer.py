@@ -12,6 +12,7 @@ import math
 
 import numpy as np
 
+from . import dither as _dither
 from .errors import ConfigError
 from .lattice import Lattice, get_lattice
 from .record import (  # noqa: F401 (codebook_from_int, raw_dither: re-exported, their historical home)
@@ -34,6 +35,10 @@ __all__ = [
     "rate_bits_of_points",
     "coded_rate_of_raw_points",
     "vectors_of",
+    "blocked_sum",
+    "blocked_std",
+    "signal_and_error_sums",
+    "quantize_with_sums",
 ]
 
 
@@ -189,9 +194,10 @@ def z1_rate_bits_chunked(flat: np.ndarray, step: float, key: int | None) -> floa
     lat = get_lattice("Z", 1)
     values = np.zeros(0, dtype=np.int64)
     counts = np.zeros(0, dtype=np.int64)
+    native = _dither.native(flat.size)
     for v0 in range(0, flat.size, QUANTIZE_CHUNK_ELEMENTS):
         v1 = min(v0 + QUANTIZE_CHUNK_ELEMENTS, flat.size)
-        points = _chunk_points(flat, v0, v1, lat, step, key, None, None)[:, 0]
+        points = _chunk_points(flat, v0, v1, lat, step, key, None, None, native)[:, 0]
         lo = int(points.min())
         if int(points.max()) - lo < 4 * points.size:  # a dense histogram (no sort) when the range is narrow
             dense = np.bincount(points - lo)
@@ -206,11 +212,13 @@ def z1_rate_bits_chunked(flat: np.ndarray, step: float, key: int | None) -> floa
     return entropy_from_counts(counts) if counts.size else 0.0
 
 
-def _narrow_ints(a: np.ndarray) -> np.ndarray:
-    """``a`` (int64) in the narrowest signed dtype that holds its values (int8 .. int64)."""
+def _narrow_ints(a: np.ndarray, lo: int | None = None, hi: int | None = None) -> np.ndarray:
+    """``a`` (int64) in the narrowest signed dtype that holds its values (int8 .. int64); ``lo``, ``hi``: its
+    smallest and largest value when the caller knows them."""
     if a.size == 0:
         return a.astype(np.int8)
-    lo, hi = int(a.min()), int(a.max())
+    if lo is None or hi is None:
+        lo, hi = int(a.min()), int(a.max())
     for dt in (np.int8, np.int16, np.int32):
         info = np.iinfo(dt)
         if info.min <= lo and hi <= info.max:
@@ -218,11 +226,35 @@ def _narrow_ints(a: np.ndarray) -> np.ndarray:
     return a
 
 
+def _native_z_points(
+    k, flat: np.ndarray, v0: int, v1: int, lat: Lattice, step: float, key: int | None
+) -> tuple[np.ndarray, int, int] | None:
+    """``_chunk_points`` of a ``Z^n`` chunk by the native kernels ``k`` (one pass: hash, dither, round), with the
+    points' smallest and largest value; ``None`` where the kernel does not apply (``k`` is ``None``, another lattice
+    or dtype) or gave up (non-finite weights, points past ±2**62: the NumPy path then raises or computes them)."""
+    if k is None or lat.name != "Z" or flat.dtype not in (np.float32, np.float64) or flat.ndim != 1:
+        return None
+    n = lat.dim
+    a, b = _dither.key_words(key) if key is not None else (0, 0)
+    out = np.empty((v1 - v0) * n, np.int64)
+    ok, lo, hi = k.z_points(
+        flat, v0 * n, flat.size, np.uint64(a), np.uint64(b), key is not None, lattice_factor(lat, step), out
+    )
+    if not ok:
+        return None
+    return out.reshape(-1, n), int(lo), int(hi)
+
+
 def _chunk_points(
     flat: np.ndarray, v0: int, v1: int, lat: Lattice, step: float, key: int | None, u_raw: np.ndarray | None,
-    raw_points: np.ndarray | None,
+    raw_points: np.ndarray | None, native=None,
 ) -> np.ndarray:
-    """Integer lattice points (int64 ``(v1 − v0) × n``) of vectors ``v0 .. v1`` of the zero-padded ``flat``."""
+    """Integer lattice points (int64 ``(v1 − v0) × n``) of vectors ``v0 .. v1`` of the zero-padded ``flat``
+    (``native``: the kernels to use, or ``None``)."""
+    if u_raw is None and raw_points is None:
+        fast = _native_z_points(native, flat, v0, v1, lat, step, key)
+        if fast is not None:
+            return fast[0]
     n = lat.dim
     lo, hi = v0 * n, min(v1 * n, flat.size)
     v = np.asarray(flat[lo:hi], dtype=np.float64)
@@ -235,6 +267,18 @@ def _chunk_points(
     v = v.reshape(-1, n)
     u = raw_dither(key, v1 - v0, lat, v0) if u_raw is None else u_raw[v0:v1]
     return _points_at(v, u, lat, step)
+
+
+def _narrow_chunk_points(
+    flat: np.ndarray, v0: int, v1: int, lat: Lattice, step: float, key: int | None, u_raw: np.ndarray | None,
+    raw_points: np.ndarray | None, native=None,
+) -> np.ndarray:
+    """:func:`_chunk_points` in the narrowest integer dtype that holds them (:func:`_narrow_ints`)."""
+    if u_raw is None and raw_points is None:
+        fast = _native_z_points(native, flat, v0, v1, lat, step, key)
+        if fast is not None:
+            return _narrow_ints(*fast)
+    return _narrow_ints(_chunk_points(flat, v0, v1, lat, step, key, u_raw, raw_points))
 
 
 def quantize_array(
@@ -283,9 +327,19 @@ def quantize_array(
     chunk = max(1, QUANTIZE_CHUNK_ELEMENTS // dim)
     bounds = [(v0, min(v0 + chunk, m)) for v0 in range(0, m, chunk)]
     # Pass 1: every chunk's integer points, kept narrow; pass 2: rank the distinct points.
-    parts = [_narrow_ints(_chunk_points(flat, v0, v1, lat, float(step), key, u_raw, raw_points)) for v0, v1 in bounds]
-    indices, codebook_int, _ = rank_rows(parts, dim)
-    del parts
+    native = _dither.native(flat.size)
+    parts = [
+        _narrow_chunk_points(flat, v0, v1, lat, float(step), key, u_raw, raw_points, native) for v0, v1 in bounds
+    ]
+    return _ranked_record(parts, values, lat, step, key, exact_zero)
+
+
+def _ranked_record(
+    parts: list[np.ndarray], values: np.ndarray, lat: Lattice, step: float, key: int | None, exact_zero: bool
+) -> CompressedWeight:
+    """The record of the points ``parts`` (consecutive chunks, :func:`rank_rows`) of ``values``."""
+    indices, codebook_int, _ = rank_rows(parts, lat.dim)
+    parts.clear()
     zero_index = None
     if exact_zero:
         hits = np.flatnonzero(~codebook_int.any(axis=1))
@@ -305,6 +359,51 @@ def quantize_array(
     )
 
 
+class _GaveUp(Exception):
+    """The native kernel met a weight it leaves to the NumPy path (NaN/Inf, a point past ±2**62)."""
+
+
+def quantize_with_sums(
+    values: np.ndarray, *, lattice: str, n: int, step: float, key: int | None, exact_zero: bool = False,
+    leaf: int | None = None,
+) -> tuple[CompressedWeight, float, float]:
+    """``(q, Σ w², Σ (ŵ − w)²)``: :func:`quantize_array` and :func:`signal_and_error_sums` of its result, bit for
+    bit, in one pass over the weights where the native ``Z¹`` kernel applies (float32/float64 weights): each block
+    of the sums' pairwise tree is rounded, decoded and squared as it is hashed, so the dither is generated once.
+    Elsewhere the two functions are called one after the other.
+
+    Raises:
+        ConfigError: as :func:`quantize_array`.
+    """
+    lat = get_lattice(lattice, n)
+    flat = np.asarray(values).reshape(-1)
+    k = _native_flat_kernels(flat)
+    valid_step = isinstance(step, (int, float, np.floating)) and math.isfinite(step) and step > 0
+    if k is None or lat.name != "Z" or lat.dim != 1 or flat.size == 0 or not valid_step:
+        q = quantize_array(values, lattice=lattice, n=n, step=step, key=key, exact_zero=exact_zero)
+        return (q, *signal_and_error_sums(q, flat, leaf))
+    a, b = _dither.key_words(key) if key is not None else (0, 0)
+    factor = lattice_factor(lat, float(step))
+    parts: list[np.ndarray] = []
+
+    def block(lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        points, sig, err = np.empty(hi - lo, np.int64), np.empty(hi - lo), np.empty(hi - lo)
+        ok, p_lo, p_hi = k.z1_points_sums(
+            flat, lo, np.uint64(a), np.uint64(b), key is not None, factor, exact_zero, points, sig, err
+        )
+        if not ok:
+            raise _GaveUp
+        parts.append(_narrow_ints(points.reshape(-1, 1), int(p_lo), int(p_hi)))
+        return sig, err
+
+    try:
+        sig, err = _blocked_sums(flat.size, block, leaf, 2)
+    except _GaveUp:
+        q = quantize_array(values, lattice=lattice, n=n, step=step, key=key, exact_zero=exact_zero)
+        return (q, *signal_and_error_sums(q, flat, leaf))
+    return _ranked_record(parts, values, lat, float(step), key, exact_zero), sig, err
+
+
 def rank_rows(parts: list[np.ndarray], dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Index integer points given as consecutive chunks ``parts`` (each ``(rows, dim)``, any integer dtype).
 
@@ -315,6 +414,7 @@ def rank_rows(parts: list[np.ndarray], dim: int) -> tuple[np.ndarray, np.ndarray
     allow, so only one chunk's int64 codes exist at a time; otherwise all rows are sorted at once.
     """
     m = sum(p.shape[0] for p in parts)
+    native = _dither.native(m * dim)
     lows = np.zeros(dim, np.int64)
     highs = np.zeros(dim, np.int64)
     first = True
@@ -336,6 +436,8 @@ def rank_rows(parts: list[np.ndarray], dim: int) -> tuple[np.ndarray, np.ndarray
         del points
         position = inverse.reshape(-1)
         positions = lambda rank: [rank[position]]  # noqa: E731
+    elif native is not None:
+        return _rank_dense_native(native, parts, m, dim, lows, radices, span)
     else:
 
         def codes_of(part: np.ndarray) -> np.ndarray:
@@ -381,6 +483,34 @@ def rank_rows(parts: list[np.ndarray], dim: int) -> tuple[np.ndarray, np.ndarray
     return indices, uniq[order], counts[order].astype(np.int64)
 
 
+def _rank_dense_native(
+    k, parts: list[np.ndarray], m: int, dim: int, lows: np.ndarray, radices: np.ndarray, span: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`rank_rows`' dense-code branch by the native kernels: one counting pass and one pass writing each row's
+    rank (through a table from code to rank), with the same codebook order and the same indices."""
+    all_counts = np.zeros(span, dtype=np.int64)
+    for part in parts:
+        k.count_codes(np.ascontiguousarray(part), lows, radices, all_counts)
+    used = np.flatnonzero(all_counts)
+    uniq = np.empty((used.size, dim), dtype=np.int64)
+    rest = used.copy()
+    for j in range(dim - 1, -1, -1):  # undo the mixed radix, last coordinate first
+        uniq[:, j] = rest % radices[j] + lows[j]
+        rest //= radices[j]
+    counts = all_counts[used]
+    del all_counts
+    order = np.lexsort(tuple(uniq[:, j] for j in range(dim - 1, -1, -1)) + (-counts,))
+    idx_dtype = index_dtype(max(order.size, 1))
+    code_rank = np.zeros(span, dtype=idx_dtype)
+    code_rank[used[order]] = np.arange(order.size, dtype=idx_dtype)
+    indices = np.empty(m, dtype=idx_dtype)
+    start = 0
+    for part in parts:
+        k.map_codes(np.ascontiguousarray(part), lows, radices, code_rank, indices, start)
+        start += part.shape[0]
+    return indices, uniq[order], counts[order].astype(np.int64)
+
+
 #: Elements per block of :func:`blocked_sum`.
 SUM_BLOCK_ELEMENTS = 1 << 16
 
@@ -393,19 +523,33 @@ def blocked_sum(size: int, block, leaf: int | None = None) -> float:
     the same splits down to blocks of at most ``leaf`` elements and sums each block with NumPy, so the result is that
     of summing the whole vector at once while only one block is ever materialised (tested against ``np.sum``).
     """
+    return _blocked_sums(size, lambda lo, hi: (block(lo, hi),), leaf, 1)[0]
+
+
+def _blocked_sums(size: int, block, leaf: int | None, count: int) -> tuple[float, ...]:
+    """:func:`blocked_sum` of ``count`` vectors at once: ``block(lo, hi)`` returns a tuple of their elements
+    ``lo .. hi``; the blocks are asked for in increasing order and each exactly once."""
     # below 128 elements NumPy sums with 8 accumulators, not by halving: a block is never split there
     leaf = max(int(SUM_BLOCK_ELEMENTS if leaf is None else leaf), 128)
 
-    def rec(lo: int, k: int) -> float:
+    def rec(lo: int, k: int) -> tuple:
         if k <= leaf:
-            return np.add.reduce(np.asarray(block(lo, lo + k), dtype=np.float64))
+            return tuple(np.add.reduce(np.asarray(x, dtype=np.float64)) for x in block(lo, lo + k))
         half = k // 2
         half -= half % 8
-        return rec(lo, half) + rec(lo + half, k - half)
+        left, right = rec(lo, half), rec(lo + half, k - half)
+        return tuple(x + y for x, y in zip(left, right))
 
     if size <= 0:
-        return 0.0
-    return float(rec(0, int(size)))
+        return (0.0,) * count
+    return tuple(float(x) for x in rec(0, int(size)))
+
+
+def _native_flat_kernels(flat: np.ndarray):
+    """The native kernels when they apply to the weights ``flat`` (a 1-D float32/float64 array), else ``None``."""
+    if not isinstance(flat, np.ndarray) or flat.ndim != 1 or flat.dtype not in (np.float32, np.float64):
+        return None
+    return _dither.native(flat.size)
 
 
 def blocked_std(flat: np.ndarray, leaf: int | None = None) -> float:
@@ -415,14 +559,68 @@ def blocked_std(flat: np.ndarray, leaf: int | None = None) -> float:
         ConfigError: ``flat`` holds NaN or Inf values (checked block by block).
     """
     size = flat.size
+    k = _native_flat_kernels(flat)
 
     def values(lo: int, hi: int) -> np.ndarray:
-        x = np.asarray(flat[lo:hi], dtype=np.float64)
-        if not np.isfinite(x).all():
+        if k is not None:
+            x = np.empty(hi - lo)
+            finite = k.widen_checked(flat, lo, x)
+        else:
+            x = np.asarray(flat[lo:hi], dtype=np.float64)
+            finite = np.isfinite(x).all()
+        if not finite:
             raise ConfigError("cannot quantize NaN or Inf values")
         return x
 
+    def deviations(lo: int, hi: int) -> np.ndarray:
+        if k is not None:
+            out = np.empty(hi - lo)
+            k.squared_deviations(flat, lo, mean, out)
+            return out
+        return np.square(values(lo, hi) - mean)
+
     # numpy's _var: mean = sum / n; x = arr - mean; sum(x * x) / n; sqrt
     mean = np.float64(blocked_sum(size, values, leaf)) / size
-    sq = blocked_sum(size, lambda lo, hi: np.square(values(lo, hi) - mean), leaf)
+    sq = blocked_sum(size, deviations, leaf)
     return float(np.sqrt(np.float64(sq) / size))
+
+
+def signal_and_error_sums(q: CompressedWeight, flat: np.ndarray, leaf: int | None = None) -> tuple[float, float]:
+    """``(Σ w², Σ (ŵ − w)²)`` in float64 over the weights ``flat`` (1-D, the ``numel`` weights ``q`` quantized) and
+    their decode ``ŵ`` (:meth:`~udnc_fx.record.CompressedWeight.decode_rows`), each summed as NumPy sums the whole
+    vector (:func:`blocked_sum`), bit for bit: the SQNR's two sums without a float64 copy of the weights. ``Z^n``
+    weights are decoded by a native kernel (when available) element by element inside each block."""
+    numel, n = q.numel, q.n
+    k = _native_flat_kernels(flat)
+    if k is not None and q.lattice == "Z" and q.affine is None:
+        codebook = np.ascontiguousarray(q.codebook, dtype=np.float32)
+        a, b = _dither.key_words(q.key) if q.key is not None else (0, 0)
+        zero = -1 if q.zero_index is None else int(q.zero_index)
+        args = (np.asarray(q.indices), codebook, zero, np.uint64(a), np.uint64(b), q.key is not None, q.factor)
+
+        def errors(lo: int, hi: int) -> np.ndarray:
+            out = np.empty(hi - lo)
+            k.z_sq_err(flat, lo, *args, out)
+            return out
+
+        def signal(lo: int, hi: int) -> np.ndarray:
+            out = np.empty(hi - lo)
+            k.squares(flat, lo, out)
+            return out
+
+    else:
+
+        def decoded(lo: int, hi: int) -> np.ndarray:
+            v0, v1 = lo // n, -(-hi // n)
+            return q.decode_rows(v0, v1).reshape(-1)[lo - v0 * n : hi - v0 * n].astype(np.float64)
+
+        def wide(lo: int, hi: int) -> np.ndarray:
+            return flat[lo:hi].astype(np.float64)
+
+        def errors(lo: int, hi: int) -> np.ndarray:
+            return np.square(decoded(lo, hi) - wide(lo, hi))
+
+        def signal(lo: int, hi: int) -> np.ndarray:
+            return np.square(wide(lo, hi))
+
+    return blocked_sum(numel, signal, leaf), blocked_sum(numel, errors, leaf)

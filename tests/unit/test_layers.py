@@ -5,7 +5,7 @@ each import is checked against the layer map below. A failure names the file, th
 
 Layer map (module → layer), lowest first:
 
-- **Core** — the math and the compressed parameter: ``udnc_fx.{errors, dither, lattice, quantizer, record, param,
+- **Core** — the math and the compressed parameter: ``udnc_fx.{errors, dither, kernels, lattice, quantizer, record, param,
   config, progress, record_store}``. It imports no pass, export, storage or face module. It may reach into Coding
   for a rate estimate (``quantizer`` asks ``coding.lattice_coords`` what a lattice-coordinate stream costs).
 - **Coding** — ``udnc_fx.coding.*``: coders and the ``.udnc`` container, NumPy only so a deployment decodes without
@@ -48,6 +48,7 @@ CORE, CODING, PASSES, STORAGE, EXPORT, FACE = "Core", "Coding", "Passes", "Stora
 TOP_LEVEL_LAYERS = {
     "udnc_fx.errors": CORE,
     "udnc_fx.dither": CORE,
+    "udnc_fx.kernels": CORE,  # numba twins of the quantizer's per-weight loops (h11-1e9); loaded lazily by dither
     "udnc_fx.lattice": CORE,
     "udnc_fx.quantizer": CORE,
     "udnc_fx.record": CORE,
