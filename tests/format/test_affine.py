@@ -83,6 +83,19 @@ def test_exact_round_trip_for_every_lattice(lattice, n, shape, prune):
     assert entry["codebook"]["affine"] == [1.0625, -0.001]  # the shortest decimals, resolved as stored
 
 
+@pytest.mark.parametrize("shape", [(16, 64), (3, 8)])
+@pytest.mark.parametrize("lattice,n", LATTICES)
+def test_section_sizes_of_a_read_header_with_a_correction(lattice, n, shape):
+    """``section_sizes(read_header(...))`` (what ``udnc compress`` prints) takes the resolved ``affine`` of every
+    layout: the 1.3 wrapper's and the flat 1.4 one's; the shares add up to the file."""
+    from udnc_fx.coding.container import section_sizes
+
+    data, _ = _roundtrip(_record(lattice, n, shape))
+    sizes = section_sizes(read_header(data))
+    assert sizes["shared"]["total"] + sum(t["total"] for t in sizes["tensors"].values()) == len(data)
+    assert sizes["tensors"]["w"]["header"] > 0
+
+
 def _stored_codebook(data: bytes) -> dict:
     """The codebook object as the file stores it (compact form)."""
     h = struct.unpack_from("<I", data, 12)[0]

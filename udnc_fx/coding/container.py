@@ -36,6 +36,7 @@ from typing import Any
 from udnc_fx.coding import lattice_coords as _lc
 from udnc_fx.coding.coder_base import DEFAULT_CODER
 from udnc_fx.coding.format import (
+    AFFINE,
     CODERS_SINCE_MINOR_1,
     CODERS_SINCE_MINOR_4,
     DEFAULT_MAX_ELEMENTS,
@@ -559,6 +560,27 @@ def _unresolve_raw(header: dict) -> dict:
     return out
 
 
+def _unresolve_affine(header: dict) -> dict:
+    """``header`` with each resolved ``affine`` correction back in the place the file stores it: read_header puts
+    ``[a, b]`` in every codebook, but only a lattice-coords entry of a ``-u`` layout keeps it flat (format 1.4);
+    every other entry stores the 1.3 wrapper ``{"encoding": "affine", "a", "b", "points"}``. A malformed value is
+    left as it is, for the validation to refuse."""
+    entries = header.get("quantized")
+    if not isinstance(entries, list):
+        return header
+    unresolved = []
+    for q in entries:
+        cb = q.get("codebook") if isinstance(q, dict) else None
+        affine = cb.get("affine") if isinstance(cb, dict) else None
+        flat = isinstance(cb, dict) and cb.get("encoding") == _lc.ENCODING and _lc.uses_own_dither(cb.get("layout"))
+        if not isinstance(affine, list) or len(affine) != 2 or flat:
+            unresolved.append(q)
+            continue
+        points = {k: v for k, v in cb.items() if k != "affine"}
+        unresolved.append({**q, "codebook": {"encoding": AFFINE, "a": affine[0], "b": affine[1], "points": points}})
+    return {**header, "quantized": unresolved}
+
+
 def section_sizes(header: dict) -> dict:
     """Attributes every byte of a file to a tensor or to the shared overhead, for honest compression ratios.
 
@@ -581,7 +603,7 @@ def section_sizes(header: dict) -> dict:
 
 
 def _section_sizes(header: dict) -> dict:
-    parsed = validate_header(_unresolve_raw(header), DEFAULT_MAX_ELEMENTS)
+    parsed = validate_header(_unresolve_affine(_unresolve_raw(header)), DEFAULT_MAX_ELEMENTS)
     stored = compact_header(parsed.resolved())
     header_length = header.get("header_length")
     if isinstance(header_length, bool) or not isinstance(header_length, int):
