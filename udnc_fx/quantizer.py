@@ -453,11 +453,7 @@ def rank_rows(parts: list[np.ndarray], dim: int) -> tuple[np.ndarray, np.ndarray
         for part in parts:
             all_counts += np.bincount(codes_of(part), minlength=span)
         used = np.flatnonzero(all_counts)
-        uniq = np.empty((used.size, dim), dtype=np.int64)
-        rest = used.copy()
-        for j in range(dim - 1, -1, -1):  # undo the mixed radix, last coordinate first
-            uniq[:, j] = rest % radices[j] + lows[j]
-            rest //= radices[j]
+        uniq = _points_of_codes(used, lows, radices, dim)
         counts = all_counts[used]
         del all_counts
         lookup = np.zeros(span, dtype=index_dtype(max(used.size, 1)))
@@ -483,6 +479,16 @@ def rank_rows(parts: list[np.ndarray], dim: int) -> tuple[np.ndarray, np.ndarray
     return indices, uniq[order], counts[order].astype(np.int64)
 
 
+def _points_of_codes(used: np.ndarray, lows: np.ndarray, radices: np.ndarray, dim: int) -> np.ndarray:
+    """The integer points (``(len(used), dim)`` int64) behind mixed-radix codes: the last coordinate first."""
+    uniq = np.empty((used.size, dim), dtype=np.int64)
+    rest = used.copy()
+    for j in range(dim - 1, -1, -1):
+        uniq[:, j] = rest % radices[j] + lows[j]
+        rest //= radices[j]
+    return uniq
+
+
 def _rank_dense_native(
     k, parts: list[np.ndarray], m: int, dim: int, lows: np.ndarray, radices: np.ndarray, span: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -492,11 +498,7 @@ def _rank_dense_native(
     for part in parts:
         k.count_codes(np.ascontiguousarray(part), lows, radices, all_counts)
     used = np.flatnonzero(all_counts)
-    uniq = np.empty((used.size, dim), dtype=np.int64)
-    rest = used.copy()
-    for j in range(dim - 1, -1, -1):  # undo the mixed radix, last coordinate first
-        uniq[:, j] = rest % radices[j] + lows[j]
-        rest //= radices[j]
+    uniq = _points_of_codes(used, lows, radices, dim)
     counts = all_counts[used]
     del all_counts
     order = np.lexsort(tuple(uniq[:, j] for j in range(dim - 1, -1, -1)) + (-counts,))
