@@ -262,6 +262,22 @@ def decode4(words, wpos, n, ctx, shift, use_ctx, freq, cum, lut, precision, stat
     return OK, wpos
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _push(x, f, rcp, cum, precision):
+    """One rANS encode step of state ``x`` for a symbol of frequency ``f`` (``< 2**precision``) starting at ``cum``:
+    ``(x // f) << precision | x mod f`` plus ``cum``, the quotient estimated as ``x · rcp`` (``rcp = 1 / f`` in
+    float64) and corrected to the exact floor, so the result does not depend on how the float product rounds."""
+    q = np.int64(np.float64(x) * rcp)
+    r = x - q * f
+    while r < 0:  # the estimate is within 1 of the floor for P >= 11, a few units for P >= 8
+        q -= 1
+        r += f
+    while r >= f:
+        q += 1
+        r -= f
+    return (q << precision) + r + cum
+
+
 @njit(cache=True, nogil=True)
 def encode4(sym, n, ctx, shift, use_ctx, freq, cum, rcp, precision, states, out, opos):
     """:func:`encode_symbols` for 4 states (``states[j]`` serves positions ``i`` with ``i mod 4 = j``), contexts
@@ -333,45 +349,13 @@ def encode4(sym, n, ctx, shift, use_ctx, freq, cum, rcp, precision, states, out,
             out[opos] = x0 & 0xFFFFFFFF
             x0 >>= 32
         if f3 != top:
-            q = np.int64(np.float64(x3) * rcp[c3, s3])
-            r = x3 - q * f3
-            while r < 0:  # the estimate is within 1 of the floor for P >= 11, a few units for P >= 8
-                q -= 1
-                r += f3
-            while r >= f3:
-                q += 1
-                r -= f3
-            x3 = (q << precision) + r + cum[c3, s3]
+            x3 = _push(x3, f3, rcp[c3, s3], cum[c3, s3], precision)
         if f2 != top:
-            q = np.int64(np.float64(x2) * rcp[c2, s2])
-            r = x2 - q * f2
-            while r < 0:  # the estimate is within 1 of the floor for P >= 11, a few units for P >= 8
-                q -= 1
-                r += f2
-            while r >= f2:
-                q += 1
-                r -= f2
-            x2 = (q << precision) + r + cum[c2, s2]
+            x2 = _push(x2, f2, rcp[c2, s2], cum[c2, s2], precision)
         if f1 != top:
-            q = np.int64(np.float64(x1) * rcp[c1, s1])
-            r = x1 - q * f1
-            while r < 0:  # the estimate is within 1 of the floor for P >= 11, a few units for P >= 8
-                q -= 1
-                r += f1
-            while r >= f1:
-                q += 1
-                r -= f1
-            x1 = (q << precision) + r + cum[c1, s1]
+            x1 = _push(x1, f1, rcp[c1, s1], cum[c1, s1], precision)
         if f0 != top:
-            q = np.int64(np.float64(x0) * rcp[c0, s0])
-            r = x0 - q * f0
-            while r < 0:  # the estimate is within 1 of the floor for P >= 11, a few units for P >= 8
-                q -= 1
-                r += f0
-            while r >= f0:
-                q += 1
-                r -= f0
-            x0 = (q << precision) + r + cum[c0, s0]
+            x0 = _push(x0, f0, rcp[c0, s0], cum[c0, s0], precision)
         i -= 4
     states[0] = x0
     states[1] = x1
