@@ -397,16 +397,28 @@ class AnsDitherCoder(Coder):
 
     # -- encode ------------------------------------------------------------------------------------------------
 
+    def _stream_inputs(self, symbols: np.ndarray, alphabet_size: int, context: Any, row_length: int | None, *,
+                       widen: bool) -> tuple[np.ndarray, int, np.ndarray | None, int | None] | None:
+        """``(symbols, alphabet size, dither codes, row length)`` of an encode or cost call, validated; ``None`` for a stream that
+        codes to nothing (no symbols, or an alphabet of one). A row length that cannot help (rows of one symbol or
+        of the whole stream) is a hint and is dropped."""
+        arr, k = check_symbols(symbols, alphabet_size, self.max_alphabet_size, widen=widen)
+        n = arr.size
+        if n == 0 or k == 1:
+            return None
+        codes = self._check_context(context, n, ConfigError)
+        if row_length is not None and not (isinstance(row_length, (int, np.integer)) and 1 <= row_length < n):
+            row_length = None
+        return arr, k, codes, row_length
+
     def encode(self, symbols: np.ndarray, alphabet_size: int, *, context: Any = None,
                row_length: int | None = None) -> bytes:
         # narrow streams stay narrow (accepts_narrow): every step below reads values, never the dtype
-        arr, k = check_symbols(symbols, alphabet_size, self.max_alphabet_size, widen=False)
-        n = arr.size
-        if n == 0 or k == 1:
+        inputs = self._stream_inputs(symbols, alphabet_size, context, row_length, widen=False)
+        if inputs is None:
             return b""
-        codes = self._check_context(context, n, ConfigError)
-        if row_length is not None and not (isinstance(row_length, (int, np.integer)) and 1 <= row_length < n):
-            row_length = None  # a hint: rows of one symbol or of the whole stream carry nothing
+        arr, k, codes, row_length = inputs
+        n = arr.size
         bits, classes, labels, tables, label_q, _ = self._choose(arr, codes, row_length)
         ctx = self._contexts(codes, bits, labels, row_length, n)
         out = bytearray([bits | (self._ROW_FLAG if classes else 0)])
@@ -439,13 +451,11 @@ class AnsDitherCoder(Coder):
         tables exactly, the symbols at their ideal cost under the quantized tables (``−log2`` of each symbol's
         probability), plus the ANS stream's final state and word padding (:data:`_STREAM_OVERHEAD_BITS`) and its
         word-count varint. Within a few bytes of ``8·len(encode(...))`` per stream (tests/format)."""
-        arr, k = check_symbols(symbols, alphabet_size, self.max_alphabet_size)
-        n = arr.size
-        if n == 0 or k == 1:
+        inputs = self._stream_inputs(symbols, alphabet_size, context, row_length, widen=True)
+        if inputs is None:
             return 0.0
-        codes = self._check_context(context, n, ConfigError)
-        if row_length is not None and not (isinstance(row_length, (int, np.integer)) and 1 <= row_length < n):
-            row_length = None
+        arr, k, codes, row_length = inputs
+        n = arr.size
         cost, _, classes, _, tables, label_q, _ = self._choose_costed(arr, codes, row_length)
         if all(q.size < 2 for q in tables) and not (classes and label_q.size >= 2):
             return 8.0 * cost + 8.0  # nothing to code: the word count 0 alone

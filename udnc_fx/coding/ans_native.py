@@ -165,13 +165,11 @@ class AnsNativeCoder(AnsDitherCoder):
 
     def encode(self, symbols: np.ndarray, alphabet_size: int, *, context: Any = None,
                row_length: int | None = None) -> bytes:
-        arr, k = check_symbols(symbols, alphabet_size, self.max_alphabet_size, widen=False)
-        n = arr.size
-        if n == 0 or k == 1:
+        inputs = self._stream_inputs(symbols, alphabet_size, context, row_length, widen=False)
+        if inputs is None:
             return b""
-        codes = self._check_context(context, n, ConfigError)
-        if row_length is not None and not (isinstance(row_length, (int, np.integer)) and 1 <= row_length < n):
-            row_length = None  # a hint: rows of one symbol or of the whole stream carry nothing
+        arr, k, codes, row_length = inputs
+        n = arr.size
         cost, bits, classes, labels, tables, label_q, precision = self._choose_costed(arr, codes, row_length)
         nstates = 4 if n >= _INTERLEAVE_FROM else 1
         out = bytearray([bits | (self._ROW_FLAG if classes else 0), (precision - 1) | ((nstates >> 1) << 4)])
@@ -219,13 +217,11 @@ class AnsNativeCoder(AnsDitherCoder):
         """The bits :meth:`encode` would write, without coding: the head and tables exactly, the symbols at their
         ideal cost under the quantized tables, plus the final states (:data:`_STATE_OVERHEAD_BITS` each) and the
         word-count varint. Within a few bytes of ``8·len(encode(...))`` per stream (tests/format)."""
-        arr, k = check_symbols(symbols, alphabet_size, self.max_alphabet_size)
-        n = arr.size
-        if n == 0 or k == 1:
+        inputs = self._stream_inputs(symbols, alphabet_size, context, row_length, widen=True)
+        if inputs is None:
             return 0.0
-        codes = self._check_context(context, n, ConfigError)
-        if row_length is not None and not (isinstance(row_length, (int, np.integer)) and 1 <= row_length < n):
-            row_length = None
+        arr, k, codes, row_length = inputs
+        n = arr.size
         cost, _, classes, _, tables, label_q, _ = self._choose_costed(arr, codes, row_length)
         if not _coded(tables + ([label_q] if classes else [])):
             return 8.0 * cost + 8.0  # nothing to code: the word count 0 alone
