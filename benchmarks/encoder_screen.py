@@ -140,10 +140,12 @@ def main(argv: list[str]) -> int:
                     target, how = prepare(task.float_model, cfg)
                     out = quantize(target, cfg, calibration=calib, progress=False, how=how).graph_module
                     if distill_epochs:
+                        before = task.quality_fn(out)["cos_mean"], (quality2(out) if quality2 else float("nan"))
                         nbytes, out, cpu, wall, result = _distilled(task, out, cfg, train, held, distill, path)
                         curve = " ".join(f"{h['metric']:.5f}" for h in result.history)
-                        print(f"    seed {seed}: distilled in {cpu:.0f} CPU s ({wall:.0f} s wall), held-out cosine "
-                              f"per epoch [{curve}], kept epoch "
+                        print(f"    seed {seed}: before distillation mean cosine {before[0]:.5f} (second set "
+                              f"{before[1]:.5f}, raw tensors float32); distilled in {cpu:.0f} CPU s ({wall:.0f} s "
+                              f"wall), held-out cosine per epoch [{curve}], kept epoch "
                               f"{result.best_epoch}", flush=True)
                     else:
                         nbytes = udnc_fx.save(out, path, raw_float_dtype=peers.RAW_FLOAT_DTYPE)
