@@ -306,6 +306,8 @@ def _inspect(args) -> int:
     for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
     print(f"\nfile: {report['file_bytes']} bytes")
+    stored, plain = header["header_length"], header.get("header_json_length", header["header_length"])
+    print(f"header: {stored} bytes" + (f" (udnc-hcm-v1, {plain} bytes of JSON)" if stored != plain else " (plain JSON)"))
     weights_ratio = "-" if report["weights_ratio"] is None else f"{report['weights_ratio']:.2f}x"
     file_ratio = "-" if report["file_ratio"] is None else f"{report['file_ratio']:.2f}x"
     print(f"compressed weights only: {report['weights_float_bytes']} float32 bytes -> {report['weights_bytes']} bytes "
