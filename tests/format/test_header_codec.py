@@ -34,7 +34,7 @@ KNOWN_JSON = (
     b'{"quantized":[{"fqn":"fc.weight","indices":{"alphabet_size":5,"length":12},"shape":[4,3],"step":0.5}],'
     b'"raw":[["fc.bias",[4]]]}'
 )
-KNOWN_STORED = "00017e17315494537f04c3796d951e77d7af8e4b4b41422add2b"  # 126 bytes of JSON in 26
+KNOWN_STORED = "00017e1a8db6b1be4135ff1483e571971949d00895f8ebca2e39e1"  # 126 bytes of JSON in 27
 
 
 def test_known_answer():
@@ -51,6 +51,8 @@ def test_primer_and_tables_are_pinned():
     assert hc.STRETCH[0] == -2047 and hc.STRETCH[4095] == 2047 and hc.STRETCH[2048] == 1
     assert hc.SQUASH[2047] == 2047 and hc.SQUASH[0] == 1 and hc.SQUASH[4094] == 4094
     assert list(hc.RATES[:3]) == [43690, 26214, 18724] and len(hc.RATES) == hc.LIMIT + 1
+    assert [hc.table_bits(n) for n in (1, 1023, 1024, 2047, 2048, 16383, 16384, 1 << 26)] == [16, 16, 17, 17, 18, 20,
+                                                                                               20, 20]
 
 
 @pytest.mark.parametrize(

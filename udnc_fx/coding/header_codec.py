@@ -34,8 +34,14 @@ METHOD = 0x01
 
 #: Context orders (bytes of history) of the six models (order 0: the bits of the current byte only).
 ORDERS = (0, 1, 2, 3, 4, 6)
-#: Each model's table has 2^TABLE_BITS slots.
-TABLE_BITS = 18
+#: Each model's table has 2^b slots, b = table_bits(L) for a JSON of L bytes: 2^16 for headers under 1 KiB (6 x 192
+#: KiB of tables), up to 2^20 from 16 KiB on (fewer collisions where there is more to learn).
+MIN_TABLE_BITS, MAX_TABLE_BITS = 16, 20
+
+
+def table_bits(length: int) -> int:
+    """log2 of the slots per model for a JSON of ``length`` bytes: ``min(20, max(16, bit_length(length) + 6))``."""
+    return min(MAX_TABLE_BITS, max(MIN_TABLE_BITS, int(length).bit_length() + 6))
 #: A counter's adaptation rate is 1/(n + 1.5) for its first LIMIT updates, then 1/(LIMIT + 1.5).
 LIMIT = 30
 #: Mixer learning rate and initial weight (16.16 fixed point).
@@ -117,8 +123,9 @@ _ERR_OVERRUN = 1  # the decoder would read more than the stream's bytes
 @njit(cache=True, nogil=True)
 def _code(decode, data, n_out, stream, probs, counts, weights, history, squash, stretch, rates, orders,
           table_bits, limit, rate, w_max, out):
-    """Runs the model over ``data`` (priming, ``decode=False`` and ``stream`` unused), codes ``data`` into
-    ``stream`` (``decode=False`` with ``n_out > 0``... see :func:`_encode`), or decodes ``n_out`` bytes into ``out``.
+    """One pass of the model, in one of three ways: priming (``decode=False``, ``stream`` empty: the model learns
+    ``data``, nothing is coded), encoding (``decode=False``: ``data`` coded into ``stream``, a buffer large enough)
+    or decoding (``decode=True``: ``n_out`` bytes from ``stream`` into ``out``; the other arrays are uint8).
 
     State (``probs``, ``counts``: ``(models, 2^table_bits)``; ``weights``: ``(256, models)``; ``history``: the last 8
     bytes, newest first) is updated in place, so priming leaves the state the header starts from.
@@ -132,7 +139,7 @@ def _code(decode, data, n_out, stream, probs, counts, weights, history, squash, 
     coding = stream.shape[0] > 0 or decode
     if decode:
         for _ in range(4):
-            x = (x << 8) | (stream[pos] if pos < stream.shape[0] else 255)
+            x = (x << 8) | (int(stream[pos]) if pos < stream.shape[0] else 255)
             pos += 1
     hashes = np.zeros(nm, np.int64)
     idx = np.zeros(nm, np.int64)
@@ -146,14 +153,14 @@ def _code(decode, data, n_out, stream, probs, counts, weights, history, squash, 
             for j in range(orders[m]):
                 h = ((h * 16777619) ^ history[j]) & 0xFFFFFFFF
             hashes[m] = h
-        byte = 0 if decode else data[k]
+        byte = 0 if decode else int(data[k])
         c0 = 1
         for b in range(7, -1, -1):
             dot = 0
             for m in range(nm):
                 t = ((hashes[m] ^ (c0 * 0x9E3779B1)) & 0xFFFFFFFF) * 0x2545F491 & 0xFFFFFFFF
                 idx[m] = t >> shift
-                st[m] = stretch[probs[m, idx[m]] >> 4]
+                st[m] = stretch[int(probs[m, idx[m]]) >> 4]
                 dot += weights[c0, m] * st[m]
             d = dot >> 16
             if d > 2047:
@@ -180,7 +187,7 @@ def _code(decode, data, n_out, stream, probs, counts, weights, history, squash, 
                     if decode:
                         if pos >= stream.shape[0] + 3:
                             return _ERR_OVERRUN, pos
-                        x = ((x << 8) & 0xFFFFFFFF) | (stream[pos] if pos < stream.shape[0] else 255)
+                        x = ((x << 8) & 0xFFFFFFFF) | (int(stream[pos]) if pos < stream.shape[0] else 255)
                     else:
                         if pos >= stream.shape[0]:
                             return _ERR_OVERRUN, pos
@@ -198,8 +205,9 @@ def _code(decode, data, n_out, stream, probs, counts, weights, history, squash, 
                     w = -w_max
                 weights[c0, m] = w
                 i = idx[m]
-                n = counts[m, i]
-                probs[m, i] += (((y << 16) - probs[m, i]) * rates[n]) >> 16
+                n = int(counts[m, i])
+                q = int(probs[m, i])
+                probs[m, i] = q + ((((y << 16) - q) * rates[n]) >> 16)
                 if n < limit:
                     counts[m, i] = n + 1
             c0 = (c0 << 1) | y
@@ -216,61 +224,55 @@ def _code(decode, data, n_out, stream, probs, counts, weights, history, squash, 
         pos += 1
     if decode:
         # the encoder wrote one byte per shift plus the flush byte x1 >> 24; the decoder read 4 bytes ahead
-        return (_OK if pos == stream.shape[0] + 3 and stream[stream.shape[0] - 1] == (x1 >> 24) else 2), pos
+        return (_OK if pos == stream.shape[0] + 3 and int(stream[stream.shape[0] - 1]) == (x1 >> 24) else 2), pos
     return _OK, pos
 
 
-def _fresh_state() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    probs = np.full((_NMODELS, 1 << TABLE_BITS), 1 << 15, np.int32)  # int32: 6 MB per table set, copied per call
-    counts = np.zeros((_NMODELS, 1 << TABLE_BITS), np.int32)
+def _primed_state(length: int, kernel=None) -> tuple[np.ndarray, ...]:
+    """The model's state after :data:`PRIMER`, with the tables sized for a JSON of ``length`` bytes (priming takes
+    about a millisecond: cheaper than keeping a copy per table size)."""
+    kernel = kernel or _code
+    bits = table_bits(length)
+    probs = np.full((_NMODELS, 1 << bits), 1 << 15, np.uint16)  # q: 16 bits; n: at most LIMIT
+    counts = np.zeros((_NMODELS, 1 << bits), np.uint8)
     weights = np.full((256, _NMODELS), MIXER_INIT, np.int64)
     history = np.zeros(8, np.int64)
-    return probs, counts, weights, history
+    state = (probs, counts, weights, history)
+    kernel(False, _PRIMER_VALUES, 0, _EMPTY, *state, SQUASH, STRETCH, RATES, _ORDERS, bits, LIMIT, MIXER_RATE, W_MAX,
+           _EMPTY)
+    return state
 
 
-_PRIMED: tuple | None = None
-
-
-def _primed_state(kernel=None) -> tuple[np.ndarray, ...]:
-    """A copy of the model's state after :data:`PRIMER` (computed once per process)."""
-    global _PRIMED
-    kernel = kernel or _code
-    if _PRIMED is None or kernel is not _code:
-        state = _fresh_state()
-        primer = np.frombuffer(PRIMER, np.uint8).astype(np.int64)
-        kernel(False, primer, 0, np.zeros(0, np.int64), *state, SQUASH, STRETCH, RATES, _ORDERS, TABLE_BITS, LIMIT,
-               MIXER_RATE, W_MAX, np.zeros(0, np.int64))
-        if kernel is not _code:
-            return state
-        _PRIMED = state
-    return tuple(a.copy() for a in _PRIMED)
+_PRIMER_VALUES = np.frombuffer(PRIMER, np.uint8).copy()  # writable: one compiled signature for all calls
+_EMPTY = np.zeros(0, np.uint8)
 
 
 def _encode(data: bytes, kernel=None) -> bytes:
     """The coded stream of ``data`` (no framing)."""
     kernel = kernel or _code
-    state = _primed_state(kernel)
-    buffer = np.zeros(len(data) + 16, np.int64)  # the stream never exceeds the input by more than a few bytes
-    values = np.frombuffer(data, np.uint8).astype(np.int64)
-    err, n = kernel(False, values, 0, buffer, *state, SQUASH, STRETCH, RATES, _ORDERS, TABLE_BITS, LIMIT, MIXER_RATE,
-                    W_MAX, np.zeros(0, np.int64))
+    state = _primed_state(len(data), kernel)
+    # each bit costs at most 12 bits (p' >= 1/4096) plus the flush: 12 bytes per input byte bound the stream
+    buffer = np.zeros(12 * len(data) + 8, np.uint8)
+    values = np.frombuffer(data, np.uint8).copy()
+    err, n = kernel(False, values, 0, buffer, *state, SQUASH, STRETCH, RATES, _ORDERS, table_bits(len(data)), LIMIT,
+                    MIXER_RATE, W_MAX, _EMPTY)
     if err != _OK:  # cannot happen: bits with p >= 1/4096 cost at most 12 bits; kept as a guard
         raise FormatError("bad_value", "the header coder's output overran its buffer")
-    return bytes(buffer[:n].astype(np.uint8))
+    return buffer[:n].tobytes()
 
 
 def _decode(stream: bytes, length: int, kernel=None) -> bytes:
     kernel = kernel or _code
-    state = _primed_state(kernel)
-    out = np.zeros(length, np.int64)
-    values = np.frombuffer(stream, np.uint8).astype(np.int64)
-    err, _ = kernel(True, np.zeros(0, np.int64), length, values, *state, SQUASH, STRETCH, RATES, _ORDERS, TABLE_BITS,
-                    LIMIT, MIXER_RATE, W_MAX, out)
+    state = _primed_state(length, kernel)
+    out = np.zeros(length, np.uint8)
+    values = np.frombuffer(stream, np.uint8).copy()
+    err, _ = kernel(True, _EMPTY, length, values, *state, SQUASH, STRETCH, RATES, _ORDERS, table_bits(length), LIMIT,
+                    MIXER_RATE, W_MAX, out)
     if err != _OK:
         raise FormatError(
             "bad_header", "the compressed header's stream does not hold exactly its declared length (corrupt stream)"
         )
-    return bytes(out.astype(np.uint8))
+    return out.tobytes()
 
 
 # ---------------------------------------------------------------------------------------------------------------
