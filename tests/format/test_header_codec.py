@@ -254,3 +254,23 @@ def test_compressed_header_files_round_trip(tensors, seed, metadata):
     assert hk["quantized"] == hp["quantized"] and hk["seed"] == seed
     assert len(data) <= len(plain)
     assert (minor(data) == 5) is (len(data) < len(plain))
+
+
+def test_the_spec_holds_the_primer_and_the_known_answer():
+    from pathlib import Path
+
+    spec = (Path(__file__).resolve().parents[2] / "docs" / "FORMAT.md").read_text()
+    block = spec.split("The primer, 1558 bytes", 1)[1].split("```\n", 2)[1]
+    assert "".join(block.splitlines()).encode() == hc.PRIMER
+    assert KNOWN_STORED in spec and KNOWN_JSON.decode() in spec
+
+
+def test_a_large_header_round_trips():
+    # 1000 entries (~150 KB): the largest tables (2^20 slots), compiled kernel only
+    header = {"quantized": [{"fqn": f"model.layers.{i // 7}.mlp.{i % 7}.weight", "shape": [384, 1536],
+                             "indices": {"alphabet_size": 20 + i % 50, "length": 10000 + 37 * i},
+                             "step": 1 / (i + 3)} for i in range(1000)]}
+    data = canonical_json(header)
+    stored = hc.compress_header(data)
+    assert hc.table_bits(len(data)) == 20 and len(stored) < len(data) // 8
+    assert hc.decompress_header(stored, len(data)) == data
