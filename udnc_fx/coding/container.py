@@ -6,6 +6,8 @@ NumPy only (no torch), so a deployment can decode a model without PyTorch. The b
     magic(8) | major u16 | minor u16 | header length u32 | payload length u64 | payload SHA-256 (32)
     | header SHA-256 (32) | compact JSON header | payload (index streams, codebooks, raw tensors, back to back)
 
+(format 1.5: the header may be stored compressed by ``udnc-hcm-v1``, :mod:`~udnc_fx.coding.header_codec`)
+
 The header is kept small because on small models it is a visible part of the file: writers omit every key that
 holds its default, section offsets are never stored (sections are contiguous, in entry order) and lengths only
 where they cannot be derived (coded streams). :func:`read_header` gives the header back *resolved*: defaults,
