@@ -28,8 +28,8 @@ def _yardsticks(text: bytes) -> str:
     deflate = len(zlib.compress(text, 9)) - 6  # raw deflate: no zlib header and checksum
     xz = len(lzma.compress(text, format=lzma.FORMAT_RAW,
                            filters=[{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]))
-    return f"udnc-hcm-v1 {len(hc.compress_header(text))}, raw deflate-9 {deflate}, bz2-9 {len(bz2.compress(text, 9))}, " \
-           f"raw lzma2 {xz}"
+    ours, bz = len(hc.compress_header(text)), len(bz2.compress(text, 9))
+    return f"udnc-hcm-v1 {ours}, raw deflate-9 {deflate}, bz2-9 {bz}, raw lzma2 {xz}"
 
 
 def breakdown(path: str) -> None:
@@ -55,7 +55,8 @@ def breakdown(path: str) -> None:
             _, indices, codebook = encode_quantized(dataclasses.replace(q, coder=coder), cb_dtype,
                                                     C.DEFAULT_MAX_ELEMENTS)
             sizes.append(len(indices) + len(codebook))
-        print(f"   sections re-coded with {coder:17s}: {sum(sizes)} bytes {sizes[:8]}{' ...' if len(sizes) > 8 else ''}")
+        more = " ..." if len(sizes) > 8 else ""
+        print(f"   sections re-coded with {coder:17s}: {sum(sizes)} bytes {sizes[:8]}{more}")
 
 
 def large_header_timing(entries: int = 1000) -> None:

@@ -42,6 +42,8 @@ MIN_TABLE_BITS, MAX_TABLE_BITS = 16, 20
 def table_bits(length: int) -> int:
     """log2 of the slots per model for a JSON of ``length`` bytes: ``min(20, max(16, bit_length(length) + 6))``."""
     return min(MAX_TABLE_BITS, max(MIN_TABLE_BITS, int(length).bit_length() + 6))
+
+
 #: A counter's adaptation rate is 1/(n + 1.5) for its first LIMIT updates, then 1/(LIMIT + 1.5).
 LIMIT = 30
 #: Mixer learning rate and initial weight (16.16 fixed point).
