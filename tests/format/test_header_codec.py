@@ -274,3 +274,98 @@ def test_a_large_header_round_trips():
     stored = hc.compress_header(data)
     assert hc.table_bits(len(data)) == 20 and len(stored) < len(data) // 8
     assert hc.decompress_header(stored, len(data)) == data
+
+
+def _spec_decode(stored: bytes) -> bytes:
+    """A second decoder written from docs/FORMAT.md's text alone (*Compressed header*), with Python integers and
+    dictionaries for the tables: it shares no code with the kernel, so it checks that the spec says what the code
+    does."""
+    assert stored[0] == 0 and stored[1] == 1
+    length, shift = 0, 0
+    pos = 2
+    while True:
+        byte = stored[pos]
+        pos += 1
+        length |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            break
+    stream = stored[pos:]
+    points = [1, 2, 3, 6, 10, 16, 27, 45, 73, 120, 194, 310, 488, 747, 1101, 1546, 2047, 2549, 2994, 3348, 3607, 3785,
+              3901, 3975, 4022, 4050, 4068, 4079, 4085, 4089, 4092, 4093, 4094]
+
+    def squash(d):
+        w, i = d & 127, (d >> 7) + 16
+        return (points[i] * (128 - w) + points[i + 1] * w + 64) >> 7
+
+    def stretch(p):
+        return next((d for d in range(-2047, 2048) if squash(d) >= p), 2047)
+
+    stretch_table = [stretch(p) for p in range(4096)]
+    orders = [0, 1, 2, 3, 4, 6]
+    b = min(20, max(16, length.bit_length() + 6))
+    q = [dict() for _ in orders]  # slot -> probability; absent: 32768
+    n = [dict() for _ in orders]
+    w = {}
+    history = []
+    state = {"x1": 0, "x2": 2**32 - 1, "x": 0, "read": 0, "shifts": 0}
+
+    def next_byte():
+        i = state["read"]
+        state["read"] += 1
+        return stream[i] if i < len(stream) else 255
+
+    def model_byte(value=None):  # value None: decode one byte; else learn it (priming)
+        hashes = []
+        for o in orders:
+            h = o
+            for j in range(o):
+                h = ((h * 16777619) ^ (history[j] if j < len(history) else 0)) & 0xFFFFFFFF
+            hashes.append(h)
+        c = 1
+        for bit in range(7, -1, -1):
+            slots = [((((h ^ (c * 0x9E3779B1)) & 0xFFFFFFFF) * 0x2545F491) & 0xFFFFFFFF) >> (32 - b) for h in hashes]
+            t = [stretch_table[q[m].get(s, 32768) >> 4] for m, s in enumerate(slots)]
+            d = sum(w.get((c, m), 22000) * t[m] for m in range(len(orders))) >> 16
+            p = squash(min(2047, max(-2047, d)))
+            if value is None:
+                pc = min(max(p, 1), 4095)
+                xm = state["x1"] + ((state["x2"] - state["x1"]) >> 12) * pc
+                y = 1 if state["x"] <= xm else 0
+                if y:
+                    state["x2"] = xm
+                else:
+                    state["x1"] = xm + 1
+                while (state["x1"] ^ state["x2"]) & 0xFF000000 == 0:
+                    assert state["read"] < len(stream) + 3, "a fourth byte past the end"
+                    state["x1"] = (state["x1"] << 8) & 0xFFFFFFFF
+                    state["x2"] = ((state["x2"] << 8) & 0xFFFFFFFF) | 255
+                    state["x"] = ((state["x"] << 8) & 0xFFFFFFFF) | next_byte()
+                    state["shifts"] += 1
+            else:
+                y = (value >> bit) & 1
+            e = ((y << 12) - p) * 4
+            for m, s in enumerate(slots):
+                w[(c, m)] = min(2**20, max(-(2**20), w.get((c, m), 22000) + ((t[m] * e + 512) >> 10)))
+                old = q[m].get(s, 32768)
+                count = n[m].get(s, 0)
+                q[m][s] = old + ((((y << 16) - old) * (131072 // (2 * count + 3))) >> 16)
+                if count < 30:
+                    n[m][s] = count + 1
+            c = 2 * c + y
+        history.insert(0, c - 256)
+        return c - 256
+
+    for byte in hc.PRIMER:
+        model_byte(byte)
+    for _ in range(4):
+        state["x"] = (state["x"] << 8) | next_byte()
+    out = bytes(model_byte() for _ in range(length))
+    assert state["shifts"] == len(stream) - 1 and stream[-1] == state["x1"] >> 24
+    return out
+
+
+def test_an_implementation_of_the_spec_decodes_the_known_answer():
+    assert _spec_decode(bytes.fromhex(KNOWN_STORED)) == KNOWN_JSON
+    other = canonical_json({"config": {"fallback": "module_swap"}, "metadata": {"note": "\u00e9t\u00e9"}, "seed": 3})
+    assert _spec_decode(hc.compress_header(other)) == other
