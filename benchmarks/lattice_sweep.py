@@ -26,8 +26,10 @@ Each sweep runs fine to coarse and stops after two consecutive failing points. C
 TRAIN split; nothing is chosen on the test split. Also printed: per layer, the bytes of seed 0's file at each
 lattice's best point and at Z1's best rate (``--json`` keeps every point with its per-layer bytes).
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/lattice_sweep.py --bar [--seeds 0,1,2,3,4]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/lattice_sweep.py --bar [--seeds-list 0,1,2,3,4]
         [--lattices Z1,A2,D4,E8] [--settings post,pipeline] [--json out.json]
+
+``--pool a.json,b.json`` pools such runs made with different seeds (a point passes if every seed of every run does).
 """
 
 from __future__ import annotations
@@ -219,6 +221,40 @@ def bar(args) -> int:
     return 0
 
 
+def pool(paths: list[str], threshold: float, numerator: int) -> str:
+    """Several ``--bar --json`` runs with different seeds pooled: per setting and lattice, the robust best over the
+    ladder points every run measured, a point passing only if every seed of every run stays at ``threshold`` or
+    above (ratio: ``numerator`` over the mean file bytes); and the mean accuracy at 19x of a linear fit of each
+    point's seed-mean accuracy against its ratio over the points from 17x to 21.5x."""
+    import numpy as np
+
+    import _common as C
+
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    rows = []
+    for key in ("post", "pipeline"):
+        for lat in [lat for lat in runs[0].get(key, {}) if all(lat in r.get(key, {}) for r in runs)]:
+            by_order = [{p["order"]: p for p in r[key][lat]} for r in runs]
+            best, nxt = None, None
+            for order in sorted(set.intersection(*(set(b) for b in by_order))):
+                pts = [b[order] for b in by_order]
+                accs = [a for p in pts for a in p["extra"]["per_seed_acc"]]
+                ratio = numerator * len(pts) / sum(p["bytes"] for p in pts)
+                if min(accs) < threshold:
+                    nxt = f"{ratio:.2f}x fails, worst {min(accs):.2f} %"
+                    break
+                best = f"{ratio:.2f}x ({-order:g} bits/weight), worst {min(accs):.2f} %"
+            every = [p for r in runs for p in r[key][lat]]
+            ratio = np.array([p["ratio"] for p in every])
+            mean = np.array([statistics.mean(p["extra"]["per_seed_acc"]) for p in every])
+            band = (ratio >= 17) & (ratio <= 21.5)
+            fit = np.polyval(np.polyfit(ratio[band], mean[band], 1), 19.0) if band.sum() >= 3 else float("nan")
+            seeds = sum(len(r[key][lat][0]["extra"]["per_seed_acc"]) for r in runs)
+            rows.append([key, lat, seeds, best or "none", nxt or "", f"{fit:.2f} %"])
+    return C.md_table(["setting", "lattice", "seeds", "robust best, every seed of every run", "next coarser point",
+                       "fitted mean accuracy at 19x"], rows)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one seed, fewer rates")
@@ -233,7 +269,15 @@ def main(argv=None) -> int:
     parser.add_argument("--kept-bits", default=None, help="--bar: bits per kept weight ladder, fine to coarse "
                         f"(default {KEPT_BITS[0]} ... {KEPT_BITS[-1]} in 0.25 steps)")
     parser.add_argument("--json", default=None, help="--bar: write every point here")
+    parser.add_argument("--pool", default=None, metavar="A.json,B.json",
+                        help="pool --bar --json runs of different seeds (same ladders): every seed of every run")
     args = parser.parse_args(argv)
+    if args.pool:
+        import peers
+
+        task = peers.digits_task()  # the bar and the ratio's numerator, as the runs had them
+        print(pool(args.pool.split(","), task.threshold, task.numerator))
+        return 0
     if args.bar:
         return bar(args)
     seeds = [0] if args.quick else list(range(args.seeds))
