@@ -296,6 +296,7 @@ def _metric_points(point: np.ndarray, y: np.ndarray, zero_y: np.ndarray | None, 
     ``zero_y``: with ``exact_zero``, ``col/factor``: the point 0 decodes to exactly 0, so its cost is ``‖zero_y·A‖²``.
     """
     T = S @ A
+    T2 = -2.0 * T.T  # exact (a power of two): r @ T2 == -2·(r @ Tᵀ)
     TT = np.einsum("ij,ij->i", T, T)
     smax = float(np.einsum("ij,ij->i", S, S).max()) + 1e-9
     out = point.copy()
@@ -306,11 +307,12 @@ def _metric_points(point: np.ndarray, y: np.ndarray, zero_y: np.ndarray | None, 
         rows = np.arange(cur.shape[0])
         for _ in range(METRIC_SEARCH):
             r = (yc[rows] - cur[rows]) @ A
-            here = np.einsum("ij,ij->i", r, r)
-            score = (here[:, None] + TT[None, :]) - 2.0 * (r @ T.T)  # ‖r − s·A‖² for every neighbour s
+            score = r @ T2
+            score += TT  # ‖r − s·A‖² − ‖r‖² for every neighbour s
+            here = np.zeros(rows.size)  # the current point's cost, on the same scale
             if zc_all is not None:
                 z = zc_all[rows] @ A
-                zc = np.einsum("ij,ij->i", z, z)
+                zc = np.einsum("ij,ij->i", z, z) - np.einsum("ij,ij->i", r, r)
                 c = cur[rows]
                 here = np.where(c.any(axis=1), here, zc)
                 near = np.flatnonzero(np.einsum("ij,ij->i", c, c) <= smax)  # rows with 0 among the neighbours
