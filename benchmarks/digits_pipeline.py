@@ -87,6 +87,20 @@ class Recipe:
     prune_step_epochs: int = 6
     #: ``save(coder=...)``: the index coder of the file (None: the library's default)
     coder: str | None = None
+    #: the lattice of pruning's vectors and of ``compress`` ("Z1", "A2", "D4", "E8", "Z4", ...)
+    lattice: str = "Z1"
+    #: ``compress(..., calibration=TRAIN batches)`` (compensated rounding, probe allocation); False: the demo's
+    #: data-free ``compress`` (``udnc demo``)
+    calibrate: bool = True
+
+
+def lattice_fields(label: str) -> dict:
+    """``"Z1"``/``"Z4"`` -> ``{"lattice": "Z", "n": n}``; ``"A2"``, ``"D4"``, ``"E8"`` -> their name and dimension."""
+    if label.startswith("Z") and label[1:].isdigit():
+        return {"lattice": "Z", "n": int(label[1:])}
+    if label in ("A2", "D4", "E8"):
+        return {"lattice": label, "n": int(label[1:])}
+    raise SystemExit(f"unknown lattice {label!r} (Z1..Z8, A2, D4, E8)")
 
 
 def binary_entropy(p: float) -> float:
@@ -154,14 +168,15 @@ class Pipeline:
                                loss_fn=F.cross_entropy,
                                options=TrainOptions(epochs=self.recipe.prune_step_epochs, lr=self.recipe.lr,
                                                     keep="last", progress=False, **self._distill()))
-            source, masks = prune(self.base, sparsity, config=udnc_fx.CompressConfig(exact_zero=True),
+            source, masks = prune(self.base, sparsity,
+                                  config=udnc_fx.CompressConfig(exact_zero=True, **lattice_fields(self.recipe.lattice)),
                                   max_layer_sparsity=cap, **gradual)
             finetune_float(source, masks, _loader(self.data.x_train, self.data.y_train), F.cross_entropy,
                            epochs=self.recipe.retrain_epochs, lr=self.recipe.lr, keep="last", progress=False,
                            **self._distill())
             self._pruned[key] = (source, evaluate(source, self.data.x_test, self.data.y_test))
             per_layer = " ".join(f"{k.split('.')[0]} {1 - float(m.float().mean()):.3f}" for k, m in masks.items())
-            C.log(f"  [pipeline] pruned {_label(sparsity, cap)} ({per_layer}) + retrained float: "
+            C.log(f"  [pipeline {self.recipe.lattice}] pruned {_label(sparsity, cap)} ({per_layer}) + retrained float: "
                   f"{self._pruned[key][1]:.2f} %")
         return self._pruned[key]
 
@@ -175,9 +190,11 @@ class Pipeline:
         # seed i tries the dither seeds i·K ... i·K + K - 1: the trial sets of different seeds never overlap
         trials = self.recipe.seed_trials
         cfg = udnc_fx.CompressConfig(seed=seed * trials, seed_trials=trials, exact_zero=True,
-                                     target_bits=target_bits(sparsity, kept_bits))
+                                     target_bits=target_bits(sparsity, kept_bits),
+                                     **lattice_fields(self.recipe.lattice))
+        calibration = self.calibration if self.recipe.calibrate else None
         with C.Stopwatch() as enc:
-            gm = udnc_fx.compress(source, cfg, calibration=self.calibration, progress=False)
+            gm = udnc_fx.compress(source, cfg, calibration=calibration, progress=False)
         compressed_acc = evaluate(gm, self.data.x_test, self.data.y_test)
         options = TrainOptions(epochs=self.recipe.finetune_epochs, lr=self.recipe.lr, train_bias=True,
                                train_norm=True, keep="last", progress=False, **self._distill())
@@ -187,11 +204,12 @@ class Pipeline:
         coder = {} if self.recipe.coder is None else {"coder": self.recipe.coder}
         nbytes = udnc_fx.save(gm, path, raw_float_dtype="float16", codebook_float_dtype="float16", **coder)
         acc = evaluate(udnc_fx.load(path, self.fresh), self.data.x_test, self.data.y_test)
+        layers = layer_bytes(path)
         path.unlink()
         chosen = (udnc_fx.inspect(gm).calibration or {}).get("chosen_seed", cfg.seed)
         return {"bytes": nbytes, "quality": {"acc": acc}, "encode_s": enc.s + ft.s, "decode_s": None,
                 "extra": {"compressed_acc": compressed_acc, "entropy_bits": udnc_fx.inspect(gm).mean_entropy_bits,
-                          "seed": seed, "dither_seed": chosen}}
+                          "seed": seed, "dither_seed": chosen, "layers": layers}}
 
     def point(self, sparsity: float, kept_bits: float, seeds: list[int], log=C.log,
               cap: float | None = None) -> C.Point:
@@ -203,7 +221,7 @@ class Pipeline:
                            per_seed_acc=[r["quality"]["acc"] for r in per_seed],
                            per_seed_ratio=[self.numerator / r["bytes"] for r in per_seed],
                            per_seed_compressed_acc=[r["extra"]["compressed_acc"] for r in per_seed])
-        log(f"  [pipeline] {_label(sparsity, cap)} b={kept_bits:g} ratio {point.ratio:6.2f}x acc "
+        log(f"  [pipeline {self.recipe.lattice}] {_label(sparsity, cap)} b={kept_bits:g} ratio {point.ratio:6.2f}x acc "
             f"{', '.join(f'{a:.2f}' for a in point.extra['per_seed_acc'])} (bar {self.threshold:.2f}) "
             f"{'pass' if point.passes else 'FAIL'} (before fine-tune "
             f"{', '.join(f'{a:.2f}' for a in point.extra['per_seed_compressed_acc'])})")
@@ -220,12 +238,27 @@ class Pipeline:
             try:
                 points.append(self.point(sparsity, b, seeds, cap=cap))
             except udnc_fx.ConfigError as exc:
-                C.log(f"  [pipeline] {_label(sparsity, cap)} b={b:g}: refused ({str(exc)[:100]})")
+                C.log(f"  [pipeline {self.recipe.lattice}] {_label(sparsity, cap)} b={b:g}: refused ({str(exc)[:100]})")
                 break
             fails = 0 if points[-1].passes else fails + 1
             if fails >= self.recipe.stop_after_failures:
                 break
         return points
+
+
+def layer_bytes(path: Path) -> dict:
+    """Per tensor of the file at ``path``: ``size_report``'s bytes (total, indices, codebook) and codebook encoding,
+    plus the shared header's bytes under ``"(shared)"`` and the raw tensors' total under ``"(raw)"``."""
+    import udnc_fx
+
+    rep = udnc_fx.size_report(path)
+    out = {r["name"]: {"bytes": r["bytes"], "index_bytes": r["index_bytes"], "codebook_bytes": r["codebook_bytes"],
+                       "encoding": r["codebook_encoding"], "layout": r["layout"], "affine": r["affine"] is not None}
+           for r in rep["rows"] if r["kind"] == "quantized"}
+    out["(raw)"] = {"bytes": sum(r["bytes"] for r in rep["rows"] if r["kind"] == "raw")}
+    out["(shared)"] = {"bytes": rep["shared_bytes"]}
+    out["(file)"] = {"bytes": rep["file_bytes"]}
+    return out
 
 
 def _candidates(sparsities) -> list[tuple[float, float | None]]:

@@ -9,7 +9,11 @@ exactly as ``compress`` shares them between its own seed trials: each seed's mod
 Run: ``OMP_NUM_THREADS=1 python benchmarks/encoder_screen.py SETTINGS BITS SEEDS [JSON]``, e.g.
 ``... encoder_screen.py old,default 3.3,3.4 0,1,2,3,4``; JSON adds config fields, or ``{"docs": N}`` (documentation
 sentences added to calibration.txt's 32), ``{"probe_batches": K}`` (batches the allocation probe measures on) and
-``{"second_eval": 1}`` (also the mean cosine on a second evaluation set, see ``_second_eval``).
+``{"second_eval": 1}`` (also the mean cosine on a second evaluation set, see ``_second_eval``), and
+``{"distill_epochs": E}`` (after compressing, distil each seed's model against the float one for E epochs on
+unlabelled documentation text, ``udnc_fx.hf.distill_encoder``, see ``_distill_data``; ``distill_lr``,
+``distill_loss`` (``tokens``/``cosine``) and ``distill_train`` (how many training sentences) go with it). A
+distilled model is scored as reloaded from its file (``udnc_fx.load``): what a user gets, every byte counted.
 Settings: ``default`` (act-order, masked H, compensated embeddings), ``old`` (act_order, mask_padding and
 compensate_embeddings off), ``act`` (act-order alone), ``mask`` (masked H alone), ``before`` (the default before
 ``compensate_embeddings``: plain-rounded embeddings, damping 0.01).
@@ -57,6 +61,46 @@ def _second_eval(task):
     return quality
 
 
+def _distill_data(task, count: int | None = None):
+    """Unlabelled text for distillation, tokenized in batches of 32: (training batches, held-out batches).
+
+    Training: calibration.txt's 32 sentences, Python-documentation sentences 0-399 (the compression calibration
+    takes 0-287) and 600 onwards; held-out (epoch selection): documentation sentences 400-499. Disjoint from
+    sentences.txt (excluded by text) and from ``_second_eval``'s sentences 500-599 and cli_calibration.txt. The
+    batches are sorted by length (little padding) and then put in a fixed shuffled order. ``count``: use only the
+    first ``count`` training sentences (in the order above)."""
+    import torch
+    import _calib_text
+
+    own = peers.read_sentences(peers.DATA / "calibration.txt")
+    evaluation = set(peers.read_sentences(peers.DATA / "sentences.txt"))
+    docs = _calib_text.python_doc_sentences(100_000, exclude=evaluation | set(own))
+    cli = set(peers.read_sentences(peers.DATA / "cli_calibration.txt"))
+    train = [s for s in own + docs[:400] + docs[600:] if s not in cli]
+    held = [s for s in docs[400:500] if s not in cli]
+    if count is not None:
+        train = train[:count]
+    tokenizer = task.extra["tokenizer"]
+    batches = _calib_text.batches(tokenizer, train)
+    order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(0)).tolist()
+    return [batches[i] for i in order], _calib_text.batches(tokenizer, held)
+
+
+def _distilled(task, out, cfg, train, held, opts, path):
+    """Distil ``out`` (in place), save it, reload it; returns (bytes, reloaded model, CPU s, wall s, history)."""
+    import udnc_fx
+    from udnc_fx import hf
+    from udnc_fx.passes.materialize import materialize
+
+    c0, w0 = time.process_time(), time.time()
+    result = hf.distill_encoder(out, task.float_model, train, eval_batches=held, progress=False, **opts)
+    cpu, wall = time.process_time() - c0, time.time() - w0
+    nbytes = udnc_fx.save(out, path, raw_float_dtype=peers.RAW_FLOAT_DTYPE)
+    model = materialize(udnc_fx.load(path, task.float_model), inplace=True).eval()
+    path.unlink()
+    return nbytes, model, cpu, wall, result
+
+
 def main(argv: list[str]) -> int:
     import udnc_fx
     import udnc_fx.passes.calibrate as calibrate
@@ -71,9 +115,17 @@ def main(argv: list[str]) -> int:
     docs = int(extra.pop("docs", encoder.MINILM_DOC_SENTENCES))
     calibrate.PROBE_BATCHES = int(extra.pop("probe_batches", calibrate.PROBE_BATCHES))
     second = bool(extra.pop("second_eval", False))
+    distill_epochs = int(extra.pop("distill_epochs", 0))
+    distill = {"epochs": distill_epochs, "lr": float(extra.pop("distill_lr", 1e-4)),
+               "loss": extra.pop("distill_loss", "tokens")}
+    distill_train = extra.pop("distill_train", None)
     task = peers.minilm_task()
     batches = encoder._calibration(task, docs)
     quality2 = _second_eval(task) if second else None
+    if distill_epochs:
+        train, held = _distill_data(task, distill_train)
+        print(f"distillation: {distill}, {sum(len(b['input_ids']) for b in train)} training sentences, "
+              f"{sum(len(b['input_ids']) for b in held)} held out", flush=True)
     with tempfile.TemporaryDirectory() as tmpdir:
         path = Path(tmpdir) / "x.udnc"
         for name in names:
@@ -87,9 +139,18 @@ def main(argv: list[str]) -> int:
                     cfg = cfg0.replace(seed=seed)
                     target, how = prepare(task.float_model, cfg)
                     out = quantize(target, cfg, calibration=calib, progress=False, how=how).graph_module
-                    nbytes = udnc_fx.save(out, path, raw_float_dtype=peers.RAW_FLOAT_DTYPE)
-                    path.unlink()
-                    peers._round_raw_fp16_(out)
+                    if distill_epochs:
+                        before = task.quality_fn(out)["cos_mean"], (quality2(out) if quality2 else float("nan"))
+                        nbytes, out, cpu, wall, result = _distilled(task, out, cfg, train, held, distill, path)
+                        curve = " ".join(f"{h['metric']:.5f}" for h in result.history)
+                        print(f"    seed {seed}: before distillation mean cosine {before[0]:.5f} (second set "
+                              f"{before[1]:.5f}, raw tensors float32); distilled in {cpu:.0f} CPU s ({wall:.0f} s "
+                              f"wall), held-out cosine per epoch [{curve}], kept epoch "
+                              f"{result.best_epoch}", flush=True)
+                    else:
+                        nbytes = udnc_fx.save(out, path, raw_float_dtype=peers.RAW_FLOAT_DTYPE)
+                        path.unlink()
+                        peers._round_raw_fp16_(out)
                     res.append((task.numerator / nbytes, task.quality_fn(out)["cos_mean"]))
                     if quality2 is not None:
                         res[-1] += (quality2(out),)

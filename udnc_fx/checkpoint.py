@@ -535,6 +535,6 @@ def compress_checkpoint(
         seed=config.seed,
     )
     try:
-        return write_container(out, container, raw_float_dtype=raw_float_dtype, progress=False)
+        return write_container(out, container, raw_float_dtype=raw_float_dtype, progress=False, compress_header=True)
     finally:
         bar.close()

@@ -306,6 +306,8 @@ def _inspect(args) -> int:
     for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
     print(f"\nfile: {report['file_bytes']} bytes")
+    stored, plain = header["header_length"], header.get("header_json_length", header["header_length"])
+    print(f"header: {stored} bytes" + (f" (udnc-hcm-v1, {plain} bytes of JSON)" if stored != plain else " (plain JSON)"))
     weights_ratio = "-" if report["weights_ratio"] is None else f"{report['weights_ratio']:.2f}x"
     file_ratio = "-" if report["file_ratio"] is None else f"{report['file_ratio']:.2f}x"
     print(f"compressed weights only: {report['weights_float_bytes']} float32 bytes -> {report['weights_bytes']} bytes "
@@ -492,7 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "|y - y_hat|^2 / |y|^2 on --calibration stays <= this")
     comp.add_argument("--plot", metavar="PNG", help="with --max-loss: draw the explored rate-quality curve")
     comp.add_argument("--coder", default=None,
-                      help="index coder (default ans-dither-v2, static rANS conditioned on the dither; see "
+                      help="index coder (default auto: per tensor the smaller of ans-dither-v2, static rANS "
+                           "conditioned on the dither, and, on small tensors, range-context-v1; see "
                            "udnc_fx.coding.available_coders)")
     comp.add_argument("--raw-dtype", choices=["float32", "float16"], default="float32",
                       help="storage of uncompressed tensors (biases, norms)")
@@ -522,7 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="for a folder with config.json: how a model torch.fx cannot trace is handled (as compress)")
     ckp.add_argument("--leaf-module", action="append", metavar="CLASS",
                      help="a module class name the tracer keeps whole (repeatable)")
-    ckp.add_argument("--coder", default=None, help="index coder (default ans-dither-v2)")
+    ckp.add_argument("--coder", default=None, help="index coder (default auto, as for compress)")
     ckp.add_argument("--raw-dtype", choices=["float32", "float16"], default="float32",
                      help="storage of uncompressed tensors (biases, norms)")
     ckp.add_argument("--quiet", action="store_true", help="only errors, notes and the final line; no progress bars")

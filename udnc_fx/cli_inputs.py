@@ -74,8 +74,8 @@ def _is_container(path: Path) -> bool:
 
 
 def check_coder(name: str | None) -> None:
-    """``name`` is a registered index coder (``--coder``)."""
-    if name is None:
+    """``name`` is a registered index coder or ``auto`` (``--coder``)."""
+    if name is None or name == "auto":
         return
     from .coding.coders import available_coders
 

@@ -16,7 +16,8 @@ import them when called.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 from .config import CompressConfig, LayerConfig
+from .errors import ConfigError
 
 __all__ = [
     "SENTENCES",
@@ -38,6 +40,11 @@ __all__ = [
     "SentenceEncoder",
     "Fidelity",
     "embedding_fidelity",
+    "TokenStates",
+    "masked_token_mse",
+    "embedding_cosine_loss",
+    "ENCODER_DISTILL_LOSSES",
+    "distill_encoder",
 ]
 
 #: Layer classes outside torch.nn whose ``weight`` a transformer compression should select: Hugging Face's
@@ -259,3 +266,149 @@ def embedding_fidelity(reference: torch.Tensor, test: torch.Tensor) -> Fidelity:
     """Per-sentence cosine between two embedding matrices (``sentences × dim``), summarised."""
     cos = torch.nn.functional.cosine_similarity(reference.double(), test.double(), dim=1)
     return Fidelity(float(cos.mean()), float(cos.min()), int(cos.numel()))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Distillation of a compressed encoder against its float model
+
+
+class TokenStates(nn.Module):
+    """An encoder as ``forward(input_ids, attention_mask, token_type_ids=None) -> (token states, attention mask)``:
+    what the encoder distillation losses (:func:`masked_token_mse`, :func:`embedding_cosine_loss`) compare, the mask
+    riding along so that padding positions can be left out."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids
+        return encoder_output(self.encoder(**kwargs)), attention_mask
+
+
+def _real_tokens(attention_mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return attention_mask.unsqueeze(-1).to(like.dtype)
+
+
+def masked_token_mse(student: tuple, teacher: tuple) -> torch.Tensor:
+    """Mean squared difference of the token states over the real (unpadded) tokens and the hidden dimension; both
+    arguments are :class:`TokenStates` outputs."""
+    (s, mask), (t, _) = student, teacher
+    m = _real_tokens(mask, s)
+    return (((s - t.detach()) ** 2) * m).sum() / (m.sum().clamp(min=1.0) * s.shape[-1])
+
+
+def embedding_cosine_loss(student: tuple, teacher: tuple) -> torch.Tensor:
+    """``1 − cosine`` of the mean-pooled sentence embeddings (all-MiniLM-L6-v2's pooling), averaged over the batch;
+    both arguments are :class:`TokenStates` outputs."""
+    (s, mask), (t, _) = student, teacher
+    return 1.0 - (_pool(s, mask) * _pool(t.detach(), mask)).sum(-1).mean()
+
+
+#: :func:`distill_encoder`'s losses by name.
+ENCODER_DISTILL_LOSSES = {"tokens": masked_token_mse, "cosine": embedding_cosine_loss}
+
+
+@contextmanager
+def _dropout_off(model: nn.Module) -> Iterator[None]:
+    """Every ``nn.Dropout`` of ``model`` at ``p = 0`` (BERT's attention dropout reads ``self.dropout.p`` too):
+    distillation compares deterministic outputs. The rates are restored on exit."""
+    saved = [(m, m.p) for m in model.modules() if isinstance(m, nn.Dropout)]
+    try:
+        for m, _ in saved:
+            m.p = 0.0
+        yield
+    finally:
+        for m, p in saved:
+            m.p = p
+
+
+def distill_encoder(
+    model: nn.Module,
+    teacher: nn.Module,
+    batches: Sequence[Mapping[str, torch.Tensor]],
+    *,
+    loss: str = "tokens",
+    eval_batches: Sequence[Mapping[str, torch.Tensor]] | None = None,
+    epochs: int = 3,
+    lr: float = 1e-4,
+    train_bias: bool = True,
+    train_norm: bool = True,
+    codebook: str = "auto",
+    **overrides: Any,
+):
+    """Fine-tune a compressed encoder against its float model on unlabelled text, in place.
+
+    The codewords (average-gradient rule, indices and dither fixed), and by default the biases and LayerNorm
+    parameters (stored raw in the file either way), train by :func:`udnc_fx.finetune` with ``teacher`` as the
+    target; dropout is off while training. ``loss``: ``"tokens"`` (:func:`masked_token_mse`, the token states with
+    padding left out) or ``"cosine"`` (:func:`embedding_cosine_loss`, ``1 − cosine`` of the mean-pooled sentence
+    embeddings). With ``eval_batches`` (held-out text, never the evaluation set), the mean cosine of the pooled
+    embeddings against the teacher's is measured before training and after every epoch and the best epoch is kept
+    (epoch 0 = as given: the model never leaves worse on that text).
+
+    Example::
+
+        student = udnc_fx.compress(encoder, hf.transformer_config(target_bits=3.3), calibration=batches)
+        hf.distill_encoder(student, encoder, train_batches, eval_batches=held_out, epochs=3)
+
+    Args:
+        model: the compressed encoder (``udnc_fx.compress`` of a transformers encoder).
+        teacher: the float encoder it was compressed from.
+        batches: tokenized batches (:func:`tokenize`: ``input_ids``, ``attention_mask``, ``token_type_ids``).
+        loss, eval_batches: as above.
+        epochs, lr, train_bias, train_norm: as for :func:`udnc_fx.finetune` (defaults here: 3 epochs, lr 1e-4,
+            biases and norms trained).
+        codebook: how trained codewords are stored (:func:`udnc_fx.passes.finetune.choose_codebooks`).
+        **overrides: any other ``TrainOptions`` field except ``teacher``, ``distill`` and ``eval_fn``.
+
+    Returns:
+        The :class:`udnc_fx.FinetuneResult` (``best_metric``: the kept epoch's held-out mean cosine).
+
+    Raises:
+        ConfigError: an unknown ``loss``, no batch, a batch without ``input_ids``/``attention_mask``, or an
+            override this helper sets itself.
+        PassError: as for :func:`udnc_fx.finetune` (e.g. ``model`` is not compressed).
+    """
+    from .passes.finetune import finetune
+
+    if loss not in ENCODER_DISTILL_LOSSES:
+        raise ConfigError(f"loss must be one of {sorted(ENCODER_DISTILL_LOSSES)}, got {loss!r}")
+    taken = sorted({"teacher", "distill", "eval_fn"} & set(overrides))
+    if taken:
+        raise ConfigError(f"distill_encoder() sets {taken[0]!r} itself")
+    batches = list(batches)
+    if not batches:
+        raise ConfigError("distill_encoder() needs at least one tokenized batch")
+    for b in [*batches, *(eval_batches or [])]:
+        if not isinstance(b, Mapping) or "input_ids" not in b or "attention_mask" not in b:
+            raise ConfigError("every batch must be a tokenized dict with input_ids and attention_mask (hf.tokenize)")
+    if not isinstance(teacher, nn.Module):
+        raise ConfigError(f"teacher must be the float encoder (an nn.Module), got {type(teacher).__name__}")
+    student, target = TokenStates(model), TokenStates(teacher)
+    # a new wrapper is in train mode: give each the mode of what it wraps, which finetune restores on exit (the
+    # teacher must not come back in train mode, with its dropout on)
+    student.training, target.training = model.training, teacher.training
+    eval_fn = None
+    if eval_batches:
+        eval_batches = list(eval_batches)
+        modes = [(m, m.training) for m in teacher.modules()]
+        teacher.eval()
+        references = [mean_pooled_embeddings(teacher, b) for b in eval_batches]
+        for m, was in modes:
+            m.train(was)
+
+        def eval_fn(m: nn.Module) -> float:
+            cos = [torch.nn.functional.cosine_similarity(mean_pooled_embeddings(model, b).double(), r.double(), dim=1)
+                   for b, r in zip(eval_batches, references)]
+            return float(torch.cat(cos).mean())
+
+    with _dropout_off(model):
+        result = finetune(
+            student, batches, teacher=target, distill=ENCODER_DISTILL_LOSSES[loss], eval_fn=eval_fn, mode="max",
+            epochs=epochs, lr=lr, train_bias=train_bias, train_norm=train_norm, codebook=codebook, **overrides,
+        )
+    result.model = model
+    return result

@@ -12,7 +12,7 @@ import torch
 from torch import fx, nn
 
 from .coding import limits
-from .coding.coders import DEFAULT_CODER, get_coder
+from .coding.coders import get_coder
 from .coding.container import (
     Container,
     RawTensor,
@@ -22,7 +22,7 @@ from .coding.container import (
     write_container,
 )
 from .coding.entries import entry_from_record, record_from_entry
-from .coding.payload import check_workers
+from .coding.payload import AUTO_CODER, check_workers
 from .config import CompressConfig
 from .errors import ConfigError, FormatError
 from .param import DitheredLatticeParam
@@ -35,9 +35,10 @@ from .record_store import compression_record, set_record
 
 __all__ = ["save", "load", "read_header", "size_report", "round_for_storage", "stored_config", "SAVE_CODER"]
 
-#: The index coder ``save`` uses by default: the one default of ``udnc_fx.coding`` (``ans-dither-v2``: static rANS
-#: with per-dither-bin tables), the same as ``QuantizedTensor``'s and the ONNX sidecar's.
-SAVE_CODER = DEFAULT_CODER
+#: The index coder ``save`` uses by default: ``"auto"``, per tensor the smaller of the default of ``udnc_fx.coding``
+#: (``ans-dither-v2``: static rANS with per-dither-bin tables, as ``QuantizedTensor``'s and the ONNX sidecar's) and,
+#: for tensors of at most 2^17 vectors, ``range-context-v1`` (adaptive, no tables: smaller on small layers).
+SAVE_CODER = AUTO_CODER
 #: Config fields ``load`` needs to rebuild the model (how to trace it); ``save`` stores only these by default.
 _LOAD_CONFIG_FIELDS = ("leaf_modules", "fallback")
 
@@ -85,10 +86,13 @@ def save(
     metadata: dict[str, Any] | None = None,
     progress: bool | None = None,
     threads: int = 1,
+    compress_header: bool = True,
 ) -> int:
     """Write a compressed model (from :func:`udnc_fx.compress`, possibly fine-tuned) to a ``.udnc`` container.
 
-    Index streams are entropy-coded with ``coder``; codebooks untouched by fine-tuning are stored as integer
+    Index streams are entropy-coded with ``coder`` (default ``"auto"``: per tensor, whichever of ``ans-dither-v2``
+    and, on tensors of at most 2^17 vectors, ``range-context-v1`` gives fewer bytes; the entry names the one used,
+    and ``udnc inspect`` shows it); codebooks untouched by fine-tuning are stored as integer
     lattice coordinates, fine-tuned ones as float32 or float16 (``codebook_float_dtype``); every other tensor
     (biases, normalisation parameters and buffers) raw, as float32 or float16 (``raw_float_dtype``). The float16
     options are lossy: :func:`load` then returns the float16 values (widened), not the in-memory ones, so measure
@@ -101,6 +105,9 @@ def save(
     ``progress`` draws a bar over the coded weights: ``None`` (default) on a terminal only, ``False`` never.
     ``threads``: tensors coded side by side (the default coder's kernels release the GIL; at most ``threads``
     tensors in flight); the file's bytes are the same for every count.
+    ``compress_header``: store the JSON header compressed (``udnc-hcm-v1``, format 1.5; a deterministic context-mixing
+    coder, about 5x smaller on small models' headers) when that is shorter; ``False`` writes the plain JSON header,
+    readable by pre-1.5 readers when nothing else needs 1.5.
 
     ``metadata`` is a JSON object stored as is in the container's free-form ``metadata`` section (e.g. a Hugging
     Face config from :func:`udnc_fx.hf_io.hf_metadata`, which ``udnc compress`` stores for checkpoint directories);
@@ -113,7 +120,8 @@ def save(
     dlps = served_params(model)
     if record is None or not dlps:
         raise ConfigError("save() needs a model compressed by udnc_fx.compress (no DitheredLatticeParam found)")
-    get_coder(coder)
+    if coder != AUTO_CODER:
+        get_coder(coder)
     quantized = []
     for dlp in dlps:
         # Only what decoding needs: on a small model every header byte shows in the ratio.
@@ -130,7 +138,7 @@ def save(
     )
     return write_container(
         Path(path), container, raw_float_dtype=raw_float_dtype, codebook_float_dtype=codebook_float_dtype,
-        progress=progress, threads=threads,
+        progress=progress, threads=threads, compress_header=compress_header,
     )
 
 

@@ -99,6 +99,41 @@ def test_digits_pipeline_gradual_pruning_and_coder(tmp_path, monkeypatch):
     assert coders == ["range-context-v1"] and row["bytes"] > 0
 
 
+@pytest.mark.slow
+def test_digits_pipeline_vector_lattice_data_free(tmp_path, monkeypatch):
+    """Recipe(lattice=..., calibrate=False) (lattice_sweep.py --bar's demo pipeline): pruning takes whole E8 vectors,
+    compress runs without calibration, and the per-layer bytes are those of the file."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import digits_pipeline
+    import udnc_fx
+    from udnc_fx.demo import load_digits_split, train_digits_cnn
+
+    data = load_digits_split()
+    model = train_digits_cnn(data, epochs=2, seed=0, progress=False)
+    recipe = digits_pipeline.Recipe(retrain_epochs=1, finetune_epochs=1, lattice="E8", calibrate=False)
+    pipe = digits_pipeline.Pipeline(model, data, recipe, 153_896, tmp_path)
+    source, _ = pipe.pruned(0.8)
+    for m in (source.conv1, source.conv2, source.fc1, source.fc2):
+        vectors = m.weight.detach().reshape(-1, 8)  # every layer's size is a multiple of 8
+        zero = (vectors == 0).all(dim=1) | (vectors != 0).all(dim=1)
+        assert bool(zero.all())  # a vector is pruned whole or kept whole
+    calls = []
+    real_compress = udnc_fx.compress
+    monkeypatch.setattr(udnc_fx, "compress",
+                        lambda *a, **k: calls.append(k.get("calibration")) or real_compress(*a, **k))
+    row = pipe.run_seed(0.8, 2.0, 0)
+    assert calls == [None]
+    layers = row["extra"]["layers"]
+    assert row["bytes"] == layers["(file)"]["bytes"]
+    assert sum(e["bytes"] for name, e in layers.items() if name != "(file)") <= row["bytes"]
+    assert {name for name in layers if not name.startswith("(")} == {"conv1.weight", "conv2.weight", "fc1.weight",
+                                                                       "fc2.weight"}
+    assert digits_pipeline.lattice_fields("E8") == {"lattice": "E8", "n": 8}
+    assert digits_pipeline.lattice_fields("Z1") == {"lattice": "Z", "n": 1}
+    with pytest.raises(SystemExit):
+        digits_pipeline.lattice_fields("E7")
+
+
 def test_pipeline_target_bits(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCH))
     import digits_pipeline

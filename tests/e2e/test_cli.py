@@ -23,6 +23,9 @@ def test_compress_inspect_export_roundtrip(tmp_path):
     assert "fc1.weight" in table and "whole file" in table
     data = json.loads(_run(["inspect", "m.udnc", "--json"], tmp_path)[0])
     assert data["sizes"]["file_bytes"] == (tmp_path / "m.udnc").stat().st_size
+    # the header is stored compressed (format 1.5), and inspect says so
+    stored, plain = data["header"]["header_length"], data["header"]["header_json_length"]
+    assert stored < plain and f"header: {stored} bytes (udnc-hcm-v1, {plain} bytes of JSON)" in table
     _run(["export", "m.udnc", "--model", "udnc_fx.demo:DigitsCNN", "--example-shape", "1x1x8x8", "--out", "x.onnx"],
          tmp_path)
     listing, _ = _run(["inspect", "x.onnx"], tmp_path)

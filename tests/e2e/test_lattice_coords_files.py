@@ -29,9 +29,12 @@ def test_save_load_bit_exact_with_coordinates(tmp_path, lattice, n, exact_zero):
     encodings = {q["codebook"]["encoding"] for q in read_header(path)["quantized"]}
     if n > 1:  # at 4 bits/weight the vector lattices' points are (nearly) all distinct: no table in the file
         assert "lattice-coords" in encodings
-    layouts = {q["codebook"].get("layout") for q in read_header(path)["quantized"]} - {None}
-    # A2, D4, E8 (ans-dither-v1, hash dither): contexts from each coordinate's own dither (format 1.4)
-    assert all(lay.endswith("-u") for lay in layouts) if lattice != "Z" else not any(l.endswith("-u") for l in layouts)
+    # A2, D4, E8 under a dither-conditioned coder (hash dither): contexts from each coordinate's own dither (format
+    # 1.4); save's "auto" coder takes range-context-v1 (no contexts, no -u layout) where that is smaller
+    layouts = [(q["codebook"]["layout"], q["indices"]["coder"]) for q in read_header(path)["quantized"]
+               if "layout" in q["codebook"]]
+    assert all(lay.endswith("-u") is (lattice != "Z" and coder.startswith("ans-dither")) for lay, coder in layouts)
+    assert lattice == "Z" or any(lay.endswith("-u") for lay, _ in layouts)  # the larger layers keep them
     back = udnc_fx.load(path, DigitsCNN().eval())
     saved = {d.fqn: d for d in served_params(gm)}
     for d in served_params(back):

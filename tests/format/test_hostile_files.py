@@ -23,6 +23,7 @@ from udnc_fx.coding import container as C
 from udnc_fx.coding import format as fmt
 from udnc_fx.coding import payload
 from udnc_fx.coding.container import Container, QuantizedTensor, RawTensor, encode_container, read_container
+from udnc_fx.coding.header_codec import compress_header, decompress_header, varint
 from udnc_fx.coding.limits import DEFAULT_MAX_HEADER_LENGTH, MAX_HEADER_LENGTH
 from udnc_fx.errors import FormatError
 
@@ -63,9 +64,10 @@ def _rebuilt(data: bytes, edit) -> bytes:
 
 
 def _with_header(data: bytes, edit) -> bytes:
-    """``data`` with its stored JSON header edited (``edit(dict)``) and every digest and length recomputed."""
+    """``data`` with its stored JSON header edited (``edit(dict)``) and every digest and length recomputed (written
+    back as plain JSON; save stores it compressed, format 1.5)."""
     h_len = int.from_bytes(data[12:16], "little")
-    header = json.loads(data[C.PREAMBLE_SIZE : C.PREAMBLE_SIZE + h_len])
+    header = json.loads(decompress_header(data[C.PREAMBLE_SIZE : C.PREAMBLE_SIZE + h_len], C.MAX_HEADER_LENGTH))
     edit(header)
     payload = data[C.PREAMBLE_SIZE + h_len :]
     return _frame(json.dumps(header, separators=(",", ":")).encode(), payload)
@@ -171,6 +173,29 @@ def test_load_caps_the_header_by_the_model(tmp_path, saved):
     udnc_fx.read_header(path)  # under the 4 MiB default: fine without a model
     with pytest.raises(FormatError, match="header"):  # far more than a file of a 3-tensor model needs
         udnc_fx.load(path, model)
+
+
+def test_load_caps_a_compressed_header_before_decoding_it(tmp_path, saved):
+    """Format 1.5: a compressed header declares its JSON's length; a length past what the model allows (or past the
+    reader's limit without a model) is refused before a byte is decoded, however short the stream."""
+    data, model = saved
+    h_len = int.from_bytes(data[12:16], "little")
+    payload = data[C.PREAMBLE_SIZE + h_len :]
+    assert data[C.PREAMBLE_SIZE : C.PREAMBLE_SIZE + 2] == b"\x00\x01"  # save stored it compressed
+    bomb = _frame(b"\x00\x01" + varint(3 << 20) + b"\xff" * 8, payload)
+    path = tmp_path / "bomb.udnc"
+    path.write_bytes(bomb)
+    result, seconds, peak = _measured(lambda: udnc_fx.load(path, model))
+    assert isinstance(result, FormatError) and result.kind == "bad_value" and "max_header_length" in str(result)
+    assert peak < 1 << 20, peak  # refused from the declared length: no tables, no output buffer
+    result, _, _ = _measured(lambda: C.read_header(bomb, max_header_length=1 << 20))
+    assert isinstance(result, FormatError) and result.kind == "bad_value"
+    # within the limit, the junk stream is refused as soon as it runs out
+    result, seconds, _ = _measured(lambda: C.read_header(bomb))
+    assert isinstance(result, FormatError) and result.kind == "bad_header", result
+    # the same header compressed as save does it reads back
+    plain = decompress_header(data[C.PREAMBLE_SIZE : C.PREAMBLE_SIZE + h_len], 1 << 20)
+    assert C.read_header(_frame(compress_header(plain), payload))["header_json_length"] == len(plain)
 
 
 def test_load_refuses_a_payload_larger_than_the_model_allows(tmp_path, saved):

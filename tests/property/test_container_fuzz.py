@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from udnc_fx.coding import container as C
 from udnc_fx.coding.coders import available_coders
 from udnc_fx.coding.format import non_members
+from udnc_fx.coding.header_codec import decompress_header
 from udnc_fx.coding.container import (
     PREAMBLE_SIZE,
     Container,
@@ -131,7 +132,10 @@ FILES = [
     _build(list(reversed(CODERS)), lattice_int=False, seed=2, codebook_float_dtype="float16"),
     _build(CODERS, lattice_int=True, seed=3, affine=True),
     _build_u(4),
+    # format 1.5: the header stored compressed (udnc-hcm-v1); crafted header bytes reach its decoder
+    _build(CODERS, lattice_int=True, seed=5, affine=True, compress_header=True),
 ]
+COMPRESSED = len(FILES) - 1
 
 
 def fingerprint(c: Container) -> list:
@@ -203,7 +207,7 @@ def check_crafted(data: bytes, which: int) -> None:
 def _canonical(header_bytes: bytes) -> str:
     # json.dumps, not ==: Python's True == 1 and 1 == 1.0, but a header holding true where it held 1 means another
     # thing (and may decode to another value)
-    return json.dumps(json.loads(header_bytes), sort_keys=True)
+    return json.dumps(json.loads(decompress_header(header_bytes, C.MAX_HEADER_LENGTH)), sort_keys=True)
 
 
 def check_blind_damage(data: bytes, which: int) -> None:
@@ -310,7 +314,7 @@ def _paths(node, path=()):
 @given(data=st.data(), which=st.integers(0, len(FILES) - 1), value=json_values, delete=st.booleans())
 def test_crafted_header_values(data, which, value, delete):
     header_bytes, payload = parts(FILES[which])
-    header = json.loads(header_bytes)
+    header = json.loads(decompress_header(header_bytes, C.MAX_HEADER_LENGTH))  # written back as plain JSON
     paths = list(_paths(header))[1:]
     path = paths[data.draw(st.integers(0, len(paths) - 1))]
     parent = header
@@ -353,6 +357,12 @@ def test_the_corpus_holds_the_1_4_layouts_and_a_flat_correction():
     assert struct.unpack_from("<H", FILES[4], 10)[0] == 4
     assert all(q["codebook"]["layout"].endswith("-u") for q in entries)
     assert entries[2]["codebook"]["affine"] and b'"affine":[' in FILES[4]  # stored flat
+
+
+def test_the_corpus_holds_a_compressed_header():
+    header, _ = parts(FILES[COMPRESSED])
+    assert struct.unpack_from("<H", FILES[COMPRESSED], 10)[0] == 5 and header[:2] == b"\x00\x01"
+    assert read_header(FILES[COMPRESSED])["header_json_length"] > len(header)
 
 
 def test_the_files_cover_every_codebook_encoding():

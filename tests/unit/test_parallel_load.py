@@ -15,6 +15,7 @@ import udnc_fx
 from udnc_fx.coding import container as C
 from udnc_fx.coding import format as fmt
 from udnc_fx.coding.container import iter_container
+from udnc_fx.coding.header_codec import decompress_header
 from udnc_fx.errors import ConfigError, FormatError
 
 
@@ -66,7 +67,7 @@ def _with_broken_stream(data: bytes, which: int) -> bytes:
     payload[section["offset"] : section["offset"] + section["length"]] = bytes(section["length"])
     payload = bytes(payload)
     digested = fmt.DIGESTED.pack(C.MAGIC, 1, 0, len(header_bytes), len(payload), hashlib.sha256(payload).digest())
-    assert data[: len(digested)][:8] == digested[:8] and json.loads(header_bytes)
+    assert data[: len(digested)][:8] == digested[:8] and json.loads(decompress_header(header_bytes, 1 << 26))
     return digested + hashlib.sha256(digested + header_bytes).digest() + header_bytes + payload
 
 

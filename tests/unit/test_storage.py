@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import udnc_fx
+from udnc_fx.coding.header_codec import decompress_header
 from udnc_fx.demo import DigitsCNN
 from udnc_fx.passes.fold import fold_batchnorm
 from udnc_fx.passes.prune import prune
@@ -26,7 +27,7 @@ def one_thread():
 def stored_header(path) -> dict:
     data = path.read_bytes()
     length = struct.unpack_from("<I", data, 12)[0]
-    return json.loads(data[88 : 88 + length])
+    return json.loads(decompress_header(data[88 : 88 + length], 1 << 26))  # save stores it compressed (1.5)
 
 
 def pruned_model(seed: int = 0, unit_scales: bool = False):
@@ -47,16 +48,27 @@ def test_save_writes_the_short_header_and_loads_bit_exact(tmp_path, seed):
     path = tmp_path / "m.udnc"
     size = udnc_fx.save(gm, path)
     header = stored_header(path)
-    # no config; the coder (not the format's 1.0 default) and the untouched codebooks' integer coordinates are
-    # named once for the file
-    assert set(header) == ({"quantized", "raw", "codebook_encoding", "coder"} | ({"seed"} if seed else set()))
-    assert header["coder"] == udnc_fx.storage.SAVE_CODER == "ans-dither-v2"
-    assert header.get("seed", 0) == seed and header["codebook_encoding"] == "lattice-int"
-    for entry in header["quantized"]:
-        assert set(entry) == {"fqn", "shape", "step", "indices", "zero_index"}  # key, lattice, codebook: defaults
-    assert header["raw"] == [["conv1.bias", [16]], ["conv2.bias", [32]], ["fc1.bias", [64]], ["fc2.bias", [10]]]
+    # no config; the untouched codebooks' integer coordinates are named once for the file, and so is the coder when
+    # the most used one is not the format's default (range-context-v1)
     resolved = udnc_fx.read_header(path)
-    assert {q["indices"]["coder"] for q in resolved["quantized"]} == {"ans-dither-v2"}
+    coders = [q["indices"]["coder"] for q in resolved["quantized"]]
+    file_coder = {"coder"} if coders.count("ans-dither-v2") > coders.count("range-context-v1") else set()
+    assert set(header) == ({"quantized", "raw", "codebook_encoding"} | file_coder | ({"seed"} if seed else set()))
+    assert header.get("seed", 0) == seed and header["codebook_encoding"] == "lattice-int"
+    for entry in header["quantized"]:  # key, lattice, codebook: defaults; the coder only where it is not the file's
+        assert set(entry) - {"fqn", "shape", "step", "indices", "zero_index"} == set()
+        assert set(entry) >= {"fqn", "shape", "step", "indices", "zero_index"}
+    assert header["raw"] == [["conv1.bias", [16]], ["conv2.bias", [32]], ["fc1.bias", [64]], ["fc2.bias", [10]]]
+    # "auto" (save's default): per tensor, the smaller stream of ans-dither-v2 and range-context-v1
+    assert udnc_fx.storage.SAVE_CODER == "auto"
+    lengths = {}
+    for coder in ("ans-dither-v2", "range-context-v1"):
+        udnc_fx.save(gm, tmp_path / f"{coder}.udnc", coder=coder)
+        lengths[coder] = [q["indices"]["length"] for q in udnc_fx.read_header(tmp_path / f"{coder}.udnc")["quantized"]]
+    for i, q in enumerate(resolved["quantized"]):
+        best = min(lengths, key=lambda c: (lengths[c][i], c != "ans-dither-v2"))  # a tie keeps ans-dither-v2
+        assert (q["indices"]["coder"], q["indices"]["length"]) == (best, lengths[best][i])
+    assert resolved["header_length"] < resolved["header_json_length"]  # stored compressed (format 1.5)
     loaded = udnc_fx.load(path, fold_batchnorm(DigitsCNN()).eval())
     x = torch.rand(5, 1, 8, 8)
     assert torch.equal(loaded(x), gm(x))
@@ -81,12 +93,13 @@ def test_context_coder_beats_the_flat_coder_on_a_pruned_model(tmp_path):
 def test_full_config_and_float16_options(tmp_path):
     pruned, config = pruned_model()
     gm = udnc_fx.compress(pruned, config)
-    short = udnc_fx.save(gm, tmp_path / "s.udnc")
-    full = udnc_fx.save(gm, tmp_path / "f.udnc", full_config=True)
+    plain = {"compress_header": False}  # the JSON's own bytes, as stored before format 1.5
+    short = udnc_fx.save(gm, tmp_path / "s.udnc", **plain)
+    full = udnc_fx.save(gm, tmp_path / "f.udnc", full_config=True, **plain)
     stored = stored_header(tmp_path / "f.udnc")["config"]
     assert stored["exact_zero"] is True and stored["target_bits"] == 1.2 and stored["version"] == 1
     assert full - short == len(json.dumps({"config": stored}, separators=(",", ":"))) - 1  # "," + "config":{...}
-    half = udnc_fx.save(gm, tmp_path / "h.udnc", raw_float_dtype="float16")
+    half = udnc_fx.save(gm, tmp_path / "h.udnc", raw_float_dtype="float16", **plain)
     assert short - half == 2 * (16 + 32 + 64 + 10) - len(',"raw_float16":true')
     loaded = udnc_fx.load(tmp_path / "h.udnc", fold_batchnorm(DigitsCNN()).eval())
     assert torch.equal(loaded.fc1.bias, gm.fc1.bias.half().float())

@@ -26,7 +26,7 @@ def test_bars_only_when_asked_and_bytes_do_not_change(tmp_path, capfd):
     assert "coding" in capfd.readouterr().err
     data = (tmp_path / "quiet.udnc").read_bytes()
     assert data == (tmp_path / "bar.udnc").read_bytes() == (tmp_path / "default.udnc").read_bytes()
-    assert data[10] == 4  # minor version 4: the dither-conditioned coder ans-dither-v2
+    assert data[10] == 5  # minor version 5: save stores the header compressed
     loaded = udnc_fx.load(tmp_path / "bar.udnc", fold_batchnorm(DigitsCNN()).eval(), progress=True)
     assert "decoding" in capfd.readouterr().err
     udnc_fx.load(tmp_path / "bar.udnc", fold_batchnorm(DigitsCNN()).eval(), progress=False)

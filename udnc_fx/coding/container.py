@@ -6,6 +6,8 @@ NumPy only (no torch), so a deployment can decode a model without PyTorch. The b
     magic(8) | major u16 | minor u16 | header length u32 | payload length u64 | payload SHA-256 (32)
     | header SHA-256 (32) | compact JSON header | payload (index streams, codebooks, raw tensors, back to back)
 
+(format 1.5: the header may be stored compressed by ``udnc-hcm-v1``, :mod:`~udnc_fx.coding.header_codec`)
+
 The header is kept small because on small models it is a visible part of the file: writers omit every key that
 holds its default, section offsets are never stored (sections are contiguous, in entry order) and lengths only
 where they cannot be derived (coded streams). :func:`read_header` gives the header back *resolved*: defaults,
@@ -39,6 +41,7 @@ from udnc_fx.coding.format import (
     AFFINE,
     CODERS_SINCE_MINOR_1,
     CODERS_SINCE_MINOR_4,
+    COMPRESSED_HEADER_MINOR,
     DEFAULT_MAX_ELEMENTS,
     DEFAULT_RAW_DTYPE,
     DIGESTED,
@@ -72,6 +75,7 @@ from udnc_fx.coding.header import (
     resolved_header,
     validate_header,
 )
+from udnc_fx.coding.header_codec import compress_header as _compress_header
 from udnc_fx.coding.limits import DEFAULT_MAX_HEADER_LENGTH, MAX_HEADER_LENGTH
 from udnc_fx.coding.payload import (
     check_payload_digest, check_threads, check_workers, decode_payload, decode_sections, encode_quantized, encode_raw,
@@ -115,6 +119,7 @@ def encode_container(
     max_elements: int = DEFAULT_MAX_ELEMENTS,
     progress: bool | None = None,
     threads: int = 1,
+    compress_header: bool = False,
 ) -> bytes:
     """Serialises ``container`` to the ``.udnc`` bytes (see ``docs/FORMAT.md``). Identical inputs give identical bytes.
 
@@ -130,6 +135,9 @@ def encode_container(
         progress: a bar over the coded weights (``udnc_fx.progress``: ``None`` draws it on a terminal only).
         threads: quantized tensors coded side by side by this many threads (at most this many in flight); the bytes
             are the same for every count.
+        compress_header: store the header compressed (``udnc-hcm-v1``, format 1.5) when that makes it shorter
+            (what :func:`udnc_fx.save` does). ``False`` (default) writes the plain JSON header and the lowest minor
+            version that reads the file, byte for byte as before 1.5.
 
     Returns:
         The file's bytes.
@@ -141,7 +149,7 @@ def encode_container(
     parts: list[bytes] = []
     prefix, _ = _encode_to(
         container, parts.append, raw_float_dtype=raw_float_dtype, codebook_float_dtype=codebook_float_dtype,
-        max_elements=max_elements, progress=progress, threads=threads,
+        max_elements=max_elements, progress=progress, threads=threads, compress_header=compress_header,
     )
     return prefix + b"".join(parts)
 
@@ -155,6 +163,7 @@ def _encode_to(
     max_elements: int,
     progress: bool | None,
     threads: int = 1,
+    compress_header: bool = False,
 ) -> tuple[bytes, int]:
     """Encodes ``container`` one tensor at a time, handing each section to ``write`` as soon as it is coded (the
     payload, in file order), and returns ``(prefix, payload length)``: the preamble and header, which precede the
@@ -228,6 +237,11 @@ def _encode_to(
     header_bytes = canonical_json(compact_header(header))
     if len(header_bytes) > MAX_HEADER_LENGTH:
         raise FormatError("bad_header", f"the header would be {len(header_bytes)} bytes (limit {MAX_HEADER_LENGTH})")
+    compressed = _compress_header(header_bytes) if compress_header else header_bytes
+    if len(compressed) < len(header_bytes):
+        header_bytes = compressed
+    else:
+        compressed = None
     if any(e["indices"]["coder"] in CODERS_SINCE_MINOR_4 for e in quantized_entries) or any(
         e["codebook"]["encoding"] == _lc.ENCODING and _lc.uses_own_dither(e["codebook"].get("layout"))
         for e in quantized_entries
@@ -239,6 +253,8 @@ def _encode_to(
         minor = 2
     else:
         minor = 1 if any(e["indices"]["coder"] in CODERS_SINCE_MINOR_1 for e in quantized_entries) else 0
+    if compressed is not None:
+        minor = COMPRESSED_HEADER_MINOR
     head = DIGESTED.pack(MAGIC, FORMAT_VERSION[0], minor, len(header_bytes), payload_length, digest.digest())
     head_digest = hashlib.sha256(head + header_bytes).digest()
     return head + head_digest + header_bytes, payload_length
@@ -275,6 +291,7 @@ def write_container(
     max_elements: int = DEFAULT_MAX_ELEMENTS,
     progress: bool | None = None,
     threads: int = 1,
+    compress_header: bool = False,
 ) -> int:
     """Writes ``container`` to a path (atomically) or to a binary file object.
 
@@ -291,7 +308,7 @@ def write_container(
     """
     options = dict(
         raw_float_dtype=raw_float_dtype, codebook_float_dtype=codebook_float_dtype, max_elements=max_elements,
-        progress=progress, threads=threads,
+        progress=progress, threads=threads, compress_header=compress_header,
     )
     if hasattr(path_or_file, "write") and not isinstance(path_or_file, (str, bytes, os.PathLike)):
         data = encode_container(container, **options)
@@ -585,7 +602,8 @@ def section_sizes(header: dict) -> dict:
     """Attributes every byte of a file to a tensor or to the shared overhead, for honest compression ratios.
 
     Each tensor's header share is the compact JSON of its entry (as the writer stores it) plus the comma that
-    separates it from the previous one; a quantized tensor also owns its index and codebook sections, a raw tensor
+    separates it from the previous one (for a compressed header, format 1.5: that JSON's share of the header's JSON,
+    times the stored header's length, rounded down); a quantized tensor also owns its index and codebook sections, a raw tensor
     its data. The shared overhead is the preamble plus the rest of the header (config, metadata, top-level keys).
     ``shared.total + sum(t.total) == file`` always; for a file this module wrote, every share is exact.
 
@@ -608,11 +626,16 @@ def _section_sizes(header: dict) -> dict:
     header_length = header.get("header_length")
     if isinstance(header_length, bool) or not isinstance(header_length, int):
         header_length = len(canonical_json(stored))
+    json_length = header.get("header_json_length", header_length)
+    if isinstance(json_length, bool) or not isinstance(json_length, int) or json_length <= 0:
+        json_length = header_length
     tensors: dict[str, dict[str, Any]] = {}
     attributed = 0
     for entries, compact in ((parsed.quantized, stored.get("quantized", [])), (parsed.raws, stored.get("raw", []))):
         for i, (e, c) in enumerate(zip(entries, compact)):
             share = len(canonical_json(c)) + (1 if i else 0)
+            if json_length != header_length:  # a compressed header: each entry's share of the stored bytes
+                share = share * header_length // json_length
             attributed += share
             if isinstance(e, QEntry):
                 sizes: dict[str, Any] = {"kind": "quantized", "indices": e.indices.length}

@@ -25,6 +25,7 @@ __all__ = [
     "CODERS_SINCE_MINOR_1",
     "CODERS_SINCE_MINOR_4",
     "ENCODINGS_SINCE_MINOR_2",
+    "COMPRESSED_HEADER_MINOR",
     "AFFINE",
     "DIGESTED",
     "PREAMBLE",
@@ -62,7 +63,7 @@ __all__ = [
 ]
 
 MAGIC = b"\x89UDNC\r\n\x1a"
-FORMAT_VERSION = (1, 4)  # (major, minor): the newest this module writes and reads
+FORMAT_VERSION = (1, 5)  # (major, minor): the newest this module writes and reads
 #: Coders that need minor version 1 (dither-conditioned streams). A file using none of them is written as 1.0, the
 #: lowest version that reads it, so 1.0 readers keep reading what they can.
 CODERS_SINCE_MINOR_1 = frozenset({"ans-dither-v1"})
@@ -77,6 +78,9 @@ AFFINE = "affine"
 #: Minor version 4: ``lattice-coords`` layouts whose contexts are bins of each coordinate's own dither
 #: (``lattice_coords.OWN_DITHER_LAYOUTS``), with an affine correction stored flat in the entry (``"affine": [a, b]``).
 #: Readers older than 1.4 refuse the layout names (``unknown_codec``).
+#: Minor version 5: the header may be stored compressed (``udnc-hcm-v1``, :mod:`udnc_fx.coding.header_codec`); a file
+#: whose header is stored compressed is written as 1.5, one whose header is plain JSON keeps the rules above.
+COMPRESSED_HEADER_MINOR = 5
 
 # magic, major, minor, header length H, payload length P, payload SHA-256, header SHA-256
 DIGESTED = struct.Struct("<8sHHIQ32s")  # everything before the header digest, which covers it

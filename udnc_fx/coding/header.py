@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from udnc_fx.coding import lattice_coords as _lc
+from udnc_fx.coding.header_codec import decompress_header
 from udnc_fx.coding.coder_base import DEFAULT_CODER
 from udnc_fx.coding.format import (
     AFFINE, CODEBOOK_FLOAT_ENCODINGS, DEFAULT_CODEBOOK_ENCODING, DEFAULT_LATTICE, DEFAULT_RAW_DTYPE, DIGESTED_PREAMBLE,
@@ -224,7 +225,8 @@ def compact_header(header: dict) -> dict:
 
 
 #: Top-level keys that read_header adds from the preamble and the file's layout; never stored in the JSON.
-RESOLVED_ONLY = ("header_length", "payload_length", "payload_sha256")
+#: ``header_json_length``: the JSON's length, which is ``header_length`` unless the header is stored compressed.
+RESOLVED_ONLY = ("header_length", "header_json_length", "payload_length", "payload_sha256")
 
 
 def pick_file_codebook(codebooks: list[dict]) -> str:
@@ -345,6 +347,7 @@ class Header:
     config: dict
     metadata: dict
     payload_length: int = 0
+    json_length: int | None = None  # the JSON's length (set by read_header_from; differs from H when compressed)
 
     def sections(self) -> list[Section]:
         out = []
@@ -723,7 +726,9 @@ def read_header_from(
         raise FormatError("truncated", f"the payload is {preamble.payload_length} bytes, the file holds {available}")
     if available > preamble.payload_length:
         raise FormatError("bad_offsets", f"{available - preamble.payload_length} trailing bytes after the payload")
-    header = validate_header(_parse_header_json(header_bytes), max_elements, preamble.payload_length)
+    json_bytes = decompress_header(header_bytes, max_header_length)  # as is unless stored compressed (1.5)
+    header = validate_header(_parse_header_json(json_bytes), max_elements, preamble.payload_length)
+    header.json_length = len(json_bytes)
     return preamble, header
 
 
@@ -731,6 +736,7 @@ def resolved_header(preamble: Preamble, header: Header) -> dict:
     """The header as :func:`~udnc_fx.coding.container.read_header` returns it: resolved, plus the preamble's keys."""
     out = header.resolved()
     out["header_length"] = preamble.header_length
+    out["header_json_length"] = preamble.header_length if header.json_length is None else header.json_length
     out["payload_length"] = preamble.payload_length
     out["payload_sha256"] = preamble.payload_sha256.hex()
     return out

@@ -9,7 +9,9 @@ bytes, and that is a valid file -- so the defences are:
   is decoded, and the header and payload may only be as large as a file of that model can be
   (:func:`header_allowance`, :func:`payload_allowance`);
 - without a model (``read_header``, ``size_report``, ``udnc inspect``): nothing is decoded, and the header itself is
-  capped (:data:`DEFAULT_MAX_HEADER_LENGTH`: parsing costs about 1 µs and 90 bytes of memory per header byte);
+  capped (:data:`DEFAULT_MAX_HEADER_LENGTH`: parsing costs about 1 µs and 90 bytes of memory per header byte); a
+  compressed header (format 1.5) is capped twice, stored and decompressed, the latter before it is decoded (about
+  3 µs per decompressed byte);
 - for every coder: an alphabet may exceed its stream's length by at most :data:`ALPHABET_SLACK`
   (:func:`max_index_alphabet`, the rule the writer obeys too), because an adaptive model costs O(K) per block
   whatever the stream holds; and a decoder must consume its payload exactly (``Coder.decode``'s contract, tested for

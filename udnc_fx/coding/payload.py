@@ -12,6 +12,7 @@ for readers that fetch each section from the file as it is needed. Streams go th
 from __future__ import annotations
 
 import hashlib
+import dataclasses
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -152,8 +153,35 @@ def _encode_int_codebook(q: QuantizedTensor, n: int, where: str) -> tuple[int, d
     return alphabet_size, dict(best[0]), best[1]
 
 
+#: ``QuantizedTensor.coder`` (and ``udnc_fx.save``'s default): per tensor, the smaller of ``ans-dither-v2`` and, for
+#: streams of at most :data:`AUTO_TRY_LIMIT` vectors, ``range-context-v1``. The entry records the coder it got.
+AUTO_CODER = "auto"
+#: Where ``auto`` also tries ``range-context-v1``: its adaptive model needs no tables, which wins on small streams
+#: (the demo CNN's four layers, 144-32768 weights, all; by 4-30 % on a pruned one) but loses to the dither-conditioned
+#: tables on large ones, where its Python-level block loop is also slow. 2^17 vectors: no transformer matrix.
+AUTO_TRY_LIMIT = 1 << 17
+#: The coders ``auto`` chooses between, the first on a tie.
+AUTO_CANDIDATES = (DEFAULT_CODER, "range-context-v1")
+
+
 def encode_quantized(q: QuantizedTensor, codebook_float_dtype: str, max_elements: int) -> tuple[dict, bytes, bytes]:
-    """Checks ``q``; returns its header entry in resolved form (every key present) and its two sections."""
+    """Checks ``q``; returns its header entry in resolved form (every key present) and its two sections.
+
+    ``q.coder == "auto"`` (:data:`AUTO_CODER`): the sections of the candidate coder that gives the fewest bytes
+    (both are deterministic, so the choice and the bytes are too)."""
+    if isinstance(q, QuantizedTensor) and q.coder == AUTO_CODER:
+        best = None
+        for coder in AUTO_CANDIDATES:
+            coded = _encode_quantized(dataclasses.replace(q, coder=coder), codebook_float_dtype, max_elements)
+            if best is None or len(coded[1]) + len(coded[2]) < len(best[1]) + len(best[2]):
+                best = coded
+            if coded[0]["indices"]["count"] > AUTO_TRY_LIMIT:
+                break
+        return best
+    return _encode_quantized(q, codebook_float_dtype, max_elements)
+
+
+def _encode_quantized(q: QuantizedTensor, codebook_float_dtype: str, max_elements: int) -> tuple[dict, bytes, bytes]:
     where = f"quantized tensor {getattr(q, 'fqn', '?')!r}"
     if not isinstance(q, QuantizedTensor):
         raise FormatError("bad_value", f"expected QuantizedTensor, got {type(q).__name__}")
