@@ -104,6 +104,7 @@ def compensated_points(
     *,
     exact_zero: bool = False,
     perms: list[np.ndarray | None] | None = None,
+    metric: bool = False,
 ) -> np.ndarray:
     """Raw lattice points ``(num_vectors, n)`` chosen by error-compensating dithered rounding.
 
@@ -118,6 +119,8 @@ def compensated_points(
         perms: per group, the order in which to round the columns (:func:`act_order`), or None for the weight's
             own order. Each factor must then be that of the *permuted* ``H`` (``H[perm][:, perm]``). Only the order
             of rounding changes: every vector keeps its own dither and its own place in the output.
+        metric: for ``n > 1``, give each vector the point that adds least to the output error (see
+            :func:`_metric_points`) instead of the Euclidean nearest point. Ignored for ``n = 1``.
 
     Returns:
         float64 raw points, same layout as ``u_raw``: ``codebook[k] − dither`` of the result is what decoders see.
@@ -163,6 +166,7 @@ def compensated_points(
                 pruned = None
         # 1/U_bb for every block of n columns, computed once (n = 1: a scalar division)
         inv_blocks = [np.linalg.inv(U[j : j + n, j : j + n]) for j in range(0, d, n)] if n > 1 else None
+        S = short_vectors(lat) if metric and n > 1 else None
         inv_diag = 1.0 / np.diag(U) if n == 1 else None
         block = max(n, BLOCK // n * n)  # whole lattice vectors per block
         for i1 in range(0, d, block):
@@ -177,6 +181,13 @@ def compensated_points(
                     col[pruned[:, b]] = 0.0
                 u = dg[:, b]
                 point = nearest((col + u) / factor)
+                if S is not None:
+                    point = _metric_points(point, (col + u) / factor, col / factor if exact_zero else None,
+                                           inv_blocks[b], S)
+                    if pruned is not None:
+                        point[pruned[:, b]] = 0.0  # pruned vectors keep the point 0 (their exact zero)
+                    if lat.name == "A2":  # b·fl(√3/2) + fl(√3/2) may miss (b + 1)·fl(√3/2) by an ulp
+                        point = lat.from_int(lat.to_int(point))
                 decoded = point * factor - u
                 if exact_zero:
                     decoded[~point.any(axis=1)] = 0.0
@@ -238,3 +249,80 @@ def output_error(w: np.ndarray, w_hat: np.ndarray, h: np.ndarray) -> float:
     """``tr((W − Ŵ) H (W − Ŵ)ᵀ)`` per row: the mean squared layer-output error the rounding caused."""
     diff = np.asarray(w, np.float64) - np.asarray(w_hat, np.float64)
     return float(np.einsum("ij,jk,ik->", diff, h, diff) / diff.shape[0]) if math.prod(diff.shape) else 0.0
+
+
+_SHORT: dict[str, np.ndarray] = {}
+METRIC_SEARCH = 4  # local-search moves per vector (MiniLM E8/D4: a second move changes < 1e-4 of the error)
+METRIC_ROWS = 16384  # rows scored at once (a rows × 240 float64 score matrix for E8)
+
+
+def _grid(values: tuple[int, ...], n: int) -> np.ndarray:
+    v = np.asarray(values, dtype=np.int64)
+    return np.stack(np.meshgrid(*([v] * n), indexing="ij"), axis=-1).reshape(-1, n)
+
+
+def short_vectors(lat: Lattice) -> np.ndarray:
+    """The nonzero raw lattice vectors of smallest norm (E8: 240, D4: 24, A2: 6, ``Z^n``: ``2n``), in a fixed
+    order (the lexicographic order of their integer coordinates: ties in :func:`_metric_points` go to the first)."""
+    if lat.label not in _SHORT:
+        n = lat.dim
+        if lat.name == "E8":  # integer coordinates are twice the raw ones: all even or all odd, sum ≡ 0 (mod 4)
+            ints = np.concatenate([_grid(v, n) for v in ((-2, 0, 2), (-1, 1))])
+            ints = ints[ints.sum(axis=1) % 4 == 0]
+        else:
+            ints = _grid((-1, 0, 1), n)
+            if lat.name == "D4":
+                ints = ints[ints.sum(axis=1) % 2 == 0]
+        pts = lat.from_int(ints)
+        norm = np.einsum("ij,ij->i", pts, pts)
+        least = norm[norm > 0.5].min()  # A2's norms are 1 and 3 up to rounding; the others' are exact
+        _SHORT[lat.label] = pts[np.abs(norm - least) < 1e-9]
+    return _SHORT[lat.label]
+
+
+def _metric_points(point: np.ndarray, y: np.ndarray, zero_y: np.ndarray | None, A: np.ndarray,
+                   S: np.ndarray) -> np.ndarray:
+    """Lattice points minimising a block's share of the output error, by local search from the nearest point.
+
+    The block LDL pushes a block's error ``Δ = col − ŵ`` on as ``e = Δ · A`` with ``A = U_bb⁻¹``, and the layer's
+    output error is the sum of ``‖e‖²`` over the blocks, so the point that costs least is the one nearest to
+    ``y = (col + u)/factor`` in the metric ``‖(y − p) · A‖²`` (in units of ``factor²``), not in the Euclidean one
+    (they agree when ``A`` is a multiple of an orthogonal matrix, i.e. when the block's columns are uncorrelated).
+    From the Euclidean nearest point, each row moves to the best of its neighbours ``p + s`` (``s`` in
+    :func:`short_vectors`) while that is strictly better, at most :data:`METRIC_SEARCH` times. The rule commutes
+    with lattice translations (``y → y + λ`` gives ``p → p + λ``), so with the subtractive dither the error is still
+    independent of the weight and uniform over one cell of the lattice's volume: same rate, less output error.
+
+    ``zero_y``: with ``exact_zero``, ``col/factor``: the point 0 decodes to exactly 0, so its cost is ``‖zero_y·A‖²``.
+    """
+    T = S @ A
+    T2 = -2.0 * T.T  # exact (a power of two): r @ T2 == -2·(r @ Tᵀ)
+    TT = np.einsum("ij,ij->i", T, T)
+    smax = float(np.einsum("ij,ij->i", S, S).max()) + 1e-9
+    out = point.copy()
+    for c0 in range(0, out.shape[0], METRIC_ROWS):
+        cur = out[c0 : c0 + METRIC_ROWS]  # a view: moved in place
+        yc = y[c0 : c0 + METRIC_ROWS]
+        zc_all = None if zero_y is None else zero_y[c0 : c0 + METRIC_ROWS]
+        rows = np.arange(cur.shape[0])
+        for _ in range(METRIC_SEARCH):
+            r = (yc[rows] - cur[rows]) @ A
+            score = r @ T2
+            score += TT  # ‖r − s·A‖² − ‖r‖² for every neighbour s
+            here = np.zeros(rows.size)  # the current point's cost, on the same scale
+            if zc_all is not None:
+                z = zc_all[rows] @ A
+                zc = np.einsum("ij,ij->i", z, z) - np.einsum("ij,ij->i", r, r)
+                c = cur[rows]
+                here = np.where(c.any(axis=1), here, zc)
+                near = np.flatnonzero(np.einsum("ij,ij->i", c, c) <= smax)  # rows with 0 among the neighbours
+                if near.size:
+                    rr, cc = np.nonzero(np.all(c[near][:, None, :] + S[None] == 0.0, axis=2))
+                    score[near[rr], cc] = zc[near[rr]]
+            best = np.argmin(score, axis=1)
+            move = score[np.arange(rows.size), best] < here
+            if not move.any():
+                break
+            rows = rows[move]
+            cur[rows] += S[best[move]]
+    return out

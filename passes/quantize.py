@@ -329,6 +329,8 @@ def _compensation_factors(cand: Candidate, lat, calibration: Any, config: Compre
         return None, f"plain rounding: {note}"
     order = ", columns by decreasing H_jj" if config.act_order else ""
     source = "output-sensitivity H from {} token rows" if rec.source == "output" else "H from {} input rows"
+    if config.metric_rounding and lat.dim > 1:
+        order += ", points nearest in H's metric"
     how = f"compensated rounding ({source.format(rec.rows)}{order}{', ' + note if note else ''})"
     return factors, how
 
@@ -369,7 +371,8 @@ def make_params(
         if cached is not None and cached[0] == step:
             return cached[1]
         w2, (factors, perms) = comp[id(cand)]
-        pts = compensated_points(w2, factors, lat, step, us[id(cand)], exact_zero=exact_zero, perms=perms)
+        pts = compensated_points(w2, factors, lat, step, us[id(cand)], exact_zero=exact_zero, perms=perms,
+                                 metric=config.metric_rounding)
         last_points[id(cand)] = (step, pts)
         return pts
 
@@ -623,6 +626,7 @@ def _sequential(prepared, comp, us, config, calibration, points_of) -> dict[int,
         damping=config.damping,
         exact_zero=config.exact_zero,
         columns_by_energy=config.act_order,
+        metric=config.metric_rounding,
         fallback_points=lambda c: points_of(c, lat_of[c.fqn], c.step, config.exact_zero),
     )
     out = {}

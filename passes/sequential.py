@@ -51,6 +51,7 @@ def sequential_points(
     damping: float,
     exact_zero: bool,
     columns_by_energy: bool = False,
+    metric: bool = False,
     fallback_points: Callable[[Candidate], np.ndarray],
 ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Raw lattice points of every layer in ``compensated``, each rounded with ``H`` measured through the model
@@ -67,7 +68,7 @@ def sequential_points(
         compensated: fqns of the layers to round with error compensation.
         damping: as :func:`udnc_fx.passes.compensate.inverse_factor`.
         columns_by_energy: round columns in :func:`udnc_fx.passes.compensate.act_order` (``config.act_order``).
-        exact_zero: as :func:`udnc_fx.passes.compensate.compensated_points`.
+        exact_zero, metric: as :func:`udnc_fx.passes.compensate.compensated_points`.
         fallback_points: points to use when a layer's sequential ``H`` cannot be factored (the float-input
             compensation).
 
@@ -129,7 +130,8 @@ def sequential_points(
                         notes[fqn] = f"float-input H (sequential H unusable: {why})"
                     else:
                         w2 = w.reshape(w.shape[0], -1)
-                        points[fqn] = compensated_points(w2, factors, lat, step, u, exact_zero=exact_zero, perms=perms)
+                        points[fqn] = compensated_points(w2, factors, lat, step, u, exact_zero=exact_zero, perms=perms,
+                                                          metric=metric)
                         notes[fqn] = f"sequential H from {rec.rows} input rows through the quantized earlier layers"
                     del factors
                     install(fqn, points[fqn])

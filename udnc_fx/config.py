@@ -151,6 +151,11 @@ class CompressConfig:
             "act-order"; whole lattice vectors for ``n > 1``); False: in the weight's own order (the encoder before
             this switch). Only which lattice
             point each weight gets changes: dither, file and decoder are the same.
+        metric_rounding: with compensation and a vector lattice (``n > 1``), give each vector the lattice point
+            whose error adds least to the layer's output error (its error measured in the metric of the block's
+            ``H``) among the Euclidean nearest point and its nearest neighbours (E8: 240, D4: 24, A2: 6, ``Z^n``:
+            ``2n``), instead of the Euclidean nearest point. Same rate, lower output error; no effect on ``Z¹``
+            (whose column-by-column feedback already accounts for it). Dither, file and decoder are the same.
         mask_padding: with calibration batches that are mappings holding an ``attention_mask`` (a Hugging Face
             tokenizer's output), leave the padded token positions (mask 0) out of each Linear layer's ``H``. Applies
             to Linear inputs whose leading dimensions are the mask's ``(batch, tokens)``; other inputs use every row.
@@ -189,6 +194,7 @@ class CompressConfig:
     sequential: bool = False
     damping: float = 0.01
     act_order: bool = True
+    metric_rounding: bool = True
     mask_padding: bool = True
     compensate_embeddings: bool = True
     seed_trials: int = 1
@@ -229,7 +235,7 @@ class CompressConfig:
             raise ConfigError(f"fallback must be one of {', '.join(map(repr, FALLBACKS))}, got {self.fallback!r}")
         if self.include_embeddings not in (None, True, False):
             raise ConfigError(f"include_embeddings must be true, false or null (auto), got {self.include_embeddings!r}")
-        for name in ("compensate", "allocate", "sequential", "act_order", "mask_padding",
+        for name in ("compensate", "allocate", "sequential", "act_order", "metric_rounding", "mask_padding",
                      "compensate_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
