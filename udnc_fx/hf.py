@@ -237,10 +237,15 @@ class SentenceEncoder(nn.Module):
         self.encoder = encoder
 
     def forward(self, input_ids, attention_mask, token_type_ids=None):
-        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if token_type_ids is not None:
-            kwargs["token_type_ids"] = token_type_ids
-        return _pool(encoder_output(self.encoder(**kwargs)), attention_mask)
+        return _pool(_token_states(self.encoder, input_ids, attention_mask, token_type_ids), attention_mask)
+
+
+def _token_states(encoder: nn.Module, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+    """The encoder's token states for positional tensor inputs (``token_type_ids`` passed only when given)."""
+    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if token_type_ids is not None:
+        kwargs["token_type_ids"] = token_type_ids
+    return encoder_output(encoder(**kwargs))
 
 
 def mean_pooled_embeddings(encoder: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -282,10 +287,7 @@ class TokenStates(nn.Module):
         self.encoder = encoder
 
     def forward(self, input_ids, attention_mask, token_type_ids=None):
-        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if token_type_ids is not None:
-            kwargs["token_type_ids"] = token_type_ids
-        return encoder_output(self.encoder(**kwargs)), attention_mask
+        return _token_states(self.encoder, input_ids, attention_mask, token_type_ids), attention_mask
 
 
 def _real_tokens(attention_mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
