@@ -45,6 +45,7 @@ import udnc_fx  # noqa: E402
 from udnc_fx import CompressConfig  # noqa: E402
 from udnc_fx.coding import container as C  # noqa: E402
 from udnc_fx.coding.coders import available_coders  # noqa: E402
+from udnc_fx.coding.header_codec import decompress_header  # noqa: E402
 from udnc_fx.errors import FormatError  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -115,8 +116,11 @@ def build_corpus() -> list[tuple[str, bytes, nn.Module]]:
 
 
 def split(data: bytes) -> tuple[bytes, dict, bytes]:
+    """(preamble, header as a dict, payload); a compressed header (format 1.5) is decoded (``frame`` writes the
+    mutated header back as plain JSON, which a 1.5 reader also takes)."""
     h = struct.unpack_from("<I", data, 12)[0]
-    return data[: C.PREAMBLE_SIZE], json.loads(data[C.PREAMBLE_SIZE : C.PREAMBLE_SIZE + h]), data[C.PREAMBLE_SIZE + h :]
+    header = json.loads(decompress_header(data[C.PREAMBLE_SIZE : C.PREAMBLE_SIZE + h], C.MAX_HEADER_LENGTH))
+    return data[: C.PREAMBLE_SIZE], header, data[C.PREAMBLE_SIZE + h :]
 
 
 def frame(prefix: bytes, header_bytes: bytes, payload: bytes) -> bytes:
