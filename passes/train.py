@@ -39,6 +39,7 @@ from .materialize import served_params
 __all__ = [
     "TrainOptions", "FinetuneResult", "StepRule", "NORM_TYPES", "merge_options", "check_training_inputs",
     "run_training", "batch_loss", "distill_loss", "make_optimizer", "make_scheduler", "unwrap_ddp", "norm_param_ids",
+    "eval_mode",
 ]
 
 NORM_TYPES: tuple[type[nn.Module], ...] = (
@@ -463,6 +464,18 @@ def _network(inner: nn.Module, device: torch.device, prewrapped: nn.Module | Non
 
 
 @contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """``module`` in eval mode; every submodule's own train/eval mode restored on exit."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, was in modes:
+            m.train(was)
+
+
+@contextmanager
 def _training_mode(inner: nn.Module, trainable: list[nn.Parameter], options: TrainOptions, device: torch.device):
     """Only ``trainable`` requires grad, the model is in train mode (frozen normalisation layers in eval mode, so
     their running statistics stay), the teacher in eval mode on ``device``; flags and modes restored on exit."""
@@ -546,14 +559,8 @@ class _Loop:
         """``eval_fn(model)`` in eval mode without grad (averaged over ranks under DDP); None without ``eval_fn``."""
         if self.options.eval_fn is None:
             return None
-        modes = [(m, m.training) for m in self.inner.modules()]
-        self.inner.eval()
-        try:
-            with torch.no_grad():
-                value = float(self.options.eval_fn(self.inner))
-        finally:
-            for m, was in modes:
-                m.train(was)
+        with eval_mode(self.inner), torch.no_grad():
+            value = float(self.options.eval_fn(self.inner))
         if self.use_ddp:
             total = _all_reduce(torch.tensor([value], dtype=torch.float64, device=self.device), "sum")
             value = float(total) / self.world

@@ -221,8 +221,13 @@ def encoder_output(out: Any) -> torch.Tensor:
     raise TypeError(f"cannot find token embeddings in a {type(out).__name__}")
 
 
+def _real_tokens(attention_mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``(batch, tokens, 1)``: 1 at real tokens, 0 at padding, in ``like``'s dtype."""
+    return attention_mask.unsqueeze(-1).to(like.dtype)
+
+
 def _pool(tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    mask = attention_mask.unsqueeze(-1).to(tokens.dtype)
+    mask = _real_tokens(attention_mask, tokens)
     pooled = (tokens * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
     return torch.nn.functional.normalize(pooled, p=2, dim=1)
 
@@ -288,10 +293,6 @@ class TokenStates(nn.Module):
 
     def forward(self, input_ids, attention_mask, token_type_ids=None):
         return _token_states(self.encoder, input_ids, attention_mask, token_type_ids), attention_mask
-
-
-def _real_tokens(attention_mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return attention_mask.unsqueeze(-1).to(like.dtype)
 
 
 def masked_token_mse(student: tuple, teacher: tuple) -> torch.Tensor:
@@ -375,6 +376,7 @@ def distill_encoder(
         PassError: as for :func:`udnc_fx.finetune` (e.g. ``model`` is not compressed).
     """
     from .passes.finetune import finetune
+    from .passes.train import eval_mode
 
     if loss not in ENCODER_DISTILL_LOSSES:
         raise ConfigError(f"loss must be one of {sorted(ENCODER_DISTILL_LOSSES)}, got {loss!r}")
@@ -396,11 +398,8 @@ def distill_encoder(
     eval_fn = None
     if eval_batches:
         eval_batches = list(eval_batches)
-        modes = [(m, m.training) for m in teacher.modules()]
-        teacher.eval()
-        references = [mean_pooled_embeddings(teacher, b) for b in eval_batches]
-        for m, was in modes:
-            m.train(was)
+        with eval_mode(teacher):
+            references = [mean_pooled_embeddings(teacher, b) for b in eval_batches]
 
         def eval_fn(m: nn.Module) -> float:
             cos = [torch.nn.functional.cosine_similarity(mean_pooled_embeddings(model, b).double(), r.double(), dim=1)
