@@ -75,7 +75,9 @@ def _is_container(path: Path) -> bool:
 
 def check_coder(name: str | None) -> None:
     """``name`` is a registered index coder or ``auto`` (``--coder``)."""
-    if name is None or name == "auto":
+    from .coding.payload import AUTO_CODER
+
+    if name is None or name == AUTO_CODER:
         return
     from .coding.coders import available_coders
 
