@@ -16,10 +16,12 @@ dither itself (``u = r − round(r)``: the bins of ``r`` are those of ``u``, rot
 measure-zero boundary), and the code is a bin of its first box coordinate. A stream with ``B = 2^b`` bins uses the
 code's top ``b`` bits. Undithered tensors have no context and always ``B = 1``.
 
-**Row classes.** Pruning leaves output units (rows) of very different density, which no per-weight context sees.
-A stream may carry a class label per row (``C`` classes; the writer labels a row by its density of symbols other
-than the most frequent one, in ``C`` equal steps), coded first; the context of index ``j`` is then
-``label(j // L) · B + bin(j)``. The writer uses it only where it is smaller.
+**Row classes.** Pruning leaves output units (rows) of very different density, and unpruned weights rows of very
+different scale (a transformer's token embeddings), which no per-weight context sees. A stream may carry a class
+label per row (``C`` classes), coded first; the context of index ``j`` is then ``label(j // L) · B + bin(j)``. The
+writer labels a row either by its density of symbols other than the most frequent one, in ``C`` equal steps, or by
+the rank of its mean symbol among the rows, in ``C`` equal quantiles (symbols grow with a weight's magnitude), and
+uses whichever labelling, if any, makes the stream smallest; readers take the labels as given.
 
 **Payload** (``count == 0`` or ``alphabet_size == 1``: zero bytes). ``varint`` is unsigned LEB128 (``coder_base.py``):
 
@@ -354,6 +356,26 @@ def _row_density(arr: np.ndarray, row_length: int) -> tuple[np.ndarray, np.ndarr
     return nonzero, lengths
 
 
+def _row_scale(arr: np.ndarray, row_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """The scale labelling's statistic in :func:`_labels_from_density`'s form: each row's rank by its mean symbol
+    (ties by row order) over ``R − 1`` for every row, so that ``C`` classes are ``C`` equal quantiles of the rows and
+    a coarser ``C`` divides a finer one's labels exactly. Summed chunk by chunk (whole rows): no stream-sized
+    temporary."""
+    rows = -(-arr.size // row_length)
+    sums = np.empty(rows, np.float64)
+    step = max(1, _COUNT_CHUNK // row_length) * row_length
+    for lo in range(0, arr.size, step):
+        part = arr[lo : lo + step]
+        full = part.size // row_length
+        r0 = lo // row_length
+        sums[r0 : r0 + full] = part[: full * row_length].reshape(full, row_length).sum(axis=1, dtype=np.float64)
+        if full * row_length < part.size:
+            sums[r0 + full] = part[full * row_length :].sum(dtype=np.float64) * row_length / (part.size - full * row_length)
+    rank = np.empty(rows, np.int64)
+    rank[np.argsort(sums, kind="stable")] = np.arange(rows)
+    return rank, np.full(rows, rows - 1, np.int64)
+
+
 def _labels_from_density(density: tuple[np.ndarray, np.ndarray], classes: int) -> np.ndarray:
     nonzero, lengths = density
     return (classes * nonzero // (lengths + 1)).astype(np.uint8)
@@ -525,16 +547,18 @@ class AnsDitherCoder(Coder):
         # each coarser option's counts are sums of the finest ones (integers: exactly the counts of its own pass).
         # The key is built in the narrowest integer that holds it (int32 almost always: half the memory traffic of
         # intp), the labels added row by row through a broadcast view instead of repeated to the stream's length.
+        # Two labellings (row density, the rank of a row's mean symbol), each counted once at its finest classes.
         finest = max(row_classes, default=1)
-        density = finest_labels = None
-        if row_classes:
-            density = _row_density(arr, row_length)
-            finest_labels = _labels_from_density(density, finest)
-        fine = self._joint_counts(arr, codes if max_bits else None, finest_labels, row_length, finest, m)
+        families = []
+        for stat in ((_row_density(arr, row_length), _row_scale(arr, row_length)) if row_classes else ()):
+            labels = _labels_from_density(stat, finest)
+            families.append((stat, self._joint_counts(arr, codes if max_bits else None, labels, row_length, finest, m)))
+        if not families:
+            families.append((None, self._joint_counts(arr, codes if max_bits else None, None, row_length, 1, m)))
         best: tuple | None = None
-        options: list[tuple[int, np.ndarray | None]] = [(0, None)]
-        options += [(c, _labels_from_density(density, c)) for c in row_classes]
-        for classes, labels in options:
+        options: list[tuple[int, np.ndarray | None, np.ndarray]] = [(0, None, families[0][1])]
+        options += [(c, _labels_from_density(stat, c), fine) for stat, fine in families for c in row_classes]
+        for classes, labels, fine in options:
             if labels is None:
                 joint = fine.sum(axis=0, keepdims=True)
             else:

@@ -301,8 +301,21 @@ def _split_context(
     return np.ascontiguousarray(code, dtype=np.uint8)
 
 
-def _call_encode(coder: Any, symbols: np.ndarray, alphabet: int, context: Any, what: str) -> bytes:
-    return encode_stream(coder, symbols, alphabet, what, **({} if context is None else {"context": context}))
+def stream_rows(coder: Any, row_vectors: int | None, width: int) -> int | None:
+    """The row length of a stream holding ``width`` symbols of each vector, for a weight of ``row_vectors`` vectors
+    per row: ``None`` when the coder does not model rows or there are no rows."""
+    if not row_vectors or not getattr(coder, "accepts_row_length", False):
+        return None
+    return int(row_vectors) * width
+
+
+def _hints(context: Any, row_length: int | None) -> dict:
+    return {**({} if context is None else {"context": context}), **({} if row_length is None else {"row_length": row_length})}
+
+
+def _call_encode(coder: Any, symbols: np.ndarray, alphabet: int, context: Any, what: str,
+                 row_length: int | None = None) -> bytes:
+    return encode_stream(coder, symbols, alphabet, what, **_hints(context, row_length))
 
 
 def _narrow_symbols(symbols: np.ndarray) -> np.ndarray:
@@ -316,7 +329,7 @@ def _narrow_symbols(symbols: np.ndarray) -> np.ndarray:
 
 def encode_points(
     coder: Any, points: np.ndarray, lattice: str, n: int, key: int, dither_ok: bool, what: str,
-    layouts: tuple[str, ...] = STREAM_LAYOUTS, *, rows: np.ndarray | None = None,
+    layouts: tuple[str, ...] = STREAM_LAYOUTS, *, rows: np.ndarray | None = None, row_vectors: int | None = None,
 ) -> tuple[int, str, bytes] | None:
     """Code the ``(count, n)`` integer lattice points of a tensor; returns ``(alphabet_size, layout, payload)`` of
     the smaller layout, or ``None`` when the symbols do not fit the coder's alphabet (then use a codebook).
@@ -333,6 +346,9 @@ def encode_points(
         rows: when given, ``points`` is a table of points (every row used) and the tensor's points are
             ``points[rows]``: the symbols are then computed once per table row and gathered in a narrow dtype (the
             same bytes, without an int64 copy of every vector's coordinates).
+        row_vectors: vectors per row of the weight (output unit), or ``None``: each stream is then handed the row
+            length of its own symbols (``row_vectors`` times the columns it holds), for coders that model rows
+            (:func:`stream_rows`).
     """
     own = own_dither_applies(coder, lattice, dither_ok)
     prepared = _prepare(coder, points, lattice, n, key, dither_ok, rows=rows, own=own)
@@ -342,16 +358,17 @@ def encode_points(
     w = symbols.shape[1]
     best: tuple[int, str, bytes] | None = None
     if "interleaved" in layouts:
-        data = _call_encode(coder, symbols.ravel(), alphabet, None if ctx is None else ctx.ravel(), what)
+        data = _call_encode(coder, symbols.ravel(), alphabet, None if ctx is None else ctx.ravel(), what,
+                            stream_rows(coder, row_vectors, w))
         best = (alphabet, own_layout("interleaved", own), data)
     # With one symbol per vector (Z^1) the split layout is the interleaved stream again: code it once.
     for kind in _column_layouts(layouts, lattice, own, w, best is None):
-        parts = _column_streams(coder, symbols, kind, lattice, ctx, own)
+        parts = _column_streams(coder, symbols, kind, lattice, ctx, own, row_vectors)
         escape = _choose_escape(coder, parts, alphabet) if uses_own_dither(kind) else 0
         streams = []
-        for col, c in parts:
-            for sym, alpha, cx in _escaped(col, c, alphabet, escape):
-                streams.append(_call_encode(coder, sym, alpha, cx, what))
+        for col, c, rl in parts:
+            for sym, alpha, cx, r in _escaped(col, c, alphabet, escape, rl):
+                streams.append(_call_encode(coder, sym, alpha, cx, what, r))
         head = varint(escape) if uses_own_dither(kind) else b""
         data = head + b"".join(varint(len(s)) for s in streams[:-1]) + b"".join(streams)
         if best is None or len(data) < len(best[2]):  # ties keep the earlier layout
@@ -359,33 +376,36 @@ def encode_points(
     return best
 
 
-def _column_streams(coder: Any, symbols: np.ndarray, kind: str, lattice: str, ctx: np.ndarray | None, own: bool):
-    """``[(symbols, context or None)]`` of each stream of column layout ``kind``, before any escape."""
+def _column_streams(coder: Any, symbols: np.ndarray, kind: str, lattice: str, ctx: np.ndarray | None, own: bool,
+                    row_vectors: int | None = None):
+    """``[(symbols, context or None, row length or None)]`` of each stream of column layout ``kind``, before any
+    escape."""
     conditioned = getattr(coder, "accepts_context", False)
     return [
         (np.ascontiguousarray(symbols[:, list(g)]).ravel(),
-         _group_context(lattice, g, symbols, ctx, own) if conditioned else None)
+         _group_context(lattice, g, symbols, ctx, own) if conditioned else None,
+         stream_rows(coder, row_vectors, len(g)))
         for g in column_groups(kind, lattice, symbols.shape[1])
     ]
 
 
-def _escaped(col: np.ndarray, ctx: np.ndarray | None, alphabet: int, escape: int):
-    """The ``(symbols, alphabet, context)`` streams one column stream becomes under escape threshold ``escape``:
-    itself (``0``), or ``min(s, T)`` (alphabet ``T + 1``, its context) then the tail ``s − T`` of the symbols
-    ``>= T`` in stream order (alphabet ``S − T``, no context)."""
+def _escaped(col: np.ndarray, ctx: np.ndarray | None, alphabet: int, escape: int, row_length: int | None = None):
+    """The ``(symbols, alphabet, context, row length)`` streams one column stream becomes under escape threshold
+    ``escape``: itself (``0``), or ``min(s, T)`` (alphabet ``T + 1``, its context and rows) then the tail ``s − T``
+    of the symbols ``>= T`` in stream order (alphabet ``S − T``, no context, no rows)."""
     if not escape:
-        return [(col, alphabet, ctx)]
+        return [(col, alphabet, ctx, row_length)]
     hit = col >= escape
-    return [(np.minimum(col, escape), escape + 1, ctx),
-            ((col[hit] - escape).astype(col.dtype, copy=False), alphabet - escape, None)]
+    return [(np.minimum(col, escape), escape + 1, ctx, row_length),
+            ((col[hit] - escape).astype(col.dtype, copy=False), alphabet - escape, None, None)]
 
 
 def _streams_bits(coder: Any, parts, alphabet: int, escape: int) -> float:
     """What the streams of ``parts`` cost under ``escape`` (:meth:`Coder.cost_bits`), with their length prefixes."""
     total, prefixes = 0.0, []
-    for col, c in parts:
-        for sym, alpha, cx in _escaped(col, c, alphabet, escape):
-            bits = coder.cost_bits(sym, alpha, **({} if cx is None else {"context": cx})) if sym.size else 0.0
+    for col, c, rl in parts:
+        for sym, alpha, cx, r in _escaped(col, c, alphabet, escape, rl):
+            bits = coder.cost_bits(sym, alpha, **_hints(cx, r)) if sym.size else 0.0
             total += bits
             prefixes.append(8.0 * len(varint(int(math.ceil(bits / 8)))))
     return total + sum(prefixes[:-1])
@@ -471,7 +491,7 @@ def context_codes(coder: Any, key: int, dither_ok: bool, count: int, n: int, lat
 
 def coded_bits(
     coder: Any, points: np.ndarray, lattice: str, n: int, key: int, dither_ok: bool,
-    layouts: tuple[str, ...] = STREAM_LAYOUTS, codes: np.ndarray | None = None,
+    layouts: tuple[str, ...] = STREAM_LAYOUTS, codes: np.ndarray | None = None, row_vectors: int | None = None,
 ) -> tuple[float, str] | None:
     """``(bits, layout)`` of the payload :func:`encode_points` would write (the smaller layout), from the coder's
     :meth:`~udnc_fx.coding.coder_base.Coder.cost_bits` instead of coding; ``None`` where it would return ``None``.
@@ -484,10 +504,10 @@ def coded_bits(
     w = symbols.shape[1]
     best, layout = math.inf, own_layout("interleaved", own)
     if "interleaved" in layouts:
-        hint = {} if ctx is None else {"context": np.ascontiguousarray(ctx).ravel()}
+        hint = _hints(None if ctx is None else np.ascontiguousarray(ctx).ravel(), stream_rows(coder, row_vectors, w))
         best = coder.cost_bits(symbols.ravel(), alphabet, **hint)
     for kind in _column_layouts(layouts, lattice, own, w, best == math.inf):
-        parts = _column_streams(coder, symbols, kind, lattice, ctx, own)
+        parts = _column_streams(coder, symbols, kind, lattice, ctx, own, row_vectors)
         if uses_own_dither(kind):
             escape = _choose_escape(coder, parts, alphabet)
             total = _streams_bits(coder, parts, alphabet, escape) + 8.0 * len(varint(escape))

@@ -370,8 +370,9 @@ def estimate_points_bits(
             coords_codes = _cached_codes(key, count * n, 1).reshape(count, n)[:, _lc.dither_columns(lattice, n)]
     coords = None
     if n > 1:
+        rows = _row_length(list(shape), n, count) if shape is not None else None
         coded = _lc.coded_bits(index_coder, points, lattice, n, 0 if key is None else key, key is not None,
-                               codes=coords_codes)
+                               codes=coords_codes, row_vectors=rows)
         if coded is not None:
             # the record's zero_index (exact_zero and the point 0 used) is stored in the entry: 17 bytes more
             zero = exact_zero and bool((~points.any(axis=1)).any())
@@ -444,7 +445,7 @@ def _encode_coords(
         return None
     coded = _lc.encode_points(
         lookup_coder(q.coder), cb_int, q.lattice, n, key, q.dither == FORMAT_DEFAULT_DITHER, f"{where} coordinates",
-        rows=indices,
+        rows=indices, row_vectors=_row_length(list(q.shape), n, indices.shape[0]),
     )
     if coded is None:
         return None
