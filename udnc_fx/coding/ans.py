@@ -356,6 +356,16 @@ def _row_density(arr: np.ndarray, row_length: int) -> tuple[np.ndarray, np.ndarr
     return nonzero, lengths
 
 
+def _ideal_bits(counts: np.ndarray) -> float:
+    """The bits of the symbols counted in ``counts`` (contexts × symbols) at each context's own empirical
+    probabilities, no table: a lower bound of what any table model of these contexts costs."""
+    counts = counts.astype(np.float64)
+    totals = counts.sum(axis=1)
+    nz = counts[counts > 0]
+    tz = totals[totals > 0]
+    return float((tz * np.log2(tz)).sum() - (nz * np.log2(nz)).sum())
+
+
 def _row_scale(arr: np.ndarray, row_length: int) -> tuple[np.ndarray, np.ndarray]:
     """The scale labelling's statistic in :func:`_labels_from_density`'s form: each row's rank by its mean symbol
     (ties by row order) over ``R − 1`` for every row, so that ``C`` classes are ``C`` equal quantiles of the rows and
@@ -555,33 +565,65 @@ class AnsDitherCoder(Coder):
             families.append((stat, self._joint_counts(arr, codes if max_bits else None, labels, row_length, finest, m)))
         if not families:
             families.append((None, self._joint_counts(arr, codes if max_bits else None, None, row_length, 1, m)))
-        best: tuple | None = None
-        options: list[tuple[int, np.ndarray | None, np.ndarray]] = [(0, None, families[0][1])]
-        options += [(c, _labels_from_density(stat, c), fine) for stat, fine in families for c in row_classes]
-        for classes, labels, fine in options:
+        label_costs: dict = {}  # (id(labels), precision) -> the label table and its cost
+
+        def costed(classes: int, labels: np.ndarray | None, fine: np.ndarray, bits: int) -> tuple:
             if labels is None:
                 joint = fine.sum(axis=0, keepdims=True)
             else:
                 joint = fine.reshape(classes, finest // classes, 1 << CONTEXT_BITS, m).sum(axis=1)
-            label_costs: dict = {}
-            previous = math.inf
-            for bits in range(max_bits + 1):
-                precision, sparse = self._table_args(max(classes, 1) << bits, arr.size, m)
-                label_cost = 0.0
-                label_q = None
-                if labels is not None:
-                    if precision not in label_costs:
-                        label_costs[precision] = _label_cost(labels, classes, precision, sparse)
-                    label_q, label_cost = label_costs[precision]
-                    label_cost += 2  # row length and class count varints, about
-                merged = joint.reshape(max(classes, 1), 1 << bits, -1, m).sum(axis=2).reshape(-1, m)
-                tables, tables_cost = _best_tables(merged, precision, sparse)
-                cost = 1 + label_cost + tables_cost + self._extra_bytes
-                if best is None or cost < best[0]:
-                    best = (cost, bits, classes, labels, tables, label_q, precision)
-                if cost >= previous:
-                    break  # more bins stopped paying: the gain shrinks and the tables grow with every bit
-                previous = cost
+            precision, sparse = self._table_args(max(classes, 1) << bits, arr.size, m)
+            label_cost = 0.0
+            label_q = None
+            if labels is not None:
+                key = (id(labels), precision)
+                if key not in label_costs:
+                    label_costs[key] = _label_cost(labels, classes, precision, sparse)
+                label_q, label_cost = label_costs[key]
+                label_cost += 2  # row length and class count varints, about
+            merged = joint.reshape(max(classes, 1), 1 << bits, -1, m).sum(axis=2).reshape(-1, m)
+            tables, tables_cost = _best_tables(merged, precision, sparse)
+            return (1 + label_cost + tables_cost + self._extra_bytes, bits, classes, labels, tables, label_q, precision)
+
+        def best_bits(classes: int, labels: np.ndarray | None, fine: np.ndarray, first: tuple) -> tuple:
+            """From ``first`` (this option at some bin count), more bins, or else fewer, while the cost falls (the
+            gain of a bin shrinks and its tables grow with every bit)."""
+            best = first
+            for direction in (1, -1):
+                bits = first[1] + direction
+                while 0 <= bits <= max_bits:
+                    option = costed(classes, labels, fine, bits)
+                    if option[0] >= best[0]:
+                        break
+                    best, bits = option, bits + direction
+                if best is not first:
+                    break
+            return best
+
+        # Without classes, the bins from 0 up. Then, at that bin count (classes rarely move the best one by more
+        # than a bit), the row-class options ranked by what they could save at best, the symbols' ideal bits plus
+        # the labels' (tables not counted: an option that cannot save even so is never costed); the two most
+        # promising costed exactly and the better one's bins refined as above: a few table searches per stream
+        # instead of one per (option, bins).
+        best = best_bits(0, None, families[0][1], costed(0, None, families[0][1], 0))
+        if row_classes:
+            bins = 1 << best[1]
+            plain = _ideal_bits(families[0][1].sum(axis=0).reshape(bins, -1, m).sum(axis=1))
+            ranked = []
+            for stat, fine in families:
+                for c in row_classes:
+                    labels = _labels_from_density(stat, c)
+                    joint = fine.reshape(c, finest // c, 1 << CONTEXT_BITS, m).sum(axis=1)
+                    joint = joint.reshape(c, bins, -1, m).sum(axis=2).reshape(-1, m)
+                    saving = plain - _ideal_bits(joint) - _ideal_bits(np.bincount(labels, minlength=c)[None])
+                    if saving > 0:
+                        ranked.append((-saving, len(ranked), c, labels, fine))
+            ranked.sort(key=lambda r: r[:2])  # the largest saving first; ties: density, fewer classes
+            options = [costed(c, labels, fine, best[1]) + (fine,) for _, _, c, labels, fine in ranked[:2]]
+            if options:
+                top = min(options, key=lambda o: o[0])
+                if top[0] < best[0]:
+                    best = best_bits(top[2], top[3], top[7], top[:7])
         assert best is not None
         return best
 
