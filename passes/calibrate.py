@@ -164,6 +164,17 @@ def padding_mask(batch: Any) -> torch.Tensor | None:
     return mask != 0
 
 
+def output_mask(calib: "Calibration", i: int) -> torch.Tensor | None:
+    """The entries of the model's output on batch ``i`` that count in an output error (the probe's, seed
+    trials'): with ``mask_padding``, the real tokens' (:func:`padding_mask`) when the output is per token; else
+    ``None``, every entry."""
+    keep = padding_mask(calib.batches[i]) if calib.mask_padding else None
+    ref = calib.outputs[i] if calib.outputs else None
+    if keep is None or ref is None or tuple(ref.shape[: keep.dim()]) != tuple(keep.shape):
+        return None  # no mask, or the output is not per token (e.g. pooled): every entry counts
+    return keep
+
+
 def run_batch(model: nn.Module, batch: Any) -> Any:
     """Call ``model`` on one batch with the calibration convention (tuple → ``*args``, mapping → ``**kwargs``)."""
     if isinstance(batch, tuple):
@@ -563,10 +574,7 @@ def probe_scales(model: nn.Module, candidates: list[Candidate], config: Any, cal
         ref = calib.outputs[i]
         if ref is None:
             break
-        keep = padding_mask(calib.batches[i]) if calib.mask_padding else None
-        if keep is not None and tuple(ref.shape[: keep.dim()]) != tuple(keep.shape):
-            keep = None  # the output is not per token (e.g. pooled): every entry counts
-        probe.append((calib.batches[i], ref, keep))
+        probe.append((calib.batches[i], ref, output_mask(calib, i)))
     with torch.no_grad():
         was_training = model.training
         model.eval()

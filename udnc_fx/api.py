@@ -15,7 +15,9 @@ from torch import fx, nn
 from .config import CompressConfig
 from .errors import ConfigError, UnsupportedModelError
 from .passes.allocate import first_tensor
-from .passes.calibrate import Calibration, as_batches, collect_inputs, output_sensitivity, probe_scales, run_batch
+from .passes.calibrate import (
+    Calibration, as_batches, collect_inputs, output_mask, output_sensitivity, probe_scales, run_batch,
+)
 from .passes.materialize import served_params
 from .passes.quantize import quantize
 from .passes.select import refuse_non_float32, select_weights
@@ -43,7 +45,8 @@ def _calibrate(model: nn.Module, config: CompressConfig, batches: list) -> Calib
 
 
 def _score(out: nn.Module, config: CompressConfig, calib: Calibration | None) -> float:
-    """Lower is better: ``score_fn(out)``, else the mean squared output change over the calibration batches."""
+    """Lower is better: ``score_fn(out)``, else the mean squared output change over the calibration batches (the
+    real tokens' only with ``mask_padding``, as the allocation probe counts them)."""
     was_training = out.training
     out.eval()
     try:
@@ -58,11 +61,13 @@ def _score(out: nn.Module, config: CompressConfig, calib: Calibration | None) ->
                     raise ConfigError(f"score_fn returned {value}: it must be a finite number (lower is better)")
                 return value
             total = 0.0
-            for batch, reference in zip(calib.batches, calib.outputs):
+            for i, (batch, reference) in enumerate(zip(calib.batches, calib.outputs)):
                 if reference is None:
                     raise ConfigError("seed_trials: the model's output has no tensor to compare; give a score_fn")
                 test = first_tensor(run_batch(out, batch)).detach().to(torch.float64)
-                total += float(((test - reference) ** 2).mean())
+                sq = (test - reference) ** 2
+                keep = output_mask(calib, i)  # padded tokens' states are never used (mask_padding)
+                total += float((sq if keep is None else sq[keep]).mean())
             return total / len(calib.batches)
     finally:
         out.train(was_training)

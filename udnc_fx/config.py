@@ -166,7 +166,8 @@ class CompressConfig:
             output; :func:`udnc_fx.passes.calibrate.output_sensitivity`). Every row of the table shares ``G``, so
             rows of tokens the calibration never saw are compensated too. False: plain rounding for embeddings.
         seed_trials: how many dither seeds to try (``seed``, ``seed + 1``, ...); the one whose compressed model is
-            closest to the float model on the calibration batches (or has the lowest ``score_fn``) is kept. 1..256.
+            closest to the float model on the calibration batches (mean squared output change; with
+            ``mask_padding``, over the real tokens only) or has the lowest ``score_fn`` is kept. 1..256.
         score_fn: ``score_fn(compressed_model) -> float``, lower is better (return ``-accuracy`` for an accuracy),
             used by ``seed_trials`` instead of the calibration output error. Recorded by name only.
     """

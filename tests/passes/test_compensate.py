@@ -536,3 +536,38 @@ def test_solve_scale_start_guess_saves_evaluations():
     assert n_near < n_far, (n_near, n_far)
     calls.clear()
     assert solve_scale(bits, 1.7, start=float("nan")) == far  # a useless guess falls back to s = 1
+
+
+class TokenNet(nn.Module):
+    """Per-token outputs from keyword inputs, as a Hugging Face encoder gives them (padded positions computed too)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 24)
+        self.fc = nn.Linear(24, 32)
+
+    def forward(self, input_ids, attention_mask):
+        return self.fc(self.emb(input_ids))
+
+
+@pytest.mark.parametrize("mask_padding", [True, False])
+def test_seed_trials_score_real_tokens_only_with_mask_padding(mask_padding):
+    """The seed choice's calibration output error counts the real tokens only under ``mask_padding`` (the padded
+    positions' states are never used), as the allocation probe does; every position without it."""
+    torch.manual_seed(0)
+    model = TokenNet().eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 50, (16, 12), generator=g)
+    mask = (torch.arange(12)[None, :] < torch.randint(3, 12, (16, 1), generator=g)).long()
+    batch = {"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask}
+    cfg = CompressConfig(target_bits=1.5, seed=3, seed_trials=3, allocate=False, mask_padding=mask_padding)
+    out = udnc_fx.compress(model, cfg, calibration=[batch])
+    trials = udnc_fx.inspect(out).calibration["seed_trials"]
+    with torch.no_grad():
+        ref = model(**batch).double()
+        for t in trials:
+            single = udnc_fx.compress(model, cfg.replace(seed=t["seed"], seed_trials=1), calibration=[batch])
+            sq = (single(**batch).double() - ref) ** 2
+            real, every = float(sq[mask.bool()].mean()), float(sq.mean())
+            assert real != pytest.approx(every, rel=1e-3)  # the padded positions' error differs: the test can tell
+            assert t["score"] == pytest.approx(real if mask_padding else every, rel=1e-9)
