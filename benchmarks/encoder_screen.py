@@ -9,7 +9,9 @@ exactly as ``compress`` shares them between its own seed trials: each seed's mod
 Run: ``OMP_NUM_THREADS=1 python benchmarks/encoder_screen.py SETTINGS BITS SEEDS [JSON]``, e.g.
 ``... encoder_screen.py old,default 3.3,3.4 0,1,2,3,4``; JSON adds config fields, or ``{"docs": N}`` (documentation
 sentences added to calibration.txt's 32), ``{"probe_batches": K}`` (batches the allocation probe measures on) and
-``{"second_eval": 1}`` (also the mean cosine on a second evaluation set, see ``_second_eval``), and
+``{"second_eval": 1}`` (also the mean cosine on a second evaluation set, see ``_second_eval``), ``{"seed_trials": K}``
+(each seed's model is the best of dither seeds ``seed … seed + K − 1`` by the calibration output error, as
+``compress`` chooses), and
 ``{"distill_epochs": E}`` (after compressing, distil each seed's model against the float one for E epochs on
 unlabelled documentation text, ``udnc_fx.hf.distill_encoder``, see ``_distill_data``; ``distill_lr``,
 ``distill_loss`` (``tokens``/``cosine``) and ``distill_train`` (how many training sentences) go with it). A
@@ -104,7 +106,7 @@ def _distilled(task, out, cfg, train, held, opts, path):
 def main(argv: list[str]) -> int:
     import udnc_fx
     import udnc_fx.passes.calibrate as calibrate
-    from udnc_fx.api import _calibrate
+    from udnc_fx.api import _calibrate, _score
     from udnc_fx.passes.quantize import quantize
     from udnc_fx.passes.trace import prepare
 
@@ -136,9 +138,23 @@ def main(argv: list[str]) -> int:
                 calib = _calibrate(task.float_model, cfg0, batches)
                 res = []
                 for seed in seeds:
-                    cfg = cfg0.replace(seed=seed)
-                    target, how = prepare(task.float_model, cfg)
-                    out = quantize(target, cfg, calibration=calib, progress=False, how=how).graph_module
+                    out, chosen = None, None
+                    # seed_trials: compress's own choice (api.compress) among seeds seed, seed + 1, ... by the
+                    # calibration output error, with the same shared calibration
+                    for trial in range(cfg0.seed_trials):
+                        cfg = cfg0.replace(seed=seed + trial, seed_trials=1)
+                        target, how = prepare(task.float_model, cfg)
+                        cand = quantize(target, cfg, calibration=calib, progress=False, how=how).graph_module
+                        if cfg0.seed_trials > 1:
+                            score = _score(cand, cfg, calib)
+                            print(f"    seed {seed + trial}: calibration output error {score:.6g}, mean cosine "
+                                  f"{task.quality_fn(cand)['cos_mean']:.5f} (raw tensors float32)", flush=True)
+                            if chosen is None or score < chosen[0]:
+                                out, chosen = cand, (score, seed + trial)
+                        else:
+                            out = cand
+                    if chosen is not None:
+                        print(f"    seed {seed}: kept dither seed {chosen[1]} of {cfg0.seed_trials} trials", flush=True)
                     if distill_epochs:
                         before = task.quality_fn(out)["cos_mean"], (quality2(out) if quality2 else float("nan"))
                         nbytes, out, cpu, wall, result = _distilled(task, out, cfg, train, held, distill, path)
