@@ -11,7 +11,8 @@ Run: ``OMP_NUM_THREADS=1 python benchmarks/encoder_screen.py SETTINGS BITS SEEDS
 sentences added to calibration.txt's 32), ``{"probe_batches": K}`` (batches the allocation probe measures on) and
 ``{"second_eval": 1}`` (also the mean cosine on a second evaluation set, see ``_second_eval``), ``{"seed_trials": K}``
 (each seed's model is the best of dither seeds ``seed … seed + K − 1`` by the calibration output error, as
-``compress`` chooses), and
+``compress`` chooses), ``{"pooled": 1}`` (compress ``hf.SentenceEncoder(encoder)``, the sentence embeddings as the
+model's output), and
 ``{"distill_epochs": E}`` (after compressing, distil each seed's model against the float one for E epochs on
 unlabelled documentation text, ``udnc_fx.hf.distill_encoder``, see ``_distill_data``; ``distill_lr``,
 ``distill_loss`` (``tokens``/``cosine``) and ``distill_train`` (how many training sentences) go with it). A
@@ -121,7 +122,19 @@ def main(argv: list[str]) -> int:
     distill = {"epochs": distill_epochs, "lr": float(extra.pop("distill_lr", 1e-4)),
                "loss": extra.pop("distill_loss", "tokens")}
     distill_train = extra.pop("distill_train", None)
+    pooled = bool(extra.pop("pooled", False))
+    if pooled and distill_epochs:
+        raise SystemExit("pooled and distill_epochs do not combine (distillation takes the encoder itself)")
     task = peers.minilm_task()
+    # pooled: compress the sentence encoder as deployed (encoder + mean pooling + L2 normalisation, hf.SentenceEncoder),
+    # so the allocation probe, the embeddings' output sensitivity and seed trials measure the sentence embeddings
+    # instead of the token states; scored through its encoder as every other setting
+    from udnc_fx import hf
+    model = hf.SentenceEncoder(task.float_model).eval() if pooled else task.float_model
+
+    def inner(m):
+        return m.encoder if pooled else m
+
     batches = encoder._calibration(task, docs)
     quality2 = _second_eval(task) if second else None
     if distill_epochs:
@@ -135,7 +148,7 @@ def main(argv: list[str]) -> int:
             for bits in bits_list:
                 cfg0 = udnc_fx.CompressConfig(target_bits=bits, **task.udnc_fields, **kw)
                 t0 = time.time()
-                calib = _calibrate(task.float_model, cfg0, batches)
+                calib = _calibrate(model, cfg0, batches)
                 res = []
                 for seed in seeds:
                     out, chosen = None, None
@@ -143,12 +156,12 @@ def main(argv: list[str]) -> int:
                     # calibration output error, with the same shared calibration
                     for trial in range(cfg0.seed_trials):
                         cfg = cfg0.replace(seed=seed + trial, seed_trials=1)
-                        target, how = prepare(task.float_model, cfg)
+                        target, how = prepare(model, cfg)
                         cand = quantize(target, cfg, calibration=calib, progress=False, how=how).graph_module
                         if cfg0.seed_trials > 1:
                             score = _score(cand, cfg, calib)
                             print(f"    seed {seed + trial}: calibration output error {score:.6g}, mean cosine "
-                                  f"{task.quality_fn(cand)['cos_mean']:.5f} (raw tensors float32)", flush=True)
+                                  f"{task.quality_fn(inner(cand))['cos_mean']:.5f} (raw tensors float32)", flush=True)
                             if chosen is None or score < chosen[0]:
                                 out, chosen = cand, (score, seed + trial)
                         else:
@@ -167,9 +180,9 @@ def main(argv: list[str]) -> int:
                         nbytes = udnc_fx.save(out, path, raw_float_dtype=peers.RAW_FLOAT_DTYPE)
                         path.unlink()
                         peers._round_raw_fp16_(out)
-                    res.append((task.numerator / nbytes, task.quality_fn(out)["cos_mean"]))
+                    res.append((task.numerator / nbytes, task.quality_fn(inner(out))["cos_mean"]))
                     if quality2 is not None:
-                        res[-1] += (quality2(out),)
+                        res[-1] += (quality2(inner(out)),)
                 cos = [r[1] for r in res]
                 print(f"{name:8s} {kw} docs {docs} probe batches {calibrate.PROBE_BATCHES} bits {bits}: ratio "
                       f"{min(r[0] for r in res):.3f}x (lowest seed) mean cosine {sum(cos) / len(cos):.5f} worst seed "
