@@ -14,8 +14,9 @@ import udnc_fx.coding.ans as ans
 import udnc_fx.coding.payload as payload
 from udnc_fx.coding import get_coder
 from udnc_fx.coding.ans import dither_codes
-from udnc_fx.coding.container import Container, QuantizedTensor, decode_container, derived_key, encode_container, read_header
-from udnc_fx.dither import uniform_np
+from udnc_fx.coding.container import (
+    Container, QuantizedTensor, decode_container, derived_key, encode_container, read_header,
+)
 from udnc_fx.quantizer import quantize_array
 
 CODERS = ["ans-dither-v1", "ans-dither-v2"]

@@ -380,7 +380,8 @@ def _row_scale(arr: np.ndarray, row_length: int) -> tuple[np.ndarray, np.ndarray
         r0 = lo // row_length
         sums[r0 : r0 + full] = part[: full * row_length].reshape(full, row_length).sum(axis=1, dtype=np.float64)
         if full * row_length < part.size:
-            sums[r0 + full] = part[full * row_length :].sum(dtype=np.float64) * row_length / (part.size - full * row_length)
+            tail = part[full * row_length :]
+            sums[r0 + full] = tail.sum(dtype=np.float64) * row_length / tail.size  # the mean, scaled to a full row
     rank = np.empty(rows, np.int64)
     rank[np.argsort(sums, kind="stable")] = np.arange(rows)
     return rank, np.full(rows, rows - 1, np.int64)

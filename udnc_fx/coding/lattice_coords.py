@@ -310,7 +310,10 @@ def stream_rows(coder: Any, row_vectors: int | None, width: int) -> int | None:
 
 
 def _hints(context: Any, row_length: int | None) -> dict:
-    return {**({} if context is None else {"context": context}), **({} if row_length is None else {"row_length": row_length})}
+    hints: dict = {} if context is None else {"context": context}
+    if row_length is not None:
+        hints["row_length"] = row_length
+    return hints
 
 
 def _call_encode(coder: Any, symbols: np.ndarray, alphabet: int, context: Any, what: str,
