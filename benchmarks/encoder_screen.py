@@ -44,15 +44,19 @@ SETTINGS = {
 }
 
 
-def _second_eval(task):
+def _second_eval(task, docs: int = 288):
     """Mean cosine on a second evaluation set, disjoint from the calibration and from sentences.txt: the 40 sentences
-    of ``cli_calibration.txt`` and Python-documentation sentences 500-599 (the calibration takes the first 288)."""
+    of ``cli_calibration.txt`` and Python-documentation sentences 500-599 (the calibration takes the first ``docs``;
+    with ``docs`` over 500, the 100 after them)."""
     import torch
     import _calib_text
 
     own = peers.read_sentences(peers.DATA / "calibration.txt")
     evaluation = set(peers.read_sentences(peers.DATA / "sentences.txt"))
-    docs = _calib_text.python_doc_sentences(600, exclude=evaluation | set(own))[500:600]
+    start = max(500, docs)
+    docs = _calib_text.python_doc_sentences(start + 100, exclude=evaluation | set(own))[start : start + 100]
+    if len(docs) < 100:
+        raise SystemExit(f"only {len(docs)} documentation sentences are left for the second evaluation set")
     texts = peers.read_sentences(peers.DATA / "cli_calibration.txt") + docs
     batch = dict(task.extra["tokenizer"](texts, padding=True, truncation=True, max_length=256, return_tensors="pt"))
     embed = task.extra["embed"]
@@ -136,7 +140,7 @@ def main(argv: list[str]) -> int:
         return m.encoder if pooled else m
 
     batches = encoder._calibration(task, docs)
-    quality2 = _second_eval(task) if second else None
+    quality2 = _second_eval(task, docs) if second else None
     if distill_epochs:
         train, held = _distill_data(task, distill_train)
         print(f"distillation: {distill}, {sum(len(b['input_ids']) for b in train)} training sentences, "

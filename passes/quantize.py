@@ -290,6 +290,22 @@ def solve_scale(mean_bits: Callable[[float], float], target: float, start: float
     return math.exp(0.5 * (fine[0] + coarse[0]))
 
 
+def factor_groups(hessians: list[np.ndarray], lat, config: CompressConfig):
+    """``((factors, perms), note)`` for compensated rounding with one ``H`` per group (act-order permutation and
+    damped inverse Cholesky factor, :mod:`udnc_fx.passes.compensate`), or ``(None, why not)``."""
+    factors, perms, notes = [], [], []
+    for h in hessians:
+        perm = act_order(h, lat.dim) if config.act_order else None
+        U, note = inverse_factor(h if perm is None else h[np.ix_(perm, perm)], config.damping)
+        if U is None:
+            return None, note
+        factors.append(U)
+        perms.append(perm)
+        if note:
+            notes.append(note)
+    return (factors, perms), "; ".join(sorted(set(notes)))
+
+
 def _compensation_factors(cand: Candidate, lat, calibration: Any, config: CompressConfig):
     """``(factors, note)`` for a candidate: per-group Cholesky factors of ``H⁻¹`` when compensated rounding applies
     (cached on ``calibration``: they do not depend on the seed), else ``(None, why plain rounding)``."""
@@ -309,20 +325,7 @@ def _compensation_factors(cand: Candidate, lat, calibration: Any, config: Compre
     if key not in cache and rec.sums is None:
         return None, "plain rounding: its H was released after factoring with another damping or column order"
     if key not in cache:
-        factors, perms, notes = [], [], []
-        for g in range(rec.groups):
-            h = rec.hessian(g)
-            perm = act_order(h, lat.dim) if config.act_order else None
-            U, note = inverse_factor(h if perm is None else h[np.ix_(perm, perm)], config.damping)
-            if U is None:
-                factors = None
-                notes = [note]
-                break
-            factors.append(U)
-            perms.append(perm)
-            if note:
-                notes.append(note)
-        cache[key] = (None if factors is None else (factors, perms), "; ".join(sorted(set(notes))))
+        cache[key] = factor_groups([rec.hessian(g) for g in range(rec.groups)], lat, config)
         calibration.release(cand.fqn)  # the factors replace H: hold one d×d array per layer, not two
     factors, note = cache[key]
     if factors is None:

@@ -15,6 +15,7 @@ from torch import fx, nn
 from .config import CompressConfig
 from .errors import ConfigError, UnsupportedModelError
 from .passes.allocate import first_tensor
+from .passes import calibrate
 from .passes.calibrate import (
     Calibration, as_batches, collect_inputs, output_mask, output_sensitivity, probe_scales, run_batch,
 )
@@ -33,11 +34,14 @@ def _calibrate(model: nn.Module, config: CompressConfig, batches: list) -> Calib
     target, _ = prepare(model, config)
     gm = target if isinstance(target, fx.GraphModule) else None
     candidates, _ = select_weights(target, config, gm)
-    calib = collect_inputs(target, candidates, batches, mask_padding=config.mask_padding)
+    probing = config.allocate and config.step_mode == "target_bits"
+    # the probe's batches' share of H is kept apart: the probe rounds with an H that never saw them (probe_scales)
+    held = min(calibrate.PROBE_BATCHES, len(batches)) if probing and config.compensate and len(batches) > 1 else 0
+    calib = collect_inputs(target, candidates, batches, mask_padding=config.mask_padding, held=held)
     if config.compensate and config.compensate_embeddings:
         output_sensitivity(target, candidates, calib)  # Embedding weights: H from the output's sensitivity
     calib.model = target if config.sequential else None  # sequential compensation re-measures H on this copy
-    if config.allocate and config.step_mode == "target_bits":
+    if probing:
         probe_scales(target, candidates, config, calib)
     elif config.allocate:
         calib.allocation_note = f"no allocation: the config fixes the steps ({config.step_mode})"
