@@ -347,6 +347,9 @@ def main(argv=None) -> int:
     global MINILM_DOC_SENTENCES
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="both", choices=["digits", "minilm", "both"])
+    ap.add_argument("--plain-probe", action="store_true",
+                    help="the allocation probe rounds every layer plainly (the behaviour before the held-out "
+                         "compensated probe; passes/calibrate.py PROBE_HELD_OUT)")
     ap.add_argument("--seeds", default="0,1,2,3,4")
     ap.add_argument("--quick", action="store_true", help="no seed-trials variant, NNCodec's quick ladder")
     ap.add_argument("--no-nncodec", action="store_true")
@@ -368,6 +371,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     MINILM_DOC_SENTENCES = args.doc_sentences
+    if args.plain_probe:
+        import udnc_fx.passes.calibrate as calibrate
+
+        calibrate.PROBE_HELD_OUT = False
     if args.time_only:
         task = peers.minilm_task()
         times = encode_time(task, _calibration(task), 3.0)

@@ -19,7 +19,8 @@ unlabelled documentation text, ``udnc_fx.hf.distill_encoder``, see ``_distill_da
 distilled model is scored as reloaded from its file (``udnc_fx.load``): what a user gets, every byte counted.
 Settings: ``default`` (act-order, masked H, compensated embeddings), ``old`` (act_order, mask_padding and
 compensate_embeddings off), ``act`` (act-order alone), ``mask`` (masked H alone), ``before`` (the default before
-``compensate_embeddings``: plain-rounded embeddings, damping 0.01).
+``compensate_embeddings``: plain-rounded embeddings, damping 0.01), ``plainprobe`` (the default with the allocation
+probe rounding every layer plainly, as before the held-out compensated probe).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ SETTINGS = {
     "act": {"mask_padding": False},
     "mask": {"act_order": False},
     "before": {"compensate_embeddings": False, "damping": 0.01},
+    "plainprobe": {},  # the default with the allocation probe rounding plainly (calibrate.PROBE_HELD_OUT = False)
 }
 
 
@@ -151,6 +153,7 @@ def main(argv: list[str]) -> int:
             kw = {**SETTINGS[name], **extra}
             for bits in bits_list:
                 cfg0 = udnc_fx.CompressConfig(target_bits=bits, **task.udnc_fields, **kw)
+                calibrate.PROBE_HELD_OUT = name != "plainprobe"
                 t0 = time.time()
                 calib = _calibrate(model, cfg0, batches)
                 res = []

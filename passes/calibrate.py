@@ -68,6 +68,10 @@ MIN_ROWS_PER_COLUMN = 2
 # How many calibration batches (from the first) the allocation probe measures each layer's output error on.
 PROBE_BATCHES = 1
 
+# Whether the probe rounds layers that will be compensated with compensated rounding from an H without its batches
+# (see probe_scales); False: plain rounding for every layer, as before (for side-by-side benchmarks).
+PROBE_HELD_OUT = True
+
 
 @dataclass
 class LayerInputs:
@@ -559,16 +563,16 @@ def probe_scales(model: nn.Module, candidates: list[Candidate], config: Any, cal
 
     Layers that will get compensated rounding are probed with compensated rounding too, but from an ``H`` that
     leaves out the probe's own batches (``calib.held``, kept apart by :func:`collect_inputs` and
-    :func:`output_sensitivity`): the probe then measures the error compensation leaves on data it did not fit, as
-    on a user's inputs. Why: compensation lowers some layers' output error far more than others' (on
-    all-MiniLM-L6-v2 at 3.18 bits, out of sample: value projections 0.16-0.36x plain rounding's error, FFN output
-    layers 0.85-1.08x), so sensitivities measured with plain rounding spend bits where compensation has already
-    removed the error. An in-sample probe (``H`` from data including the probe batch) is worse than a plain one: it
-    under-rates exactly the layers whose compensation generalises worst (layer 5 FFN output: 0.24x plain rounding's
-    error on the calibration text, 0.63x on held-out sentences; mean cosine 0.914 against 0.963 for the plain probe
-    at 3 bits/weight). Layers with too few rows left without the probe batches, and every layer when the
-    calibration is a single batch, are probed with plain rounding. ``model`` is restored; the held-out sums are
-    dropped when the probe is done.
+    :func:`output_sensitivity`): the probe then measures the error compensation leaves on data it did not fit, as on
+    a user's inputs. Why: compensation lowers some layers' output error far more than others' (on all-MiniLM-L6-v2
+    with E8 at 3.18 bits, out of sample: the value projections of layers 1-5 0.16-0.36x plain rounding's output
+    error, the FFN output layers 0.85-1.08x), so sensitivities measured with plain rounding spend bits where
+    compensation has already removed the error. An in-sample probe (``H`` from data including the probe batch) is
+    worse than a plain one: it under-rates exactly the layers whose compensation generalises worst (layer 5 FFN
+    output: 0.24x plain rounding's error on the calibration text, 0.63x on held-out sentences; mean cosine 0.914
+    against 0.963 for the plain probe at 3 bits/weight). Layers with too few rows left without the probe batches,
+    and every layer when the calibration is a single batch, are probed with plain rounding. ``model`` is restored;
+    the held-out sums are dropped when the probe is done.
     """
     try:
         _probe_scales(model, candidates, config, calib)

@@ -36,7 +36,8 @@ def _calibrate(model: nn.Module, config: CompressConfig, batches: list) -> Calib
     candidates, _ = select_weights(target, config, gm)
     probing = config.allocate and config.step_mode == "target_bits"
     # the probe's batches' share of H is kept apart: the probe rounds with an H that never saw them (probe_scales)
-    held = min(calibrate.PROBE_BATCHES, len(batches)) if probing and config.compensate and len(batches) > 1 else 0
+    held_out = probing and config.compensate and calibrate.PROBE_HELD_OUT and len(batches) > 1
+    held = min(calibrate.PROBE_BATCHES, len(batches)) if held_out else 0
     calib = collect_inputs(target, candidates, batches, mask_padding=config.mask_padding, held=held)
     if config.compensate and config.compensate_embeddings:
         output_sensitivity(target, candidates, calib)  # Embedding weights: H from the output's sensitivity
