@@ -9,7 +9,8 @@ exactly as ``compress`` shares them between its own seed trials: each seed's mod
 Run: ``OMP_NUM_THREADS=1 python benchmarks/encoder_screen.py SETTINGS BITS SEEDS [JSON]``, e.g.
 ``... encoder_screen.py old,default 3.3,3.4 0,1,2,3,4``; JSON adds config fields, or ``{"docs": N}`` (documentation
 sentences added to calibration.txt's 32), ``{"probe_batches": K}`` (batches the allocation probe measures on) and
-``{"second_eval": 1}`` (also the mean cosine on a second evaluation set, see ``_second_eval``), ``{"seed_trials": K}``
+``{"damping_choices": [1, 3, 10]}`` (the multiples of ``damping`` the held-out probe tries per layer,
+``calibrate.DAMPING_CHOICES``), ``{"second_eval": 1}`` (also the mean cosine on a second evaluation set, see ``_second_eval``), ``{"seed_trials": K}``
 (each seed's model is the best of dither seeds ``seed … seed + K − 1`` by the calibration output error, as
 ``compress`` chooses), ``{"pooled": 1}`` (compress ``hf.SentenceEncoder(encoder)``, the sentence embeddings as the
 model's output), and
@@ -123,6 +124,7 @@ def main(argv: list[str]) -> int:
     extra = json.loads(argv[3]) if len(argv) > 3 else {}
     docs = int(extra.pop("docs", encoder.MINILM_DOC_SENTENCES))
     calibrate.PROBE_BATCHES = int(extra.pop("probe_batches", calibrate.PROBE_BATCHES))
+    calibrate.DAMPING_CHOICES = tuple(float(f) for f in extra.pop("damping_choices", calibrate.DAMPING_CHOICES))
     second = bool(extra.pop("second_eval", False))
     distill_epochs = int(extra.pop("distill_epochs", 0))
     distill = {"epochs": distill_epochs, "lr": float(extra.pop("distill_lr", 1e-4)),
@@ -191,7 +193,8 @@ def main(argv: list[str]) -> int:
                     if quality2 is not None:
                         res[-1] += (quality2(inner(out)),)
                 cos = [r[1] for r in res]
-                print(f"{name:8s} {kw} docs {docs} probe batches {calibrate.PROBE_BATCHES} bits {bits}: ratio "
+                print(f"{name:8s} {kw} docs {docs} probe batches {calibrate.PROBE_BATCHES} damping choices "
+                      f"{calibrate.DAMPING_CHOICES} bits {bits}: ratio "
                       f"{min(r[0] for r in res):.3f}x (lowest seed) mean cosine {sum(cos) / len(cos):.5f} worst seed "
                       f"{min(cos):.5f} {'pass' if min(cos) >= 0.99 else 'FAIL'} [{' '.join(f'{c:.5f}' for c in cos)}]"
                       f" ({time.time() - t0:.0f} s)", flush=True)

@@ -72,6 +72,10 @@ PROBE_BATCHES = 1
 # (see probe_scales); False: plain rounding for every layer, as before (for side-by-side benchmarks).
 PROBE_HELD_OUT = True
 
+# The dampings (multiples of config.damping, at most 1) the held-out probe tries for each compensated layer; the one
+# with the least output error on the probe's batches is used for that layer (Calibration.dampings).
+DAMPING_CHOICES = (1.0,)
+
 
 @dataclass
 class LayerInputs:
@@ -124,6 +128,8 @@ class Calibration:
     model: Any = None
     #: padded token positions were left out of the Linear layers' H (``config.mask_padding``)
     mask_padding: bool = False
+    #: per layer, the damping the held-out probe chose (see :data:`DAMPING_CHOICES`); others use ``config.damping``
+    dampings: dict[str, float] = field(default_factory=dict)
     #: the first ``held`` batches' share of each ``H`` is also kept apart (``LayerInputs.held``): the allocation probe
     #: measures on them, with rounding compensated by an ``H`` from the other batches (see :func:`probe_scales`)
     held: int = 0
@@ -629,15 +635,9 @@ def _probe_scales(model: nn.Module, candidates: list[Candidate], config: Any, ca
         try:
             distortions = {}
             compensated = 0
-            for cand, w, std, lat, v, key, u in free:
-                step = s * std
-                points = None
-                factors = _held_out_factors(calib, cand.fqn, lat, config)
-                if factors is not None:
-                    points = compensated_points(w.reshape(w.shape[0], -1), factors[0], lat, step, u,
-                                                exact_zero=config.exact_zero, perms=factors[1],
-                                                metric=config.metric_rounding)
-                    compensated += 1
+
+            def probe_error(cand, w, lat, step, key, u, points) -> float:
+                """The mean squared output change on the probe batches with ``cand`` alone quantized."""
                 q = quantize_array(w, lattice=lat.name, n=lat.dim, step=step, key=key,
                                    exact_zero=config.exact_zero, u_raw=u, raw_points=points)
                 param = cand.param
@@ -654,7 +654,28 @@ def _probe_scales(model: nn.Module, candidates: list[Candidate], config: Any, ca
                         count += sq.numel()
                 finally:
                     param.data = saved
-                distortions[cand.fqn] = (total / max(count, 1.0), step, w.size)
+                return total / max(count, 1.0)
+
+            for cand, w, std, lat, v, key, u in free:
+                step = s * std
+                best = None  # (error, damping) of the held-out compensated roundings
+                for damping in _damping_choices(config) if calib.inputs.get(cand.fqn) is not None else ():
+                    factors = _held_out_factors(calib, cand.fqn, lat, config, damping)
+                    if factors is None:
+                        continue
+                    points = compensated_points(w.reshape(w.shape[0], -1), factors[0], lat, step, u,
+                                                exact_zero=config.exact_zero, perms=factors[1],
+                                                metric=config.metric_rounding)
+                    error = probe_error(cand, w, lat, step, key, u, points)
+                    if best is None or error < best[0]:
+                        best = (error, damping)
+                if best is not None:
+                    compensated += 1
+                    calib.dampings[cand.fqn] = best[1]
+                    error = best[0]
+                else:
+                    error = probe_error(cand, w, lat, step, key, u, None)
+                distortions[cand.fqn] = (error, step, w.size)
         finally:
             model.train(was_training)
     floor = max(max(d for d, _, _ in distortions.values()) * 1e-9, 1e-300)
@@ -673,7 +694,13 @@ def _probe_scales(model: nn.Module, candidates: list[Candidate], config: Any, ca
     )
 
 
-def _held_out_factors(calib: Calibration, fqn: str, lat: Any, config: Any):
+def _damping_choices(config: Any) -> list[float]:
+    """The dampings the probe tries for each compensated layer: ``config.damping`` times :data:`DAMPING_CHOICES`,
+    at most 1."""
+    return sorted({min(1.0, config.damping * f) for f in DAMPING_CHOICES})
+
+
+def _held_out_factors(calib: Calibration, fqn: str, lat: Any, config: Any, damping: float):
     """``(factors, perms)`` of compensated rounding from ``fqn``'s ``H`` without the probe's batches, or ``None``
     (not compensated, no held-out share, too few rows left, or ``H`` could not be factored)."""
     from .quantize import factor_groups
@@ -682,5 +709,5 @@ def _held_out_factors(calib: Calibration, fqn: str, lat: Any, config: Any):
     if (not config.compensate or rec is None or rec.held is None or rec.sums is None or rec.d % lat.dim
             or rec.rows - rec.held_rows < MIN_ROWS_PER_COLUMN * rec.d):
         return None
-    factors, _ = factor_groups([rec.held_out_hessian(g) for g in range(rec.groups)], lat, config)
+    factors, _ = factor_groups([rec.held_out_hessian(g) for g in range(rec.groups)], lat, config, damping)
     return factors

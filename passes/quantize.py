@@ -290,13 +290,15 @@ def solve_scale(mean_bits: Callable[[float], float], target: float, start: float
     return math.exp(0.5 * (fine[0] + coarse[0]))
 
 
-def factor_groups(hessians: list[np.ndarray], lat, config: CompressConfig):
+def factor_groups(hessians: list[np.ndarray], lat, config: CompressConfig, damping: float | None = None):
     """``((factors, perms), note)`` for compensated rounding with one ``H`` per group (act-order permutation and
-    damped inverse Cholesky factor, :mod:`udnc_fx.passes.compensate`), or ``(None, why not)``."""
+    damped inverse Cholesky factor, :mod:`udnc_fx.passes.compensate`; ``damping`` defaults to ``config.damping``),
+    or ``(None, why not)``."""
     factors, perms, notes = [], [], []
+    damping = config.damping if damping is None else damping
     for h in hessians:
         perm = act_order(h, lat.dim) if config.act_order else None
-        U, note = inverse_factor(h if perm is None else h[np.ix_(perm, perm)], config.damping)
+        U, note = inverse_factor(h if perm is None else h[np.ix_(perm, perm)], damping)
         if U is None:
             return None, note
         factors.append(U)
@@ -321,11 +323,12 @@ def _compensation_factors(cand: Candidate, lat, calibration: Any, config: Compre
     if rec.d % lat.dim:
         return None, f"plain rounding: a row of {rec.d} weights does not split into {lat.dim}-vectors"
     cache = calibration.__dict__.setdefault("_factors", {})
-    key = (cand.fqn, config.damping, config.act_order)
+    damping = getattr(calibration, "dampings", {}).get(cand.fqn, config.damping)  # the probe's choice, if any
+    key = (cand.fqn, damping, config.act_order)
     if key not in cache and rec.sums is None:
         return None, "plain rounding: its H was released after factoring with another damping or column order"
     if key not in cache:
-        cache[key] = factor_groups([rec.hessian(g) for g in range(rec.groups)], lat, config)
+        cache[key] = factor_groups([rec.hessian(g) for g in range(rec.groups)], lat, config, damping)
         calibration.release(cand.fqn)  # the factors replace H: hold one d×d array per layer, not two
     factors, note = cache[key]
     if factors is None:
@@ -334,6 +337,8 @@ def _compensation_factors(cand: Candidate, lat, calibration: Any, config: Compre
     source = "output-sensitivity H from {} token rows" if rec.source == "output" else "H from {} input rows"
     if config.metric_rounding and lat.dim > 1:
         order += ", points nearest in H's metric"
+    if damping != config.damping:
+        order += f", damping {damping:g} (least held-out probe error)"
     how = f"compensated rounding ({source.format(rec.rows)}{order}{', ' + note if note else ''})"
     return factors, how
 
