@@ -146,7 +146,10 @@ class CompressConfig:
         sequential: with compensation, measure each layer's ``H`` on the inputs the already-quantized earlier
             layers produce (GPTQ's sequential mode; one partial forward per stage of layers) instead of on the float
             model's inputs. The steps are still solved with the float-input ``H``.
-        damping: ``λ`` added to ``H``'s diagonal as a fraction of its mean (compensated rounding), in (0, 1].
+        damping: ``λ`` added to ``H``'s diagonal as a fraction of its mean (compensated rounding), in (0, 1]. When
+            the allocation probe runs on held-out data (calibration of two or more batches, ``allocate``), it tries
+            ``damping``, 3x and 10x it (at most 1) for each compensated layer and keeps the one whose rounding leaves
+            the least output error on the probe batch, which ``H`` never saw; the choice is recorded per layer.
         act_order: with compensation, round each layer's input columns in order of decreasing ``H_jj`` (GPTQ's
             "act-order"; whole lattice vectors for ``n > 1``); False: in the weight's own order (the encoder before
             this switch). Only which lattice

@@ -129,3 +129,36 @@ def test_compress_with_held_out_probe_beats_plain_probe_on_unseen_inputs(monkeyp
         assert rates[name] == pytest.approx(3.0, abs=0.02)
     assert "compensated rounding from an H without batch 0" in udnc_fx.inspect(held_out).calibration["allocation"]
     assert errors["held"] < 0.8 * errors["plain"], errors
+
+
+def test_probe_chooses_more_damping_when_the_held_out_batch_is_shifted():
+    """Batches 1-3 have rank-4 inputs; the probe batch has inputs off that subspace too. Compensation fitted to the
+    rank-4 H pushes error into the directions the probe batch uses, so more damping (H trusted less) leaves less
+    held-out error: the probe picks the largest damping, and compress records and uses it."""
+    import udnc_fx.passes.calibrate as calibrate
+
+    torch.manual_seed(0)
+    model = TwoInputs()
+    batches = _batches()
+    g = torch.Generator().manual_seed(3)
+    shifted = (batches[0][0] + 1.0 * torch.randn(256, 32, generator=g), batches[0][1])
+    config = CompressConfig(target_bits=3.0)
+    choices = calibrate._damping_choices(config)
+    assert choices == [0.01, 0.03, 0.1]
+    calib = _calibrate(model, config, [shifted] + batches[1:])
+    assert calib.dampings["low.weight"] == choices[-1]
+    same = _calibrate(model, config, batches)  # no shift: the least damping fits best
+    assert same.dampings["low.weight"] == choices[0]
+    out = udnc_fx.compress(model, config, calibration=[shifted] + batches[1:])
+    reasons = {c["fqn"]: c["reason"] for c in udnc_fx.inspect(out).changes if c["action"] == "quantized"}
+    assert "damping 0.1 (least held-out probe error)" in reasons["low.weight"]
+
+
+def test_single_damping_choice_keeps_config_damping(monkeypatch):
+    import udnc_fx.passes.calibrate as calibrate
+
+    monkeypatch.setattr(calibrate, "DAMPING_CHOICES", (1.0,))
+    torch.manual_seed(0)
+    model = TwoInputs()
+    calib = _calibrate(model, CompressConfig(target_bits=3.0, damping=0.05), _batches())
+    assert set(calib.dampings.values()) == {0.05}
