@@ -414,7 +414,17 @@ def main(argv=None) -> int:
                     help="skip the validation choice: this sparsity at these bits per kept weight on the test split")
     ap.add_argument("--compare-pruning", default=None, metavar="SPARSITY[@LAYER_BOUND]",
                     help="only the pruned, retrained float model: one-shot against gradual (--prune-steps, default 5)")
+    ap.add_argument("--plain-probe", action="store_true",
+                    help="the allocation probe rounds every layer plainly (before the held-out compensated probe)")
+    ap.add_argument("--damping-choices", default=None,
+                    help="comma-separated multiples of damping the held-out probe tries per layer "
+                         "(passes/calibrate.py DAMPING_CHOICES)")
     args = ap.parse_args(argv)
+    import udnc_fx.passes.calibrate as calibrate
+
+    calibrate.PROBE_HELD_OUT = not args.plain_probe
+    if args.damping_choices:
+        calibrate.DAMPING_CHOICES = tuple(float(f) for f in args.damping_choices.split(","))
     torch.set_num_threads(1)
     seeds = [int(s) for s in args.seeds.split(",")]
     sparsities = _candidates(args.sparsities.split(",")) if args.sparsities else None

@@ -580,8 +580,8 @@ def probe_scales(model: nn.Module, candidates: list[Candidate], config: Any, cal
     and every layer when the calibration is a single batch, are probed with plain rounding. ``model`` is restored;
     the held-out sums are dropped when the probe is done.
 
-    The held-out rounding also chooses each compensated layer's damping: the probe rounds the layer with each of
-    :func:`_damping_choices` and keeps the damping (``calib.dampings``, used by the quantize pass and recorded) and
+    The held-out rounding also chooses each compensated layer's damping: the probe rounds the layer with
+    :func:`_damping_choices` from the largest down, until one does no better than the one before, and keeps the damping (``calib.dampings``, used by the quantize pass and recorded) and
     the error of the one that leaves the least output error on the probe batches. Why: when the calibration text
     differs from what the model will see, ``H`` is fitted too closely, and how much to trust it differs by layer;
     the held-out batch measures that instead of one global guess (all-MiniLM-L6-v2, E8, 3.18 bits, 5 seeds: mean
@@ -666,7 +666,10 @@ def _probe_scales(model: nn.Module, candidates: list[Candidate], config: Any, ca
             for cand, w, std, lat, v, key, u in free:
                 step = s * std
                 best = None  # (error, damping) of the held-out compensated roundings
-                for damping in _damping_choices(config) if calib.inputs.get(cand.fqn) is not None else ():
+                # the largest damping first (most layers keep it: on all-MiniLM-L6-v2, 25 of 38), then smaller ones
+                # while they do better: two roundings for most layers instead of three (time)
+                choices = _damping_choices(config)[::-1] if calib.inputs.get(cand.fqn) is not None else ()
+                for damping in choices:
                     factors = _held_out_factors(calib, cand.fqn, lat, config, damping)
                     if factors is None:
                         continue
@@ -674,8 +677,9 @@ def _probe_scales(model: nn.Module, candidates: list[Candidate], config: Any, ca
                                                 exact_zero=config.exact_zero, perms=factors[1],
                                                 metric=config.metric_rounding)
                     error = probe_error(cand, w, lat, step, key, u, points)
-                    if best is None or error < best[0]:
-                        best = (error, damping)
+                    if best is not None and error >= best[0]:
+                        break  # less damping stopped helping: the smaller ones are not tried
+                    best = (error, damping)
                 if best is not None:
                     compensated += 1
                     calib.dampings[cand.fqn] = best[1]
