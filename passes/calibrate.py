@@ -577,15 +577,17 @@ def probe_scales(model: nn.Module, candidates: list[Candidate], config: Any, cal
     worse than a plain one: it under-rates exactly the layers whose compensation generalises worst (layer 5 FFN
     output: 0.24x plain rounding's error on the calibration text, 0.63x on held-out sentences; mean cosine 0.914
     against 0.963 for the plain probe at 3 bits/weight). Layers with too few rows left without the probe batches,
-    and every layer when the calibration is a single batch, are probed with plain rounding. ``model`` is restored;
-    the held-out sums are dropped when the probe is done.
+    and every layer when the calibration is a single batch or the config is ``exact_zero`` (pruned models, where it
+    measured worse; ``udnc_fx.api._calibrate``), are probed with plain rounding. ``model`` is restored; the held-out
+    sums are dropped when the probe is done.
 
     The held-out rounding also chooses each compensated layer's damping: the probe rounds the layer with
-    :func:`_damping_choices` from the largest down, until one does no better than the one before, and keeps the damping (``calib.dampings``, used by the quantize pass and recorded) and
-    the error of the one that leaves the least output error on the probe batches. Why: when the calibration text
-    differs from what the model will see, ``H`` is fitted too closely, and how much to trust it differs by layer;
-    the held-out batch measures that instead of one global guess (all-MiniLM-L6-v2, E8, 3.18 bits, 5 seeds: mean
-    cosine 0.99033 → 0.99071 on held-out sentences, every seed above 0.99).
+    :func:`_damping_choices` from the largest down, until one does no better than the one before, and keeps the
+    damping (``calib.dampings``, used by the quantize pass and recorded) and the error of the one that leaves the
+    least output error on the probe batches. Why: when the calibration text differs from what the model will see,
+    ``H`` is fitted too closely, and how much to trust it differs by layer; the held-out batch measures that instead
+    of one global guess (all-MiniLM-L6-v2, E8, 3.18 bits, 5 seeds: mean cosine 0.99033 → 0.99071 on held-out
+    sentences, every seed above 0.99).
     """
     try:
         _probe_scales(model, candidates, config, calib)

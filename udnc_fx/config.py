@@ -147,7 +147,8 @@ class CompressConfig:
             layers produce (GPTQ's sequential mode; one partial forward per stage of layers) instead of on the float
             model's inputs. The steps are still solved with the float-input ``H``.
         damping: ``λ`` added to ``H``'s diagonal as a fraction of its mean (compensated rounding), in (0, 1]. When
-            the allocation probe runs on held-out data (calibration of two or more batches, ``allocate``), it tries
+            the allocation probe runs on held-out data (calibration of two or more batches, ``allocate``, not
+            ``exact_zero``), it tries
             ``damping``, 3x and 10x it (at most 1) for each compensated layer and keeps the one whose rounding leaves
             the least output error on the probe batch, which ``H`` never saw; the choice is recorded per layer.
         act_order: with compensation, round each layer's input columns in order of decreasing ``H_jj`` (GPTQ's

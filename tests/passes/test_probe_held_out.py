@@ -162,3 +162,11 @@ def test_single_damping_choice_keeps_config_damping(monkeypatch):
     model = TwoInputs()
     calib = _calibrate(model, CompressConfig(target_bits=3.0, damping=0.05), _batches())
     assert set(calib.dampings.values()) == {0.05}
+
+
+def test_exact_zero_models_keep_the_plain_probe():
+    """Pruned (exact_zero) models keep the plain probe: the held-out one measured worse in the pruned pipeline."""
+    torch.manual_seed(0)
+    model = TwoInputs()
+    calib = _calibrate(model, CompressConfig(target_bits=3.0, exact_zero=True), _batches())
+    assert "compensated" not in calib.allocation_note and not calib.dampings
