@@ -10,7 +10,8 @@ Run: ``OMP_NUM_THREADS=1 python benchmarks/encoder_screen.py SETTINGS BITS SEEDS
 ``... encoder_screen.py old,default 3.3,3.4 0,1,2,3,4``; JSON adds config fields, or ``{"docs": N}`` (documentation
 sentences added to calibration.txt's 32), ``{"probe_batches": K}`` (batches the allocation probe measures on) and
 ``{"damping_choices": [1, 3, 10]}`` (the multiples of ``damping`` the held-out probe tries per layer,
-``calibrate.DAMPING_CHOICES``), ``{"second_eval": 1}`` (also the mean cosine on a second evaluation set, see ``_second_eval``), ``{"seed_trials": K}``
+``calibrate.DAMPING_CHOICES``), ``{"second_eval": 1}`` (also the mean cosine on a second evaluation set, see
+``_second_eval``), ``{"seed_trials": K}``
 (each seed's model is the best of dither seeds ``seed … seed + K − 1`` by the calibration output error, as
 ``compress`` chooses), ``{"pooled": 1}`` (compress ``hf.SentenceEncoder(encoder)``, the sentence embeddings as the
 model's output), and

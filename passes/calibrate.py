@@ -601,7 +601,7 @@ def _probe_scales(model: nn.Module, candidates: list[Candidate], config: Any, ca
     from ..quantizer import quantize_array, vectors_of
     from ..record import raw_dither, weight_key
     from .compensate import compensated_points
-    from .quantize import layer_stats, solve_relative_step
+    from .quantize import factor_groups, layer_stats, solve_relative_step
 
     reference = calib.outputs[0] if calib.outputs else None
     if reference is None:
@@ -668,11 +668,11 @@ def _probe_scales(model: nn.Module, candidates: list[Candidate], config: Any, ca
             for cand, w, std, lat, v, key, u in free:
                 step = s * std
                 best = None  # (error, damping) of the held-out compensated roundings
+                hessians = _held_out_hessians(calib, cand.fqn, lat, config)
                 # the largest damping first (most layers keep it: on all-MiniLM-L6-v2, 25 of 38), then smaller ones
                 # while they do better: two roundings for most layers instead of three (time)
-                choices = _damping_choices(config)[::-1] if calib.inputs.get(cand.fqn) is not None else ()
-                for damping in choices:
-                    factors = _held_out_factors(calib, cand.fqn, lat, config, damping)
+                for damping in _damping_choices(config)[::-1] if hessians is not None else ():
+                    factors, _ = factor_groups(hessians, lat, config, damping)
                     if factors is None:
                         continue
                     points = compensated_points(w.reshape(w.shape[0], -1), factors[0], lat, step, u,
@@ -700,7 +700,7 @@ def _probe_scales(model: nn.Module, candidates: list[Candidate], config: Any, ca
     calib.scales = scales
     held = f"batches 0-{len(probe) - 1}" if len(probe) > 1 else "batch 0"
     calib.allocation_note = (
-        f"step allocation probed on {held} ({len(free)} layers, one forward each"
+        f"step allocation probed on {held} ({len(free)} layers, one forward per rounding tried"
         + (f"; {compensated} with compensated rounding from an H without {held}" if compensated else "")
         + (f"; {len(zero)} did not change the output" if zero else "")
         + ")"
@@ -713,14 +713,11 @@ def _damping_choices(config: Any) -> list[float]:
     return sorted({min(1.0, config.damping * f) for f in DAMPING_CHOICES})
 
 
-def _held_out_factors(calib: Calibration, fqn: str, lat: Any, config: Any, damping: float):
-    """``(factors, perms)`` of compensated rounding from ``fqn``'s ``H`` without the probe's batches, or ``None``
-    (not compensated, no held-out share, too few rows left, or ``H`` could not be factored)."""
-    from .quantize import factor_groups
-
+def _held_out_hessians(calib: Calibration, fqn: str, lat: Any, config: Any) -> list[np.ndarray] | None:
+    """``fqn``'s per-group ``H`` without the probe's batches, or ``None`` when the probe cannot round it compensated
+    (not compensated, no held-out share, rows not whole vectors, or too few rows left)."""
     rec = calib.inputs.get(fqn)
     if (not config.compensate or rec is None or rec.held is None or rec.sums is None or rec.d % lat.dim
             or rec.rows - rec.held_rows < MIN_ROWS_PER_COLUMN * rec.d):
         return None
-    factors, _ = factor_groups([rec.held_out_hessian(g) for g in range(rec.groups)], lat, config, damping)
-    return factors
+    return [rec.held_out_hessian(g) for g in range(rec.groups)]
